@@ -1,0 +1,121 @@
+"""One validated dataclass configures every FFN layer jmoe builds."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax.numpy as jnp
+
+from pallas_kernels.products import IMPLS
+
+EXPERT_TYPES = ("mlp", "glu")
+SCORE_FUNCTIONS = ("softmax", "sigmoid")
+BLOCK_SIZES = (32, 64, 128)
+
+
+def _require(condition: bool, message: str):
+    if not condition:
+        raise ValueError(message)
+
+
+@dataclasses.dataclass(frozen=True)
+class MoEConfig:
+    """Configuration of `DroplessMoE`, `CapacityMoE` and `DenseMLP`.
+
+    Attributes:
+      d_model: model width.
+      d_ff: hidden width of each expert (of the dense MLP for `DenseMLP`).
+      num_experts: number of routed experts ``E``.
+      top_k: experts per token ``k`` (``1 <= k <= E``).
+      expert_type: ``"mlp"`` (GeLU, ``w1``/``w2``) or ``"glu"`` (SwiGLU,
+        ``w1`` gate, ``w3`` up, ``w2`` down).
+      score_function: ``"softmax"`` over all experts (Mixtral, Qwen3, OLMoE)
+        or ``"sigmoid"`` per expert (DeepSeek-V3).
+      normalize_top_k: ``None`` keeps the top-k scores as they are; a number
+        ``p`` divides them by their p-norm (1.0 reproduces Mixtral's
+        renormalisation; MegaBlocks' ``moe_normalize_expert_weights``).
+      router_jitter_eps: multiplies the router input by ``U(1-eps, 1+eps)`` in
+        training mode (needs an ``rngs.jitter`` stream); 0 disables it.
+      uniform_expert_assignment: route assignment ``i`` of the flattened
+        ``[tokens, top_k]`` to expert ``i mod E`` (for benchmarking).
+      capacity_factor: `CapacityMoE` only. Capacity per expert is
+        ``int(capacity_factor * top_k * tokens / E)``; 0 means the static
+        worst case (``tokens``), which drops nothing.
+      block_size: rows per block of the block-sparse layout (32, 64 or 128).
+      load_balancing_loss_weight: weight of the Switch/MegaBlocks loss
+        ``E / (T k) * dot(tokens_per_expert, mean_t(probs))``.
+      router_z_loss_weight: weight of ``mean_t(logsumexp(logits)^2)``.
+      num_shared_experts: experts every token goes through (DeepSeek, Qwen2);
+        they form one MLP of hidden width ``num_shared_experts * shared_d_ff``.
+      shared_d_ff: hidden width of one shared expert (default ``d_ff``).
+      shared_expert_gate: scale the shared output by ``sigmoid(x @ gate)``
+        (Qwen2-MoE) instead of adding it unweighted (DeepSeek).
+      dtype: compute dtype of the expert products (float32, bfloat16, float16).
+        The router always computes in float32.
+      param_dtype: dtype of the parameters.
+      impl: product kernels: ``"auto"``, ``"xla"``, ``"ragged_dot"``,
+        ``"triton"`` or ``"mosaic"`` (see `pallas_kernels.products`).
+    """
+
+    d_model: int
+    d_ff: int
+    num_experts: int = 8
+    top_k: int = 2
+    expert_type: str = "mlp"
+    score_function: str = "softmax"
+    normalize_top_k: float | None = None
+    router_jitter_eps: float = 0.0
+    uniform_expert_assignment: bool = False
+    capacity_factor: float = 1.0
+    block_size: int = 128
+    load_balancing_loss_weight: float = 0.1
+    router_z_loss_weight: float = 0.0
+    num_shared_experts: int = 0
+    shared_d_ff: int | None = None
+    shared_expert_gate: bool = False
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+    impl: str = "auto"
+
+    def __post_init__(self):
+        for name in ("d_model", "d_ff", "num_experts", "top_k"):
+            value = getattr(self, name)
+            _require(isinstance(value, int) and value >= 1,
+                     f"{name} must be a positive int, got {value!r}")
+        _require(self.top_k <= self.num_experts,
+                 f"top_k must be <= num_experts={self.num_experts}, got {self.top_k}")
+        _require(self.expert_type in EXPERT_TYPES,
+                 f"expert_type must be one of {EXPERT_TYPES}, got {self.expert_type!r}")
+        _require(self.score_function in SCORE_FUNCTIONS,
+                 f"score_function must be one of {SCORE_FUNCTIONS}, got {self.score_function!r}")
+        _require(self.normalize_top_k is None or self.normalize_top_k > 0,
+                 f"normalize_top_k must be None or a p > 0, got {self.normalize_top_k!r}")
+        _require(0.0 <= self.router_jitter_eps < 1.0,
+                 f"router_jitter_eps must be in [0, 1), got {self.router_jitter_eps}")
+        _require(self.capacity_factor >= 0,
+                 f"capacity_factor must be >= 0, got {self.capacity_factor}")
+        _require(self.block_size in BLOCK_SIZES,
+                 f"block_size must be one of {BLOCK_SIZES}, got {self.block_size}")
+        _require(self.impl in IMPLS, f"impl must be one of {IMPLS}, got {self.impl!r}")
+        if self.impl == "triton":
+            _require(self.d_ff % self.block_size == 0 and self.d_model % self.block_size == 0,
+                     f"impl='triton' needs d_ff and d_model to be multiples of "
+                     f"block_size={self.block_size}, got d_ff={self.d_ff}, "
+                     f"d_model={self.d_model}")
+        _require(self.num_shared_experts >= 0,
+                 f"num_shared_experts must be >= 0, got {self.num_shared_experts}")
+        _require(self.shared_d_ff is None or self.shared_d_ff >= 1,
+                 f"shared_d_ff must be None or positive, got {self.shared_d_ff}")
+        for name in ("dtype", "param_dtype"):
+            dtype = jnp.dtype(getattr(self, name))
+            _require(jnp.issubdtype(dtype, jnp.floating),
+                     f"{name} must be a floating dtype, got {dtype}")
+
+    @property
+    def shared_hidden(self) -> int:
+        """Hidden width of the fused shared-expert MLP (0 without one)."""
+        return self.num_shared_experts * (self.shared_d_ff or self.d_ff)
+
+    def replace(self, **changes) -> "MoEConfig":
+        return dataclasses.replace(self, **changes)

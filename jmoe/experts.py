@@ -1,0 +1,72 @@
+"""Expert weights and the expert MLP computed three ways: on the dropless
+block-sparse layout, on capacity slots, and densely."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jmoe.config import MoEConfig
+from pallas_kernels import products
+from pallas_kernels.topology import Topology
+
+
+def weight_init():
+    """Fan-in scaled truncated normal over the last two axes (any leading expert axis)."""
+    return nnx.initializers.variance_scaling(1.0, "fan_in", "truncated_normal",
+                                             in_axis=-2, out_axis=-1)
+
+
+def activate(config: MoEConfig, gate: jax.Array, up: jax.Array | None) -> jax.Array:
+    """``gelu(gate)`` for ``mlp`` experts, ``silu(gate) * up`` for ``glu`` (SwiGLU)."""
+    if config.expert_type == "glu":
+        return jax.nn.silu(gate) * up
+    return jax.nn.gelu(gate, approximate=True)
+
+
+class MLPWeights(nnx.Module):
+    """``w1 [*lead, d_model, d_ff]``, ``w3`` (glu only), ``w2 [*lead, d_ff, d_model]``.
+
+    ``lead`` is ``(num_experts,)`` for routed experts and ``()`` for dense MLPs.
+    """
+
+    def __init__(self, config: MoEConfig, lead: tuple[int, ...], d_ff: int, *,
+                 rngs: nnx.Rngs):
+        init, dtype = weight_init(), config.param_dtype
+        self.w1 = nnx.Param(init(rngs.params(), (*lead, config.d_model, d_ff), dtype))
+        self.w3 = (nnx.Param(init(rngs.params(), (*lead, config.d_model, d_ff), dtype))
+                   if config.expert_type == "glu" else None)
+        self.w2 = nnx.Param(init(rngs.params(), (*lead, d_ff, config.d_model), dtype))
+
+    def weights(self, dtype):
+        """``(w1, w3 or None, w2)`` cast to the compute dtype."""
+        cast = lambda p: None if p is None else p.get_value().astype(dtype)
+        return cast(self.w1), cast(self.w3), cast(self.w2)
+
+
+def dropless_mlp(config: MoEConfig, rows: jax.Array, topo: Topology, w1, w3, w2):
+    """Expert MLP on the padded block layout, with the sparse products.
+
+    ``rows``: ``[padded_rows, d_model]`` -> ``[padded_rows, d_model]``;
+    ``h = SDD(x, W1)``, ``y = DSD(act(h), W2)``.
+    """
+    impl = config.impl
+    gate = products.sdd(rows, w1, topo, impl=impl)
+    up = None if w3 is None else products.sdd(rows, w3, topo, impl=impl)
+    return products.dsd(activate(config, gate, up), w2, topo, impl=impl)
+
+
+def batched_mlp(config: MoEConfig, slots: jax.Array, w1, w3, w2):
+    """Expert MLP on capacity slots: ``[E, capacity, d_model]`` -> same shape."""
+    mm = lambda x, w: jnp.einsum("ecd,edf->ecf", x, w, preferred_element_type=jnp.float32
+                                 ).astype(x.dtype)
+    up = None if w3 is None else mm(slots, w3)
+    return mm(activate(config, mm(slots, w1), up), w2)
+
+
+def dense_mlp(config: MoEConfig, x: jax.Array, w1, w3, w2):
+    """Plain MLP: ``[..., d_model]`` -> ``[..., d_model]``."""
+    mm = lambda a, w: jnp.matmul(a, w, preferred_element_type=jnp.float32).astype(a.dtype)
+    up = None if w3 is None else mm(x, w3)
+    return mm(activate(config, mm(x, w1), up), w2)

@@ -1,0 +1,122 @@
+"""The MoE layers: dropless (MegaBlocks dMoE) and token-dropping (capacity factor)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jmoe import permutation
+from jmoe.config import MoEConfig
+from jmoe.dense import DenseMLP
+from jmoe.experts import MLPWeights, batched_mlp, dropless_mlp
+from jmoe.router import Router, routing_aux
+from jmoe.validation import check_input
+from pallas_kernels.products import layout_block_size
+
+
+def dropless_ffn(config: MoEConfig, x: jax.Array, weights: jax.Array, indices: jax.Array,
+                 w1, w3, w2):
+    """Routed experts of a dropless MoE on one device.
+
+    Args:
+      x: ``[tokens, d_model]`` in the compute dtype.
+      weights, indices: ``[tokens, k]`` router output.
+      w1, w3, w2: ``[E, d_model, d_ff]``, same or None, ``[E, d_ff, d_model]``.
+
+    Returns:
+      ``(y [tokens, d_model], tokens_per_expert [E] int32)``.
+    """
+    block = layout_block_size(config.impl, config.block_size)
+    dispatch, topo = permutation.dropless_dispatch(indices, config.num_experts, block)
+    rows = dropless_mlp(config, permutation.permute(x, dispatch), topo, w1, w3, w2)
+    return permutation.unpermute(rows, dispatch, weights), topo.group_sizes
+
+
+def capacity(config: MoEConfig, num_tokens: int) -> int:
+    """Static slots per expert: ``int(cf * k * T / E)``, or ``T`` (drops nothing) at cf 0."""
+    if config.capacity_factor == 0:
+        return num_tokens
+    per_expert = config.capacity_factor * config.top_k * num_tokens / config.num_experts
+    return max(1, int(per_expert))
+
+
+def capacity_ffn(config: MoEConfig, x: jax.Array, weights: jax.Array, indices: jax.Array,
+                 w1, w3, w2):
+    """Routed experts of a token-dropping MoE (GShard/Switch style).
+
+    Same arguments as `dropless_ffn`. Returns ``(y, tokens_per_expert, dropped)``
+    where ``dropped`` counts the assignments past an expert's capacity (later
+    tokens are dropped first).
+    """
+    slots = capacity(config, x.shape[0])
+    dispatch, group_sizes, dropped = permutation.capacity_dispatch(
+        indices, config.num_experts, slots)
+    buffer = permutation.permute(x, dispatch).reshape(config.num_experts, slots, -1)
+    out = batched_mlp(config, buffer, w1, w3, w2).reshape(config.num_experts * slots, -1)
+    return permutation.unpermute(out, dispatch, weights), group_sizes, dropped
+
+
+class _MoE(nnx.Module):
+    """Router, routed experts and optional shared experts; subclasses route the FFN."""
+
+    def __init__(self, config: MoEConfig, *, rngs: nnx.Rngs):
+        self.config = config
+        self.router = Router(config, rngs=rngs)
+        self.experts = MLPWeights(config, (config.num_experts,), config.d_ff, rngs=rngs)
+        self.shared = (DenseMLP(config, d_ff=config.shared_hidden, rngs=rngs)
+                       if config.num_shared_experts else None)
+        self.shared_gate = (nnx.Param(nnx.initializers.normal(0.02)(
+            rngs.params(), (config.d_model, 1), config.param_dtype))
+            if self.shared is not None and config.shared_expert_gate else None)
+
+    def _routed(self, x, weights, indices):
+        """``-> (y [tokens, d_model], tokens_per_expert [E], dropped [])``."""
+        raise NotImplementedError
+
+    def _shared(self, x):
+        out = self.shared.forward(x)
+        if self.shared_gate is not None:
+            gate = x.astype(jnp.float32) @ self.shared_gate.get_value().astype(jnp.float32)
+            out = (jax.nn.sigmoid(gate) * out).astype(out.dtype)
+        return out
+
+    def __call__(self, x: jax.Array):
+        """``x [..., d_model]`` -> ``(y [..., d_model], aux)``.
+
+        ``aux``: ``load_balancing_loss`` and ``router_z_loss`` (scalars, already
+        weighted by the config), ``tokens_per_expert [E] int32`` (assignments
+        routed to each expert), ``dropped_tokens`` (int32 scalar).
+        """
+        check_input(x, self.config)
+        lead = x.shape[:-1]
+        tokens = x.reshape(-1, self.config.d_model).astype(self.config.dtype)
+        weights, indices, probs, logits = self.router(tokens)
+        y, tokens_per_expert, dropped = self._routed(tokens, weights, indices)
+        if self.shared is not None:
+            y = y + self._shared(tokens)
+        aux = routing_aux(self.config, logits, probs, tokens_per_expert, dropped)
+        return y.reshape(*lead, self.config.d_model), aux
+
+
+class DroplessMoE(_MoE):
+    """MegaBlocks' dropless MoE: no token dropped, groups padded only to blocks.
+
+    Parameters: ``router.kernel [d_model, E]``, ``experts.w1 [E, d_model, d_ff]``,
+    ``experts.w3`` (glu), ``experts.w2 [E, d_ff, d_model]``, optional ``shared``
+    (a `DenseMLP`) and ``shared_gate [d_model, 1]``.
+    """
+
+    def _routed(self, x, weights, indices):
+        w1, w3, w2 = self.experts.weights(self.config.dtype)
+        y, tokens_per_expert = dropless_ffn(self.config, x, weights, indices, w1, w3, w2)
+        return y, tokens_per_expert, jnp.zeros((), jnp.int32)
+
+
+class CapacityMoE(_MoE):
+    """Token-dropping MoE with a static capacity per expert (same parameters as
+    `DroplessMoE`). ``capacity_factor=0`` sizes for the worst case: drops nothing."""
+
+    def _routed(self, x, weights, indices):
+        return capacity_ffn(self.config, x, weights, indices,
+                            *self.experts.weights(self.config.dtype))
