@@ -1,0 +1,151 @@
+"""CPU benchmark: one MoE layer, forward + backward, four ways side by side.
+
+    python -m benchmarks.cpu_layer_bench            # both default cases
+    python -m benchmarks.cpu_layer_bench --repeats 3 --cases e8
+
+For each case it times ``value_and_grad`` of a layer (gradients of the input
+and of every parameter) for:
+
+* ``dmoe-xla``: `DroplessMoE` with ``impl="xla"`` (the CPU path);
+* ``dmoe-ragged_dot``: `DroplessMoE` with ``impl="ragged_dot"``
+  (``jax.lax.ragged_dot``, which XLA:CPU expands densely over experts);
+* ``capacity-cf0``: `CapacityMoE` at the capacity that drops nothing;
+* ``dense-equal-flops``: a `DenseMLP` of hidden width ``top_k * d_ff`` on the
+  same tokens: the same useful FLOPs in one big GEMM (the limit).
+
+and prints the time, the ratio to the dense limit, and executed / useful
+FLOPs. Executed FLOPs come from XLA's cost analysis, except for ``dmoe-xla``:
+cost analysis counts a ``while`` body once, so its FLOPs are counted from the
+tile schedule the routing produced (``ceil(group / tile) * tile`` rows per
+expert).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jmoe import CapacityMoE, DenseMLP, DroplessMoE, MoEConfig
+from pallas_kernels.xla_impl import MAX_TILE_ROWS
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    name: str
+    tokens: int
+    d_model: int
+    d_ff: int
+    num_experts: int
+    top_k: int
+    expert_type: str = "glu"
+
+
+CASES = {
+    "e8": Case("E8 top-2 (Mixtral-like)", 2048, 512, 1024, 8, 2),
+    "e64": Case("E64 top-8 (OLMoE-like)", 2048, 512, 256, 64, 8),
+}
+
+
+def _matmuls_per_token(case: Case) -> int:
+    return 3 if case.expert_type == "glu" else 2
+
+
+def useful_flops(case: Case) -> float:
+    """Forward + backward expert FLOPs: 3 passes x matmuls x 2 d f per assignment."""
+    return 3 * _matmuls_per_token(case) * 2.0 * case.tokens * case.top_k * case.d_model * case.d_ff
+
+
+def tiled_flops(case: Case, tokens_per_expert: np.ndarray, block_size: int) -> float:
+    """FLOPs the ``xla`` impl executes: each expert's rows rounded up to a tile."""
+    tile = min(block_size, MAX_TILE_ROWS)
+    rows = np.sum(-(-tokens_per_expert // tile) * tile)
+    return 3 * _matmuls_per_token(case) * 2.0 * rows * case.d_model * case.d_ff
+
+
+def _loss_and_grad(layer, x):
+    """Jitted ``(x, params) -> (loss, grads)`` for ``layer``; returns (fn, params)."""
+    graphdef, params, rest = nnx.split(layer, nnx.Param, ...)
+    cotangent = jax.random.normal(jax.random.key(7), x.shape, x.dtype)
+
+    def loss(x, params):
+        y, aux = nnx.merge(graphdef, params, rest)(x)
+        return jnp.sum(y * cotangent) + aux["load_balancing_loss"]
+
+    return jax.jit(jax.value_and_grad(loss, argnums=(0, 1))), params
+
+
+def _time(fn, *args, repeats: int) -> float:
+    jax.block_until_ready(fn(*args))  # compile + warm up
+    samples = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        samples.append(time.perf_counter() - start)
+    return statistics.median(samples)
+
+
+def _cost_flops(fn, *args) -> float:
+    analysis = fn.lower(*args).compile().cost_analysis()
+    if isinstance(analysis, list):
+        analysis = analysis[0]
+    return float(analysis["flops"])
+
+
+def run_case(case: Case, repeats: int):
+    """Times the four layers; returns rows ``(layer, seconds, executed_flops)``."""
+    config = MoEConfig(d_model=case.d_model, d_ff=case.d_ff, num_experts=case.num_experts,
+                       top_k=case.top_k, expert_type=case.expert_type, block_size=128)
+    x = jax.random.normal(jax.random.key(0), (case.tokens, case.d_model), jnp.float32)
+    layers = {
+        "dmoe-xla": DroplessMoE(config.replace(impl="xla"), rngs=nnx.Rngs(0)),
+        "dmoe-ragged_dot": DroplessMoE(config.replace(impl="ragged_dot"), rngs=nnx.Rngs(0)),
+        "capacity-cf0": CapacityMoE(config.replace(capacity_factor=0), rngs=nnx.Rngs(0)),
+        "dense-equal-flops": DenseMLP(config, d_ff=case.top_k * case.d_ff, rngs=nnx.Rngs(0)),
+    }
+    tokens_per_expert = np.asarray(layers["dmoe-xla"](x)[1]["tokens_per_expert"])
+    rows = []
+    for name, layer in layers.items():
+        fn, params = _loss_and_grad(layer, x)
+        seconds = _time(fn, x, params, repeats=repeats)
+        if name == "dmoe-xla":
+            flops = tiled_flops(case, tokens_per_expert, config.block_size)
+        else:
+            flops = _cost_flops(fn, x, params)
+        rows.append((name, seconds, flops))
+    return rows
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cases", nargs="+", choices=sorted(CASES), default=sorted(CASES))
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args(argv)
+
+    print(f"jax {jax.__version__} on {jax.devices()[0].device_kind} "
+          f"({jax.device_count()} device), float32, fwd+bwd of one layer, "
+          f"median of {args.repeats}")
+    for key in args.cases:
+        case = CASES[key]
+        print(f"\n{case.name}: T={case.tokens} d_model={case.d_model} d_ff={case.d_ff} "
+              f"E={case.num_experts} k={case.top_k} {case.expert_type}")
+        rows = run_case(case, args.repeats)
+        dense_seconds = dict((name, s) for name, s, _ in rows)["dense-equal-flops"]
+        useful = useful_flops(case)
+        print(f"{'layer':<20}{'ms':>10}{'x dense':>10}{'exec/useful FLOPs':>20}")
+        for name, seconds, flops in rows:
+            print(f"{name:<20}{seconds * 1e3:>10.1f}{seconds / dense_seconds:>10.2f}"
+                  f"{flops / useful:>20.2f}")
+        times = dict((name, s) for name, s, _ in rows)
+        print(f"dmoe-xla vs dense limit: {times['dmoe-xla'] / dense_seconds:.2f}x; "
+              f"ragged_dot / dmoe-xla: {times['dmoe-ragged_dot'] / times['dmoe-xla']:.1f}x")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,198 @@
+"""GPU benchmark: every product kernel and the whole dMoE layer, next to dense bf16 GEMMs.
+
+    python -m benchmarks.gpu_bench                         # all shapes, impls triton mosaic ragged_dot
+    python -m benchmarks.gpu_bench --impls mosaic --shapes mixtral olmoe
+    python -m benchmarks.gpu_bench --smoke                 # tiny shapes, impl xla: checks the script on CPU
+
+For each shape and impl it prints, in one run, TFLOP/s of useful work for
+
+* the products: ``sdd`` (``x @ W1``), ``dsd`` (``h @ W2``), ``dsd``ᵀ (``dx =
+  dh @ W1ᵀ``) and ``dstd`` (``dW1 = xᵀ dh``), each next to one dense bf16 GEMM
+  of the same useful FLOPs (``[T k, K] @ [K, N]``), as ``% dense``;
+* the whole `DroplessMoE` layer forward + backward, next to a `DenseMLP` with
+  hidden width ``k * d_ff`` (the same useful FLOPs).
+
+Routing is random (each assignment picks a uniform random expert), so groups
+are unequal and not multiples of the block size. Results are written as JSON
+to ``--out`` (default ``benchmarks/results/``) with the device, jax version and
+date. A (shape, impl) pair that fails (e.g. a kernel that does not support a
+shape) is reported and skipped, so one run always covers everything else.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import pathlib
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jmoe import DenseMLP, DroplessMoE, MoEConfig, permutation
+from pallas_kernels import products
+from pallas_kernels.products import layout_block_size
+
+
+@dataclasses.dataclass(frozen=True)
+class Shape:
+    """A benchmark problem: ``tokens`` tokens of width ``d_model`` routed top-k over ``E``."""
+
+    tokens: int
+    d_model: int
+    d_ff: int
+    num_experts: int
+    top_k: int
+    expert_type: str = "mlp"
+
+
+SHAPES = {
+    # MegaBlocks' benchmark problems (T, H, F, E), top-1 as in the paper.
+    "mb-xs": Shape(65536, 512, 2048, 64, 1),
+    "mb-s": Shape(32768, 768, 3072, 64, 1),
+    "mb-m": Shape(8192, 1024, 4096, 64, 1),
+    "mb-e4": Shape(8192, 4096, 16384, 4, 1),
+    # Production layers.
+    "mixtral": Shape(8192, 4096, 14336, 8, 2, "glu"),
+    "olmoe": Shape(8192, 2048, 1024, 64, 8, "glu"),
+    "deepseek": Shape(4096, 7168, 2048, 256, 8, "glu"),
+}
+SMOKE_SHAPES = {"smoke": Shape(256, 64, 128, 8, 2, "glu")}
+
+
+def _time(fn, *args, repeats: int) -> float:
+    """Median seconds of ``fn(*args)`` after one warm-up (compile) call."""
+    jax.block_until_ready(fn(*args))
+    samples = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        samples.append(time.perf_counter() - start)
+    return statistics.median(samples)
+
+
+def _random_indices(shape: Shape, seed: int = 0) -> jax.Array:
+    """``[tokens, k]`` distinct uniform-random experts per token."""
+    rng = np.random.default_rng(seed)
+    keys = rng.random((shape.tokens, shape.num_experts))
+    return jnp.asarray(np.argsort(keys, axis=1)[:, :shape.top_k], jnp.int32)
+
+
+def _dense_seconds(m: int, k: int, n: int, dtype, repeats: int) -> float:
+    """One ``[m, k] @ [k, n]`` GEMM in ``dtype``."""
+    a = jax.random.normal(jax.random.key(1), (m, k), dtype)
+    b = jax.random.normal(jax.random.key(2), (k, n), dtype)
+    return _time(jax.jit(lambda a, b: a @ b), a, b, repeats=repeats)
+
+
+def bench_products(shape: Shape, impl: str, dtype, repeats: int):
+    """Rows ``(name, seconds, dense_seconds, useful_flops)`` for the four products."""
+    block = layout_block_size(impl, 128)
+    dispatch, topo = permutation.dropless_dispatch(_random_indices(shape), shape.num_experts,
+                                                   block)
+    rows_total = shape.tokens * shape.top_k
+    x = permutation.permute(
+        jax.random.normal(jax.random.key(0), (shape.tokens, shape.d_model), dtype), dispatch)
+    h = jax.random.normal(jax.random.key(3), (topo.padded_rows, shape.d_ff), dtype)
+    w1 = jax.random.normal(jax.random.key(4), (shape.num_experts, shape.d_model, shape.d_ff),
+                           dtype) / float(np.sqrt(shape.d_model))
+    w2 = jax.random.normal(jax.random.key(5), (shape.num_experts, shape.d_ff, shape.d_model),
+                           dtype) / float(np.sqrt(shape.d_ff))
+    d, f = shape.d_model, shape.d_ff
+    cases = [
+        ("sdd x@W1", lambda x, h: products.sdd(x, w1, topo, impl=impl), (rows_total, d, f)),
+        ("dsd h@W2", lambda x, h: products.dsd(h, w2, topo, impl=impl), (rows_total, f, d)),
+        ("dsd dh@W1T", lambda x, h: products.dsd(h, w1, topo, transpose_rhs=True, impl=impl),
+         (rows_total, f, d)),
+        ("dstd xT@dh", lambda x, h: products.dstd(x, h, topo, impl=impl), (d, rows_total, f)),
+    ]
+    rows = []
+    for name, fn, (m, k, n) in cases:
+        seconds = _time(jax.jit(fn), x, h, repeats=repeats)
+        dense = _dense_seconds(m, k, n, dtype, repeats)
+        rows.append((name, seconds, dense, 2.0 * m * k * n))
+    return rows
+
+
+def _fwd_bwd(layer, x):
+    graphdef, params, rest = nnx.split(layer, nnx.Param, ...)
+
+    def loss(x, params):
+        y, aux = nnx.merge(graphdef, params, rest)(x)
+        return jnp.sum(y.astype(jnp.float32)) + aux["load_balancing_loss"]
+
+    return jax.jit(jax.grad(loss, argnums=(0, 1))), params
+
+
+def bench_layer(shape: Shape, impl: str, dtype, repeats: int):
+    """``(seconds, dense_seconds, useful_flops)`` of the layer's forward + backward."""
+    config = MoEConfig(d_model=shape.d_model, d_ff=shape.d_ff, num_experts=shape.num_experts,
+                       top_k=shape.top_k, expert_type=shape.expert_type, dtype=dtype,
+                       param_dtype=dtype, impl=impl)
+    x = jax.random.normal(jax.random.key(0), (shape.tokens, shape.d_model), dtype)
+    moe, moe_params = _fwd_bwd(DroplessMoE(config, rngs=nnx.Rngs(0)), x)
+    dense, dense_params = _fwd_bwd(
+        DenseMLP(config, d_ff=shape.top_k * shape.d_ff, rngs=nnx.Rngs(0)), x)
+    matmuls = 3 if shape.expert_type == "glu" else 2
+    useful = 3 * matmuls * 2.0 * shape.tokens * shape.top_k * shape.d_model * shape.d_ff
+    return (_time(moe, x, moe_params, repeats=repeats),
+            _time(dense, x, dense_params, repeats=repeats), useful)
+
+
+def _fmt_row(shape_name, impl, name, seconds, dense, flops):
+    return {"shape": shape_name, "impl": impl, "op": name, "ms": seconds * 1e3,
+            "tflops": flops / seconds / 1e12, "dense_tflops": flops / dense / 1e12,
+            "pct_dense": 100.0 * dense / seconds}
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shapes", nargs="+", choices=sorted(SHAPES), default=list(SHAPES))
+    parser.add_argument("--impls", nargs="+", choices=products.IMPLS[1:],
+                        default=["triton", "mosaic", "ragged_dot"])
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--smoke", action="store_true",
+                        help="tiny shapes with impl xla (a CPU check of this script)")
+    parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path("benchmarks/results"))
+    args = parser.parse_args(argv)
+    shapes = SMOKE_SHAPES if args.smoke else {k: SHAPES[k] for k in args.shapes}
+    impls = ["xla"] if args.smoke else args.impls
+    repeats = 1 if args.smoke else args.repeats
+    dtype = jnp.bfloat16
+
+    device = jax.devices()[0]
+    header = (f"{device.device_kind} ({device.platform}), jax {jax.__version__}, "
+              f"{datetime.date.today().isoformat()}, bf16, median of {repeats}")
+    print(header)
+    print(f"{'shape':<10}{'impl':<12}{'op':<14}{'ms':>9}{'TFLOP/s':>9}{'dense':>9}{'% dense':>9}")
+    results = []
+    for shape_name, shape in shapes.items():
+        for impl in impls:
+            try:
+                rows = bench_products(shape, impl, dtype, repeats)
+                rows.append(("layer fwd+bwd", *bench_layer(shape, impl, dtype, repeats)))
+            except Exception as error:  # noqa: BLE001 - report and go on with the rest
+                message = f"{type(error).__name__}: {error}".splitlines()[0][:200]
+                print(f"{shape_name:<10}{impl:<12}FAILED {message}")
+                results.append({"shape": shape_name, "impl": impl, "error": message})
+                continue
+            for name, seconds, dense, flops in rows:
+                row = _fmt_row(shape_name, impl, name, seconds, dense, flops)
+                results.append(row)
+                print(f"{shape_name:<10}{impl:<12}{name:<14}{row['ms']:>9.2f}"
+                      f"{row['tflops']:>9.1f}{row['dense_tflops']:>9.1f}{row['pct_dense']:>8.0f}%")
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = f"gpu_bench_{device.platform}_{datetime.date.today().isoformat()}"
+    (args.out / f"{stem}.json").write_text(json.dumps({"header": header, "rows": results},
+                                                      indent=1))
+    print(f"wrote {args.out / stem}.json")
+
+
+if __name__ == "__main__":
+    main()
