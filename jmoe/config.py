@@ -42,6 +42,11 @@ class MoEConfig:
       capacity_factor: `CapacityMoE` only. Capacity per expert is
         ``int(capacity_factor * top_k * tokens / E)``; 0 means the static
         worst case (``tokens``), which drops nothing.
+      ep_capacity_factor: `DroplessMoE` under expert parallelism only. None
+        (default) sizes each rank's receive buffer for the worst case, so no
+        token is dropped; ``c > 0`` bounds it to ``ceil(c * T_local * top_k)``
+        rows to save memory, and assignments past it are dropped and counted
+        in ``aux["dropped_tokens"]`` (see `jmoe.parallel`).
       block_size: rows per block of the block-sparse layout (32, 64 or 128).
       load_balancing_loss_weight: weight of the Switch/MegaBlocks loss
         ``E / (T k) * dot(tokens_per_expert, mean_t(probs))``.
@@ -68,6 +73,7 @@ class MoEConfig:
     router_jitter_eps: float = 0.0
     uniform_expert_assignment: bool = False
     capacity_factor: float = 1.0
+    ep_capacity_factor: float | None = None
     block_size: int = 128
     load_balancing_loss_weight: float = 0.1
     router_z_loss_weight: float = 0.0
@@ -95,6 +101,8 @@ class MoEConfig:
                  f"router_jitter_eps must be in [0, 1), got {self.router_jitter_eps}")
         _require(self.capacity_factor >= 0,
                  f"capacity_factor must be >= 0, got {self.capacity_factor}")
+        _require(self.ep_capacity_factor is None or self.ep_capacity_factor > 0,
+                 f"ep_capacity_factor must be None or > 0, got {self.ep_capacity_factor!r}")
         _require(self.block_size in BLOCK_SIZES,
                  f"block_size must be one of {BLOCK_SIZES}, got {self.block_size}")
         _require(self.impl in IMPLS, f"impl must be one of {IMPLS}, got {self.impl!r}")

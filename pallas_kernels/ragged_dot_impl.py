@@ -38,7 +38,8 @@ def grouped_weight_grad(lhs: jax.Array, rhs: jax.Array, topo: Topology, out_dtyp
         lhs_ragged_dimensions=[0],
         rhs_group_dimensions=[],
     )
-    out = lax.ragged_dot_general(_masked(lhs, topo), rhs, topo.padded_group_sizes, dims,
+    out = lax.ragged_dot_general(_masked(lhs, topo), _masked(rhs, topo),
+                                 topo.padded_group_sizes, dims,
                                  preferred_element_type=jnp.float32)
     return out.astype(out_dtype)
 

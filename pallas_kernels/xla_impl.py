@@ -43,6 +43,7 @@ def _valid_rows(count, tile_index, tile: int):
 
 def grouped_matmul(lhs: jax.Array, rhs: jax.Array, topo: Topology, transpose_rhs: bool):
     """``out[rows_e] = lhs[rows_e] @ rhs[e]`` (``rhs[e]ᵀ`` if transposed); ``[P, n]``."""
+    lhs, rhs = jnp.asarray(lhs), jnp.asarray(rhs)  # rhs[expert] needs a jax array
     tile = tile_rows(topo)
     n = rhs.shape[1] if transpose_rhs else rhs.shape[2]
     out = jnp.zeros((topo.padded_rows, n), lhs.dtype)
@@ -73,9 +74,9 @@ def grouped_weight_grad(lhs: jax.Array, rhs: jax.Array, topo: Topology, out_dtyp
 
         def per_tile(i, acc):
             row = start + i * tile
-            a = lax.dynamic_slice_in_dim(lhs, row, tile)
-            a = jnp.where(_valid_rows(count, i, tile), a, 0)
-            b = lax.dynamic_slice_in_dim(rhs, row, tile)
+            valid = _valid_rows(count, i, tile)  # mask both: 0 * inf garbage is nan
+            a = jnp.where(valid, lax.dynamic_slice_in_dim(lhs, row, tile), 0)
+            b = jnp.where(valid, lax.dynamic_slice_in_dim(rhs, row, tile), 0)
             return acc + lax.dot_general(a, b, (((0,), (0,)), ((), ())),
                                          preferred_element_type=jnp.float32)
 

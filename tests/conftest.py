@@ -1,0 +1,13 @@
+"""Session setup: 8 host CPU devices, so the expert-parallel tests can build
+2 x 4 and 1 x 8 meshes in the same pytest process as every other test.
+
+XLA reads the flag when its CPU client starts, so it must be set before jax is
+first imported; pytest imports this file before any test module. Single-device
+tests are unaffected: they run on device 0 exactly as before.
+"""
+
+import os
+
+_FLAG = "--xla_force_host_platform_device_count"
+if _FLAG not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {_FLAG}=8".strip()
