@@ -1,0 +1,315 @@
+"""The Mosaic GPU grouped GEMMs, run in GPU interpret mode on CPU, against
+``jax.lax.ragged_dot`` and float64 NumPy row loops; through the differentiable
+products against impl="xla" and ``pallas_kernels.reference``; and inside a
+whole dMoE layer against impl="xla".
+
+Tolerances. Kernel tests compare ``out_dtype=float32`` results: the kernel
+accumulates the exact products of bf16/f16 inputs in float32, as ragged_dot
+does (NumPy in float64), so only summation order differs: ``rtol=1e-5,
+atol=1e-4`` for outputs of size O(10). With bf16 outputs one final rounding
+(2^-9 relative) is added: ``rtol=atol=1e-2``. Product and layer tests compare
+two bf16 pipelines that accumulate in float32 in different orders, so rounded
+bf16 intermediates may differ by an ulp: relative (norm) error < 1e-2.
+"""
+
+import functools
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from jax._src.pallas.mosaic_gpu.interpret import interpret_pallas_call  # races state (no API)
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+import numpy_reference as ref
+from jaxpr_tools import all_eqns
+from product_harness import products_and_vjps
+from jmoe import DroplessMoE, MoEConfig
+from pallas_kernels import products, reference
+from pallas_kernels.mosaic import BACKEND, TileConfig, gmm, tgmm
+from pallas_kernels.topology import make_topology
+
+# Small tiles so that tiny problems span several row, column and K tiles.
+GMM_TILES = TileConfig(block_m=64, block_n=64, block_k=64, stages=2, band=2)
+TGMM_TILES = TileConfig(block_m=64, block_n=64, block_k=64, stages=3, band=2)
+F32_TOL = dict(rtol=1e-5, atol=1e-4)
+# name -> (m, group sizes); k = 128, n = 128 unless the test says otherwise.
+CASES = {
+    "random_with_tail": (200, [37, 0, 64, 5, 70, 4]),    # 20 rows past the last group
+    "one_group_all_rows": (200, [0, 0, 200, 0]),
+    "all_empty": (64, [0, 0, 0, 0]),
+    "many_groups_per_tile": (64, [1, 2, 0, 3, 5, 7, 0, 11]),  # 8 groups in one row tile
+    "rows_not_multiple_of_8": (203, [100, 3, 0, 99]),   # padded to 208 rows inside
+}
+
+
+def _operands(m, sizes, k, n, dtype, *, transpose_rhs=False, seed=0):
+    """``(lhs [m, k], second operand, valid [m])``; rows past the groups hold NaN/Inf.
+
+    The second operand is ``rhs [E, k, n]`` (``[E, n, k]`` transposed) for gmm,
+    ``grad [m, n]`` for tgmm (``transpose_rhs=None``).
+    """
+    rng = np.random.default_rng(seed)
+    valid = np.arange(m) < sum(sizes)
+    lhs = rng.standard_normal((m, k))
+    lhs[~valid] = np.nan
+    if transpose_rhs is None:
+        other = rng.standard_normal((m, n))
+        other[~valid] = np.inf
+    else:
+        other = rng.standard_normal((len(sizes), n, k) if transpose_rhs else (len(sizes), k, n))
+    return jnp.asarray(lhs, dtype), jnp.asarray(other, dtype), valid
+
+
+def _numpy(x):
+    return np.asarray(x.astype(jnp.float32), np.float64)
+
+
+def _rel_err(got, want):
+    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+    return np.linalg.norm(got - want) / max(np.linalg.norm(want), 1e-30)
+
+
+# --------------------------------------------------------------------------- kernels
+
+
+@pytest.mark.parametrize("transpose_rhs", [False, True], ids=["rhs", "rhs_t"])
+@pytest.mark.parametrize("case", CASES)
+def test_gmm_matches_ragged_dot_and_numpy(case, transpose_rhs):
+    m, sizes = CASES[case]
+    lhs, rhs, valid = _operands(m, sizes, 128, 128, jnp.bfloat16, transpose_rhs=transpose_rhs)
+    group_sizes = jnp.array(sizes, jnp.int32)
+    out = jax.jit(functools.partial(gmm, transpose_rhs=transpose_rhs, out_dtype=jnp.float32,
+                                    config=GMM_TILES))(lhs, rhs, group_sizes)
+    chex.assert_shape(out, (m, 128))
+    assert out.dtype == jnp.float32
+    assert not np.any(np.asarray(out)[~valid]), "rows in no group must be exactly zero"
+    expected = ref.grouped_matmul(_numpy(jnp.where(valid[:, None], lhs, 0)), _numpy(rhs), sizes,
+                                  block_size=1, transpose_rhs=transpose_rhs)
+    chex.assert_trees_all_close(np.asarray(out, np.float64), expected, **F32_TOL)
+    weights = jnp.swapaxes(rhs, 1, 2) if transpose_rhs else rhs
+    ragged = jax.lax.ragged_dot(jnp.where(valid[:, None], lhs, 0), weights, group_sizes,
+                                preferred_element_type=jnp.float32)
+    chex.assert_trees_all_close(out, ragged, **F32_TOL)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_tgmm_matches_ragged_dot_general_and_numpy(case):
+    m, sizes = CASES[case]
+    lhs, grad, valid = _operands(m, sizes, 128, 192, jnp.bfloat16, transpose_rhs=None)
+    group_sizes = jnp.array(sizes, jnp.int32)
+    out = jax.jit(functools.partial(tgmm, out_dtype=jnp.float32, config=TGMM_TILES))(
+        lhs, grad, group_sizes)
+    chex.assert_shape(out, (len(sizes), 128, 192))
+    for e, size in enumerate(sizes):
+        if size == 0:
+            assert not np.any(np.asarray(out[e])), f"empty group {e} must give exact zeros"
+    masked = [jnp.where(valid[:, None], x, 0) for x in (lhs, grad)]
+    expected = ref.weight_grad(*map(_numpy, masked), sizes, block_size=1)
+    chex.assert_trees_all_close(np.asarray(out, np.float64), expected, **F32_TOL)
+    dims = jax.lax.RaggedDotDimensionNumbers(
+        dot_dimension_numbers=(((0,), (0,)), ((), ())), lhs_ragged_dimensions=[0],
+        rhs_group_dimensions=[])
+    ragged = jax.lax.ragged_dot_general(*masked, group_sizes, dims,
+                                        preferred_element_type=jnp.float32)
+    chex.assert_trees_all_close(out, ragged, **F32_TOL)
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16], ids=["bf16", "f16"])
+def test_low_precision_outputs_and_default_tiles(dtype):
+    """Default tile configs, outputs in the input dtype: one final rounding."""
+    m, sizes = CASES["random_with_tail"]
+    lhs, rhs, valid = _operands(m, sizes, 128, 128, dtype, seed=1)
+    group_sizes = jnp.array(sizes, jnp.int32)
+    out = gmm(lhs, rhs, group_sizes)
+    assert out.dtype == dtype
+    expected = ref.grouped_matmul(_numpy(jnp.where(valid[:, None], lhs, 0)), _numpy(rhs), sizes,
+                                  block_size=1)
+    chex.assert_trees_all_close(_numpy(out), expected, rtol=1e-2, atol=1e-2)
+    grad = jnp.where(valid[:, None], jax.random.normal(jax.random.key(2), (m, 64)), 0)
+    dw = tgmm(jnp.where(valid[:, None], lhs, 0), grad.astype(dtype), group_sizes)
+    assert dw.dtype == dtype
+    chex.assert_trees_all_close(
+        _numpy(dw), ref.weight_grad(_numpy(jnp.where(valid[:, None], lhs, 0)),
+                                    _numpy(grad.astype(dtype)), sizes, block_size=1),
+        rtol=1e-2, atol=1e-2)
+
+
+def test_explicit_group_starts_leave_gaps_zero():
+    """Groups with gaps between them (a padded layout): gap rows are ignored / zero."""
+    starts, sizes = [0, 72, 80, 160], [70, 0, 33, 9]  # gaps [70, 80), [113, 160), [169, 176)
+    m = 176
+    valid = np.zeros(m, bool)
+    for s, z in zip(starts, sizes):
+        valid[s:s + z] = True
+    rng = np.random.default_rng(3)
+    lhs = jnp.asarray(np.where(valid[:, None], rng.standard_normal((m, 64)), np.nan),
+                      jnp.bfloat16)
+    rhs = jnp.asarray(rng.standard_normal((4, 64, 64)), jnp.bfloat16)
+    grad = jnp.asarray(np.where(valid[:, None], rng.standard_normal((m, 64)), np.inf),
+                       jnp.bfloat16)
+    kw = dict(group_starts=jnp.array(starts), out_dtype=jnp.float32)
+    out = gmm(lhs, rhs, jnp.array(sizes), config=GMM_TILES, **kw)
+    dw = tgmm(lhs, grad, jnp.array(sizes), config=TGMM_TILES, **kw)
+    lhs_f, grad_f, rhs_f = (np.nan_to_num(_numpy(x), posinf=0) for x in (lhs, grad, rhs))
+    expected = np.zeros((m, 64))
+    expected_dw = np.zeros((4, 64, 64))
+    for e, (s, z) in enumerate(zip(starts, sizes)):
+        expected[s:s + z] = lhs_f[s:s + z] @ rhs_f[e]
+        expected_dw[e] = lhs_f[s:s + z].T @ grad_f[s:s + z]
+    assert not np.any(np.asarray(out)[~valid])
+    chex.assert_trees_all_close(np.asarray(out, np.float64), expected, **F32_TOL)
+    chex.assert_trees_all_close(np.asarray(dw, np.float64), expected_dw, **F32_TOL)
+
+
+def test_interpreter_finds_no_races():
+    """The interpreter's happens-before race detector (TMA copies, SMEM reads and
+    writes, barriers) on boundary-heavy problems: e.g. rewriting the epilogue
+    tile before the previous tile's TMA store has read it is reported."""
+    m, sizes = CASES["many_groups_per_tile"]
+    lhs, rhs, _ = _operands(m, sizes, 128, 128, jnp.bfloat16)
+    grad = jnp.ones((m, 64), jnp.bfloat16)
+    with plgpu.force_gpu_interpret_mode(plgpu.InterpretGPUParams(detect_races=True)):
+        jax.block_until_ready(gmm(lhs, rhs, jnp.array(sizes), config=GMM_TILES))
+        assert not interpret_pallas_call.get_races().races_found
+        jax.block_until_ready(tgmm(lhs, grad, jnp.array(sizes), config=TGMM_TILES))
+        assert not interpret_pallas_call.get_races().races_found
+
+
+def test_invalid_operands_raise():
+    lhs = jnp.zeros((64, 128), jnp.bfloat16)
+    sizes = jnp.array([32, 32])
+    with pytest.raises(ValueError, match="bfloat16 or float16"):
+        gmm(lhs.astype(jnp.float32), jnp.zeros((2, 128, 64)), sizes)
+    with pytest.raises(ValueError, match="dtypes differ"):
+        tgmm(lhs, jnp.zeros((64, 64), jnp.float16), sizes)
+    with pytest.raises(ValueError, match="n=96 must be a positive multiple of 64"):
+        gmm(lhs, jnp.zeros((2, 128, 96), jnp.bfloat16), sizes)
+    with pytest.raises(ValueError, match="contraction mismatch"):
+        gmm(lhs, jnp.zeros((2, 128, 64), jnp.bfloat16), sizes, transpose_rhs=True)
+    with pytest.raises(ValueError, match=r"group_sizes must be \[E=2\]"):
+        gmm(lhs, jnp.zeros((2, 128, 64), jnp.bfloat16), jnp.array([64]))
+    with pytest.raises(ValueError, match="block_m"):
+        TileConfig(block_m=128, block_n=256, block_k=64, stages=3)
+
+
+# --------------------------------------------------------------------------- products
+
+
+def _mosaic_kernels(fn, *args) -> list[str]:
+    """Names of the Mosaic GPU kernels ``fn(*args)`` launches (from its jaxpr)."""
+    jaxpr = jax.make_jaxpr(fn)(*args)
+    return [e.params["name"] for e in all_eqns(jaxpr) if e.primitive.name == "mpmd_map"]
+
+
+_products_and_vjps = jax.jit(products_and_vjps, static_argnames=("impl", "transpose_rhs"))
+
+
+@pytest.mark.parametrize("block_size,transpose_rhs", [(1, False), (1, True), (16, False)])
+def test_products_and_gradients_match_xla(block_size, transpose_rhs):
+    """Block size 1 is the layout jmoe hands impl="mosaic"; 16 a hand-built padded
+    one (rows between groups are ignored / zero). Rows outside groups hold garbage."""
+    assert products.layout_block_size("mosaic", 128) == BACKEND.layout_block_size(64) == 1
+    sizes, k, n = [45, 0, 70, 9], 64, 128
+    topo = make_topology(jnp.array(sizes), 130, block_size)
+    valid = np.asarray(topo.row_is_valid())
+    rng = np.random.default_rng(4)
+
+    def rows(width):
+        x = rng.standard_normal((topo.padded_rows, width))
+        x[~valid] = rng.uniform(-1e3, 1e3, ((~valid).sum(), width))
+        return jnp.asarray(x, jnp.bfloat16)
+
+    w_shape = (4, n, k) if transpose_rhs else (4, k, n)
+    a = dict(x=rows(k), h=rows(k), b=rows(n), dy=rows(n),
+             w=jnp.asarray(rng.standard_normal(w_shape) / 8, jnp.bfloat16),
+             g=jnp.asarray(rng.standard_normal((4, k, n)) / 8, jnp.bfloat16))
+    got = _products_and_vjps(topo, a, impl="mosaic", transpose_rhs=transpose_rhs)
+    want = _products_and_vjps(topo, a, impl="xla", transpose_rhs=transpose_rhs)
+    for name in got:
+        for i, (g, w) in enumerate(zip(got[name], want[name])):
+            assert g.dtype == w.dtype == jnp.bfloat16, (name, i)
+            assert _rel_err(_numpy(g), _numpy(w)) < 1e-2, (name, i)
+    # Independent of impl="xla": the dense reference products, and the contract.
+    y_ref = reference.grouped_matmul(a["x"], a["w"], topo, transpose_rhs)
+    assert _rel_err(_numpy(got["sdd"][0]), _numpy(y_ref)) < 1e-2
+    dw_ref = reference.grouped_weight_grad(a["h"], a["b"], topo)
+    assert _rel_err(_numpy(got["dstd"][0]), np.asarray(dw_ref)) < 1e-2
+    for name, index in (("sdd", 0), ("sdd", 1), ("dsd", 0), ("dsd", 1), ("dstd", 1), ("dstd", 2)):
+        assert not np.any(_numpy(got[name][index])[~valid]), (name, index)
+    for name, index in (("sdd", 2), ("dsd", 2), ("dstd", 0)):
+        assert not np.any(_numpy(got[name][index])[1]), f"{name}: empty expert not zero"
+    kernels = _mosaic_kernels(functools.partial(_products_and_vjps, impl="mosaic",
+                                                transpose_rhs=transpose_rhs), topo, a)
+    assert sorted(set(kernels)) == ["jmoe_gmm", "jmoe_gmm_t", "jmoe_tgmm"]
+
+
+def test_float32_products_fall_back_to_xla():
+    """wgmma would need tf32 for float32: impl="mosaic" computes float32 with the
+    impl="xla" kernels instead (bit-identical results, no Mosaic kernel)."""
+    topo = make_topology(jnp.array([10, 0, 20, 2]), 40, 1)
+    x = jax.random.normal(jax.random.key(0), (topo.padded_rows, 64))
+    w = jax.random.normal(jax.random.key(1), (4, 64, 64))
+    fn = lambda impl: lambda x, w: (products.sdd(x, w, topo, impl=impl),
+                                    products.dstd(x, x, topo, impl=impl))
+    chex.assert_trees_all_equal(jax.jit(fn("mosaic"))(x, w), jax.jit(fn("xla"))(x, w))
+    assert _mosaic_kernels(fn("mosaic"), x, w) == []
+
+
+# --------------------------------------------------------------------------- layer
+
+
+def _layer_step(impl, x):
+    """``(y, grads of (params, x), Mosaic kernels launched)`` of a bf16 GeLU dMoE
+    layer with ``impl`` (tests/test_mosaic_lowering.py lowers the SwiGLU one)."""
+    cfg = MoEConfig(d_model=64, d_ff=128, num_experts=4, top_k=2, expert_type="mlp",
+                    impl=impl, dtype=jnp.bfloat16)
+    graphdef, params = nnx.split(DroplessMoE(cfg, rngs=nnx.Rngs(0)))
+
+    def loss(params, x):
+        y, aux = nnx.merge(graphdef, params)(x)
+        return jnp.sum(y.astype(jnp.float32) ** 2) + aux["load_balancing_loss"], y
+
+    step = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)
+    (_, y), grads = jax.jit(step)(params, x)
+    return y, grads, _mosaic_kernels(step, params, x)
+
+
+def test_dropless_layer_forward_backward_matches_xla():
+    """21 tokens x top-2 = 42 rows (not a multiple of 8: the row-padding path).
+    Kernels: forward x@W1, act@W2; backward dy@W2ᵀ, dh@W1ᵀ and two tgmm."""
+    x = jax.random.normal(jax.random.key(5), (3, 7, 64))
+    y, grads, kernels = _layer_step("mosaic", x)
+    y_xla, grads_xla, no_kernels = _layer_step("xla", x)
+    assert sorted(kernels) == ["jmoe_gmm"] * 2 + ["jmoe_gmm_t"] * 2 + ["jmoe_tgmm"] * 2
+    assert no_kernels == []
+    assert _rel_err(_numpy(y), _numpy(y_xla)) < 1e-2
+    for path, g, g_xla in zip(jax.tree_util.tree_leaves_with_path(grads),
+                              jax.tree.leaves(grads), jax.tree.leaves(grads_xla)):
+        assert np.all(np.isfinite(_numpy(g))), path[0]
+        assert _rel_err(_numpy(g), _numpy(g_xla)) < 1e-2, path[0]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", range(4))
+def test_random_sweep_default_tiles(seed):
+    """Larger random problems with the default tiles (many groups per tile, long K)."""
+    rng = np.random.default_rng(seed)
+    num_groups, m, k, n = 8, 1000, 256, 384
+    cuts = np.sort(rng.integers(0, m - 17, num_groups - 1))
+    sizes = np.diff(np.concatenate([[0], cuts, [m - 17]])).tolist()
+    lhs, rhs, valid = _operands(m, sizes, k, n, jnp.bfloat16, transpose_rhs=bool(seed % 2),
+                                seed=seed)
+    out = gmm(lhs, rhs, jnp.array(sizes), transpose_rhs=bool(seed % 2), out_dtype=jnp.float32)
+    chex.assert_trees_all_close(
+        np.asarray(out, np.float64),
+        ref.grouped_matmul(_numpy(jnp.where(valid[:, None], lhs, 0)), _numpy(rhs), sizes,
+                           block_size=1, transpose_rhs=bool(seed % 2)), **F32_TOL)
+    grad = jnp.where(valid[:, None], jnp.asarray(rng.standard_normal((m, n)), jnp.bfloat16), 0)
+    dw = tgmm(jnp.where(valid[:, None], lhs, 0), grad, jnp.array(sizes), out_dtype=jnp.float32)
+    chex.assert_trees_all_close(
+        np.asarray(dw, np.float64),
+        ref.weight_grad(_numpy(jnp.where(valid[:, None], lhs, 0)), _numpy(grad), sizes,
+                        block_size=1), **F32_TOL)

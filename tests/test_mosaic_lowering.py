@@ -1,0 +1,115 @@
+"""Every default Mosaic GPU tile config lowers for CUDA (sm_90) on this GPU-less
+machine, for the products of the three benchmark layers, to the Mosaic GPU
+custom call; lowering runs Mosaic's layout, wgmma/TMA and shared-memory checks,
+so a config over the 227 KB budget fails here. A whole dMoE step lowers too."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import pytest
+from flax import nnx
+
+from jmoe import DroplessMoE, MoEConfig
+from pallas_kernels.mosaic import TileConfig, gmm, tgmm
+from pallas_kernels.mosaic.config import BENCHMARK_SHAPES, SMEM_BUDGET, gmm_config, tgmm_config
+from pallas_kernels.mosaic.lowering import CUSTOM_CALL_TARGET, kernel_names, lower_for_cuda
+
+BF16 = jnp.bfloat16
+# The products of one layer: name -> (kind, transpose_rhs, k, n) in terms of (d_model, d_ff).
+PRODUCTS = {
+    "x@W1": ("gmm", False, "d", "f"),
+    "h@W2": ("gmm", False, "f", "d"),
+    "dh@W1T": ("gmm", True, "f", "d"),
+    "dy@W2T": ("gmm", True, "d", "f"),
+    "dW1=xT@dh": ("tgmm", None, "d", "f"),
+    "dW2=hT@dy": ("tgmm", None, "f", "d"),
+}
+
+
+def _abstract(*shape, dtype=BF16):
+    return jax.ShapeDtypeStruct(shape, dtype)
+
+
+def _lower_product(shape, product, out_dtype):
+    """Lowers one product of ``shape`` on abstract operands; returns ``(lowered, config)``."""
+    kind, transpose_rhs, k_dim, n_dim = PRODUCTS[product]
+    dims = {"d": shape.d_model, "f": shape.d_ff}
+    m, k, n, num_experts = shape.tokens * shape.top_k, dims[k_dim], dims[n_dim], shape.num_experts
+    sizes = _abstract(num_experts, dtype=jnp.int32)
+    if kind == "gmm":
+        rhs = _abstract(num_experts, n, k) if transpose_rhs else _abstract(num_experts, k, n)
+        fn = lambda a, b, g: gmm(a, b, g, transpose_rhs=transpose_rhs, out_dtype=out_dtype)
+        config = gmm_config(m, n, num_experts, BF16, out_dtype)
+        return lower_for_cuda(fn, _abstract(m, k), rhs, sizes), config
+    fn = lambda a, b, g: tgmm(a, b, g, out_dtype=out_dtype)
+    return lower_for_cuda(fn, _abstract(m, k), _abstract(m, n), sizes), tgmm_config(
+        k, n, BF16, out_dtype)
+
+
+@pytest.mark.parametrize("product", PRODUCTS)
+@pytest.mark.parametrize("shape_name", BENCHMARK_SHAPES)
+def test_default_configs_lower_for_cuda(shape_name, product):
+    shape = BENCHMARK_SHAPES[shape_name]
+    # Layer products return bf16; weight gradients of float32 master weights are float32.
+    out_dtype = jnp.float32 if product.startswith("dW") else BF16
+    lowered, config = _lower_product(shape, product, out_dtype)
+    assert CUSTOM_CALL_TARGET in lowered.as_text()
+    expected = {"gmm": "jmoe_gmm_t" if PRODUCTS[product][1] else "jmoe_gmm", "tgmm": "jmoe_tgmm"}
+    assert kernel_names(lowered) == [expected[PRODUCTS[product][0]]]
+    assert config.smem_bytes(BF16, out_dtype) <= SMEM_BUDGET
+    assert config.stages >= 3, "defaults keep at least two TMA loads in flight"
+
+
+@pytest.mark.parametrize("kind", ["gmm", "tgmm"])
+def test_float16_lowers(kind):
+    shape = BENCHMARK_SHAPES["mixtral"]
+    m, d, f = shape.tokens * shape.top_k, shape.d_model, shape.d_ff
+    f16 = jnp.float16
+    sizes = _abstract(shape.num_experts, dtype=jnp.int32)
+    if kind == "gmm":
+        lowered = lower_for_cuda(gmm, _abstract(m, d, dtype=f16),
+                                 _abstract(shape.num_experts, d, f, dtype=f16), sizes)
+    else:
+        lowered = lower_for_cuda(functools.partial(tgmm, out_dtype=jnp.float32),
+                                 _abstract(m, d, dtype=f16), _abstract(m, f, dtype=f16), sizes)
+    assert kernel_names(lowered) == [f"jmoe_{kind}"]
+
+
+def test_small_group_shapes_get_narrow_tall_tiles():
+    """DeepSeek-like layers (~128 rows per expert) use 64-row tiles; Mixtral 128."""
+    deepseek, mixtral = BENCHMARK_SHAPES["deepseek"], BENCHMARK_SHAPES["mixtral"]
+    rows = lambda s: s.tokens * s.top_k
+    small = gmm_config(rows(deepseek), deepseek.d_ff, deepseek.num_experts, BF16, BF16)
+    large = gmm_config(rows(mixtral), mixtral.d_ff, mixtral.num_experts, BF16, BF16)
+    assert (small.block_m, small.block_n) == (64, 256)
+    assert (large.block_m, large.block_n) == (128, 128)
+
+
+def test_over_budget_config_fails_to_lower():
+    """The shared-memory check really runs during lowering on this machine."""
+    config = TileConfig(block_m=128, block_n=128, block_k=128, stages=4)  # 256 KB + 32 KB
+    assert config.smem_bytes(BF16, BF16) > SMEM_BUDGET
+    fn = lambda a, b, g: gmm(a, b, g, config=config)
+    with pytest.raises(ValueError, match="exceeds available shared memory"):
+        lower_for_cuda(fn, _abstract(1024, 512), _abstract(4, 512, 512),
+                       _abstract(4, dtype=jnp.int32))
+
+
+def test_dropless_layer_step_lowers_to_mosaic_kernels():
+    """Forward + backward of a SwiGLU dMoE layer with impl="mosaic": 3 forward
+    gmm (x@W1, x@W3, act@W2), 3 backward gmm with transposed weights (dy@W2ᵀ,
+    dh@W1ᵀ, du@W3ᵀ) and 3 tgmm, all Mosaic GPU custom calls, none interpreted."""
+    cfg = MoEConfig(d_model=128, d_ff=256, num_experts=4, top_k=2, expert_type="glu",
+                    impl="mosaic", dtype=BF16)
+    graphdef, params = nnx.split(DroplessMoE(cfg, rngs=nnx.Rngs(0)))
+
+    def loss(params, x):
+        y, _ = nnx.merge(graphdef, params)(x)
+        return jnp.sum(y.astype(jnp.float32))
+
+    # 63 tokens x top-2 = 126 rows: the kernels' wrappers pad them to 128.
+    lowered = lower_for_cuda(jax.grad(loss, argnums=(0, 1)), params, _abstract(63, 128))
+    assert sorted(kernel_names(lowered)) == ["jmoe_gmm"] * 3 + ["jmoe_gmm_t"] * 3 + [
+        "jmoe_tgmm"] * 3
+    assert "io_callback" not in lowered.as_text() and "callback" not in lowered.as_text()
