@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jmoe import permutation
+from jmoe import parallel, permutation
 from jmoe.config import MoEConfig
 from jmoe.dense import DenseMLP
 from jmoe.experts import MLPWeights, batched_mlp, dropless_mlp
@@ -109,6 +109,8 @@ class DroplessMoE(_MoE):
 
     def _routed(self, x, weights, indices):
         w1, w3, w2 = self.experts.weights(self.config.dtype)
+        if parallel.context_mesh() is not None:  # jax.set_mesh mesh with an "expert" axis
+            return parallel.expert_parallel_ffn(self.config, x, weights, indices, w1, w3, w2)
         y, tokens_per_expert = dropless_ffn(self.config, x, weights, indices, w1, w3, w2)
         return y, tokens_per_expert, jnp.zeros((), jnp.int32)
 

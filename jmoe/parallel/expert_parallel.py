@@ -1,0 +1,157 @@
+"""Dropless expert parallelism: the routed experts of a dMoE inside ``shard_map``.
+
+MegaBlocks' expert-parallel forward with static shapes. Tokens are split over
+``"data" x "expert"``, experts over ``"expert"``. On each device:
+
+1. sort its assignments by expert (unpadded, `permutation.dropless_dispatch`
+   with block size 1);
+2. all-gather the per-expert counts over ``"expert"`` and plan the exchange
+   (`plan.make_plan`);
+3. send every row to the rank owning its expert, straight into that rank's
+   padded block layout (`exchange.dispatch`);
+4. run the local experts' MLP on it (`experts.dropless_mlp`, the block-sparse
+   products on the plan's `Topology`);
+5. send the results back (`exchange.combine`), un-permute and weight.
+
+Static shapes: a rank can receive up to ``ep * T_local * min(k, L)`` rows
+(every token of every rank choosing its experts), so by default the receive
+buffer and the local layout are sized for that worst case and no token is
+ever dropped. A ``capacity_factor`` ``c`` bounds the buffer to
+``ceil(c * T_local * k)`` rows (``c = 1`` holds perfectly balanced routing);
+assignments past it are dropped, counted, and returned as ``dropped``.
+
+With fewer experts than ranks, every expert's ``d_ff`` is split over several
+ranks (hidden sharding, `placement.ExpertSharding`).
+
+Gradients: the expert weights enter replicated over ``"data"``, so the
+transpose of ``shard_map`` sums their per-device gradients over ``"data"``
+once; the router weights flow back through the un-permutation. ``shard_map``
+runs with ``check_vma=False`` because the product kernels' loop carries are
+not typed as device-varying; the transpose then psums the cotangent of every
+input over the mesh axes its spec leaves out, which is exactly that sum.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from jmoe import permutation
+from jmoe.config import MoEConfig
+from jmoe.experts import dropless_mlp
+from jmoe.parallel import exchange as exchange_lib
+from jmoe.parallel.mesh import (DATA, EXPERT, TOKEN_SPEC, check_mesh, context_mesh,
+                                is_explicit)
+from jmoe.parallel.placement import ExpertSharding
+from jmoe.parallel.plan import make_plan
+from pallas_kernels.products import layout_block_size
+
+EXCHANGES = ("auto", *exchange_lib.METHODS)
+_RAGGED_PLATFORMS = ("gpu", "cuda", "rocm", "tpu")
+_EXPERT_SPEC = P(EXPERT, None, None)
+
+
+def exchange_method(exchange: str, mesh) -> str:
+    """``"auto"`` -> ``"ragged"`` on GPU/TPU meshes, ``"padded"`` elsewhere (XLA:CPU)."""
+    if exchange not in EXCHANGES:
+        raise ValueError(f"exchange must be one of {EXCHANGES}, got {exchange!r}")
+    if exchange != "auto":
+        return exchange
+    device = getattr(mesh, "abstract_mesh", mesh).abstract_device
+    platform = jax.default_backend() if device is None else device.platform
+    return "ragged" if platform in _RAGGED_PLATFORMS else "padded"
+
+
+def _local_ffn(config: MoEConfig, sharding: ExpertSharding, capacity: int, method: str,
+               x, weights, indices, w1, w3, w2):
+    """One device's part: ``x [T_local, d]``, ``weights/indices [T_local, k]``,
+    ``w* [L, ...]`` -> ``(y [T_local, d], tokens_per_expert [E], dropped [])``."""
+    v_weights, v_indices = sharding.split_routing(weights, indices)
+    dispatch, send_topo = permutation.dropless_dispatch(v_indices, sharding.num_virtual, 1)
+    x_sorted = permutation.permute(x, dispatch)
+    counts = lax.all_gather(send_topo.group_sizes, EXPERT)
+    block = layout_block_size(config.impl, config.block_size)
+    plan = make_plan(counts, lax.axis_index(EXPERT), sharding.num_local, capacity, block)
+    rows = exchange_lib.dispatch(x_sorted, plan, method)
+    out = dropless_mlp(config, rows, plan.topology, w1, w3, w2)
+    y_sorted = exchange_lib.combine(out, plan, method, x_sorted.shape[0])
+    y = permutation.unpermute(y_sorted, dispatch, v_weights)
+    local_counts = jnp.bincount(indices.reshape(-1), length=config.num_experts)
+    tokens_per_expert = lax.psum(local_counts.astype(jnp.int32), (DATA, EXPERT))
+    dropped = lax.psum(plan.dropped, (DATA, EXPERT)) // sharding.hidden_splits
+    return y, tokens_per_expert, dropped
+
+
+def expert_parallel_ffn(config: MoEConfig, x: jax.Array, weights: jax.Array,
+                        indices: jax.Array, w1, w3, w2, *, mesh=None,
+                        capacity_factor: float | None = None, exchange: str = "auto"):
+    """Routed experts of a dropless MoE, expert-parallel over ``mesh``.
+
+    Same contract as `jmoe.moe.dropless_ffn`, on global arrays.
+
+    Args:
+      x: ``[tokens, d_model]`` in the compute dtype; ``tokens`` divisible by
+        the ``data * expert`` device count.
+      weights, indices: ``[tokens, k]`` router output (each token's k experts
+        distinct, as top-k gives them).
+      w1, w3, w2: ``[E, d_model, d_ff]``, same or None, ``[E, d_ff, d_model]``.
+      mesh: a mesh with ``"data"`` and ``"expert"`` axes (concrete or
+        abstract); defaults to the `jax.set_mesh` one.
+      capacity_factor: None (default: ``config.ep_capacity_factor``; None
+        there is dropless) or ``c > 0``: each rank receives at
+        most ``ceil(c * tokens_per_device * k)`` rows (times the hidden splits).
+      exchange: ``"auto"``, ``"ragged"`` or ``"padded"`` (see `exchange`).
+
+    Returns:
+      ``(y [tokens, d_model], tokens_per_expert [E] int32, dropped [] int32)``;
+      ``dropped`` counts assignments past the capacity (0 when dropless).
+    """
+    mesh = context_mesh() if mesh is None else mesh
+    if mesh is None:
+        raise ValueError("mesh is None and no jax.set_mesh mesh with an 'expert' axis is set")
+    check_mesh(mesh)
+    if capacity_factor is None:
+        capacity_factor = config.ep_capacity_factor
+    if capacity_factor is not None and not capacity_factor > 0:
+        raise ValueError(f"capacity_factor must be None or > 0, got {capacity_factor!r}")
+    method = exchange_method(exchange, mesh)
+    sharding = ExpertSharding.create(config, mesh.shape[EXPERT])
+    devices = mesh.shape[DATA] * mesh.shape[EXPERT]
+    if x.shape[0] % devices:
+        raise ValueError(f"x has {x.shape[0]} tokens, not divisible by the {devices} devices "
+                         f"of the mesh's 'data' x 'expert' axes "
+                         f"({mesh.shape[DATA]} x {mesh.shape[EXPERT]})")
+    capacity = sharding.capacity(x.shape[0] // devices, indices.shape[1], capacity_factor)
+    body = functools.partial(_local_ffn, config, sharding, capacity, method)
+    y, tokens_per_expert, dropped = jax.shard_map(
+        body, mesh=mesh, in_specs=(TOKEN_SPEC,) * 3 + (_EXPERT_SPEC,) * 3,
+        out_specs=(TOKEN_SPEC, P(), P()), check_vma=False,
+    )(*_operands(mesh, sharding, x, weights, indices, (w1, w3, w2)))
+    if is_explicit(mesh) and not jax.typeof(x).sharding.mesh.empty:
+        y = jax.reshard(y, jax.typeof(x).sharding)  # y has x's type
+    return y, tokens_per_expert, dropped
+
+
+def _operands(mesh, sharding: ExpertSharding, x, weights, indices, expert_weights):
+    """The ``shard_map`` operands: tokens, routing and the (virtual) expert weights.
+
+    On Explicit axes they are resharded to the ``in_specs`` (hidden sharding
+    first gathers the weights, then each rank keeps its slice); on Auto axes
+    ``shard_map`` reshards them itself.
+    """
+    if not is_explicit(mesh):
+        return (x, weights, indices, *sharding.split_weights(*expert_weights))
+    if sharding.hidden_splits > 1:
+        expert_weights = _reshard(expert_weights, mesh, P())
+    expert_weights = sharding.split_weights(*expert_weights)
+    return (*_reshard((x, weights, indices), mesh, TOKEN_SPEC),
+            *_reshard(expert_weights, mesh, _EXPERT_SPEC))
+
+
+def _reshard(arrays, mesh, spec: P):
+    """`jax.reshard` of every array in ``arrays`` (None entries kept) to ``spec``."""
+    return jax.tree.map(lambda a: jax.reshard(a, NamedSharding(mesh, spec)), arrays)

@@ -1,0 +1,278 @@
+"""Expert parallelism (`jmoe.parallel.expert_parallel_ffn`) against the
+single-device dropless FFN (`jmoe.moe.dropless_ffn`, itself checked against
+the NumPy loop in test_layers.py): output, tokens per expert and the gradients
+of x, the router weights and every expert weight, for balanced and skewed
+routings, hidden sharding, the capacity bound (against a NumPy model of its
+drop policy), the ragged exchange (with ``ragged_all_to_all`` emulated from its
+documented semantics, since XLA:CPU lacks it) and bad meshes/configs.
+
+Runs on 8 host CPU devices (tests/conftest.py sets the XLA flag). Meshes are
+``data x expert`` with data 2 for expert sizes 2 and 4, and 1 x 8 for expert
+size 8 (16 devices would be needed for 2 x 8). Tolerance: float32,
+``rtol=atol=1e-5`` (the EP path computes every row with the same kernels; only
+the order of the weight-gradient sums over rows and devices differs).
+"""
+
+import math
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import lax
+from jax.sharding import PartitionSpec as P
+
+from host_devices import host_cpus
+from jmoe import MoEConfig
+from jmoe.moe import dropless_ffn
+from jmoe.parallel import context_mesh, expert_parallel_ffn, make_mesh
+
+D, F = 8, 16
+TOKENS_PER_DEVICE = 8
+TOL = dict(rtol=1e-5, atol=1e-5)
+
+
+def _config(num_experts, top_k, expert_type="mlp", d_ff=F):
+    return MoEConfig(d_model=D, d_ff=d_ff, num_experts=num_experts, top_k=top_k,
+                     expert_type=expert_type, block_size=32, impl="xla")
+
+
+def _routing(kind: str, tokens: int, num_experts: int, top_k: int, rng) -> np.ndarray:
+    """``[tokens, k]`` distinct experts per token.
+
+    ``random``: uniform; ``one_expert``: every token picks the same k experts
+    (the top ones, all on the last rank when k <= E/ep), so one rank receives
+    every assignment of every device; ``sparse``: random among the first
+    ``max(k, E/8)`` experts, so most experts (and ranks) get nothing.
+    """
+    if kind == "one_expert":
+        return np.tile(np.arange(num_experts - 1, num_experts - 1 - top_k, -1), (tokens, 1))
+    pool = num_experts if kind == "random" else max(top_k, num_experts // 8)
+    return np.argsort(rng.random((tokens, pool)), axis=1)[:, :top_k]
+
+
+def _problem(config, tokens, kind, seed=0):
+    """Inputs, router weights, indices, expert weights and the output cotangent."""
+    rng = np.random.default_rng(seed)
+    f32 = lambda a: jnp.asarray(a, jnp.float32)
+    e, k = config.num_experts, config.top_k
+    x = f32(rng.standard_normal((tokens, D)))
+    weights = f32(rng.random((tokens, k)) + 0.1)
+    indices = jnp.asarray(_routing(kind, tokens, e, k, rng), jnp.int32)
+    w1 = f32(rng.standard_normal((e, D, config.d_ff)) / math.sqrt(D))
+    w3 = (f32(rng.standard_normal((e, D, config.d_ff)) / math.sqrt(D))
+          if config.expert_type == "glu" else None)
+    w2 = f32(rng.standard_normal((e, config.d_ff, D)) / math.sqrt(config.d_ff))
+    dy = f32(rng.standard_normal((tokens, D)))
+    return (x, weights, w1, w3, w2), indices, dy
+
+
+def _value_and_grads(ffn, args, dy):
+    """``ffn(x, weights, w1, w3, w2) -> (y, *counts)``: outputs and the
+    gradients of ``sum(y * dy)`` w.r.t. all five arguments."""
+
+    def loss(*args):
+        y, *counts = ffn(*args)
+        return jnp.sum(y * dy), (y, counts)
+
+    grad = jax.value_and_grad(loss, argnums=tuple(range(5)), has_aux=True)
+    (_, (y, counts)), grads = jax.jit(grad)(*args)
+    return y, counts, grads
+
+
+def _single_device(config, indices, args, dy):
+    with jax.default_device(host_cpus()[0]):
+        ffn = lambda x, w, w1, w3, w2: dropless_ffn(config, x, w, indices, w1, w3, w2)
+        return _value_and_grads(ffn, args, dy)
+
+
+def _expert_parallel(config, indices, args, dy, data, expert, **kw):
+    mesh = make_mesh(data, expert, devices=host_cpus())
+    ffn = lambda x, w, w1, w3, w2: expert_parallel_ffn(config, x, w, indices, w1, w3, w2,
+                                                       mesh=mesh, **kw)
+    return _value_and_grads(ffn, args, dy)
+
+
+def _check_matches_single_device(num_experts, top_k, expert, kind, expert_type="mlp",
+                                 data=None, **kw):
+    data = data or (2 if expert < 8 else 1)
+    config = _config(num_experts, top_k, expert_type)
+    tokens = TOKENS_PER_DEVICE * data * expert
+    args, indices, dy = _problem(config, tokens, kind)
+    want_y, (want_counts,), want_grads = _single_device(config, indices, args, dy)
+    y, (counts, dropped), grads = _expert_parallel(config, indices, args, dy, data, expert, **kw)
+    chex.assert_trees_all_equal(counts, want_counts)
+    assert int(dropped) == 0
+    chex.assert_trees_all_close(y, want_y, **TOL)
+    chex.assert_trees_all_close(grads, want_grads, **TOL)
+    return want_counts
+
+
+# ------------------------------------------------------------------ equality sweep
+
+ROUTINGS = ("random", "one_expert", "sparse")
+FAST_CASES = [  # (E, k, expert-axis size, routing, expert type)
+    (8, 2, 4, "random", "glu"),
+    (16, 1, 2, "one_expert", "mlp"),
+    (64, 8, 8, "sparse", "mlp"),
+    (8, 8, 8, "one_expert", "glu"),
+]
+
+
+@pytest.mark.parametrize("num_experts,top_k,expert,kind,expert_type", FAST_CASES,
+                         ids=["-".join(map(str, c)) for c in FAST_CASES])
+def test_matches_single_device(num_experts, top_k, expert, kind, expert_type):
+    counts = _check_matches_single_device(num_experts, top_k, expert, kind, expert_type)
+    if kind == "one_expert":  # the case the worst-case buffers exist for
+        assert int(jnp.max(counts)) == int(jnp.sum(counts)) // top_k
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ROUTINGS)
+@pytest.mark.parametrize("expert", (2, 4, 8))
+@pytest.mark.parametrize("top_k", (1, 2, 8))
+@pytest.mark.parametrize("num_experts", (8, 16, 64))
+def test_matches_single_device_sweep(num_experts, top_k, expert, kind):
+    _check_matches_single_device(num_experts, top_k, expert, kind)
+
+
+@pytest.mark.parametrize("num_experts,data,expert", [
+    (4, 1, 8), pytest.param(2, 2, 4, marks=pytest.mark.slow)])
+def test_hidden_sharding_matches_single_device(num_experts, data, expert):
+    """Fewer experts than ranks: each expert's d_ff is split over ep / E ranks."""
+    _check_matches_single_device(num_experts, 2, expert, "random", "glu", data=data)
+
+
+# ------------------------------------------------------------------ ragged exchange
+
+
+def _emulated_ragged_all_to_all(operand, output, input_offsets, send_sizes, output_offsets,
+                                recv_sizes, *, axis_name, axis_index_groups=None):
+    """``lax.ragged_all_to_all`` as its docstring specifies it, from all-gathers.
+
+    Slice ``i`` of the sender goes to rank ``i // slices_per_rank`` at the
+    sender's ``output_offsets[i]``; the receiver writes ``recv_sizes`` rows.
+    Rows become NaN where a send size disagrees with the matching receive size.
+    """
+    assert axis_index_groups is None
+    everything = [lax.all_gather(a, axis_name) for a in
+                  (operand, input_offsets, send_sizes, output_offsets)]
+    operands, in_offsets, sizes, out_offsets = everything
+    ranks, num_slices = in_offsets.shape
+    per_rank = num_slices // ranks
+    me = lax.axis_index(axis_name)
+    rows = jnp.arange(output.shape[0])[:, None]
+    result = output
+    for src in range(ranks):
+        for j in range(per_rank):
+            sent = me * per_rank + j
+            start, size = out_offsets[src, sent], recv_sizes[src * per_rank + j]
+            inside = (rows >= start) & (rows < start + size)
+            source_row = jnp.clip(in_offsets[src, sent] + rows[:, 0] - start, 0,
+                                  operand.shape[0] - 1)
+            value = jnp.where(size == sizes[src, sent], operands[src][source_row], jnp.nan)
+            result = jnp.where(inside, value, result)
+    return result
+
+
+@pytest.mark.parametrize("kind", ("sparse", pytest.param("one_expert", marks=pytest.mark.slow)))
+def test_ragged_exchange_matches_single_device(monkeypatch, kind):
+    monkeypatch.setattr(jax.lax, "ragged_all_to_all", _emulated_ragged_all_to_all)
+    _check_matches_single_device(8, 2, 4, kind, exchange="ragged")
+
+
+# ------------------------------------------------------------------ capacity bound
+
+
+def _kept_by_policy(indices: np.ndarray, data: int, expert: int, num_experts: int,
+                    capacity: int) -> np.ndarray:
+    """NumPy model of the documented drop policy: each owner rank fills its
+    ``capacity`` rows in (local expert, source rank, token, choice) order."""
+    tokens, top_k = indices.shape
+    local_tokens = tokens // (data * expert)
+    num_local = num_experts // expert
+    kept = np.zeros(indices.shape, bool)
+    for replica in range(data):
+        for owner in range(expert):
+            room = capacity
+            for e in range(owner * num_local, (owner + 1) * num_local):
+                for src in range(expert):
+                    first = (replica * expert + src) * local_tokens
+                    for t in range(first, first + local_tokens):
+                        for j in range(top_k):
+                            if indices[t, j] == e and room > 0:
+                                kept[t, j], room = True, room - 1
+    return kept
+
+
+@pytest.mark.parametrize("capacity_factor", (0.5, pytest.param(1.25, marks=pytest.mark.slow)))
+def test_capacity_factor_drops_and_counts(capacity_factor):
+    data, expert, num_experts, top_k = 2, 4, 8, 2
+    config = _config(num_experts, top_k)
+    tokens = TOKENS_PER_DEVICE * data * expert
+    args, indices, dy = _problem(config, tokens, "sparse", seed=3)
+    capacity = math.ceil(capacity_factor * TOKENS_PER_DEVICE * top_k)
+    kept = _kept_by_policy(np.asarray(indices), data, expert, num_experts, capacity)
+    assert 0 < (~kept).sum() < kept.size  # the case drops some, not all
+    masked = (args[0], args[1] * jnp.asarray(kept, jnp.float32), *args[2:])
+    want_y, (want_counts,), want_grads = _single_device(config, indices, masked, dy)
+    y, (counts, dropped), grads = _expert_parallel(config, indices, args, dy, data, expert,
+                                                   capacity_factor=capacity_factor)
+    assert int(dropped) == int((~kept).sum())
+    chex.assert_trees_all_equal(counts, want_counts)  # counted before dropping
+    chex.assert_trees_all_close(y, want_y, **TOL)
+    # A dropped assignment contributes nothing, so its router weight gets no gradient.
+    want_grads = (want_grads[0], want_grads[1] * jnp.asarray(kept, jnp.float32), *want_grads[2:])
+    chex.assert_trees_all_close(grads, want_grads, **TOL)
+
+
+@pytest.mark.slow
+def test_large_capacity_factor_is_dropless():
+    _check_matches_single_device(8, 2, 4, "one_expert", capacity_factor=100.0)
+
+
+# ------------------------------------------------------------------ errors
+
+
+def _call(config, tokens=64, data=2, expert=4, mesh=None, **kw):
+    args, indices, _ = _problem(config, tokens, "random")
+    x, weights, w1, w3, w2 = args
+    mesh = mesh or make_mesh(data, expert, devices=host_cpus())
+    return expert_parallel_ffn(config, x, weights, indices, w1, w3, w2, mesh=mesh, **kw)
+
+
+@pytest.mark.parametrize("config,kw,match", [
+    (_config(6, 2), {}, "num_experts=6 must be a multiple of the 'expert' mesh axis size 4"),
+    (_config(4, 2, d_ff=15), dict(data=1, expert=8), "d_ff=15 over 2 ranks"),
+    (_config(8, 2), dict(tokens=60), "60 tokens, not divisible by the 8 devices"),
+    (_config(8, 2), dict(capacity_factor=0.0), "capacity_factor must be None or > 0"),
+    (_config(8, 2), dict(exchange="nccl"), "exchange must be one of"),
+], ids=["experts-not-divisible", "hidden-d_ff", "tokens", "capacity", "exchange"])
+def test_bad_configs_raise(config, kw, match):
+    with pytest.raises(ValueError, match=match):
+        _call(config, **kw)
+
+
+def test_bad_meshes_raise():
+    config = _config(8, 2)
+    no_data = jax.make_mesh((8,), ("expert",), devices=host_cpus())
+    with pytest.raises(ValueError, match="mesh must have axes named 'data' and 'expert'"):
+        _call(config, mesh=no_data)
+    auto, explicit = jax.sharding.AxisType.Auto, jax.sharding.AxisType.Explicit
+    mixed = jax.make_mesh((2, 4), ("data", "expert"), axis_types=(auto, explicit),
+                          devices=host_cpus())
+    with pytest.raises(ValueError, match="must have the same AxisType"):
+        _call(config, mesh=mixed)
+    with pytest.raises(ValueError, match="needs 16 devices, 8 are available"):
+        make_mesh(2, 8, devices=host_cpus())
+    with pytest.raises(ValueError, match="expert must be a positive int"):
+        make_mesh(2, 0)
+
+    def inside_shard_map():
+        context_mesh()
+        return jnp.zeros(())
+
+    with jax.set_mesh(make_mesh(2, 4, devices=host_cpus())):
+        with pytest.raises(ValueError, match="already manual"):
+            jax.shard_map(inside_shard_map, in_specs=(), out_specs=P())()
