@@ -1,0 +1,1 @@
+"""Experiments: training the MoE transformer LM and the MegaBlocks-style comparison."""

@@ -1,0 +1,66 @@
+"""PNG plots of training runs.
+
+Figures are built with matplotlib's object API (`matplotlib.figure.Figure`,
+saved through the Agg canvas), so plotting needs no display and leaves the
+global pyplot backend alone (a notebook importing this keeps inline plots).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from matplotlib.figure import Figure
+
+
+def _records(records: list[dict], kind: str) -> list[dict]:
+    return [r for r in records if r["kind"] == kind]
+
+
+def plot_run(records: list[dict], path: str | Path, title: str):
+    """Train/validation loss vs step on top; below, one panel per MoE layer with
+    the share of routed assignments each expert received, per logging interval.
+
+    ``records``: the run's metrics (``kind`` ``"train"`` with ``step``, ``ce``
+    and ``expert_load [layers][E]``; ``kind`` ``"val"`` with ``val_loss``).
+    """
+    train, val = _records(records, "train"), _records(records, "val")
+    load = np.array([r["expert_load"] for r in train])  # [intervals, layers, E]
+    layers = load.shape[1] if load.ndim == 3 else 0
+    fig = Figure(figsize=(max(8, 3 * layers), 7 if layers else 4), layout="constrained")
+    grid = fig.add_gridspec(2 if layers else 1, max(layers, 1))
+    ax = fig.add_subplot(grid[0, :])
+    ax.plot([r["step"] for r in train], [r["ce"] for r in train], label="train cross-entropy")
+    ax.plot([r["step"] for r in val], [r["val_loss"] for r in val], "o-", label="validation")
+    ax.set(xlabel="step", ylabel="loss (nats/byte)", title=title)
+    ax.legend()
+    steps = [r["step"] for r in train]
+    for layer in range(layers):
+        axl = fig.add_subplot(grid[1, layer])
+        axl.plot(steps, load[:, layer, :], linewidth=1)
+        axl.axhline(1 / load.shape[2], color="k", linestyle=":", linewidth=1)
+        axl.set(xlabel="step", title=f"MoE layer {layer}: expert load",
+                ylabel="share of assignments" if layer == 0 else None)
+    fig.savefig(path, dpi=90)
+
+
+def plot_val_vs_time(runs: dict[str, list[dict]], path: str | Path, title: str,
+                     target: float | None = None):
+    """Validation loss vs training wall time (seconds), one line per run.
+
+    ``runs``: run name -> its metrics records. ``target`` draws a horizontal
+    line (e.g. the dense baseline's final loss).
+    """
+    fig = Figure(figsize=(8, 5), layout="constrained")
+    ax = fig.add_subplot()
+    for name, records in runs.items():
+        val = _records(records, "val")
+        ax.plot([r["train_time_s"] for r in val], [r["val_loss"] for r in val], "o-",
+                markersize=3, label=name)
+    if target is not None:
+        ax.axhline(target, color="k", linestyle=":", linewidth=1, label="dense final loss")
+    losses = [r["val_loss"] for records in runs.values() for r in _records(records, "val")]
+    ax.set_ylim(min(losses) - 0.05, np.percentile(losses, 90) + 0.1)
+    ax.set(xlabel="training wall time (s)", ylabel="validation loss (nats/byte)", title=title)
+    ax.legend()
+    fig.savefig(path, dpi=90)

@@ -1,0 +1,334 @@
+"""Train a byte-level MoE transformer language model on a 2-core CPU.
+
+    python -m experiments.train                       # xs dropless MoE on the KJV Bible
+    python -m experiments.train --preset xs --ffn moe --capacity-factor 1.5 --steps 300
+    python -m experiments.train --ffn dense --data my.txt --out runs/mine
+    python -m experiments.train --out runs/xs-dmoe --resume   # continue a run
+
+Loss = cross-entropy + the MoE aux losses; AdamW with linear warmup and cosine
+decay, global-norm clipping. A run directory holds ``checkpoints/`` (Orbax:
+model, optimizer state and step), ``metrics.jsonl`` (one ``"train"`` record
+per logging interval, one ``"val"`` record per evaluation), ``training.png``
+and ``summary.json``. Wall times count training steps only: compilation,
+evaluation and checkpointing are excluded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import json
+import shutil
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import optax
+from flax import nnx
+from tqdm import tqdm
+
+from experiments import plotting
+from experiments.checkpoint import Checkpoints
+from experiments.data import Batches, tokenized_corpus
+from jmoe.transformer import FFN_KINDS, PRESETS, MoETransformer, TransformerConfig, preset
+
+# Training defaults per model preset (the command line overrides them).
+PRESET_TRAINING = {
+    "xs": dict(steps=300, batch_size=16, lr=3e-3),
+    "s": dict(steps=300, batch_size=16, lr=1.5e-3),
+}
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    """One training run.
+
+    Attributes:
+      model: the model to train.
+      out: run directory.
+      cache_dir: where tokenized corpora are stored (shared between runs).
+      data: a text file, or None for the KJV Bible.
+      steps, batch_size: optimizer steps and sequences per step.
+      lr, warmup_fraction, min_lr_ratio: peak learning rate, share of the
+        steps spent in linear warmup, final lr as a fraction of the peak.
+      weight_decay, clip_norm: AdamW decay (matrices only), global-norm clip.
+      log_every, eval_every, checkpoint_every: intervals in steps; the last
+        two must be multiples of ``log_every``. The last step always logs,
+        evaluates and checkpoints.
+      eval_batches: validation batches per evaluation.
+      seed: parameter initialisation and data order.
+      resume: continue from the latest checkpoint in ``out`` (if any).
+    """
+
+    model: TransformerConfig
+    out: str
+    cache_dir: str
+    data: str | None = None
+    steps: int = 300
+    batch_size: int = 16
+    lr: float = 3e-3
+    warmup_fraction: float = 0.1
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.1
+    clip_norm: float = 1.0
+    log_every: int = 10
+    eval_every: int = 50
+    eval_batches: int = 4
+    checkpoint_every: int = 100
+    seed: int = 0
+    resume: bool = False
+
+    def __post_init__(self):
+        for name in ("steps", "batch_size", "log_every", "eval_every", "eval_batches",
+                     "checkpoint_every"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        for name in ("eval_every", "checkpoint_every"):
+            if getattr(self, name) % self.log_every:
+                raise ValueError(f"{name}={getattr(self, name)} must be a multiple of "
+                                 f"log_every={self.log_every}")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if not 0 <= self.warmup_fraction < 1:
+            raise ValueError(f"warmup_fraction must be in [0, 1), got {self.warmup_fraction}")
+
+    @property
+    def tokens_per_step(self) -> int:
+        """Predicted tokens per step: ``batch_size * max_seq_len``."""
+        return self.batch_size * self.model.max_seq_len
+
+
+def learning_rate(config: TrainConfig) -> optax.Schedule:
+    """Linear warmup over ``W = max(1, warmup_fraction * steps)`` steps from
+    ``lr / W`` (step 0 already learns) to ``lr``, then cosine decay to
+    ``min_lr_ratio * lr`` at the last step."""
+    warmup = max(1, int(config.warmup_fraction * config.steps))
+    return optax.warmup_cosine_decay_schedule(
+        init_value=config.lr / warmup, peak_value=config.lr, warmup_steps=warmup,
+        decay_steps=config.steps, end_value=config.lr * config.min_lr_ratio)
+
+
+def optimizer(config: TrainConfig) -> optax.GradientTransformation:
+    """Global-norm clipping then AdamW (b2 0.95; no decay on vectors such as norm scales)."""
+    decay_matrices = lambda params: jax.tree.map(lambda p: p.ndim > 1, params)
+    return optax.chain(
+        optax.clip_by_global_norm(config.clip_norm),
+        optax.adamw(learning_rate(config), b1=0.9, b2=0.95,
+                    weight_decay=config.weight_decay, mask=decay_matrices))
+
+
+def lm_loss(model: MoETransformer, tokens: jax.Array):
+    """``tokens [batch, seq + 1]`` -> ``(ce + aux_loss, (ce, aux))``; ce in nats/token."""
+    logits, aux = model(tokens[:, :-1])
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]).mean()
+    return ce + aux["aux_loss"], (ce, aux)
+
+
+def train_step(graphdef: nnx.GraphDef, state: nnx.State, tokens: jax.Array):
+    """One AdamW step on ``(model, optimizer)`` state: ``-> (new state, metrics)``."""
+    model, opt = nnx.merge(graphdef, state)
+    (loss, (ce, aux)), grads = nnx.value_and_grad(lm_loss, has_aux=True)(model, tokens)
+    opt.update(model, grads)
+    metrics = {"loss": loss, "ce": ce, "aux_loss": aux["aux_loss"],
+               "grad_norm": optax.tree.norm(grads),
+               "tokens_per_expert": aux["tokens_per_expert"],
+               "dropped_tokens": aux["dropped_tokens"]}
+    return nnx.state((model, opt)), metrics
+
+
+def eval_step(graphdef: nnx.GraphDef, state: nnx.State, tokens: jax.Array) -> jax.Array:
+    """Validation cross-entropy (no aux loss) of ``tokens [batch, seq + 1]``."""
+    model, _ = nnx.merge(graphdef, state)
+    return lm_loss(model, tokens)[1][0]
+
+
+def read_metrics(path: str | Path) -> list[dict]:
+    """The records of a ``metrics.jsonl`` file."""
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def _interval_record(config: TrainConfig, step: int, host: list[dict], seconds: float,
+                     train_time: float, lr: float) -> dict:
+    """Averages the per-step metrics of one logging interval into a record."""
+    mean = lambda key: float(np.mean([m[key] for m in host]))
+    load = np.sum([m["tokens_per_expert"] for m in host], axis=0)  # [moe layers, E]
+    moe = config.model.moe
+    assignments = len(host) * config.tokens_per_step * moe.top_k * len(config.model.moe_layers)
+    return {
+        "kind": "train", "step": step, "loss": mean("loss"), "ce": mean("ce"),
+        "aux_loss": mean("aux_loss"), "grad_norm": mean("grad_norm"), "lr": lr,
+        "step_time_s": seconds / len(host),
+        "tokens_per_s": len(host) * config.tokens_per_step / seconds,
+        "train_time_s": train_time,
+        "dropped_tokens": int(sum(int(m["dropped_tokens"]) for m in host)),
+        "assignments": assignments,
+        "expert_load": (load / np.maximum(load.sum(-1, keepdims=True), 1)).tolist(),
+    }
+
+
+def summarize(config: TrainConfig, records: list[dict], name: str, extra: dict) -> dict:
+    """Run summary from its metrics (consistent across resumes)."""
+    train = [r for r in records if r["kind"] == "train"]
+    val = [r for r in records if r["kind"] == "val"]
+    train_time = train[-1]["train_time_s"]
+    assignments = sum(r["assignments"] for r in train)
+    return {
+        "name": name, "steps": train[-1]["step"], "tokens_per_step": config.tokens_per_step,
+        "final_val_loss": val[-1]["val_loss"], "final_train_ce": train[-1]["ce"],
+        "train_time_s": train_time,
+        "tokens_per_s": train[-1]["step"] * config.tokens_per_step / train_time,
+        "median_step_s": float(np.median([r["step_time_s"] for r in train])),
+        "dropped_fraction": sum(r["dropped_tokens"] for r in train) / max(assignments, 1),
+        **extra,
+    }
+
+
+def _start_metrics(path: Path, resume_step: int):
+    """Keeps the records up to ``resume_step`` (all of a fresh run's are dropped)."""
+    kept = [r for r in read_metrics(path) if r["step"] <= resume_step] if path.exists() else []
+    with open(path, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in kept)
+
+
+def _evaluate(evaluate, state, batches: Batches) -> float:
+    return float(np.mean([evaluate(state, b) for b in batches.val_batches()]))
+
+
+def train(config: TrainConfig, name: str = "run") -> dict:
+    """Runs (or resumes) training; returns the summary (also in ``summary.json``)."""
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "summary.json").unlink(missing_ok=True)  # written again when the run completes
+    if not config.resume:
+        shutil.rmtree(out / "checkpoints", ignore_errors=True)
+    batches = Batches(tokenized_corpus(config.data, config.cache_dir),
+                      seq_len=config.model.max_seq_len, batch_size=config.batch_size,
+                      seed=config.seed, eval_batches=config.eval_batches)
+    model = MoETransformer(config.model, rngs=nnx.Rngs(config.seed))
+    params = sum(p.size for p in jax.tree.leaves(nnx.state(model, nnx.Param)))
+    graphdef, state = nnx.split((model, nnx.Optimizer(model, optimizer(config), wrt=nnx.Param)))
+
+    checkpoints = Checkpoints(out / "checkpoints", config.checkpoint_every)
+    start, train_time = 0, 0.0
+    if config.resume and checkpoints.latest_step() is not None:
+        start = checkpoints.latest_step()
+        state, meta = checkpoints.restore(start, state)
+        train_time = meta["train_time_s"]
+    _start_metrics(out / "metrics.jsonl", start)
+
+    t0 = time.perf_counter()
+    step_fn = jax.jit(functools.partial(train_step, graphdef), donate_argnums=0).lower(
+        state, batches.train_batch(start)).compile()
+    compile_s = time.perf_counter() - t0
+    evaluate = jax.jit(functools.partial(eval_step, graphdef))
+    schedule = learning_rate(config)
+
+    with open(out / "metrics.jsonl", "a") as log:
+        write = lambda record: (log.write(json.dumps(record) + "\n"), log.flush())
+        if start == 0:
+            write({"kind": "val", "step": 0, "val_loss": _evaluate(evaluate, state, batches),
+                   "train_time_s": 0.0})
+        bar = tqdm(total=config.steps, initial=start, desc=name, unit="step", dynamic_ncols=True)
+        pending, mark = [], time.perf_counter()
+        for i in range(start, config.steps):
+            state, metrics = step_fn(state, batches.train_batch(i))
+            pending.append(metrics)
+            step = i + 1
+            last = step == config.steps
+            if step % config.log_every and not last:
+                continue
+            host = jax.device_get(pending)
+            seconds = time.perf_counter() - mark
+            train_time += seconds
+            record = _interval_record(config, step, host, seconds, train_time,
+                                      float(schedule(i)))
+            write(record)
+            bar.update(len(pending))
+            bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:,.0f}")
+            pending = []
+            if step % config.eval_every == 0 or last:
+                val_loss = _evaluate(evaluate, state, batches)
+                write({"kind": "val", "step": step, "val_loss": val_loss,
+                       "train_time_s": train_time})
+                bar.set_postfix(loss=f"{record['loss']:.3f}", val=f"{val_loss:.3f}",
+                                tok_s=f"{record['tokens_per_s']:,.0f}")
+            checkpoints.save(step, state, {"train_time_s": train_time}, force=last)
+            mark = time.perf_counter()
+        bar.close()
+    checkpoints.close()
+    return _finish(config, name, {"params": int(params), "compile_s": compile_s})
+
+
+def _finish(config: TrainConfig, name: str, extra: dict) -> dict:
+    """Plots the run, writes ``summary.json`` and prints the summary line."""
+    out = Path(config.out)
+    records = read_metrics(out / "metrics.jsonl")
+    plotting.plot_run(records, out / "training.png", title=name)
+    summary = summarize(config, records, name, {
+        "ffn": config.model.ffn, "capacity_factor": config.model.moe.capacity_factor,
+        "seed": config.seed, **extra, "out": str(out)})
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    print(f"[{name}] {summary['steps']} steps | val loss {summary['final_val_loss']:.4f} | "
+          f"train time {summary['train_time_s']:.0f}s | {summary['tokens_per_s']:,.0f} tok/s | "
+          f"dropped {summary['dropped_fraction']:.2%} | {out}", flush=True)
+    return summary
+
+
+def run_name(preset_name: str, ffn: str, capacity_factor: float) -> str:
+    """E.g. ``xs-dmoe``, ``xs-dense``, ``xs-moe-cf1.5``."""
+    suffix = f"-cf{capacity_factor:g}" if ffn == "moe" else ""
+    return f"{preset_name}-{ffn}{suffix}"
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m experiments.train", description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--preset", choices=PRESETS, default="xs", help="model size")
+    parser.add_argument("--ffn", choices=FFN_KINDS, default="dmoe",
+                        help="dropless MoE, token-dropping MoE, or dense MLP")
+    parser.add_argument("--capacity-factor", type=float, default=1.0,
+                        help="expert capacity factor of --ffn moe")
+    parser.add_argument("--moe-every", type=int, choices=(1, 2), default=1,
+                        help="2: MoE in every other block (GLaM)")
+    parser.add_argument("--steps", type=int, help="optimizer steps (default: per preset)")
+    parser.add_argument("--batch-size", type=int, help="sequences per step (default: per preset)")
+    parser.add_argument("--lr", type=float, help="peak learning rate (default: per preset)")
+    parser.add_argument("--data", help="text file to train on (default: the KJV Bible)")
+    parser.add_argument("--out", help="run directory (default: runs/<preset>-<ffn>)")
+    parser.add_argument("--cache-dir", help="tokenized corpora (default: <out>/../cache)")
+    parser.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--log-every", type=int, default=10)
+    parser.add_argument("--eval-every", type=int, default=50)
+    parser.add_argument("--eval-batches", type=int, default=4)
+    parser.add_argument("--checkpoint-every", type=int, default=100)
+    return parser.parse_args(argv)
+
+
+def config_from_args(args: argparse.Namespace) -> tuple[TrainConfig, str]:
+    """``(TrainConfig, run name)`` from parsed command-line arguments."""
+    model = preset(args.preset, ffn=args.ffn, capacity_factor=args.capacity_factor).replace(
+        moe_every=args.moe_every)
+    name = run_name(args.preset, args.ffn, args.capacity_factor)
+    out = Path(args.out or Path("runs") / name)
+    defaults = PRESET_TRAINING[args.preset]
+    pick = lambda key: defaults[key] if getattr(args, key) is None else getattr(args, key)
+    config = TrainConfig(
+        model=model, out=str(out), cache_dir=args.cache_dir or str(out.absolute().parent / "cache"),
+        data=args.data, steps=pick("steps"), batch_size=pick("batch_size"), lr=pick("lr"),
+        log_every=args.log_every, eval_every=args.eval_every, eval_batches=args.eval_batches,
+        checkpoint_every=args.checkpoint_every, seed=args.seed, resume=args.resume)
+    return config, name
+
+
+def main(argv=None) -> dict:
+    return train(*config_from_args(parse_args(argv)))
+
+
+if __name__ == "__main__":
+    main()

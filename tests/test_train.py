@@ -1,0 +1,192 @@
+"""Training: one step lowers the loss, the learning-rate schedule, the data
+pipeline (tensorstore cache, deterministic batches, split), exact resume from
+a checkpoint, and the command line end to end."""
+
+import dataclasses
+import functools
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import chex
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from experiments import compare, data
+from experiments.checkpoint import Checkpoints
+from experiments.train import (TrainConfig, learning_rate, optimizer, read_metrics, train,
+                               train_step)
+from jmoe import MoEConfig
+from jmoe.transformer import MoETransformer, TransformerConfig
+
+REPO = Path(__file__).resolve().parents[1]
+SEQ = 16
+
+
+def _model(ffn="dmoe") -> TransformerConfig:
+    moe = MoEConfig(d_model=16, d_ff=32, num_experts=4, top_k=1, block_size=32, impl="xla")
+    return TransformerConfig(vocab_size=256, d_model=16, num_layers=2, num_heads=2,
+                             max_seq_len=SEQ, moe=moe, ffn=ffn)
+
+
+@pytest.fixture(scope="module")
+def text_file(tmp_path_factory) -> Path:
+    """~40 kB of varied text: pseudo-random words with line breaks."""
+    rng = np.random.default_rng(0)
+    words = ["the", "of", "and", "unto", "lord", "said", "king", "land", "his", "them"]
+    lines = [" ".join(rng.choice(words, size=rng.integers(4, 12))) for _ in range(800)]
+    path = tmp_path_factory.mktemp("corpus") / "words.txt"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def _config(tmp_path, text_file, **kw) -> TrainConfig:
+    base = dict(model=_model(), out=str(tmp_path / "run"), cache_dir=str(tmp_path / "cache"),
+                data=str(text_file), steps=8, batch_size=4, lr=1e-2, log_every=1,
+                eval_every=2, eval_batches=2, checkpoint_every=4)
+    return TrainConfig(**{**base, **kw})
+
+
+@pytest.mark.parametrize("ffn", ["dmoe", "moe", "dense"])
+def test_one_step_lowers_loss_on_fixed_batch(tmp_path, text_file, ffn):
+    """The loss a step reports is that of the parameters before its update."""
+    config = _config(tmp_path, text_file, model=_model(ffn), warmup_fraction=0.0)
+    model = MoETransformer(config.model, rngs=nnx.Rngs(0))
+    graphdef, state = nnx.split((model, nnx.Optimizer(model, optimizer(config), wrt=nnx.Param)))
+    tokens = np.random.default_rng(0).integers(0, 256, (4, SEQ + 1)).astype(np.int32)
+    step = jax.jit(functools.partial(train_step, graphdef))
+    state, first = step(state, tokens)
+    state, second = step(state, tokens)
+    assert float(first["ce"]) == pytest.approx(math.log(256), abs=0.1)  # untrained: ~uniform
+    assert float(second["loss"]) < float(first["loss"]) - 0.05
+    assert int(nnx.merge(graphdef, state)[1].step[...]) == 2
+
+
+def test_learning_rate_schedule(tmp_path, text_file):
+    schedule = learning_rate(_config(tmp_path, text_file, steps=100, lr=1.0,
+                                     warmup_fraction=0.1, min_lr_ratio=0.1))
+    expected = {0: 0.1, 5: 0.55, 10: 1.0, 55: 0.1 + 0.9 * 0.5, 100: 0.1}
+    for step, lr in expected.items():
+        assert float(schedule(step)) == pytest.approx(lr, abs=1e-5), step
+
+
+def test_corpus_cache_and_bible(tmp_path, text_file):
+    store = data.tokenized_corpus(str(text_file), tmp_path)
+    cached = list(tmp_path.glob("words-*.zarr"))
+    assert len(cached) == 1
+    mtime = os.path.getmtime(cached[0])
+    again = data.tokenized_corpus(str(text_file), tmp_path)
+    assert os.path.getmtime(cached[0]) == mtime and again.shape == store.shape
+    raw = text_file.read_bytes()
+    np.testing.assert_array_equal(store[100:164].read().result(),
+                                  np.frombuffer(raw[100:164], np.uint8))
+    assert data.decode(data.encode("Amen. ✝")) == "Amen. ✝"
+    bible = data.bible_text()
+    assert bible.startswith("In the beginning God created the heaven and the earth.\n")
+    assert 4_000_000 < len(bible) < 5_000_000 and bible.count("\n") == 31_103
+    with pytest.raises(ValueError, match="data"):
+        data.corpus_text(str(tmp_path / "missing.txt"))
+
+
+def test_batches_are_deterministic_and_split(tmp_path, text_file):
+    store = data.tokenized_corpus(str(text_file), tmp_path)
+    raw = np.frombuffer(text_file.read_bytes(), np.uint8)
+    make = lambda seed: data.Batches(store, seq_len=SEQ, batch_size=8, seed=seed,
+                                     eval_batches=2)
+    a, b, other = make(0), make(0), make(1)
+    np.testing.assert_array_equal(a.train_batch(5), b.train_batch(5))
+    assert not np.array_equal(a.train_batch(5), other.train_batch(5))
+    batch, starts = a.train_batch(3), a.train_starts(3)
+    chex.assert_shape(batch, (8, SEQ + 1))
+    np.testing.assert_array_equal(batch, raw[starts[:, None] + np.arange(SEQ + 1)])
+    # One epoch visits every training window exactly once, all before the val split.
+    steps_per_epoch = a.train_windows // 8
+    epoch = np.concatenate([a.train_starts(i) for i in range(steps_per_epoch)])
+    assert len(set(epoch.tolist())) == len(epoch)
+    assert epoch.max() + SEQ + 1 <= a.train_tokens
+    val = np.concatenate(list(a.val_batches()))
+    chex.assert_shape(val, (16, SEQ + 1))
+    val_text = raw[a.train_tokens:].tobytes()
+    assert all(row.astype(np.uint8).tobytes() in val_text for row in val)
+    with pytest.raises(ValueError, match="too few"):
+        data.Batches(store, seq_len=SEQ, batch_size=8, seed=0, eval_batches=1000)
+
+
+def _losses(out: Path) -> list:
+    return [(r["kind"], r["step"], r.get("loss"), r.get("ce"), r.get("val_loss"))
+            for r in read_metrics(out / "metrics.jsonl")]
+
+
+def test_resume_is_exact(tmp_path, text_file):
+    """An interrupted run resumed from its step-4 checkpoint reproduces the
+    uninterrupted run's losses and final parameters exactly."""
+    config = _config(tmp_path, text_file, out=str(tmp_path / "full"))
+    full = train(config)
+    assert full["steps"] == 8
+    # Simulate a kill at step 6: the step-4 checkpoint and metrics up to step 6 survive.
+    shutil.copytree(tmp_path / "full", tmp_path / "killed")
+    shutil.rmtree(tmp_path / "killed" / "checkpoints" / "8")
+    metrics = tmp_path / "killed" / "metrics.jsonl"
+    kept = [r for r in read_metrics(metrics) if r["step"] <= 6]
+    metrics.write_text("".join(json.dumps(r) + "\n" for r in kept))
+
+    resumed = train(dataclasses.replace(config, out=str(tmp_path / "killed"), resume=True))
+    assert _losses(tmp_path / "killed") == _losses(tmp_path / "full")
+    assert resumed["final_val_loss"] == full["final_val_loss"]
+
+    model = MoETransformer(config.model, rngs=nnx.Rngs(0))
+    like = nnx.state((model, nnx.Optimizer(model, optimizer(config), wrt=nnx.Param)))
+    states = []
+    for run in ("full", "killed"):
+        checkpoints = Checkpoints(tmp_path / run / "checkpoints", every=4)
+        assert checkpoints.latest_step() == 8
+        states.append(checkpoints.restore(8, like)[0])
+        checkpoints.close()
+    chex.assert_trees_all_equal(*states)
+
+
+def test_cli_end_to_end(tmp_path):
+    """``python -m experiments.train`` on the default corpus (KJV) with the xs preset."""
+    out = tmp_path / "xs"
+    command = [sys.executable, "-m", "experiments.train", "--preset", "xs", "--ffn", "moe",
+               "--capacity-factor", "1.5", "--steps", "4", "--batch-size", "2",
+               "--log-every", "2", "--eval-every", "2", "--checkpoint-every", "2",
+               "--eval-batches", "1", "--out", str(out)]
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "[xs-moe-cf1.5] 4 steps | val loss" in result.stdout
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 4 and summary["ffn"] == "moe"
+    assert summary["final_val_loss"] < math.log(256)
+    assert 0 <= summary["dropped_fraction"] < 1
+    records = read_metrics(out / "metrics.jsonl")
+    assert [r["step"] for r in records if r["kind"] == "val"] == [0, 2, 4]
+    load = np.array([r["expert_load"] for r in records if r["kind"] == "train"])
+    chex.assert_shape(load, (2, 4, 8))  # intervals, MoE layers, experts
+    np.testing.assert_allclose(load.sum(-1), 1.0, rtol=1e-6)
+    assert (out / "training.png").stat().st_size > 10_000
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["2", "4"]
+    assert list((tmp_path / "cache").glob("kjv-*.zarr"))
+
+
+def test_compare_time_to_reach_and_table():
+    val = [{"kind": "val", "step": s, "train_time_s": t, "val_loss": v}
+           for s, t, v in [(0, 0.0, 5.5), (10, 10.0, 3.0), (20, 30.0, 2.0), (30, 50.0, 1.5)]]
+    assert compare.time_to_reach(val, 2.5) == pytest.approx(20.0)  # halfway from 3.0 to 2.0
+    assert compare.time_to_reach(val, 6.0) == 0.0
+    assert compare.time_to_reach(val, 1.0) is None
+    summary = dict(final_val_loss=2.0, train_time_s=30.0, tokens_per_s=100.0,
+                   median_step_s=0.5, dropped_fraction=0.0)
+    rows = compare.results_table(
+        {"dense": summary, "dmoe": {**summary, "final_val_loss": 1.5, "train_time_s": 50.0}},
+        {"dense": val[:3], "dmoe": val})
+    assert rows[0]["speedup_vs_dense"] == pytest.approx(1.0)
+    assert rows[1]["time_to_dense_loss_s"] == pytest.approx(30.0)
+    table = compare.markdown(rows)
+    assert "| dmoe | 1.5000 | 50 | 100 | 500 | 0.0% | 30 | 1.00x |" in table
