@@ -1,4 +1,4 @@
-"""CPU benchmark: one MoE layer, forward + backward, four ways side by side.
+"""CPU benchmark: one MoE layer, forward + backward, five ways side by side.
 
     python -m benchmarks.cpu_layer_bench            # both default cases
     python -m benchmarks.cpu_layer_bench --repeats 3 --cases e8
@@ -10,6 +10,10 @@ and of every parameter) for:
 * ``dmoe-ragged_dot``: `DroplessMoE` with ``impl="ragged_dot"``
   (``jax.lax.ragged_dot``, which XLA:CPU expands densely over experts);
 * ``capacity-cf0``: `CapacityMoE` at the capacity that drops nothing;
+* ``balanced-cf1``: `CapacityMoE` at capacity factor 1 with uniform routing
+  (every expert gets exactly ``T k / E`` tokens, none dropped): a perfectly
+  balanced MoE: the same expert GEMM shapes and token permutation as the
+  dMoE with no load imbalance -- the limit for an MoE layer of these shapes;
 * ``dense-equal-flops``: a `DenseMLP` of hidden width ``top_k * d_ff`` on the
   same tokens: the same useful FLOPs in one big GEMM (the limit).
 
@@ -33,7 +37,7 @@ import numpy as np
 from flax import nnx
 
 from jmoe import CapacityMoE, DenseMLP, DroplessMoE, MoEConfig
-from pallas_kernels.xla_impl import MAX_TILE_ROWS
+from pallas_kernels.xla_impl import TILE_ROWS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,7 +68,7 @@ def useful_flops(case: Case) -> float:
 
 def tiled_flops(case: Case, tokens_per_expert: np.ndarray, block_size: int) -> float:
     """FLOPs the ``xla`` impl executes: each expert's rows rounded up to a tile."""
-    tile = min(block_size, MAX_TILE_ROWS)
+    tile = min(block_size, TILE_ROWS)
     rows = np.sum(-(-tokens_per_expert // tile) * tile)
     return 3 * _matmuls_per_token(case) * 2.0 * rows * case.d_model * case.d_ff
 
@@ -99,7 +103,7 @@ def _cost_flops(fn, *args) -> float:
 
 
 def run_case(case: Case, repeats: int):
-    """Times the four layers; returns rows ``(layer, seconds, executed_flops)``."""
+    """Times the five layers; returns rows ``(layer, seconds, executed_flops)``."""
     config = MoEConfig(d_model=case.d_model, d_ff=case.d_ff, num_experts=case.num_experts,
                        top_k=case.top_k, expert_type=case.expert_type, block_size=128)
     x = jax.random.normal(jax.random.key(0), (case.tokens, case.d_model), jnp.float32)
@@ -107,6 +111,9 @@ def run_case(case: Case, repeats: int):
         "dmoe-xla": DroplessMoE(config.replace(impl="xla"), rngs=nnx.Rngs(0)),
         "dmoe-ragged_dot": DroplessMoE(config.replace(impl="ragged_dot"), rngs=nnx.Rngs(0)),
         "capacity-cf0": CapacityMoE(config.replace(capacity_factor=0), rngs=nnx.Rngs(0)),
+        "balanced-cf1": CapacityMoE(config.replace(capacity_factor=1,
+                                                   uniform_expert_assignment=True),
+                                    rngs=nnx.Rngs(0)),
         "dense-equal-flops": DenseMLP(config, d_ff=case.top_k * case.d_ff, rngs=nnx.Rngs(0)),
     }
     tokens_per_expert = np.asarray(layers["dmoe-xla"](x)[1]["tokens_per_expert"])
@@ -144,6 +151,7 @@ def main(argv=None):
                   f"{flops / useful:>20.2f}")
         times = dict((name, s) for name, s, _ in rows)
         print(f"dmoe-xla vs dense limit: {times['dmoe-xla'] / dense_seconds:.2f}x; "
+              f"vs balanced MoE: {times['dmoe-xla'] / times['balanced-cf1']:.2f}x; "
               f"ragged_dot / dmoe-xla: {times['dmoe-ragged_dot'] / times['dmoe-xla']:.1f}x")
 
 

@@ -93,11 +93,11 @@ def markdown(rows: list[dict]) -> str:
     header = ("| run | final val loss | train time (s) | tokens/s | median step (ms) "
               "| assignments dropped | time to dense final loss (s) | speed-up vs dense |\n"
               "|---|---:|---:|---:|---:|---:|---:|---:|\n")
-    fmt = lambda value, spec: "never" if value is None else format(value, spec)
+    fmt = lambda value, spec, unit="": "never" if value is None else format(value, spec) + unit
     return header + "".join(
         f"| {r['run']} | {r['final_val_loss']:.4f} | {r['train_time_s']:.0f} | "
         f"{r['tokens_per_s']:,.0f} | {r['median_step_ms']:.0f} | {r['dropped_fraction']:.1%} | "
-        f"{fmt(r['time_to_dense_loss_s'], '.0f')} | {fmt(r['speedup_vs_dense'], '.2f')}x |\n"
+        f"{fmt(r['time_to_dense_loss_s'], '.0f')} | {fmt(r['speedup_vs_dense'], '.2f', 'x')} |\n"
         for r in rows)
 
 

@@ -278,10 +278,11 @@ def _finish(config: TrainConfig, name: str, extra: dict) -> dict:
     return summary
 
 
-def run_name(preset_name: str, ffn: str, capacity_factor: float) -> str:
-    """E.g. ``xs-dmoe``, ``xs-dense``, ``xs-moe-cf1.5``."""
+def run_name(preset_name: str, ffn: str, capacity_factor: float, moe_every: int = 1) -> str:
+    """E.g. ``xs-dmoe``, ``xs-dense``, ``xs-moe-cf1.5``, ``xs-dmoe-every2``."""
     suffix = f"-cf{capacity_factor:g}" if ffn == "moe" else ""
-    return f"{preset_name}-{ffn}{suffix}"
+    every = f"-every{moe_every}" if moe_every != 1 and ffn != "dense" else ""
+    return f"{preset_name}-{ffn}{suffix}{every}"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -299,7 +300,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, help="sequences per step (default: per preset)")
     parser.add_argument("--lr", type=float, help="peak learning rate (default: per preset)")
     parser.add_argument("--data", help="text file to train on (default: the KJV Bible)")
-    parser.add_argument("--out", help="run directory (default: runs/<preset>-<ffn>)")
+    parser.add_argument("--out", help="run directory (default: runs/<run name>, e.g. runs/xs-moe-cf1.5)")
     parser.add_argument("--cache-dir", help="tokenized corpora (default: <out>/../cache)")
     parser.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
     parser.add_argument("--seed", type=int, default=0)
@@ -314,7 +315,7 @@ def config_from_args(args: argparse.Namespace) -> tuple[TrainConfig, str]:
     """``(TrainConfig, run name)`` from parsed command-line arguments."""
     model = preset(args.preset, ffn=args.ffn, capacity_factor=args.capacity_factor).replace(
         moe_every=args.moe_every)
-    name = run_name(args.preset, args.ffn, args.capacity_factor)
+    name = run_name(args.preset, args.ffn, args.capacity_factor, args.moe_every)
     out = Path(args.out or Path("runs") / name)
     defaults = PRESET_TRAINING[args.preset]
     pick = lambda key: defaults[key] if getattr(args, key) is None else getattr(args, key)

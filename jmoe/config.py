@@ -45,7 +45,7 @@ class MoEConfig:
       ep_capacity_factor: `DroplessMoE` under expert parallelism only. None
         (default) sizes each rank's receive buffer for the worst case, so no
         token is dropped; ``c > 0`` bounds it to ``ceil(c * T_local * top_k)``
-        rows to save memory, and assignments past it are dropped and counted
+        rows (times the hidden splits) to save memory, and assignments past it are dropped and counted
         in ``aux["dropped_tokens"]`` (see `jmoe.parallel`).
       block_size: rows per block of the block-sparse layout (32, 64 or 128).
       load_balancing_loss_weight: weight of the Switch/MegaBlocks loss

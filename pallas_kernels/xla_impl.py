@@ -1,15 +1,19 @@
 """XLA implementation of the products, fast on CPU.
 
-Two nested loops: over experts (static trip count ``E``), then over the
-``tile``-row tiles that hold the expert's assignments (dynamic trip count
-``ceil(group_size / tile)``, a ``while`` loop, no host sync). Each expert's
-weight is sliced once and each tile is one small dense matmul, so the executed
-FLOPs are the useful FLOPs plus at most ``tile - 1`` rows per expert; empty
-experts and padding bins cost nothing. ``jax.lax.ragged_dot`` on CPU instead
-expands to a dense masked matmul over all experts (``E`` times the FLOPs).
+A loop over experts (static trip count ``E``); each expert's rows are covered
+by power-of-two chunks of ``tile * 2**j`` rows, one per set bit of its tile
+count ``ceil(group_size / tile)`` (a 300-row group with 64-row tiles is one
+256-row and one 64-row chunk), each chunk one dense matmul under a
+``lax.cond``. The chunks are as large as the group allows, which is what a
+CPU GEMM wants, yet the executed FLOPs are the useful FLOPs plus at most
+``tile - 1`` rows per expert; empty experts and padding bins cost nothing, and
+there is no host sync. ``jax.lax.ragged_dot`` on CPU instead expands to a
+dense masked matmul over all experts (``E`` times the FLOPs).
 """
 
 from __future__ import annotations
+
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -18,69 +22,74 @@ from jax import lax
 from pallas_kernels.backend import Backend
 from pallas_kernels.topology import Topology
 
-# Rows per matmul tile. Small enough that little work is wasted at the end of
-# each group, large enough for a CPU GEMM to run near peak (see
-# benchmarks/cpu_layer_bench.py); it must divide the block size.
-MAX_TILE_ROWS = 64
+# Rows of the smallest chunk: the most rows a group is rounded up by. It must
+# divide the block size (a group's chunks then stay inside its bin).
+TILE_ROWS = 64
 
 
 def tile_rows(topo: Topology) -> int:
-    """Rows per tile for ``topo`` (a divisor of its block size)."""
-    return min(topo.block_size, MAX_TILE_ROWS)
+    """Rows of the smallest chunk for ``topo`` (a divisor of its block size)."""
+    return min(topo.block_size, TILE_ROWS)
 
 
-def _expert_tiles(topo: Topology, expert, tile: int):
-    """(first row, number of tiles) of ``expert``'s assignments."""
+def _over_chunks(topo: Topology, expert, body: Callable, carry):
+    """Folds ``body(carry, row, size, valid) -> carry`` over ``expert``'s chunks.
+
+    ``row`` is the chunk's first layout row, ``size`` its static row count and
+    ``valid`` a ``[size, 1]`` mask of the rows that hold assignments (only the
+    last chunk of a group has rows past it). Chunks run largest first.
+    """
+    tile = tile_rows(topo)
     start = topo.expert_block_offsets[expert] * topo.block_size
-    count = topo.group_sizes[expert]
-    return start, count, (count + tile - 1) // tile
+    end = start + topo.group_sizes[expert]
+    num_tiles = (topo.group_sizes[expert] + tile - 1) // tile
+    levels = (topo.padded_rows // tile).bit_length()
+    row = start
+    for level in reversed(range(levels)):
+        size = tile << level
+        present = (num_tiles >> level) & 1
 
+        def run(carry, row=row, size=size):
+            valid = lax.broadcasted_iota(jnp.int32, (size, 1), 0) + row < end
+            return body(carry, row, size, valid)
 
-def _valid_rows(count, tile_index, tile: int):
-    """``[tile, 1]`` bool: which rows of tile ``tile_index`` are assignments."""
-    return (lax.broadcasted_iota(jnp.int32, (tile, 1), 0) + tile_index * tile) < count
+        carry = lax.cond(present == 1, run, lambda carry: carry, carry)
+        row = row + present * size
+    return carry
 
 
 def grouped_matmul(lhs: jax.Array, rhs: jax.Array, topo: Topology, transpose_rhs: bool):
     """``out[rows_e] = lhs[rows_e] @ rhs[e]`` (``rhs[e]ᵀ`` if transposed); ``[P, n]``."""
     lhs, rhs = jnp.asarray(lhs), jnp.asarray(rhs)  # rhs[expert] needs a jax array
-    tile = tile_rows(topo)
+    contract = (((1,), (1,)), ((), ())) if transpose_rhs else (((1,), (0,)), ((), ()))
     n = rhs.shape[1] if transpose_rhs else rhs.shape[2]
-    out = jnp.zeros((topo.padded_rows, n), lhs.dtype)
 
     def per_expert(expert, out):
-        weight = rhs[expert].T if transpose_rhs else rhs[expert]
-        start, count, num_tiles = _expert_tiles(topo, expert, tile)
+        weight = rhs[expert]
 
-        def per_tile(i, out):
-            row = start + i * tile
-            rows = lax.dynamic_slice_in_dim(lhs, row, tile)
-            rows = jnp.where(_valid_rows(count, i, tile), rows, 0)
-            prod = jnp.dot(rows, weight, preferred_element_type=jnp.float32)
+        def chunk(out, row, size, valid):
+            rows = jnp.where(valid, lax.dynamic_slice_in_dim(lhs, row, size), 0)
+            prod = lax.dot_general(rows, weight, contract, preferred_element_type=jnp.float32)
             return lax.dynamic_update_slice_in_dim(out, prod.astype(out.dtype), row, 0)
 
-        return lax.fori_loop(0, num_tiles, per_tile, out)
+        return _over_chunks(topo, expert, chunk, out)
 
+    out = jnp.zeros((topo.padded_rows, n), lhs.dtype)
     return lax.fori_loop(0, topo.num_experts, per_expert, out)
 
 
 def grouped_weight_grad(lhs: jax.Array, rhs: jax.Array, topo: Topology, out_dtype):
     """``out[e] = lhs[rows_e]ᵀ @ rhs[rows_e]``: ``[E, k, n]``, zeros for empty experts."""
-    tile = tile_rows(topo)
     shape = (lhs.shape[1], rhs.shape[1])
 
     def per_expert(expert):
-        start, count, num_tiles = _expert_tiles(topo, expert, tile)
-
-        def per_tile(i, acc):
-            row = start + i * tile
-            valid = _valid_rows(count, i, tile)  # mask both: 0 * inf garbage is nan
-            a = jnp.where(valid, lax.dynamic_slice_in_dim(lhs, row, tile), 0)
-            b = jnp.where(valid, lax.dynamic_slice_in_dim(rhs, row, tile), 0)
+        def chunk(acc, row, size, valid):  # mask both: 0 * inf garbage is nan
+            a = jnp.where(valid, lax.dynamic_slice_in_dim(lhs, row, size), 0)
+            b = jnp.where(valid, lax.dynamic_slice_in_dim(rhs, row, size), 0)
             return acc + lax.dot_general(a, b, (((0,), (0,)), ((), ())),
                                          preferred_element_type=jnp.float32)
 
-        acc = lax.fori_loop(0, num_tiles, per_tile, jnp.zeros(shape, jnp.float32))
+        acc = _over_chunks(topo, expert, chunk, jnp.zeros(shape, jnp.float32))
         return acc.astype(out_dtype)
 
     return lax.map(per_expert, jnp.arange(topo.num_experts))

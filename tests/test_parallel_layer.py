@@ -82,7 +82,7 @@ def test_ep_capacity_factor_drops_are_counted_in_aux():
     outputs = {}
     for ep_capacity_factor in (None, 0.5):
         model = DroplessMoE(_config(ep_capacity_factor=ep_capacity_factor), rngs=nnx.Rngs(0))
-        model.router.kernel.value = jnp.zeros((D, 8)).at[:, 0].set(1.0)  # ties -> expert 1
+        model.router.kernel[...] = jnp.zeros((D, 8)).at[:, 0].set(1.0)  # ties -> expert 1
         with jax.set_mesh(make_mesh(2, 4, devices=host_cpus())):
             outputs[ep_capacity_factor] = nnx.jit(lambda m, x: m(x))(model, x)
     assert int(outputs[None][1]["dropped_tokens"]) == 0

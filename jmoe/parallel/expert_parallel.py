@@ -17,7 +17,7 @@ Static shapes: a rank can receive up to ``ep * T_local * min(k, L)`` rows
 (every token of every rank choosing its experts), so by default the receive
 buffer and the local layout are sized for that worst case and no token is
 ever dropped. A ``capacity_factor`` ``c`` bounds the buffer to
-``ceil(c * T_local * k)`` rows (``c = 1`` holds perfectly balanced routing);
+``ceil(c * T_local * k)`` rows, times the hidden splits (``c = 1`` holds perfectly balanced routing);
 assignments past it are dropped, counted, and returned as ``dropped``.
 
 With fewer experts than ranks, every expert's ``d_ff`` is split over several
