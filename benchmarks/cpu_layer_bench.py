@@ -28,14 +28,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import statistics
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from benchmarks.timing import median_seconds
 from jmoe import CapacityMoE, DenseMLP, DroplessMoE, MoEConfig
 from pallas_kernels.xla_impl import TILE_ROWS
 
@@ -85,16 +84,6 @@ def _loss_and_grad(layer, x):
     return jax.jit(jax.value_and_grad(loss, argnums=(0, 1))), params
 
 
-def _time(fn, *args, repeats: int) -> float:
-    jax.block_until_ready(fn(*args))  # compile + warm up
-    samples = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        samples.append(time.perf_counter() - start)
-    return statistics.median(samples)
-
-
 def _cost_flops(fn, *args) -> float:
     analysis = fn.lower(*args).compile().cost_analysis()
     if isinstance(analysis, list):
@@ -120,7 +109,7 @@ def run_case(case: Case, repeats: int):
     rows = []
     for name, layer in layers.items():
         fn, params = _loss_and_grad(layer, x)
-        seconds = _time(fn, x, params, repeats=repeats)
+        seconds = median_seconds(fn, x, params, repeats=repeats)
         if name == "dmoe-xla":
             flops = tiled_flops(case, tokens_per_expert, config.block_size)
         else:

@@ -26,14 +26,13 @@ import dataclasses
 import datetime
 import json
 import pathlib
-import statistics
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from benchmarks.timing import median_seconds
 from jmoe import DenseMLP, DroplessMoE, MoEConfig, permutation
 from pallas_kernels import products
 from pallas_kernels.products import layout_block_size
@@ -65,17 +64,6 @@ SHAPES = {
 SMOKE_SHAPES = {"smoke": Shape(256, 64, 128, 8, 2, "glu")}
 
 
-def _time(fn, *args, repeats: int) -> float:
-    """Median seconds of ``fn(*args)`` after one warm-up (compile) call."""
-    jax.block_until_ready(fn(*args))
-    samples = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        samples.append(time.perf_counter() - start)
-    return statistics.median(samples)
-
-
 def _random_indices(shape: Shape, seed: int = 0) -> jax.Array:
     """``[tokens, k]`` distinct uniform-random experts per token."""
     rng = np.random.default_rng(seed)
@@ -87,7 +75,7 @@ def _dense_seconds(m: int, k: int, n: int, dtype, repeats: int) -> float:
     """One ``[m, k] @ [k, n]`` GEMM in ``dtype``."""
     a = jax.random.normal(jax.random.key(1), (m, k), dtype)
     b = jax.random.normal(jax.random.key(2), (k, n), dtype)
-    return _time(jax.jit(lambda a, b: a @ b), a, b, repeats=repeats)
+    return median_seconds(jax.jit(lambda a, b: a @ b), a, b, repeats=repeats)
 
 
 def bench_products(shape: Shape, impl: str, dtype, repeats: int):
@@ -113,7 +101,7 @@ def bench_products(shape: Shape, impl: str, dtype, repeats: int):
     ]
     rows = []
     for name, fn, (m, k, n) in cases:
-        seconds = _time(jax.jit(fn), x, h, repeats=repeats)
+        seconds = median_seconds(jax.jit(fn), x, h, repeats=repeats)
         dense = _dense_seconds(m, k, n, dtype, repeats)
         rows.append((name, seconds, dense, 2.0 * m * k * n))
     return rows
@@ -140,8 +128,8 @@ def bench_layer(shape: Shape, impl: str, dtype, repeats: int):
         DenseMLP(config, d_ff=shape.top_k * shape.d_ff, rngs=nnx.Rngs(0)), x)
     matmuls = 3 if shape.expert_type == "glu" else 2
     useful = 3 * matmuls * 2.0 * shape.tokens * shape.top_k * shape.d_model * shape.d_ff
-    return (_time(moe, x, moe_params, repeats=repeats),
-            _time(dense, x, dense_params, repeats=repeats), useful)
+    return (median_seconds(moe, x, moe_params, repeats=repeats),
+            median_seconds(dense, x, dense_params, repeats=repeats), useful)
 
 
 def _fmt_row(shape_name, impl, name, seconds, dense, flops):
