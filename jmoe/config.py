@@ -14,7 +14,8 @@ SCORE_FUNCTIONS = ("softmax", "sigmoid")
 BLOCK_SIZES = (32, 64, 128)
 
 
-def _require(condition: bool, message: str):
+def require(condition: bool, message: str):
+    """Raises ``ValueError(message)`` unless ``condition`` (config validation)."""
     if not condition:
         raise ValueError(message)
 
@@ -87,38 +88,38 @@ class MoEConfig:
     def __post_init__(self):
         for name in ("d_model", "d_ff", "num_experts", "top_k"):
             value = getattr(self, name)
-            _require(isinstance(value, int) and value >= 1,
-                     f"{name} must be a positive int, got {value!r}")
-        _require(self.top_k <= self.num_experts,
-                 f"top_k must be <= num_experts={self.num_experts}, got {self.top_k}")
-        _require(self.expert_type in EXPERT_TYPES,
-                 f"expert_type must be one of {EXPERT_TYPES}, got {self.expert_type!r}")
-        _require(self.score_function in SCORE_FUNCTIONS,
-                 f"score_function must be one of {SCORE_FUNCTIONS}, got {self.score_function!r}")
-        _require(self.normalize_top_k is None or self.normalize_top_k > 0,
-                 f"normalize_top_k must be None or a p > 0, got {self.normalize_top_k!r}")
-        _require(0.0 <= self.router_jitter_eps < 1.0,
-                 f"router_jitter_eps must be in [0, 1), got {self.router_jitter_eps}")
-        _require(self.capacity_factor >= 0,
-                 f"capacity_factor must be >= 0, got {self.capacity_factor}")
-        _require(self.ep_capacity_factor is None or self.ep_capacity_factor > 0,
-                 f"ep_capacity_factor must be None or > 0, got {self.ep_capacity_factor!r}")
-        _require(self.block_size in BLOCK_SIZES,
-                 f"block_size must be one of {BLOCK_SIZES}, got {self.block_size}")
-        _require(self.impl in IMPLS, f"impl must be one of {IMPLS}, got {self.impl!r}")
+            require(isinstance(value, int) and value >= 1,
+                    f"{name} must be a positive int, got {value!r}")
+        require(self.top_k <= self.num_experts,
+                f"top_k must be <= num_experts={self.num_experts}, got {self.top_k}")
+        require(self.expert_type in EXPERT_TYPES,
+                f"expert_type must be one of {EXPERT_TYPES}, got {self.expert_type!r}")
+        require(self.score_function in SCORE_FUNCTIONS,
+                f"score_function must be one of {SCORE_FUNCTIONS}, got {self.score_function!r}")
+        require(self.normalize_top_k is None or self.normalize_top_k > 0,
+                f"normalize_top_k must be None or a p > 0, got {self.normalize_top_k!r}")
+        require(0.0 <= self.router_jitter_eps < 1.0,
+                f"router_jitter_eps must be in [0, 1), got {self.router_jitter_eps}")
+        require(self.capacity_factor >= 0,
+                f"capacity_factor must be >= 0, got {self.capacity_factor}")
+        require(self.ep_capacity_factor is None or self.ep_capacity_factor > 0,
+                f"ep_capacity_factor must be None or > 0, got {self.ep_capacity_factor!r}")
+        require(self.block_size in BLOCK_SIZES,
+                f"block_size must be one of {BLOCK_SIZES}, got {self.block_size}")
+        require(self.impl in IMPLS, f"impl must be one of {IMPLS}, got {self.impl!r}")
         if self.impl == "triton":
-            _require(self.d_ff % self.block_size == 0 and self.d_model % self.block_size == 0,
-                     f"impl='triton' needs d_ff and d_model to be multiples of "
-                     f"block_size={self.block_size}, got d_ff={self.d_ff}, "
-                     f"d_model={self.d_model}")
-        _require(self.num_shared_experts >= 0,
-                 f"num_shared_experts must be >= 0, got {self.num_shared_experts}")
-        _require(self.shared_d_ff is None or self.shared_d_ff >= 1,
-                 f"shared_d_ff must be None or positive, got {self.shared_d_ff}")
+            require(self.d_ff % self.block_size == 0 and self.d_model % self.block_size == 0,
+                    f"impl='triton' needs d_ff and d_model to be multiples of "
+                    f"block_size={self.block_size}, got d_ff={self.d_ff}, "
+                    f"d_model={self.d_model}")
+        require(self.num_shared_experts >= 0,
+                f"num_shared_experts must be >= 0, got {self.num_shared_experts}")
+        require(self.shared_d_ff is None or self.shared_d_ff >= 1,
+                f"shared_d_ff must be None or positive, got {self.shared_d_ff}")
         for name in ("dtype", "param_dtype"):
             dtype = jnp.dtype(getattr(self, name))
-            _require(jnp.issubdtype(dtype, jnp.floating),
-                     f"{name} must be a floating dtype, got {dtype}")
+            require(jnp.issubdtype(dtype, jnp.floating),
+                    f"{name} must be a floating dtype, got {dtype}")
 
     @property
     def shared_hidden(self) -> int:

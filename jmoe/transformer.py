@@ -17,18 +17,13 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jmoe.attention import CausalSelfAttention
-from jmoe.config import MoEConfig
+from jmoe.config import MoEConfig, require
 from jmoe.dense import DenseMLP
 from jmoe.moe import CapacityMoE, DroplessMoE
 
 FFN_KINDS = ("dmoe", "moe", "dense")
 MOE_EVERY = (1, 2)
 PRESETS = ("xs", "s")
-
-
-def _require(condition: bool, message: str):
-    if not condition:
-        raise ValueError(message)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -65,22 +60,22 @@ class TransformerConfig:
     def __post_init__(self):
         for name in ("vocab_size", "d_model", "num_layers", "num_heads", "max_seq_len"):
             value = getattr(self, name)
-            _require(isinstance(value, int) and value >= 1,
-                     f"{name} must be a positive int, got {value!r}")
-        _require(isinstance(self.moe, MoEConfig),
-                 f"moe must be a MoEConfig, got {type(self.moe).__name__}")
-        _require(self.moe.d_model == self.d_model,
-                 f"moe.d_model must equal d_model={self.d_model}, got {self.moe.d_model}")
-        _require(self.d_model % self.num_heads == 0 and (self.d_model // self.num_heads) % 2 == 0,
-                 f"num_heads must split d_model={self.d_model} into even head dims, "
-                 f"got {self.num_heads}")
-        _require(self.ffn in FFN_KINDS, f"ffn must be one of {FFN_KINDS}, got {self.ffn!r}")
-        _require(self.moe_every in MOE_EVERY,
-                 f"moe_every must be one of {MOE_EVERY}, got {self.moe_every!r}")
-        _require(self.ffn == "dense" or self.num_layers >= self.moe_every,
-                 f"num_layers={self.num_layers} leaves no MoE block at moe_every={self.moe_every}")
-        _require(self.rope_base > 0, f"rope_base must be > 0, got {self.rope_base}")
-        _require(self.norm_eps > 0, f"norm_eps must be > 0, got {self.norm_eps}")
+            require(isinstance(value, int) and value >= 1,
+                    f"{name} must be a positive int, got {value!r}")
+        require(isinstance(self.moe, MoEConfig),
+                f"moe must be a MoEConfig, got {type(self.moe).__name__}")
+        require(self.moe.d_model == self.d_model,
+                f"moe.d_model must equal d_model={self.d_model}, got {self.moe.d_model}")
+        require(self.d_model % self.num_heads == 0 and (self.d_model // self.num_heads) % 2 == 0,
+                f"num_heads must split d_model={self.d_model} into even head dims, "
+                f"got {self.num_heads}")
+        require(self.ffn in FFN_KINDS, f"ffn must be one of {FFN_KINDS}, got {self.ffn!r}")
+        require(self.moe_every in MOE_EVERY,
+                f"moe_every must be one of {MOE_EVERY}, got {self.moe_every!r}")
+        require(self.ffn == "dense" or self.num_layers >= self.moe_every,
+                f"num_layers={self.num_layers} leaves no MoE block at moe_every={self.moe_every}")
+        require(self.rope_base > 0, f"rope_base must be > 0, got {self.rope_base}")
+        require(self.norm_eps > 0, f"norm_eps must be > 0, got {self.norm_eps}")
 
     @property
     def moe_layers(self) -> tuple[int, ...]:
@@ -108,7 +103,7 @@ def preset(name: str, ffn: str = "dmoe", capacity_factor: float = 1.0) -> Transf
 
     ``capacity_factor`` only matters for ``ffn="moe"``.
     """
-    _require(name in PRESETS, f"name must be one of {PRESETS}, got {name!r}")
+    require(name in PRESETS, f"name must be one of {PRESETS}, got {name!r}")
     d_model, num_layers, num_heads, seq, d_ff = {
         "xs": (128, 4, 4, 128, 512),
         "s": (256, 6, 8, 256, 1024),
