@@ -1,12 +1,14 @@
 """CPU benchmark: one MoE layer, forward + backward, five ways side by side.
 
     python -m benchmarks.cpu_layer_bench            # both default cases
-    python -m benchmarks.cpu_layer_bench --repeats 3 --cases e8
+    python -m benchmarks.cpu_layer_bench --repeats 5 --cases e8
 
 For each case it times ``value_and_grad`` of a layer (gradients of the input
-and of every parameter) for:
+and of every parameter), interleaved: each round calls every layer once, and
+the median over the rounds is reported. The layers:
 
-* ``dmoe-xla``: `DroplessMoE` with ``impl="xla"`` (the CPU path);
+* ``dmoe-xla``: `DroplessMoE` with ``impl="xla"`` (the CPU path: the fused
+  expert MLP of `pallas_kernels.fused_mlp`);
 * ``dmoe-ragged_dot``: `DroplessMoE` with ``impl="ragged_dot"``
   (``jax.lax.ragged_dot``, which XLA:CPU expands densely over experts);
 * ``capacity-cf0``: `CapacityMoE` at the capacity that drops nothing;
@@ -20,8 +22,8 @@ and of every parameter) for:
 and prints the time, the ratio to the dense limit, and executed / useful
 FLOPs. Executed FLOPs come from XLA's cost analysis, except for ``dmoe-xla``:
 cost analysis counts a ``while`` body once, so its FLOPs are counted from the
-tile schedule the routing produced (``ceil(group / tile) * tile`` rows per
-expert).
+chunk schedule the routing produced (`pallas_kernels.xla_impl.chunk_rows`:
+each group rounded up to 64 rows).
 """
 
 from __future__ import annotations
@@ -34,9 +36,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from benchmarks.timing import median_seconds
+from benchmarks.timing import interleaved_median_seconds
 from jmoe import CapacityMoE, DenseMLP, DroplessMoE, MoEConfig
-from pallas_kernels.xla_impl import TILE_ROWS
+from pallas_kernels.xla_impl import chunk_rows
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,10 +67,9 @@ def useful_flops(case: Case) -> float:
     return 3 * _matmuls_per_token(case) * 2.0 * case.tokens * case.top_k * case.d_model * case.d_ff
 
 
-def tiled_flops(case: Case, tokens_per_expert: np.ndarray, block_size: int) -> float:
-    """FLOPs the ``xla`` impl executes: each expert's rows rounded up to a tile."""
-    tile = min(block_size, TILE_ROWS)
-    rows = np.sum(-(-tokens_per_expert // tile) * tile)
+def tiled_flops(case: Case, tokens_per_expert: np.ndarray) -> float:
+    """FLOPs the ``xla`` impl executes: each expert's rows rounded up to its chunks."""
+    rows = int(np.sum(chunk_rows(tokens_per_expert, case.tokens * case.top_k)))
     return 3 * _matmuls_per_token(case) * 2.0 * rows * case.d_model * case.d_ff
 
 
@@ -92,7 +93,7 @@ def _cost_flops(fn, *args) -> float:
 
 
 def run_case(case: Case, repeats: int):
-    """Times the five layers; returns rows ``(layer, seconds, executed_flops)``."""
+    """Times the five layers side by side; returns rows ``(layer, seconds, executed_flops)``."""
     config = MoEConfig(d_model=case.d_model, d_ff=case.d_ff, num_experts=case.num_experts,
                        top_k=case.top_k, expert_type=case.expert_type, block_size=128)
     x = jax.random.normal(jax.random.key(0), (case.tokens, case.d_model), jnp.float32)
@@ -106,27 +107,35 @@ def run_case(case: Case, repeats: int):
         "dense-equal-flops": DenseMLP(config, d_ff=case.top_k * case.d_ff, rngs=nnx.Rngs(0)),
     }
     tokens_per_expert = np.asarray(layers["dmoe-xla"](x)[1]["tokens_per_expert"])
-    rows = []
+    calls = {}
     for name, layer in layers.items():
         fn, params = _loss_and_grad(layer, x)
-        seconds = median_seconds(fn, x, params, repeats=repeats)
+        calls[name] = (fn, (x, params))
+    # ragged_dot takes ~10-100x the others: time it on its own, fewer times.
+    slow = {"dmoe-ragged_dot": calls.pop("dmoe-ragged_dot")}
+    seconds = {**interleaved_median_seconds(calls, repeats),
+               **interleaved_median_seconds(slow, max(1, repeats // 3))}
+    rows = []
+    for name in layers:
+        fn, args = (calls | slow)[name]
         if name == "dmoe-xla":
-            flops = tiled_flops(case, tokens_per_expert, config.block_size)
+            flops = tiled_flops(case, tokens_per_expert)
         else:
-            flops = _cost_flops(fn, x, params)
-        rows.append((name, seconds, flops))
+            flops = _cost_flops(fn, *args)
+        rows.append((name, seconds[name], flops))
     return rows
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cases", nargs="+", choices=sorted(CASES), default=sorted(CASES))
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=11,
+                        help="rounds of interleaved calls (ragged_dot: a third as many)")
     args = parser.parse_args(argv)
 
     print(f"jax {jax.__version__} on {jax.devices()[0].device_kind} "
           f"({jax.device_count()} device), float32, fwd+bwd of one layer, "
-          f"median of {args.repeats}")
+          f"median of {args.repeats} interleaved rounds")
     for key in args.cases:
         case = CASES[key]
         print(f"\n{case.name}: T={case.tokens} d_model={case.d_model} d_ff={case.d_ff} "

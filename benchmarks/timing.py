@@ -8,13 +8,31 @@ import time
 import jax
 
 
+def _seconds(fn, *args) -> float:
+    start = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    return time.perf_counter() - start
+
+
 def median_seconds(fn, *args, repeats: int) -> float:
     """Median seconds of ``fn(*args)`` over ``repeats`` calls, after one warm-up
     (compile) call; every call is waited for with `jax.block_until_ready`."""
     jax.block_until_ready(fn(*args))
-    samples = []
+    return statistics.median(_seconds(fn, *args) for _ in range(repeats))
+
+
+def interleaved_median_seconds(calls: dict, repeats: int) -> dict:
+    """``{name: (fn, args)}`` -> ``{name: median seconds}``, timed side by side.
+
+    Every round runs each function in turn, so a slow spell of a shared
+    machine hits all of them alike instead of whichever happened to be
+    running. Each timed call follows an untimed one of the same function: it
+    measures the steady state of a training loop (the allocator holding that
+    program's buffers), not the cost of switching programs.
+    """
+    samples = {name: [] for name in calls}
     for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        samples.append(time.perf_counter() - start)
-    return statistics.median(samples)
+        for name, (fn, args) in calls.items():
+            jax.block_until_ready(fn(*args))
+            samples[name].append(_seconds(fn, *args))
+    return {name: statistics.median(times) for name, times in samples.items()}

@@ -104,6 +104,13 @@ def permute(x: jax.Array, dispatch: Dispatch) -> jax.Array:
     return jnp.take(x, dispatch.row_tokens, axis=0, mode="fill", fill_value=0)
 
 
+def row_weights(weights: jax.Array, dispatch: Dispatch) -> jax.Array:
+    """Router weights ``[tokens, k]`` moved to the layout: ``[rows]``, 0 in empty rows."""
+    rows = dispatch.row_tokens.shape[0]
+    return jnp.zeros((rows,), weights.dtype).at[dispatch.assignment_rows].set(
+        weights.reshape(-1), mode="drop", unique_indices=True)
+
+
 def unpermute(y: jax.Array, dispatch: Dispatch, weights: jax.Array) -> jax.Array:
     """Inverse of `permute`, weighted and summed over the k choices.
 

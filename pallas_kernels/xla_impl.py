@@ -1,18 +1,24 @@
 """XLA implementation of the products, fast on CPU.
 
 A loop over experts (static trip count ``E``); each expert's rows are covered
-by power-of-two chunks of ``tile * 2**j`` rows, one per set bit of its tile
-count ``ceil(group_size / tile)`` (a 300-row group with 64-row tiles is one
-256-row and one 64-row chunk), each chunk one dense matmul under a
-``lax.cond``. The chunks are as large as the group allows, which is what a
-CPU GEMM wants, yet the executed FLOPs are the useful FLOPs plus at most
-``tile - 1`` rows per expert; empty experts and padding bins cost nothing, and
-there is no host sync. ``jax.lax.ragged_dot`` on CPU instead expands to a
-dense masked matmul over all experts (``E`` times the FLOPs).
+by a few large chunks, each one dense matmul (`over_chunks`): a group of up to
+768 rows is a single GEMM of its size rounded up to ``TILE_ROWS`` (a 300-row
+group is one 320-row GEMM), so the executed FLOPs are the useful FLOPs plus at
+most ``TILE_ROWS - 1`` rows per expert. Large chunks are what a CPU GEMM wants,
+and each XLA:CPU op costs some 20 us of dispatch, so few ops per expert matter
+as much as FLOPs. Empty experts and padding rows cost nothing, and there is no
+host sync. ``jax.lax.ragged_dot`` on CPU instead expands to a dense masked
+matmul over all experts (``E`` times the FLOPs).
+
+The layout is the unpadded (ragged) one, layout block size 1: a chunk may run
+past its group into the next group's rows (or be shifted back from the end of
+the array), and every chunk carries the mask of the rows it owns; writes keep
+the other rows as they were.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Callable
 
 import jax
@@ -22,40 +28,90 @@ from jax import lax
 from pallas_kernels.backend import Backend
 from pallas_kernels.topology import Topology
 
-# Rows of the smallest chunk: the most rows a group is rounded up by. It must
-# divide the block size (a group's chunks then stay inside its bin).
+# Rows of the smallest chunk: the most rows a group is rounded up by.
 TILE_ROWS = 64
+# A group of n tiles is covered by `_num_full_chunks(n)` chunks of FULL_CHUNK_TILES
+# tiles and one last chunk of the rest, 1..MAX_LAST_TILES tiles (5..12 once there
+# are full chunks, so a group is never split into a big and a tiny GEMM).
+FULL_CHUNK_TILES = 8
+MAX_LAST_TILES = 12
 
 
-def tile_rows(topo: Topology) -> int:
-    """Rows of the smallest chunk for ``topo`` (a divisor of its block size)."""
-    return min(topo.block_size, TILE_ROWS)
+def _num_full_chunks(num_tiles):
+    return jnp.maximum(num_tiles - MAX_LAST_TILES + FULL_CHUNK_TILES - 1, 0) // FULL_CHUNK_TILES
 
 
-def _over_chunks(topo: Topology, expert, body: Callable, carry):
-    """Folds ``body(carry, row, size, valid) -> carry`` over ``expert``'s chunks.
+def chunk_rows(group_sizes, padded_rows: int):
+    """Rows `over_chunks` multiplies for each group size (executed-FLOP counts)."""
+    tiles = -(-group_sizes // TILE_ROWS)
+    full = _num_full_chunks(tiles)
+    last = tiles - full * FULL_CHUNK_TILES
+    return full * FULL_CHUNK_TILES * TILE_ROWS + jnp.minimum(last * TILE_ROWS, padded_rows)
 
-    ``row`` is the chunk's first layout row, ``size`` its static row count and
-    ``valid`` a ``[size, 1]`` mask of the rows that hold assignments (only the
-    last chunk of a group has rows past it). Chunks run largest first.
+
+def over_chunks(topo: Topology, expert, body: Callable, carry):
+    """Folds ``body(carry, row, owned) -> carry`` over ``expert``'s row chunks.
+
+    ``row`` is the chunk's first layout row and ``owned`` a ``[size] bool``
+    mask (``size`` static) of the rows in ``[row, row + size)`` that belong to
+    ``expert`` and to no earlier chunk: every row of the group is owned by
+    exactly one chunk. A group of ``n = ceil(group_size / TILE_ROWS)`` tiles is
+    covered by chunks of 8 tiles (512 rows; a ``fori_loop``, only for groups of
+    more than 12 tiles) and one last chunk of the remaining 1..12 tiles (a
+    ``lax.switch`` over the twelve sizes). A group of up to 768 rows is thus a
+    single GEMM, and at most ``TILE_ROWS - 1`` rows per group are computed for
+    nothing. A chunk that would run past the last layout row is shifted back to
+    end there (``row + size <= topo.padded_rows``).
     """
-    tile = tile_rows(topo)
-    start = topo.expert_block_offsets[expert] * topo.block_size
+    rows_total = topo.padded_rows
+    start = topo.bin_starts[expert]
     end = start + topo.group_sizes[expert]
-    num_tiles = (topo.group_sizes[expert] + tile - 1) // tile
-    levels = (topo.padded_rows // tile).bit_length()
-    row = start
-    for level in reversed(range(levels)):
-        size = tile << level
-        present = (num_tiles >> level) & 1
+    num_tiles = (topo.group_sizes[expert] + TILE_ROWS - 1) // TILE_ROWS
+    num_full = _num_full_chunks(num_tiles)
+    full_rows = FULL_CHUNK_TILES * TILE_ROWS
 
-        def run(carry, row=row, size=size):
-            valid = lax.broadcasted_iota(jnp.int32, (size, 1), 0) + row < end
-            return body(carry, row, size, valid)
+    def run(carry, first, size):
+        row = jnp.minimum(first, rows_total - size)
+        rows = lax.iota(jnp.int32, size) + row
+        return body(carry, row, (rows >= first) & (rows < end))
 
-        carry = lax.cond(present == 1, run, lambda carry: carry, carry)
-        row = row + present * size
-    return carry
+    if rows_total > MAX_LAST_TILES * TILE_ROWS:  # otherwise num_full is always 0
+        carry = lax.fori_loop(0, num_full, lambda i, carry: run(
+            carry, start + i * full_rows, full_rows), carry)
+    last_first = start + num_full * full_rows
+    # Sizes past the layout's rows collapse into one (tiny layouts): dedupe.
+    sizes = sorted({min(tiles * TILE_ROWS, rows_total)
+                    for tiles in range(1, MAX_LAST_TILES + 1)})
+    branches = [lambda carry: carry] + [
+        functools.partial(lambda carry, size: run(carry, last_first, size), size=size)
+        for size in sizes]
+    last_tiles = num_tiles - num_full * FULL_CHUNK_TILES  # 0 only for an empty group
+    return lax.switch(jnp.minimum(last_tiles, len(sizes)), branches, carry)
+
+
+def masked_update(buffer: jax.Array, update: jax.Array, row, owned: jax.Array) -> jax.Array:
+    """Writes ``update [size, ...]`` at ``buffer[row:row + size]`` on the ``owned`` rows only."""
+    old = lax.dynamic_slice_in_dim(buffer, row, update.shape[0])
+    owned = owned.reshape(owned.shape + (1,) * (update.ndim - 1))
+    return lax.dynamic_update_slice_in_dim(buffer, jnp.where(owned, update, old), row, 0)
+
+
+def owned_rows(array: jax.Array, row, owned: jax.Array) -> jax.Array:
+    """``array[row:row + size]`` with the rows not ``owned`` zeroed (they may be inf/nan)."""
+    return jnp.where(owned[:, None], lax.dynamic_slice_in_dim(array, row, owned.shape[0]), 0)
+
+
+def transposed_lhs_dot(a: jax.Array, b: jax.Array) -> jax.Array:
+    """``a [rows, k]ᵀ @ b [rows, n] -> [k, n]`` in float32, with ``aᵀ`` materialised.
+
+    XLA:CPU runs a plain dot on its fast (YNNPACK) GEMM but a dot that
+    contracts the lhs's leading dimension on a slower Eigen path, and its
+    simplifier folds a bare transpose back into the dot; the barrier keeps the
+    transpose, whose copy of one chunk costs less than the difference (about
+    7% of a dMoE layer's forward + backward at E=64).
+    """
+    return lax.dot_general(lax.optimization_barrier(a.T), b, (((1,), (0,)), ((), ())),
+                           preferred_element_type=jnp.float32)
 
 
 def grouped_matmul(lhs: jax.Array, rhs: jax.Array, topo: Topology, transpose_rhs: bool):
@@ -67,12 +123,12 @@ def grouped_matmul(lhs: jax.Array, rhs: jax.Array, topo: Topology, transpose_rhs
     def per_expert(expert, out):
         weight = rhs[expert]
 
-        def chunk(out, row, size, valid):
-            rows = jnp.where(valid, lax.dynamic_slice_in_dim(lhs, row, size), 0)
-            prod = lax.dot_general(rows, weight, contract, preferred_element_type=jnp.float32)
-            return lax.dynamic_update_slice_in_dim(out, prod.astype(out.dtype), row, 0)
+        def chunk(out, row, owned):
+            prod = lax.dot_general(owned_rows(lhs, row, owned), weight, contract,
+                                   preferred_element_type=jnp.float32)
+            return masked_update(out, prod.astype(out.dtype), row, owned)
 
-        return _over_chunks(topo, expert, chunk, out)
+        return over_chunks(topo, expert, chunk, out)
 
     out = jnp.zeros((topo.padded_rows, n), lhs.dtype)
     return lax.fori_loop(0, topo.num_experts, per_expert, out)
@@ -83,14 +139,11 @@ def grouped_weight_grad(lhs: jax.Array, rhs: jax.Array, topo: Topology, out_dtyp
     shape = (lhs.shape[1], rhs.shape[1])
 
     def per_expert(expert):
-        def chunk(acc, row, size, valid):  # mask both: 0 * inf garbage is nan
-            a = jnp.where(valid, lax.dynamic_slice_in_dim(lhs, row, size), 0)
-            b = jnp.where(valid, lax.dynamic_slice_in_dim(rhs, row, size), 0)
-            return acc + lax.dot_general(a, b, (((0,), (0,)), ((), ())),
-                                         preferred_element_type=jnp.float32)
+        def chunk(acc, row, owned):  # mask both: 0 * inf garbage is nan
+            return acc + transposed_lhs_dot(owned_rows(lhs, row, owned),
+                                            owned_rows(rhs, row, owned))
 
-        acc = _over_chunks(topo, expert, chunk, jnp.zeros(shape, jnp.float32))
-        return acc.astype(out_dtype)
+        return over_chunks(topo, expert, chunk, jnp.zeros(shape, jnp.float32)).astype(out_dtype)
 
     return lax.map(per_expert, jnp.arange(topo.num_experts))
 
@@ -99,5 +152,5 @@ BACKEND = Backend(
     sdd=grouped_matmul,
     dsd=grouped_matmul,
     dstd=grouped_weight_grad,
-    layout_block_size=lambda block_size: block_size,
+    layout_block_size=lambda block_size: 1,
 )

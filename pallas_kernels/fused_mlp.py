@@ -1,0 +1,193 @@
+"""The whole routed-expert MLP in one loop over experts, fused with the token
+gather and the weighted combine: the CPU path (``impl="xla"``) of a dMoE layer.
+
+For a layout of ``P`` expert-sorted rows (a `Topology`; row ``i`` holds one
+assignment of token ``row_tokens[i]`` with router weight ``row_weights[i]``)::
+
+    y[t] = sum over rows i of token t:  row_weights[i] * mlp_e(x[t]),
+    mlp_e(x) = activation(x @ w1[e], x @ w3[e]) @ w2[e],    e = expert of row i
+
+which is ``unpermute(dsd(act(sdd(permute(x)))))`` of the unfused path. Each
+expert's rows are walked in the same chunks as the ``xla`` products
+(`xla_impl.over_chunks`: usually one GEMM per expert), and a chunk does all of
+its work while it is in cache: gather its tokens' rows of ``x``, the three
+GEMMs, and a weighted scatter-add into ``y``. What the unfused path writes to
+memory as ``[P, d_model]`` arrays (the permuted tokens, the expert outputs, the
+combine's gather, and their gradients) never exists. On CPU that matters as
+much as the FLOPs: XLA allocates every buffer afresh on each call and the
+kernel page-faults it in, which costs about as much as a pass over it. The
+residuals for the backward pass are the two ``[P, d_ff]`` pre-activations
+(``gate`` and ``up``), as in a dense MLP.
+
+Backward (`custom_vjp`), per chunk, with ``g = dy[tokens] @ w2[e]ᵀ``:
+
+* ``d row_weights = rowsum(hidden * g)``, ``d hidden = row_weights * g``;
+* ``d gate, d up`` from the activation's VJP;
+* ``dw2[e] += hiddenᵀ (row_weights * dy[tokens])``, ``dw1[e] += x[tokens]ᵀ d gate``,
+  ``dw3[e] += x[tokens]ᵀ d up``;
+* ``dx[tokens] += d gate @ w1[e]ᵀ + d up @ w3[e]ᵀ`` (scatter-add).
+
+Rows that hold no assignment (``~topo.row_is_valid()``) are ignored and add
+nothing; experts without rows get exactly zero weight gradients.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Callable, Optional
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from pallas_kernels.topology import Topology
+from pallas_kernels.xla_impl import masked_update, over_chunks, transposed_lhs_dot
+
+__all__ = ["fused_expert_mlp"]
+
+# (gate [rows, f], up [rows, f] or None) -> hidden [rows, f]
+Activation = Callable[[jax.Array, Optional[jax.Array]], jax.Array]
+
+_NN = (((1,), (0,)), ((), ()))  # a @ b
+_NT = (((1,), (1,)), ((), ()))  # a @ bᵀ
+
+
+def _dot(a, b, dims):
+    return lax.dot_general(a, b, dims, preferred_element_type=jnp.float32)
+
+
+def fused_expert_mlp(x: jax.Array, row_tokens: jax.Array, row_weights: jax.Array,
+                     topo: Topology, w1: jax.Array, w3: jax.Array | None, w2: jax.Array,
+                     activation: Activation) -> jax.Array:
+    """Routed experts' weighted outputs, summed per token.
+
+    Args:
+      x: ``[tokens, d_model]`` compute dtype.
+      row_tokens: ``[P] int`` token of each layout row (``P = topo.padded_rows``);
+        only rows inside a group are read.
+      row_weights: ``[P]`` router weight of each row's assignment.
+      topo: the row layout (any block size; 1, unpadded, wastes no memory).
+      w1, w3, w2: ``[E, d_model, d_ff]``, the same or None (no ``up`` input to
+        ``activation``), ``[E, d_ff, d_model]``, all in ``x.dtype``.
+      activation: static ``(gate, up) -> hidden``, e.g. SwiGLU.
+
+    Returns:
+      ``[tokens, d_model]`` in ``x.dtype``; the sum over a token's rows is
+      accumulated in float32.
+    """
+    # The loops index the weights with a traced expert id: they must be jax arrays.
+    x, row_tokens, row_weights, w1, w2 = map(jnp.asarray, (x, row_tokens, row_weights, w1, w2))
+    w3 = None if w3 is None else jnp.asarray(w3)
+    if row_tokens.shape != (topo.padded_rows,) or row_weights.shape != (topo.padded_rows,):
+        raise ValueError(
+            f"fused_expert_mlp: row_tokens and row_weights must be [padded_rows="
+            f"{topo.padded_rows}], got {row_tokens.shape} and {row_weights.shape}")
+    d_model, d_ff = x.shape[1], w1.shape[-1]
+    expected = {"w1": (topo.num_experts, d_model, d_ff), "w3": (topo.num_experts, d_model, d_ff),
+                "w2": (topo.num_experts, d_ff, d_model)}
+    for name, w in (("w1", w1), ("w3", w3), ("w2", w2)):
+        if w is not None and (w.shape != expected[name] or w.dtype != x.dtype):
+            raise ValueError(f"fused_expert_mlp: {name} must be {x.dtype.name}{expected[name]} "
+                             f"(x is {x.dtype.name}{x.shape}), got {w.dtype.name}{w.shape}")
+    return _fused(activation, x, row_tokens, row_weights, topo, w1, w3, w2)
+
+
+def _chunk_inputs(x, row_tokens, row_weights, row, owned):
+    """The chunk's token ids ``[size]``, their rows of ``x`` and their weights
+    (float32), all zero where the chunk does not own the row."""
+    tokens = lax.dynamic_slice_in_dim(row_tokens, row, owned.shape[0])
+    tokens = jnp.where(owned, tokens, x.shape[0])  # out of range: gathers 0, scatters nowhere
+    rows = jnp.take(x, tokens, axis=0, mode="fill", fill_value=0)
+    weights = lax.dynamic_slice_in_dim(row_weights, row, owned.shape[0])
+    return tokens, rows, jnp.where(owned, weights, 0).astype(jnp.float32)
+
+
+def _scatter_add(acc, tokens, values):
+    return acc.at[tokens].add(values, mode="drop")
+
+
+def _forward(activation, x, row_tokens, row_weights, topo, w1, w3, w2):
+    """``-> (y [T, d] x.dtype, gate [P, f], up [P, f] or None)``."""
+    glu = w3 is not None
+
+    def per_expert(expert, carry):
+        w1e, w2e = w1[expert], w2[expert]
+        w3e = w3[expert] if glu else None
+
+        def chunk(carry, row, owned):
+            y, gate_buf, up_buf = carry
+            tokens, rows, weights = _chunk_inputs(x, row_tokens, row_weights, row, owned)
+            gate = _dot(rows, w1e, _NN).astype(x.dtype)
+            up = _dot(rows, w3e, _NN).astype(x.dtype) if glu else None
+            out = _dot(activation(gate, up), w2e, _NN).astype(x.dtype)
+            y = _scatter_add(y, tokens, out.astype(jnp.float32) * weights[:, None])
+            gate_buf = masked_update(gate_buf, gate, row, owned)
+            up_buf = masked_update(up_buf, up, row, owned) if glu else None
+            return y, gate_buf, up_buf
+
+        return over_chunks(topo, expert, chunk, carry)
+
+    residual = jnp.zeros((topo.padded_rows, w1.shape[2]), x.dtype)
+    init = (jnp.zeros(x.shape, jnp.float32), residual, residual if glu else None)
+    y, gate, up = lax.fori_loop(0, topo.num_experts, per_expert, init)
+    return y.astype(x.dtype), gate, up
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _fused(activation, x, row_tokens, row_weights, topo, w1, w3, w2):
+    return _forward(activation, x, row_tokens, row_weights, topo, w1, w3, w2)[0]
+
+
+def _fused_fwd(activation, x, row_tokens, row_weights, topo, w1, w3, w2):
+    y, gate, up = _forward(activation, x, row_tokens, row_weights, topo, w1, w3, w2)
+    return y, (x, row_tokens, row_weights, topo, w1, w3, w2, gate, up)
+
+
+def _fused_bwd(activation, residuals, dy):
+    x, row_tokens, row_weights, topo, w1, w3, w2, gate_buf, up_buf = residuals
+    glu = w3 is not None
+    dy = dy.astype(x.dtype)
+
+    def per_expert(expert, carry):
+        w1e, w2e = w1[expert], w2[expert]
+        w3e = w3[expert] if glu else None
+
+        def chunk(carry, row, owned):
+            dx, d_row_weights, dw1e, dw3e, dw2e = carry
+            tokens, rows, weights = _chunk_inputs(x, row_tokens, row_weights, row, owned)
+            dys = jnp.take(dy, tokens, axis=0, mode="fill", fill_value=0)
+            gate = lax.dynamic_slice_in_dim(gate_buf, row, owned.shape[0])
+            up = lax.dynamic_slice_in_dim(up_buf, row, owned.shape[0]) if glu else None
+            hidden, activation_vjp = jax.vjp(activation, gate, up)
+            hidden = jnp.where(owned[:, None], hidden, 0)
+            g = _dot(dys, w2e, _NT)                                   # [size, d_ff] f32
+            d_row_weights = masked_update(
+                d_row_weights, jnp.sum(hidden.astype(jnp.float32) * g, axis=1), row, owned)
+            d_gate, d_up = activation_vjp((weights[:, None] * g).astype(x.dtype))
+            dw2e = dw2e + transposed_lhs_dot(hidden, (weights[:, None] * dys).astype(x.dtype))
+            dw1e = dw1e + transposed_lhs_dot(rows, d_gate)
+            d_rows = _dot(d_gate, w1e, _NT)
+            if glu:
+                dw3e = dw3e + transposed_lhs_dot(rows, d_up)
+                d_rows = d_rows + _dot(d_up, w3e, _NT)
+            dx = _scatter_add(dx, tokens, d_rows.astype(x.dtype).astype(jnp.float32))
+            return dx, d_row_weights, dw1e, dw3e, dw2e
+
+        dx, d_row_weights, dw1, dw3, dw2 = carry
+        zeros = lambda w: jnp.zeros(w.shape[1:], jnp.float32)
+        dx, d_row_weights, dw1e, dw3e, dw2e = over_chunks(
+            topo, expert, chunk,
+            (dx, d_row_weights, zeros(w1), zeros(w3) if glu else None, zeros(w2)))
+        dw1 = dw1.at[expert].set(dw1e.astype(dw1.dtype))
+        dw3 = dw3.at[expert].set(dw3e.astype(dw3.dtype)) if glu else None
+        dw2 = dw2.at[expert].set(dw2e.astype(dw2.dtype))
+        return dx, d_row_weights, dw1, dw3, dw2
+
+    init = (jnp.zeros(x.shape, jnp.float32), jnp.zeros(row_weights.shape, jnp.float32),
+            jnp.zeros_like(w1), jnp.zeros_like(w3) if glu else None, jnp.zeros_like(w2))
+    dx, d_row_weights, dw1, dw3, dw2 = lax.fori_loop(0, topo.num_experts, per_expert, init)
+    return (dx.astype(x.dtype), None, d_row_weights.astype(row_weights.dtype), None,
+            dw1, dw3, dw2)
+
+
+_fused.defvjp(_fused_fwd, _fused_bwd)
