@@ -23,7 +23,7 @@ and prints the time, the ratio to the dense limit, and executed / useful
 FLOPs. Executed FLOPs come from XLA's cost analysis, except for ``dmoe-xla``:
 cost analysis counts a ``while`` body once, so its FLOPs are counted from the
 chunk schedule the routing produced (`pallas_kernels.xla_impl.chunk_rows`:
-each group rounded up to 64 rows).
+each group rounded up to 32 rows).
 """
 
 from __future__ import annotations

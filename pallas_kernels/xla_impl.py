@@ -28,13 +28,15 @@ from jax import lax
 from pallas_kernels.backend import Backend
 from pallas_kernels.topology import Topology
 
-# Rows of the smallest chunk: the most rows a group is rounded up by.
-TILE_ROWS = 64
+# Chunks are whole tiles: a group's rows are rounded up to TILE_ROWS.
+TILE_ROWS = 32
 # A group of n tiles is covered by `_num_full_chunks(n)` chunks of FULL_CHUNK_TILES
-# tiles and one last chunk of the rest, 1..MAX_LAST_TILES tiles (5..12 once there
-# are full chunks, so a group is never split into a big and a tiny GEMM).
-FULL_CHUNK_TILES = 8
-MAX_LAST_TILES = 12
+# tiles (512 rows) and one last chunk of the rest, 1..MAX_LAST_TILES tiles (up to
+# 768 rows; at least 9 tiles once there are full chunks, so a group is never split
+# into a big and a tiny GEMM). One static GEMM shape per last-chunk size: more
+# sizes waste fewer rows but compile longer (24 sizes: ~9 s for an E=64 layer).
+FULL_CHUNK_TILES = 16
+MAX_LAST_TILES = 24
 
 
 def _num_full_chunks(num_tiles):
@@ -56,12 +58,12 @@ def over_chunks(topo: Topology, expert, body: Callable, carry):
     mask (``size`` static) of the rows in ``[row, row + size)`` that belong to
     ``expert`` and to no earlier chunk: every row of the group is owned by
     exactly one chunk. A group of ``n = ceil(group_size / TILE_ROWS)`` tiles is
-    covered by chunks of 8 tiles (512 rows; a ``fori_loop``, only for groups of
-    more than 12 tiles) and one last chunk of the remaining 1..12 tiles (a
-    ``lax.switch`` over the twelve sizes). A group of up to 768 rows is thus a
-    single GEMM, and at most ``TILE_ROWS - 1`` rows per group are computed for
-    nothing. A chunk that would run past the last layout row is shifted back to
-    end there (``row + size <= topo.padded_rows``).
+    covered by full chunks of ``FULL_CHUNK_TILES`` tiles (a ``fori_loop``, only
+    for groups of more than ``MAX_LAST_TILES`` tiles) and one last chunk of the
+    remaining tiles (a ``lax.switch`` over its ``MAX_LAST_TILES`` sizes). A group
+    of up to 768 rows is thus a single GEMM, and at most ``TILE_ROWS - 1`` rows
+    per group are computed for nothing. A chunk that would run past the last
+    layout row is shifted back to end there (``row + size <= topo.padded_rows``).
     """
     rows_total = topo.padded_rows
     start = topo.bin_starts[expert]

@@ -118,11 +118,11 @@ def test_random_routing_matches_reference(block_size, expert_type):
 
 
 def test_one_expert_takes_a_group_of_several_chunks():
-    """900 tokens, top-1, all to expert 2: one 900-row group, covered by a full
-    512-row chunk and a last chunk of 7 tiles; the other experts are empty and
-    get exactly zero weight gradients."""
+    """900 tokens, top-1, all to expert 2: one 900-row group of 29 32-row tiles,
+    covered by a full 512-row chunk (the loop) and a last chunk of 13 tiles (the
+    switch); the other experts are empty and get exactly zero weight gradients."""
     indices = np.full((900, 1), 2)
-    assert int(chunk_rows(np.array(900), 900)) == 512 + 7 * 64
+    assert int(chunk_rows(np.array(900), 900)) == 512 + 13 * 32
     topo, row_tokens, operands, dy = _case(indices, 4, 1)
     _, grads = _compare(topo, row_tokens, operands, dy, _activation("glu"))
     for name in ("w1", "w3", "w2"):
