@@ -102,6 +102,11 @@ def _chunk_inputs(x, row_tokens, row_weights, row, owned):
     return tokens, rows, jnp.where(owned, weights, 0).astype(jnp.float32)
 
 
+def _expert_weights(expert, *weights):
+    """``expert``'s slice of each weight (None stays None)."""
+    return tuple(None if w is None else w[expert] for w in weights)
+
+
 def _scatter_add(acc, tokens, values):
     return acc.at[tokens].add(values, mode="drop")
 
@@ -111,8 +116,7 @@ def _forward(activation, x, row_tokens, row_weights, topo, w1, w3, w2):
     glu = w3 is not None
 
     def per_expert(expert, carry):
-        w1e, w2e = w1[expert], w2[expert]
-        w3e = w3[expert] if glu else None
+        w1e, w3e, w2e = _expert_weights(expert, w1, w3, w2)
 
         def chunk(carry, row, owned):
             y, gate_buf, up_buf = carry
@@ -149,8 +153,7 @@ def _fused_bwd(activation, residuals, dy):
     dy = dy.astype(x.dtype)
 
     def per_expert(expert, carry):
-        w1e, w2e = w1[expert], w2[expert]
-        w3e = w3[expert] if glu else None
+        w1e, w3e, w2e = _expert_weights(expert, w1, w3, w2)
 
         def chunk(carry, row, owned):
             dx, d_row_weights, dw1e, dw3e, dw2e = carry
