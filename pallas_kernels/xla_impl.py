@@ -30,7 +30,7 @@ from pallas_kernels.topology import Topology
 
 # Chunks are whole tiles: a group's rows are rounded up to TILE_ROWS.
 TILE_ROWS = 32
-# A group of n tiles is covered by `_num_full_chunks(n)` chunks of FULL_CHUNK_TILES
+# A group of n tiles is covered by `_chunk_schedule` chunks of FULL_CHUNK_TILES
 # tiles (512 rows) and one last chunk of the rest, 1..MAX_LAST_TILES tiles (up to
 # 768 rows; at least 9 tiles once there are full chunks, so a group is never split
 # into a big and a tiny GEMM). One static GEMM shape per last-chunk size: more
@@ -39,15 +39,16 @@ FULL_CHUNK_TILES = 16
 MAX_LAST_TILES = 24
 
 
-def _num_full_chunks(num_tiles):
-    return jnp.maximum(num_tiles - MAX_LAST_TILES + FULL_CHUNK_TILES - 1, 0) // FULL_CHUNK_TILES
+def _chunk_schedule(group_sizes):
+    """``(full chunks, tiles of the last chunk)`` per group size; 0 tiles only when empty."""
+    tiles = -(-group_sizes // TILE_ROWS)
+    full = jnp.maximum(tiles - MAX_LAST_TILES + FULL_CHUNK_TILES - 1, 0) // FULL_CHUNK_TILES
+    return full, tiles - full * FULL_CHUNK_TILES
 
 
 def chunk_rows(group_sizes, padded_rows: int):
     """Rows `over_chunks` multiplies for each group size (executed-FLOP counts)."""
-    tiles = -(-group_sizes // TILE_ROWS)
-    full = _num_full_chunks(tiles)
-    last = tiles - full * FULL_CHUNK_TILES
+    full, last = _chunk_schedule(group_sizes)
     return full * FULL_CHUNK_TILES * TILE_ROWS + jnp.minimum(last * TILE_ROWS, padded_rows)
 
 
@@ -68,8 +69,7 @@ def over_chunks(topo: Topology, expert, body: Callable, carry):
     rows_total = topo.padded_rows
     start = topo.bin_starts[expert]
     end = start + topo.group_sizes[expert]
-    num_tiles = (topo.group_sizes[expert] + TILE_ROWS - 1) // TILE_ROWS
-    num_full = _num_full_chunks(num_tiles)
+    num_full, last_tiles = _chunk_schedule(topo.group_sizes[expert])
     full_rows = FULL_CHUNK_TILES * TILE_ROWS
 
     def run(carry, first, size):
@@ -87,7 +87,6 @@ def over_chunks(topo: Topology, expert, body: Callable, carry):
     branches = [lambda carry: carry] + [
         functools.partial(lambda carry, size: run(carry, last_first, size), size=size)
         for size in sizes]
-    last_tiles = num_tiles - num_full * FULL_CHUNK_TILES  # 0 only for an empty group
     return lax.switch(jnp.minimum(last_tiles, len(sizes)), branches, carry)
 
 
