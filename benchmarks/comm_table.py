@@ -27,6 +27,19 @@ Bytes sent per device by a collective over a group of ``g`` with operand
 ``B (g-1)``, reduce-scatter ``B (g-1)/g``, all-reduce ``2 B (g-1)/g``. The
 backward pass sends the same again (each collective's transpose moves the
 same bytes).
+
+A second table (``--table buffers``; nothing compiled) compares each rank's
+receive-buffer memory at Mixtral-, OLMoE- and DeepSeek-V3-like shapes at EP 8
+and 64: the worst-case buffer against ``ep_buffer_factor`` 1.0 / 1.25 / 2.0
+(rows from `ExpertSharding.capacity`, padded to blocks as the layout is), and
+the expected number of exchange rounds (`plan.num_rounds`) when every rank's
+``T k`` assignments are drawn from a routing distribution: uniform, Zipf
+(expert popularity ``1 / rank^a``, experts placed on ranks at random), and,
+with ``--metrics runs/x/metrics.jsonl``, the per-layer expert loads an
+`experiments.train` run logged (``expert_load``; the run's own E).
+
+    python -m benchmarks.comm_table --table buffers
+    python -m benchmarks.comm_table --table buffers --metrics runs/xs-dmoe/metrics.jsonl
 """
 
 from __future__ import annotations
@@ -39,11 +52,13 @@ if "--xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "
 
 import argparse  # noqa: E402  (the flag must be set before jax is imported)
 import dataclasses  # noqa: E402
+import json  # noqa: E402
 import math  # noqa: E402
 import re  # noqa: E402
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
 from jax import lax  # noqa: E402
 from jax.sharding import AbstractDevice, AbstractMesh, PartitionSpec as P  # noqa: E402
 
@@ -51,6 +66,9 @@ from jmoe import MoEConfig  # noqa: E402
 from jmoe.moe import dropless_ffn  # noqa: E402
 from jmoe.parallel import EXPERT, expert_parallel_ffn, make_mesh  # noqa: E402
 from jmoe.parallel.mesh import TOKEN_SPEC  # noqa: E402
+from jmoe.parallel.placement import ExpertSharding  # noqa: E402
+from jmoe.parallel.plan import num_rounds  # noqa: E402
+from pallas_kernels.topology import max_block_rows  # noqa: E402
 
 EP_SIZES = (2, 4, 8)
 _DTYPE_BYTES = {"bf16": 2, "f16": 2, "f32": 4, "s32": 4, "u32": 4, "s64": 8, "u64": 8,
@@ -181,29 +199,149 @@ def measure(config: MoEConfig, tokens_per_device: int, ep: int) -> dict:
     }
 
 
-def main():
+# (d_model, d_ff, E, k) of the canonical layers (SwiGLU experts).
+MODEL_SHAPES = {"Mixtral-8x7B": (4096, 14336, 8, 2), "OLMoE-1B-7B": (2048, 1024, 64, 8),
+                "DeepSeek-V3": (7168, 2048, 256, 8)}
+BUFFER_EP_SIZES = (8, 64)
+BUFFER_FACTORS = (1.0, 1.25, 2.0)
+
+
+def buffer_rows(config: MoEConfig, tokens_per_device: int, ep: int,
+                buffer_factor: float | None) -> int:
+    """Rows of one rank's receive layout: the buffer `ExpertSharding.capacity`
+    sizes (worst case for None), padded to blocks as `make_topology` pads it."""
+    sharding = ExpertSharding.create(config, ep)
+    rows = sharding.capacity(tokens_per_device, config.top_k, buffer_factor)
+    return max_block_rows(rows, sharding.num_local, config.block_size) * config.block_size
+
+
+def buffer_gib(config: MoEConfig, rows: int, ep: int, dtype_bytes: int = 2) -> float:
+    """GiB of one rank's activations that scale with its buffer: received rows
+    and expert outputs ``[rows, d]``, gate, up and activation ``[rows, d_ff / s]``
+    (SwiGLU; ``s`` hidden splits). One layer, forward, bf16 by default."""
+    d_ff = config.d_ff // ExpertSharding.create(config, ep).hidden_splits
+    hidden = 3 if config.expert_type == "glu" else 2
+    return rows * (2 * config.d_model + hidden * d_ff) * dtype_bytes / 2**30
+
+
+def zipf_load(num_experts: int, exponent: float, seed: int = 0) -> np.ndarray:
+    """``[E]`` expert popularity ``~ 1 / rank^exponent``, experts shuffled over ranks."""
+    load = 1.0 / np.arange(1, num_experts + 1) ** exponent
+    return np.random.default_rng(seed).permutation(load / load.sum())
+
+
+def measured_loads(path: str) -> list[np.ndarray]:
+    """Per MoE layer ``[E]`` share of the assignments, from the last ``"train"``
+    record of an `experiments.train` ``metrics.jsonl`` (``expert_load``)."""
+    with open(path) as f:
+        train = [r for r in map(json.loads, filter(str.strip, f)) if r["kind"] == "train"]
+    if not train:
+        raise ValueError(f"{path} has no 'train' records with expert_load")
+    return [np.asarray(layer, np.float64) for layer in train[-1]["expert_load"]]
+
+
+def expected_rounds(config: MoEConfig, load: np.ndarray, tokens_per_device: int, ep: int,
+                    buffer_factor: float, samples: int = 8, seed: int = 0) -> float:
+    """Mean `plan.num_rounds` over ``samples`` draws of the ``[ep, E]`` counts:
+    each rank's ``T k`` assignments split over the experts as ``load``
+    (multinomial), each sent to all hidden splits of its expert."""
+    sharding = ExpertSharding.create(config, ep)
+    capacity = sharding.capacity(tokens_per_device, config.top_k, buffer_factor)
+    rng = np.random.default_rng(seed)
+    draws = rng.multinomial(tokens_per_device * config.top_k, load / load.sum(),
+                            size=(samples, ep))
+    counts = np.repeat(draws, sharding.hidden_splits, axis=-1)  # [samples, ep, E*s]
+    rounds = [int(num_rounds(jnp.asarray(c), sharding.num_local, capacity)) for c in counts]
+    return float(np.mean(rounds))
+
+
+def _print_table(header, rows):
+    print("| " + " | ".join(header) + " |")
+    print("|" + "|".join("---:" if i else "---" for i in range(len(header))) + "|")
+    for row in rows:
+        print("| " + " | ".join(map(str, row)) + " |")
+
+
+def print_buffer_tables(tokens: int, metrics: str | None, metrics_top_k: int,
+                        zipf: tuple[float, ...]):
+    """The two tables of ``--table buffers`` (see the module docstring)."""
+    configs = {name: MoEConfig(d_model=d, d_ff=f, num_experts=e, top_k=k, expert_type="glu",
+                               impl="xla")
+               for name, (d, f, e, k) in MODEL_SHAPES.items()}
+    print(f"\nReceive layout per rank, one layer: rows (GiB of bf16 activations that scale "
+          f"with it), T={tokens} tokens/device, block 128")
+    header = ("model", "EP", "worst case", *(f"f={f}" for f in BUFFER_FACTORS),
+              "worst / f=1.0")
+    table = []
+    for name, config in configs.items():
+        for ep in BUFFER_EP_SIZES:
+            rows = [buffer_rows(config, tokens, ep, f) for f in (None, *BUFFER_FACTORS)]
+            cells = [f"{r} ({buffer_gib(config, r, ep):.2f})" for r in rows]
+            table.append((name, ep, *cells, f"{rows[0] / rows[1]:.1f}x"))
+    _print_table(header, table)
+    loads = {"uniform": lambda e: np.full(e, 1.0 / e),
+             **{f"Zipf a={a}": lambda e, a=a: zipf_load(e, a) for a in zipf}}
+    print(f"\nExpected exchange rounds (mean of 8 draws of every rank's T k assignments), "
+          f"T={tokens}")
+    header = ("model", "EP", "routing", *(f"f={f}" for f in BUFFER_FACTORS))
+    table = []
+    for name, config in configs.items():
+        for ep in BUFFER_EP_SIZES:
+            for label, load_of in loads.items():
+                load = load_of(config.num_experts)
+                table.append((name, ep, label, *(
+                    f"{expected_rounds(config, load, tokens, ep, f):.2f}"
+                    for f in BUFFER_FACTORS)))
+    for layer, load in enumerate(measured_loads(metrics) if metrics else ()):
+        config = MoEConfig(d_model=64, d_ff=64, num_experts=load.shape[0], top_k=metrics_top_k,
+                           impl="xla")
+        for ep in (2, 4, 8):
+            if config.num_experts % ep and ep % config.num_experts:
+                continue
+            table.append((f"run layer {layer} (E {load.shape[0]}, k {metrics_top_k})", ep,
+                          "measured", *(
+                f"{expected_rounds(config, load, tokens, ep, f):.2f}"
+                for f in BUFFER_FACTORS)))
+    _print_table(header, table)
+
+
+def print_comm_table(config: MoEConfig, tokens: int):
+    print(f"MiB sent per device per MoE layer (forward; backward sends the same again), "
+          f"T={tokens} tokens/device, d={config.d_model}, E={config.num_experts}, "
+          f"k={config.top_k}, float32")
+    header = ("EP", "ragged, balanced", "ragged, hot rank", "padded (CPU)", "all-gather",
+              "ragged balanced / all-gather")
+    print("| " + " | ".join(header) + " |")
+    print("|" + "|".join("---:" for _ in header) + "|")
+    for ep in EP_SIZES:
+        r = measure(config, tokens, ep)
+        cells = (ep, f"{r['ragged_balanced']:.1f}", f"{r['ragged_hot_rank']:.1f}",
+                 f"{r['padded']:.1f}", f"{r['allgather']:.1f}",
+                 f"{r['ragged_balanced'] / r['allgather']:.2f}")
+        print("| " + " | ".join(map(str, cells)) + " |")
+
+
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--tokens", type=int, default=4096, help="tokens per device")
     parser.add_argument("--d-model", type=int, default=1024)
     parser.add_argument("--d-ff", type=int, default=1024)
     parser.add_argument("--experts", type=int, default=64)
     parser.add_argument("--top-k", type=int, default=8)
-    args = parser.parse_args()
-    config = MoEConfig(d_model=args.d_model, d_ff=args.d_ff, num_experts=args.experts,
-                       top_k=args.top_k, impl="xla")
-    print(f"MiB sent per device per MoE layer (forward; backward sends the same again), "
-          f"T={args.tokens} tokens/device, d={args.d_model}, E={args.experts}, "
-          f"k={args.top_k}, float32")
-    header = ("EP", "ragged, balanced", "ragged, hot rank", "padded (CPU)", "all-gather",
-              "ragged balanced / all-gather")
-    print("| " + " | ".join(header) + " |")
-    print("|" + "|".join("---:" for _ in header) + "|")
-    for ep in EP_SIZES:
-        r = measure(config, args.tokens, ep)
-        cells = (ep, f"{r['ragged_balanced']:.1f}", f"{r['ragged_hot_rank']:.1f}",
-                 f"{r['padded']:.1f}", f"{r['allgather']:.1f}",
-                 f"{r['ragged_balanced'] / r['allgather']:.2f}")
-        print("| " + " | ".join(map(str, cells)) + " |")
+    parser.add_argument("--table", choices=("comm", "buffers", "all"), default="all")
+    parser.add_argument("--metrics", default=None,
+                        help="an experiments.train metrics.jsonl: rounds for its expert loads")
+    parser.add_argument("--metrics-top-k", type=int, default=1,
+                        help="top_k of the --metrics run (the train presets use 1)")
+    parser.add_argument("--zipf", type=float, nargs="*", default=(0.5, 1.0),
+                        help="Zipf exponents of the modelled skewed routings")
+    args = parser.parse_args(argv)
+    if args.table in ("comm", "all"):
+        config = MoEConfig(d_model=args.d_model, d_ff=args.d_ff, num_experts=args.experts,
+                           top_k=args.top_k, impl="xla")
+        print_comm_table(config, args.tokens)
+    if args.table in ("buffers", "all"):
+        print_buffer_tables(args.tokens, args.metrics, args.metrics_top_k, tuple(args.zipf))
 
 
 if __name__ == "__main__":

@@ -48,6 +48,13 @@ class MoEConfig:
         token is dropped; ``c > 0`` bounds it to ``ceil(c * T_local * top_k)``
         rows (times the hidden splits) to save memory, and assignments past it are dropped and counted
         in ``aux["dropped_tokens"]`` (see `jmoe.parallel`).
+      ep_buffer_factor: `DroplessMoE` under expert parallelism only. None
+        (default): one exchange with the worst-case buffer (or
+        ``ep_capacity_factor``'s). ``f > 0`` bounds each rank's receive buffer
+        to ``ceil(f * T_local * top_k)`` rows (times the hidden splits) and
+        exchanges in as many rounds as the routing needs, dropping nothing;
+        ``aux["ep_rounds"]`` reports the rounds (docs/expert_parallel_rounds.md).
+        Exclusive with ``ep_capacity_factor``.
       block_size: rows per block of the block-sparse layout (32, 64 or 128).
       load_balancing_loss_weight: weight of the Switch/MegaBlocks loss
         ``E / (T k) * dot(tokens_per_expert, mean_t(probs))``.
@@ -75,6 +82,7 @@ class MoEConfig:
     uniform_expert_assignment: bool = False
     capacity_factor: float = 1.0
     ep_capacity_factor: float | None = None
+    ep_buffer_factor: float | None = None
     block_size: int = 128
     load_balancing_loss_weight: float = 0.1
     router_z_loss_weight: float = 0.0
@@ -104,6 +112,12 @@ class MoEConfig:
                 f"capacity_factor must be >= 0, got {self.capacity_factor}")
         require(self.ep_capacity_factor is None or self.ep_capacity_factor > 0,
                 f"ep_capacity_factor must be None or > 0, got {self.ep_capacity_factor!r}")
+        require(self.ep_buffer_factor is None or self.ep_buffer_factor > 0,
+                f"ep_buffer_factor must be None or > 0, got {self.ep_buffer_factor!r}")
+        require(self.ep_buffer_factor is None or self.ep_capacity_factor is None,
+                f"ep_buffer_factor={self.ep_buffer_factor} (bounded buffer, no drop) and "
+                f"ep_capacity_factor={self.ep_capacity_factor} (bounded buffer, drops) are "
+                "exclusive: set at most one of them")
         require(self.block_size in BLOCK_SIZES,
                 f"block_size must be one of {BLOCK_SIZES}, got {self.block_size}")
         require(self.impl in IMPLS, f"impl must be one of {IMPLS}, got {self.impl!r}")

@@ -79,7 +79,9 @@ class _MoE(nnx.Module):
             if self.shared is not None and config.shared_expert_gate else None)
 
     def _routed(self, x, weights, indices):
-        """``-> (y [tokens, d_model], tokens_per_expert [E], dropped [])``."""
+        """``-> (y [tokens, d_model], tokens_per_expert [E], dropped [], ep_rounds)``;
+        ``ep_rounds`` is None unless the layer reports it (`DroplessMoE` with
+        ``ep_buffer_factor``)."""
         raise NotImplementedError
 
     def _shared(self, x):
@@ -94,16 +96,17 @@ class _MoE(nnx.Module):
 
         ``aux``: ``load_balancing_loss`` and ``router_z_loss`` (scalars, already
         weighted by the config), ``tokens_per_expert [E] int32`` (assignments
-        routed to each expert), ``dropped_tokens`` (int32 scalar).
+        routed to each expert), ``dropped_tokens`` (int32 scalar); with
+        ``ep_buffer_factor`` set, ``ep_rounds`` (int32 scalar, 1 without a mesh).
         """
         check_input(x, self.config)
         lead = x.shape[:-1]
         tokens = x.reshape(-1, self.config.d_model).astype(self.config.dtype)
         weights, indices, probs, logits = self.router(tokens)
-        y, tokens_per_expert, dropped = self._routed(tokens, weights, indices)
+        y, tokens_per_expert, dropped, ep_rounds = self._routed(tokens, weights, indices)
         if self.shared is not None:
             y = y + self._shared(tokens)
-        aux = routing_aux(self.config, logits, probs, tokens_per_expert, dropped)
+        aux = routing_aux(self.config, logits, probs, tokens_per_expert, dropped, ep_rounds)
         return y.reshape(*lead, self.config.d_model), aux
 
 
@@ -117,10 +120,14 @@ class DroplessMoE(_MoE):
 
     def _routed(self, x, weights, indices):
         w1, w3, w2 = self.experts.weights(self.config.dtype)
+        in_rounds = self.config.ep_buffer_factor is not None
         if parallel.context_mesh() is not None:  # jax.set_mesh mesh with an "expert" axis
-            return parallel.expert_parallel_ffn(self.config, x, weights, indices, w1, w3, w2)
+            y, tokens_per_expert, dropped, rounds = parallel.expert_parallel_ffn(
+                self.config, x, weights, indices, w1, w3, w2, return_rounds=True)
+            return y, tokens_per_expert, dropped, rounds if in_rounds else None
         y, tokens_per_expert = dropless_ffn(self.config, x, weights, indices, w1, w3, w2)
-        return y, tokens_per_expert, jnp.zeros((), jnp.int32)
+        rounds = jnp.ones((), jnp.int32) if in_rounds else None
+        return y, tokens_per_expert, jnp.zeros((), jnp.int32), rounds
 
 
 class CapacityMoE(_MoE):
@@ -128,5 +135,5 @@ class CapacityMoE(_MoE):
     `DroplessMoE`). ``capacity_factor=0`` sizes for the worst case: drops nothing."""
 
     def _routed(self, x, weights, indices):
-        return capacity_ffn(self.config, x, weights, indices,
-                            *self.experts.weights(self.config.dtype))
+        return *capacity_ffn(self.config, x, weights, indices,
+                             *self.experts.weights(self.config.dtype)), None

@@ -61,15 +61,24 @@ def router_z_loss(logits: jax.Array) -> jax.Array:
     return jnp.mean(jnp.square(jax.nn.logsumexp(logits, axis=-1)))
 
 
-def routing_aux(config: MoEConfig, logits, probs, tokens_per_expert, dropped_tokens):
-    """The aux dict every MoE layer returns (losses already weighted)."""
-    return {
+def routing_aux(config: MoEConfig, logits, probs, tokens_per_expert, dropped_tokens,
+                ep_rounds=None):
+    """The aux dict every MoE layer returns (losses already weighted).
+
+    ``ep_rounds`` (expert-parallel exchange rounds, `DroplessMoE` with
+    ``ep_buffer_factor``) is added as an int32 scalar when not None, so the
+    keys depend on the config only, never on the mesh.
+    """
+    aux = {
         "load_balancing_loss": config.load_balancing_loss_weight
         * load_balancing_loss(probs, tokens_per_expert, config.top_k),
         "router_z_loss": config.router_z_loss_weight * router_z_loss(logits),
         "tokens_per_expert": tokens_per_expert.astype(jnp.int32),
         "dropped_tokens": jnp.asarray(dropped_tokens, jnp.int32),
     }
+    if ep_rounds is not None:
+        aux["ep_rounds"] = jnp.asarray(ep_rounds, jnp.int32)
+    return aux
 
 
 class Router(nnx.Module):

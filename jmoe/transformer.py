@@ -144,12 +144,14 @@ def aggregate_aux(layer_aux: list[dict], moe_layers: tuple[int, ...], num_expert
     Returns ``aux_loss`` (sum over blocks of ``load_balancing_loss +
     router_z_loss``), the two sums separately, ``tokens_per_expert
     [len(moe_layers), E] int32`` (routed blocks only) and ``dropped_tokens``
-    (int32 sum).
+    (int32 sum); ``ep_rounds`` (the most of any block) when the blocks report it.
     """
     balance = sum(aux["load_balancing_loss"] for aux in layer_aux)
     z_loss = sum(aux["router_z_loss"] for aux in layer_aux)
     routed = [layer_aux[i]["tokens_per_expert"] for i in moe_layers]
+    rounds = [aux["ep_rounds"] for aux in layer_aux if "ep_rounds" in aux]
     return {
+        **({"ep_rounds": jnp.max(jnp.stack(rounds))} if rounds else {}),
         "aux_loss": balance + z_loss,
         "load_balancing_loss": balance,
         "router_z_loss": z_loss,

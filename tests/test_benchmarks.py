@@ -3,6 +3,7 @@ the ring-algorithm formulas worked out by hand."""
 
 import json
 
+import numpy as np
 import pytest
 
 from benchmarks import comm_table, gpu_bench
@@ -41,3 +42,26 @@ def test_comm_table_bytes(ep):
     counts = experts * 4 * (ep - 1)
     buckets = 2 * ep * slots * d * f32 * (ep - 1) / ep
     assert got["padded"] == pytest.approx((counts + buckets) / mib)
+
+
+def test_buffer_table_rows_and_rounds(tmp_path):
+    """Receive-buffer rows and expected rounds of ``--table buffers`` against
+    values worked out by hand, and a metrics.jsonl read back."""
+    mixtral = MoEConfig(d_model=4096, d_ff=14336, num_experts=8, top_k=2, expert_type="glu")
+    # Worst case ep * T * min(k, L) = 8 * 4096 * 1; f=1: T * k = 8192 (both block multiples).
+    assert comm_table.buffer_rows(mixtral, 4096, 8, None) == 32768
+    assert comm_table.buffer_rows(mixtral, 4096, 8, 1.0) == 8192
+    # Hidden sharding at EP 64: s = 8 splits of d_ff; f=1: T * k * s rows of width d_ff / 8.
+    assert comm_table.buffer_rows(mixtral, 4096, 64, 1.0) == 4096 * 2 * 8
+    assert comm_table.buffer_gib(mixtral, 1024, 64) == pytest.approx(
+        1024 * (2 * 4096 + 3 * 14336 // 8) * 2 / 2**30)
+    small = MoEConfig(d_model=16, d_ff=32, num_experts=8, top_k=2)
+    hot = np.eye(8)[0]  # every assignment on expert 0: rank 0 gets 4 * 8 * 2 = 64 rows
+    assert comm_table.expected_rounds(small, hot, 8, 4, 0.5) == 64 / 8
+    assert comm_table.expected_rounds(small, np.full(8, 1 / 8), 8, 4, 100.0) == 1
+    metrics = tmp_path / "metrics.jsonl"
+    records = [{"kind": "train", "expert_load": [[1.0, 0.0], [0.5, 0.5]]},
+               {"kind": "val", "val_loss": 1.0}]
+    metrics.write_text("".join(json.dumps(r) + "\n" for r in records))
+    loads = comm_table.measured_loads(str(metrics))
+    np.testing.assert_array_equal(np.stack(loads), [[1.0, 0.0], [0.5, 0.5]])

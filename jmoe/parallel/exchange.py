@@ -2,7 +2,7 @@
 
 * `dispatch`: this rank's expert-sorted rows ``[n, d]`` -> its local experts'
   padded block layout ``[topology.padded_rows, d]``, holding the kept rows of
-  every source rank (zeros elsewhere).
+  every source rank (zeros elsewhere): with rounds, the plan's round's part.
 * `combine`: the reverse: layout rows ``[padded_rows, d]`` -> ``[n, d]`` in
   this rank's send order; rows of dropped assignments are zero.
 
@@ -52,13 +52,14 @@ def _bucket_of_sent_rows(plan: ExchangePlan, num_rows: int) -> jax.Array:
     slots, num_local = _slots(plan, num_rows), plan.num_local_experts
     counts, kept, starts = plan.own(plan.counts), plan.own(plan.kept), plan.own(plan.send_offsets)
     rows = jnp.arange(num_rows, dtype=jnp.int32)
-    expert = jnp.searchsorted(starts + counts, rows, side="right").astype(jnp.int32)
+    expert = jnp.searchsorted(jnp.cumsum(counts), rows, side="right").astype(jnp.int32)
     expert = jnp.minimum(expert, counts.shape[0] - 1)
-    rank_in_chunk = rows - starts[expert]
+    rank_in_chunk = rows - starts[expert]  # negative for rows sent in earlier rounds
     kept_per_owner = kept.reshape(plan.num_ranks, num_local)
     start_in_bucket = jnp.cumsum(kept_per_owner, axis=1) - kept_per_owner
     slot = (expert // num_local) * slots + start_in_bucket.reshape(-1)[expert] + rank_in_chunk
-    return jnp.where(rank_in_chunk < kept[expert], slot, plan.num_ranks * slots)
+    sent_now = (rank_in_chunk >= 0) & (rank_in_chunk < kept[expert])
+    return jnp.where(sent_now, slot, plan.num_ranks * slots)
 
 
 def _layout_of_received_slots(plan: ExchangePlan, num_rows: int) -> jax.Array:

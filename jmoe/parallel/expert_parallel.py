@@ -19,6 +19,10 @@ buffer and the local layout are sized for that worst case and no token is
 ever dropped. A ``capacity_factor`` ``c`` bounds the buffer to
 ``ceil(c * T_local * k)`` rows, times the hidden splits (``c = 1`` holds perfectly balanced routing);
 assignments past it are dropped, counted, and returned as ``dropped``.
+A ``buffer_factor`` ``f`` bounds it the same way without dropping: steps 3-5
+repeat in rounds (`rounds.sum_over_rounds`, a ``while_loop`` with its own
+backward), each sending the next buffer's worth of every rank's rows, until
+all are served (docs/expert_parallel_rounds.md).
 
 With fewer experts than ranks, every expert's ``d_ff`` is split over several
 ranks (hidden sharding, `placement.ExpertSharding`).
@@ -47,7 +51,8 @@ from jmoe.parallel import exchange as exchange_lib
 from jmoe.parallel.mesh import (DATA, EXPERT, TOKEN_SPEC, check_mesh, context_mesh,
                                 is_explicit)
 from jmoe.parallel.placement import ExpertSharding
-from jmoe.parallel.plan import make_plan
+from jmoe.parallel.plan import ExchangePlan, make_plan, num_rounds
+from jmoe.parallel.rounds import sum_over_rounds
 from pallas_kernels.products import layout_block_size
 
 EXCHANGES = ("auto", *exchange_lib.METHODS)
@@ -66,29 +71,58 @@ def exchange_method(exchange: str, mesh) -> str:
     return "ragged" if platform in _RAGGED_PLATFORMS else "padded"
 
 
-def _local_ffn(config: MoEConfig, sharding: ExpertSharding, capacity: int, method: str,
-               x, weights, indices, w1, w3, w2):
+def _exchange_round(config: MoEConfig, method: str, plan: ExchangePlan, x_sorted, w1, w3, w2):
+    """One exchange: ``x_sorted [n, d]`` -> ``[n, d]``, the expert outputs of the
+    plan's rows (zero for rows it does not send)."""
+    rows = exchange_lib.dispatch(x_sorted, plan, method)
+    out = dropless_mlp(config, rows, plan.topology, w1, w3, w2)
+    return exchange_lib.combine(out, plan, method, x_sorted.shape[0])
+
+
+def _planned_round(config: MoEConfig, method: str, num_local: int, capacity: int,
+                   round_index, counts, x_sorted, w1, w3, w2):
+    """Round ``round_index`` of the multi-round exchange (`rounds.sum_over_rounds`)."""
+    plan = make_plan(counts, lax.axis_index(EXPERT), num_local, capacity,
+                     layout_block_size(config.impl, config.block_size), round_index)
+    return _exchange_round(config, method, plan, x_sorted, w1, w3, w2)
+
+
+def _local_ffn(config: MoEConfig, sharding: ExpertSharding, capacity: int, in_rounds: bool,
+               method: str, x, weights, indices, w1, w3, w2):
     """One device's part: ``x [T_local, d]``, ``weights/indices [T_local, k]``,
-    ``w* [L, ...]`` -> ``(y [T_local, d], tokens_per_expert [E], dropped [])``."""
+    ``w* [L, ...]`` -> ``(y [T_local, d], tokens_per_expert [E], dropped [],
+    rounds [])``.
+
+    ``in_rounds``: exchange ``capacity`` rows per round until every assignment
+    is served; otherwise one round, dropping what does not fit.
+    """
     v_weights, v_indices = sharding.split_routing(weights, indices)
     dispatch, send_topo = permutation.dropless_dispatch(v_indices, sharding.num_virtual, 1)
     x_sorted = permutation.permute(x, dispatch)
     counts = lax.all_gather(send_topo.group_sizes, EXPERT)
-    block = layout_block_size(config.impl, config.block_size)
-    plan = make_plan(counts, lax.axis_index(EXPERT), sharding.num_local, capacity, block)
-    rows = exchange_lib.dispatch(x_sorted, plan, method)
-    out = dropless_mlp(config, rows, plan.topology, w1, w3, w2)
-    y_sorted = exchange_lib.combine(out, plan, method, x_sorted.shape[0])
+    if in_rounds:
+        rounds = num_rounds(counts, sharding.num_local, capacity)
+        round_fn = functools.partial(_planned_round, config, method, sharding.num_local,
+                                     capacity)
+        y_sorted = sum_over_rounds(round_fn, rounds, (counts, x_sorted, w1, w3, w2))
+        dropped = jnp.zeros((), jnp.int32)
+    else:
+        rounds = jnp.ones((), jnp.int32)
+        block = layout_block_size(config.impl, config.block_size)
+        plan = make_plan(counts, lax.axis_index(EXPERT), sharding.num_local, capacity, block)
+        y_sorted = _exchange_round(config, method, plan, x_sorted, w1, w3, w2)
+        dropped = lax.psum(plan.dropped, (DATA, EXPERT)) // sharding.hidden_splits
     y = permutation.unpermute(y_sorted, dispatch, v_weights)
     local_counts = jnp.bincount(indices.reshape(-1), length=config.num_experts)
     tokens_per_expert = lax.psum(local_counts.astype(jnp.int32), (DATA, EXPERT))
-    dropped = lax.psum(plan.dropped, (DATA, EXPERT)) // sharding.hidden_splits
-    return y, tokens_per_expert, dropped
+    return y, tokens_per_expert, dropped, lax.pmax(rounds, (DATA, EXPERT))
 
 
 def expert_parallel_ffn(config: MoEConfig, x: jax.Array, weights: jax.Array,
                         indices: jax.Array, w1, w3, w2, *, mesh=None,
-                        capacity_factor: float | None = None, exchange: str = "auto"):
+                        capacity_factor: float | None = None,
+                        buffer_factor: float | None = None, exchange: str = "auto",
+                        return_rounds: bool = False):
     """Routed experts of a dropless MoE, expert-parallel over ``mesh``.
 
     Same contract as `jmoe.moe.dropless_ffn`, on global arrays.
@@ -104,11 +138,18 @@ def expert_parallel_ffn(config: MoEConfig, x: jax.Array, weights: jax.Array,
       capacity_factor: None (default: ``config.ep_capacity_factor``; None
         there is dropless) or ``c > 0``: each rank receives at
         most ``ceil(c * tokens_per_device * k)`` rows (times the hidden splits).
+      buffer_factor: None (default: ``config.ep_buffer_factor``) or ``f > 0``:
+        each rank receives ``ceil(f * tokens_per_device * k)`` rows (times the
+        hidden splits) per round, in as many rounds as the routing needs
+        (dropless; `rounds`). Exclusive with ``capacity_factor``.
       exchange: ``"auto"``, ``"ragged"`` or ``"padded"`` (see `exchange`).
+      return_rounds: also return the number of exchange rounds.
 
     Returns:
-      ``(y [tokens, d_model], tokens_per_expert [E] int32, dropped [] int32)``;
-      ``dropped`` counts assignments past the capacity (0 when dropless).
+      ``(y [tokens, d_model], tokens_per_expert [E] int32, dropped [] int32)``,
+      and ``rounds [] int32`` (the most any replica ran; 1 without a buffer
+      factor) when ``return_rounds``; ``dropped`` counts assignments past the
+      capacity (0 when dropless).
     """
     mesh = context_mesh() if mesh is None else mesh
     if mesh is None:
@@ -116,8 +157,15 @@ def expert_parallel_ffn(config: MoEConfig, x: jax.Array, weights: jax.Array,
     check_mesh(mesh)
     if capacity_factor is None:
         capacity_factor = config.ep_capacity_factor
-    if capacity_factor is not None and not capacity_factor > 0:
-        raise ValueError(f"capacity_factor must be None or > 0, got {capacity_factor!r}")
+    if buffer_factor is None:
+        buffer_factor = config.ep_buffer_factor
+    for name, value in (("capacity_factor", capacity_factor), ("buffer_factor", buffer_factor)):
+        if value is not None and not value > 0:
+            raise ValueError(f"{name} must be None or > 0, got {value!r}")
+    if capacity_factor is not None and buffer_factor is not None:
+        raise ValueError(f"capacity_factor={capacity_factor} (ep_capacity_factor: bound and "
+                         f"drop) and buffer_factor={buffer_factor} (ep_buffer_factor: bound "
+                         "and exchange in rounds) are exclusive: set at most one of them")
     method = exchange_method(exchange, mesh)
     sharding = ExpertSharding.create(config, mesh.shape[EXPERT])
     devices = mesh.shape[DATA] * mesh.shape[EXPERT]
@@ -125,14 +173,18 @@ def expert_parallel_ffn(config: MoEConfig, x: jax.Array, weights: jax.Array,
         raise ValueError(f"x has {x.shape[0]} tokens, not divisible by the {devices} devices "
                          f"of the mesh's 'data' x 'expert' axes "
                          f"({mesh.shape[DATA]} x {mesh.shape[EXPERT]})")
-    capacity = sharding.capacity(x.shape[0] // devices, indices.shape[1], capacity_factor)
-    body = functools.partial(_local_ffn, config, sharding, capacity, method)
-    y, tokens_per_expert, dropped = jax.shard_map(
+    bound = capacity_factor if buffer_factor is None else buffer_factor
+    capacity = sharding.capacity(x.shape[0] // devices, indices.shape[1], bound)
+    body = functools.partial(_local_ffn, config, sharding, capacity, buffer_factor is not None,
+                             method)
+    y, tokens_per_expert, dropped, rounds = jax.shard_map(
         body, mesh=mesh, in_specs=(TOKEN_SPEC,) * 3 + (_EXPERT_SPEC,) * 3,
-        out_specs=(TOKEN_SPEC, P(), P()), check_vma=False,
+        out_specs=(TOKEN_SPEC, P(), P(), P()), check_vma=False,
     )(*_operands(mesh, sharding, x, weights, indices, (w1, w3, w2)))
     if is_explicit(mesh) and not jax.typeof(x).sharding.mesh.empty:
         y = jax.reshard(y, jax.typeof(x).sharding)  # y has x's type
+    if return_rounds:
+        return y, tokens_per_expert, dropped, rounds
     return y, tokens_per_expert, dropped
 
 

@@ -12,8 +12,16 @@ offsets at which its rows land on other ranks):
   owner's receive buffer of ``capacity`` rows. The owner fills the buffer in
   (local expert, source) order and a chunk past the capacity keeps a prefix
   (later tokens are dropped first). The worst-case capacity keeps everything.
-* ``send_offsets[src, e]``: first row of that chunk in ``src``'s
+* ``send_offsets[src, e]``: first row of that part of the chunk in ``src``'s
   expert-sorted buffer.
+
+Rounds (``ep_buffer_factor``): the owner's incoming chunks, concatenated in
+fill order, form one stream of rows; round ``r`` serves the stream's rows
+``[r * capacity, (r + 1) * capacity)``. A chunk's rows before that window are
+``sent[src, e]`` (served in earlier rounds), and ``kept`` is the part inside
+it, sent from ``send_offsets = chunk start + sent``. Round 0 is the one-round
+plan above; an owner receiving ``R_p`` rows in all needs
+``ceil(R_p / capacity)`` rounds (`num_rounds`).
 * ``recv_offsets[src, e]``: first row where it lands in the owner's padded
   block layout (the expert's bin start plus the rows of lower sources), so
   received rows are already in the layout the expert products compute on.
@@ -40,7 +48,8 @@ class ExchangePlan:
     """The exchange of one rank (see the module docstring).
 
     Attributes:
-      counts, kept, send_offsets, recv_offsets: ``[ep, E] int32``.
+      counts, kept, send_offsets, recv_offsets: ``[ep, E] int32``; ``counts``
+        are whole chunks, the others this round's part of them.
       topology: this rank's layout: ``L`` local experts, group sizes summed
         over sources, worst case ``capacity`` rows.
       rank: ``[] int32`` this rank's index on the ``"expert"`` axis.
@@ -72,7 +81,8 @@ class ExchangePlan:
 
     @property
     def dropped(self) -> jax.Array:
-        """``[] int32`` assignments of this rank that did not fit their owner's buffer."""
+        """``[] int32`` assignments of this rank that did not fit their owner's buffer
+        (of a one-round plan; with rounds, those left for later rounds)."""
         return jnp.sum(self.own(self.counts) - self.own(self.kept))
 
 
@@ -80,23 +90,41 @@ def _exclusive_cumsum(x: jax.Array, axis: int) -> jax.Array:
     return jnp.cumsum(x, axis=axis) - x
 
 
+def _fill_order(counts: jax.Array, num_local_experts: int) -> jax.Array:
+    """``[ep, E]`` -> ``[ep owners, L * ep]``: row p lists rank p's incoming chunks
+    in fill order (local expert, source)."""
+    num_ranks = counts.shape[0]
+    return counts.T.reshape(num_ranks, num_local_experts * num_ranks)
+
+
+def num_rounds(counts: jax.Array, num_local_experts: int, capacity: int) -> jax.Array:
+    """``[] int32`` rounds until every chunk is served: ``max_p ceil(R_p / capacity)``
+    over the owners' incoming rows ``R_p`` (at least 1)."""
+    incoming = jnp.sum(_fill_order(counts.astype(jnp.int32), num_local_experts), axis=1)
+    return jnp.maximum(1, jnp.max((incoming + capacity - 1) // capacity)).astype(jnp.int32)
+
+
 def make_plan(counts: jax.Array, rank: jax.Array, num_local_experts: int, capacity: int,
-              block_size: int) -> ExchangePlan:
-    """Plans the exchange from the all-gathered counts.
+              block_size: int, round_index: jax.Array | int = 0) -> ExchangePlan:
+    """Plans (round ``round_index`` of) the exchange from the all-gathered counts.
 
     Args:
       counts: ``[ep, E] int32`` assignments each rank routes to each expert.
       rank: ``[] int32`` this rank.
       num_local_experts: ``L = E / ep``.
-      capacity: static receive-buffer rows of every rank.
+      capacity: static receive-buffer rows of every rank (per round).
       block_size: row alignment of the expert bins (the products' layout).
+      round_index: ``[] int32`` (or int) round; rows of the owners' streams
+        before ``round_index * capacity`` were sent in earlier rounds.
     """
     num_ranks, num_experts = counts.shape
     counts = counts.astype(jnp.int32)
-    # Row p of by_owner lists rank p's incoming chunks in fill order (local expert, source).
-    by_owner = counts.T.reshape(num_ranks, num_local_experts * num_ranks)
-    room = capacity - _exclusive_cumsum(by_owner, axis=1)
-    kept = jnp.clip(room, 0, by_owner).reshape(num_experts, num_ranks).T
+    by_owner = _fill_order(counts, num_local_experts)
+    start = _exclusive_cumsum(by_owner, axis=1) - round_index * capacity  # in this round
+    sent = jnp.clip(-start, 0, by_owner)
+    kept = jnp.clip(capacity - start, 0, by_owner) - sent
+    to_source_major = lambda m: m.reshape(num_experts, num_ranks).T
+    kept, sent = to_source_major(kept), to_source_major(sent)
     owner_groups = jnp.sum(kept, axis=0).reshape(num_ranks, num_local_experts)
     bin_starts = jax.vmap(
         lambda groups: make_topology(groups, capacity, block_size).bin_starts)(owner_groups)
@@ -104,6 +132,6 @@ def make_plan(counts: jax.Array, rank: jax.Array, num_local_experts: int, capaci
     topology = make_topology(lax.dynamic_index_in_dim(owner_groups, rank, keepdims=False),
                              capacity, block_size)
     return ExchangePlan(counts=counts, kept=kept,
-                        send_offsets=_exclusive_cumsum(counts, axis=1),
+                        send_offsets=_exclusive_cumsum(counts, axis=1) + sent,
                         recv_offsets=recv_offsets, topology=topology, rank=rank,
                         num_local_experts=num_local_experts, capacity=capacity)
