@@ -106,6 +106,7 @@ def _local_ffn(config: MoEConfig, sharding: ExpertSharding, capacity: int, in_ro
                                      capacity)
         y_sorted = sum_over_rounds(round_fn, rounds, (counts, x_sorted, w1, w3, w2))
         dropped = jnp.zeros((), jnp.int32)
+        rounds = lax.pmax(rounds, DATA)  # the replicas may differ; each "expert" group agrees
     else:
         rounds = jnp.ones((), jnp.int32)
         block = layout_block_size(config.impl, config.block_size)
@@ -115,7 +116,7 @@ def _local_ffn(config: MoEConfig, sharding: ExpertSharding, capacity: int, in_ro
     y = permutation.unpermute(y_sorted, dispatch, v_weights)
     local_counts = jnp.bincount(indices.reshape(-1), length=config.num_experts)
     tokens_per_expert = lax.psum(local_counts.astype(jnp.int32), (DATA, EXPERT))
-    return y, tokens_per_expert, dropped, lax.pmax(rounds, (DATA, EXPERT))
+    return y, tokens_per_expert, dropped, rounds
 
 
 def expert_parallel_ffn(config: MoEConfig, x: jax.Array, weights: jax.Array,
