@@ -25,6 +25,7 @@ from host_devices import host_cpus
 from jmoe import DroplessMoE, MoEConfig
 from jmoe.parallel import expert_parallel_ffn, make_mesh
 from jmoe.parallel.plan import make_plan, num_rounds
+from jmoe.transformer import aggregate_aux
 from test_expert_parallel import (TOL, _config, _emulated_ragged_all_to_all,
                                   _expert_parallel, _problem, _single_device)
 from test_parallel_layer import _abstract_gpu_mesh, _train_grad_fn
@@ -236,6 +237,17 @@ def test_layer_in_rounds_matches_single_device():
     assert set(plain_aux) == set(got[1])
     assert int(got[1]["dropped_tokens"]) == 0
     chex.assert_trees_all_close(got, want, **TOL)
+
+
+def test_transformer_aux_reports_the_most_rounds():
+    """`aggregate_aux`: ``ep_rounds`` is the most of any block, and absent when no
+    block reports it (dense blocks never do)."""
+    base = {"load_balancing_loss": jnp.zeros(()), "router_z_loss": jnp.zeros(()),
+            "tokens_per_expert": jnp.zeros((8,), jnp.int32),
+            "dropped_tokens": jnp.zeros((), jnp.int32)}
+    layers = [{**base, "ep_rounds": jnp.int32(3)}, base, {**base, "ep_rounds": jnp.int32(5)}]
+    assert int(aggregate_aux(layers, (0, 2), 8)["ep_rounds"]) == 5
+    assert "ep_rounds" not in aggregate_aux([base, base], (0,), 8)
 
 
 # ------------------------------------------------------------------ memory
