@@ -14,6 +14,9 @@ offsets at which its rows land on other ranks):
   (later tokens are dropped first). The worst-case capacity keeps everything.
 * ``send_offsets[src, e]``: first row of that part of the chunk in ``src``'s
   expert-sorted buffer.
+* ``recv_offsets[src, e]``: first row where it lands in the owner's padded
+  block layout (the expert's bin start plus the rows of lower sources), so
+  received rows are already in the layout the expert products compute on.
 
 Rounds (``ep_buffer_factor``): the owner's incoming chunks, concatenated in
 fill order, form one stream of rows; round ``r`` serves the stream's rows
@@ -22,9 +25,6 @@ fill order, form one stream of rows; round ``r`` serves the stream's rows
 it, sent from ``send_offsets = chunk start + sent``. Round 0 is the one-round
 plan above; an owner receiving ``R_p`` rows in all needs
 ``ceil(R_p / capacity)`` rounds (`num_rounds`).
-* ``recv_offsets[src, e]``: first row where it lands in the owner's padded
-  block layout (the expert's bin start plus the rows of lower sources), so
-  received rows are already in the layout the expert products compute on.
 """
 
 from __future__ import annotations
