@@ -9,8 +9,8 @@ MegaBlocks' expert-parallel forward with static shapes. Tokens are split over
    (`plan.make_plan`);
 3. send every row to the rank owning its expert, straight into that rank's
    padded block layout (`exchange.dispatch`);
-4. run the local experts' MLP on it (`experts.dropless_mlp`, the block-sparse
-   products on the plan's `Topology`);
+4. run the local experts' MLP on it (`experts.expert_mlp`, the routed MLP
+   of ``config.impl`` on the plan's `Topology`, rows already in its layout);
 5. send the results back (`exchange.combine`), un-permute and weight.
 
 Static shapes: a rank can receive up to ``ep * T_local * min(k, L)`` rows
@@ -42,7 +42,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jmoe import permutation
 from jmoe.config import MoEConfig
-from jmoe.experts import dropless_mlp
+from jmoe.experts import expert_mlp
 from jmoe.parallel import exchange as exchange_lib
 from jmoe.parallel.mesh import (DATA, EXPERT, TOKEN_SPEC, check_mesh, context_mesh,
                                 is_explicit)
@@ -77,7 +77,7 @@ def _local_ffn(config: MoEConfig, sharding: ExpertSharding, capacity: int, metho
     block = layout_block_size(config.impl, config.block_size)
     plan = make_plan(counts, lax.axis_index(EXPERT), sharding.num_local, capacity, block)
     rows = exchange_lib.dispatch(x_sorted, plan, method)
-    out = dropless_mlp(config, rows, plan.topology, w1, w3, w2)
+    out = expert_mlp(config, rows, None, plan.topology, w1, w3, w2)
     y_sorted = exchange_lib.combine(out, plan, method, x_sorted.shape[0])
     y = permutation.unpermute(y_sorted, dispatch, v_weights)
     local_counts = jnp.bincount(indices.reshape(-1), length=config.num_experts)
