@@ -20,7 +20,6 @@ import subprocess
 import sys
 import textwrap
 
-import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -160,9 +159,13 @@ def test_layer_matches_xla_on_this_gpu(impl):
     config = MoEConfig(d_model=128, d_ff=256, num_experts=8, top_k=2, expert_type="glu",
                        dtype=jnp.bfloat16, param_dtype=jnp.float32, impl=impl)
     x = jax.random.normal(jax.random.key(1), (200, 128), jnp.bfloat16)
-    got = _layer_grads(config, x)
-    want = _layer_grads(config.replace(impl="xla"), x)
-    chex.assert_trees_all_close(got, want, rtol=5e-2, atol=5e-2)
+    got = jax.tree.leaves(_layer_grads(config, x))
+    want = jax.tree.leaves(_layer_grads(config.replace(impl="xla"), x))
+    assert len(got) == len(want)
+    for g, w in zip(got, want):  # max error relative to the largest value: bf16 rounding
+        g, w = np.asarray(g, np.float32), np.asarray(w, np.float32)
+        assert np.all(np.isfinite(g))
+        assert np.abs(g - w).max() <= 2e-2 * max(1e-6, float(np.abs(w).max()))
 
 
 def test_xs_lm_loss_falls_in_20_steps():
@@ -177,7 +180,8 @@ def test_xs_lm_loss_falls_in_20_steps():
     config = dataclasses.replace(base, moe=base.moe.replace(dtype=jnp.bfloat16))
     model = MoETransformer(config, rngs=nnx.Rngs(0))
     opt = nnx.Optimizer(model, optax.adam(3e-3), wrt=nnx.Param)
-    tokens = jax.random.randint(jax.random.key(0), (16, config.max_seq_len + 1), 0, 64)
+    # 16 distinct ids: learning their frequencies alone takes the loss from ln 256 to ln 16.
+    tokens = jax.random.randint(jax.random.key(0), (16, config.max_seq_len + 1), 0, 16)
 
     @nnx.jit
     def step(model, opt, tokens):
@@ -207,18 +211,21 @@ _DUMP_SCRIPT = textwrap.dedent("""
 """)
 
 
-def test_mosaic_kernels_do_not_spill_or_serialize_wgmma():
+def test_mosaic_kernels_do_not_spill_or_serialize_wgmma(tmp_path):
     """ptxas ``-v`` and SASS of the compiled gmm and tgmm (Mosaic GPU's dump
     switches, read at compile time, hence a fresh process): no spills, no
     serialized wgmma warning, and the SASS holds HGMMA (wgmma) instructions."""
     _needs("mosaic")
     env = {**os.environ, "MOSAIC_GPU_DUMP_PTXAS": "1", "MOSAIC_GPU_DUMP_SASS": "1",
+           "MOSAIC_GPU_DUMP_TO": str(tmp_path),
            "PYTHONPATH": os.pathsep.join(filter(None, [os.getcwd(),
                                                         os.environ.get("PYTHONPATH")]))}
     run = subprocess.run([sys.executable, "-c", _DUMP_SCRIPT], env=env, capture_output=True,
                          text=True, timeout=300)
-    log = run.stdout + run.stderr
-    assert run.returncode == 0, log[-3000:]
+    assert run.returncode == 0, (run.stdout + run.stderr)[-3000:]
+    # The dumps go to stdout or to files under MOSAIC_GPU_DUMP_TO: read both.
+    log = run.stdout + run.stderr + "".join(
+        path.read_text(errors="replace") for path in tmp_path.rglob("*") if path.is_file())
     registers = re.findall(r"Used (\d+) registers", log)
     assert registers, "no ptxas report in the output:\n" + log[-3000:]
     spills = [int(s) for s in re.findall(r"(\d+) bytes spill (?:stores|loads)", log)]
