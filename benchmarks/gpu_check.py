@@ -67,12 +67,17 @@ DTYPE = jnp.bfloat16
 
 
 def run_gpu_tests(out: pathlib.Path, timeout: int) -> dict:
-    """``pytest -m gpu tests/test_gpu.py`` in a fresh process: its counts and verdict."""
+    """``pytest -m gpu tests/test_gpu.py`` in a fresh process: its counts and verdict
+    (a run past ``timeout`` seconds is not correct; the counts come from what it wrote)."""
     report = out / "gpu_tests.xml"
     start = time.perf_counter()
-    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-m", "gpu", "tests/test_gpu.py",
-                          f"--junitxml={report}"], capture_output=True, text=True,
-                         timeout=timeout)
+    command = [sys.executable, "-m", "pytest", "-q", "-m", "gpu", "tests/test_gpu.py",
+               f"--junitxml={report}"]
+    try:
+        run = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired as expired:  # counts as not correct; go on measuring
+        run = subprocess.CompletedProcess(command, returncode=124, stdout=str(expired.stdout),
+                                          stderr=f"pytest timed out after {timeout} s")
     print(run.stdout[-4000:], run.stderr[-2000:], sep="\n")
     counts = {"tests": 0, "failures": 0, "errors": 0, "skipped": 0}
     if report.exists():
@@ -226,7 +231,7 @@ def main(argv=None) -> dict:
     out = args.out or (pathlib.Path(tempfile.mkdtemp(prefix="gpu_check_")) if args.smoke
                        else pathlib.Path("benchmarks/results"))
     out.mkdir(parents=True, exist_ok=True)
-    repeats = args.repeats or (1 if args.smoke else 10)
+    repeats = args.repeats or (1 if args.smoke else 5)
     train_seconds = args.train_seconds if args.train_seconds is not None else (
         2.0 if args.smoke else 120.0)
 
