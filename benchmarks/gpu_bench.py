@@ -22,8 +22,8 @@ shape) is reported and skipped, so one run always covers everything else.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import datetime
+import functools
 import json
 import pathlib
 
@@ -32,47 +32,23 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from benchmarks.shapes import SHAPES, SMOKE_SHAPES, Shape
 from benchmarks.timing import median_seconds
 from jmoe import DenseMLP, DroplessMoE, MoEConfig, permutation
 from pallas_kernels import products
 from pallas_kernels.products import layout_block_size
 
 
-@dataclasses.dataclass(frozen=True)
-class Shape:
-    """A benchmark problem: ``tokens`` tokens of width ``d_model`` routed top-k over ``E``."""
-
-    tokens: int
-    d_model: int
-    d_ff: int
-    num_experts: int
-    top_k: int
-    expert_type: str = "mlp"
-
-
-SHAPES = {
-    # MegaBlocks' benchmark problems (T, H, F, E), top-1 as in the paper.
-    "mb-xs": Shape(65536, 512, 2048, 64, 1),
-    "mb-s": Shape(32768, 768, 3072, 64, 1),
-    "mb-m": Shape(8192, 1024, 4096, 64, 1),
-    "mb-e4": Shape(8192, 4096, 16384, 4, 1),
-    # Production layers.
-    "mixtral": Shape(8192, 4096, 14336, 8, 2, "glu"),
-    "olmoe": Shape(8192, 2048, 1024, 64, 8, "glu"),
-    "deepseek": Shape(4096, 7168, 2048, 256, 8, "glu"),
-}
-SMOKE_SHAPES = {"smoke": Shape(256, 64, 128, 8, 2, "glu")}
-
-
-def _random_indices(shape: Shape, seed: int = 0) -> jax.Array:
+def random_indices(shape: Shape, seed: int = 0) -> jax.Array:
     """``[tokens, k]`` distinct uniform-random experts per token."""
     rng = np.random.default_rng(seed)
     keys = rng.random((shape.tokens, shape.num_experts))
     return jnp.asarray(np.argsort(keys, axis=1)[:, :shape.top_k], jnp.int32)
 
 
-def _dense_seconds(m: int, k: int, n: int, dtype, repeats: int) -> float:
-    """One ``[m, k] @ [k, n]`` GEMM in ``dtype``."""
+@functools.cache
+def dense_seconds(m: int, k: int, n: int, dtype, repeats: int) -> float:
+    """One ``[m, k] @ [k, n]`` GEMM in ``dtype`` (timed once per process and size)."""
     a = jax.random.normal(jax.random.key(1), (m, k), dtype)
     b = jax.random.normal(jax.random.key(2), (k, n), dtype)
     return median_seconds(jax.jit(lambda a, b: a @ b), a, b, repeats=repeats)
@@ -81,7 +57,7 @@ def _dense_seconds(m: int, k: int, n: int, dtype, repeats: int) -> float:
 def bench_products(shape: Shape, impl: str, dtype, repeats: int):
     """Rows ``(name, seconds, dense_seconds, useful_flops)`` for the four products."""
     block = layout_block_size(impl, 128)
-    dispatch, topo = permutation.dropless_dispatch(_random_indices(shape), shape.num_experts,
+    dispatch, topo = permutation.dropless_dispatch(random_indices(shape), shape.num_experts,
                                                    block)
     rows_total = shape.tokens * shape.top_k
     x = permutation.permute(
@@ -102,7 +78,7 @@ def bench_products(shape: Shape, impl: str, dtype, repeats: int):
     rows = []
     for name, fn, (m, k, n) in cases:
         seconds = median_seconds(jax.jit(fn), x, h, repeats=repeats)
-        dense = _dense_seconds(m, k, n, dtype, repeats)
+        dense = dense_seconds(m, k, n, dtype, repeats)
         rows.append((name, seconds, dense, 2.0 * m * k * n))
     return rows
 

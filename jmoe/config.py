@@ -7,7 +7,7 @@ from typing import Any
 
 import jax.numpy as jnp
 
-from pallas_kernels.products import IMPLS
+from pallas_kernels.products import IMPLS, size_rule
 
 EXPERT_TYPES = ("mlp", "glu")
 SCORE_FUNCTIONS = ("softmax", "sigmoid")
@@ -68,7 +68,11 @@ class MoEConfig:
         The router always computes in float32.
       param_dtype: dtype of the parameters.
       impl: product kernels: ``"auto"``, ``"xla"``, ``"ragged_dot"``,
-        ``"triton"`` or ``"mosaic"`` (see `pallas_kernels.products`).
+        ``"triton"`` or ``"mosaic"`` (see `pallas_kernels.products` and
+        docs/gpu.md). An explicit impl's size rule is checked here:
+        ``"triton"`` needs ``d_model`` and ``d_ff`` multiples of
+        ``block_size``, ``"mosaic"`` multiples of 64. ``"auto"`` on an NVIDIA
+        GPU needs ``dtype`` bfloat16 or float16.
     """
 
     d_model: int
@@ -121,11 +125,11 @@ class MoEConfig:
         require(self.block_size in BLOCK_SIZES,
                 f"block_size must be one of {BLOCK_SIZES}, got {self.block_size}")
         require(self.impl in IMPLS, f"impl must be one of {IMPLS}, got {self.impl!r}")
-        if self.impl == "triton":
-            require(self.d_ff % self.block_size == 0 and self.d_model % self.block_size == 0,
-                    f"impl='triton' needs d_ff and d_model to be multiples of "
-                    f"block_size={self.block_size}, got d_ff={self.d_ff}, "
-                    f"d_model={self.d_model}")
+        if self.impl != "auto":  # "auto" is checked by the kernel it resolves to
+            multiple, rule = size_rule(self.impl, self.block_size)
+            require(self.d_ff % multiple == 0 and self.d_model % multiple == 0,
+                    f"impl={self.impl!r} needs d_ff and d_model to be multiples of {rule}, "
+                    f"got d_ff={self.d_ff}, d_model={self.d_model}")
         require(self.num_shared_experts >= 0,
                 f"num_shared_experts must be >= 0, got {self.num_shared_experts}")
         require(self.shared_d_ff is None or self.shared_d_ff >= 1,

@@ -1,5 +1,5 @@
-"""Expert weights and the expert MLP computed three ways: on the dropless
-block-sparse layout, on capacity slots, and densely."""
+"""Expert weights and the expert MLP computed three ways: routed (the dropless
+layout, `expert_mlp`), on capacity slots, and densely."""
 
 from __future__ import annotations
 
@@ -8,8 +8,12 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jmoe.config import MoEConfig
-from pallas_kernels import products
+from pallas_kernels.activations import get_activation
+from pallas_kernels.expert_mlp import RowMap, routed_mlp
 from pallas_kernels.topology import Topology
+
+# expert_type -> activation name (`pallas_kernels.activations`).
+EXPERT_ACTIVATIONS = {"mlp": "gelu", "glu": "swiglu"}
 
 
 def weight_init():
@@ -20,9 +24,7 @@ def weight_init():
 
 def activate(config: MoEConfig, gate: jax.Array, up: jax.Array | None) -> jax.Array:
     """``gelu(gate)`` for ``mlp`` experts, ``silu(gate) * up`` for ``glu`` (SwiGLU)."""
-    if config.expert_type == "glu":
-        return jax.nn.silu(gate) * up
-    return jax.nn.gelu(gate, approximate=True)
+    return get_activation(EXPERT_ACTIVATIONS[config.expert_type])(gate, up)
 
 
 class MLPWeights(nnx.Module):
@@ -45,16 +47,18 @@ class MLPWeights(nnx.Module):
         return cast(self.w1), cast(self.w3), cast(self.w2)
 
 
-def dropless_mlp(config: MoEConfig, rows: jax.Array, topo: Topology, w1, w3, w2):
-    """Expert MLP on the padded block layout, with the sparse products.
+def expert_mlp(config: MoEConfig, x: jax.Array, rows: RowMap | None, topo: Topology,
+               w1, w3, w2) -> jax.Array:
+    """The routed experts' MLP with ``config``'s activation and ``impl``.
 
-    ``rows``: ``[padded_rows, d_model]`` -> ``[padded_rows, d_model]``;
-    ``h = SDD(x, W1)``, ``y = DSD(act(h), W2)``.
+    The one call of the single-device (`jmoe.moe.dropless_ffn`) and the
+    expert-parallel (``_local_ffn``) layers: `pallas_kernels.expert_mlp.routed_mlp`.
+    ``x [tokens, d_model]`` with a `RowMap` -> ``[tokens, d_model]``, weighted
+    and summed over each token's rows; ``x [P, d_model]`` already in ``topo``'s
+    layout with ``rows=None`` -> ``[P, d_model]``.
     """
-    impl = config.impl
-    gate = products.sdd(rows, w1, topo, impl=impl)
-    up = None if w3 is None else products.sdd(rows, w3, topo, impl=impl)
-    return products.dsd(activate(config, gate, up), w2, topo, impl=impl)
+    return routed_mlp(x, rows, topo, w1, w3, w2,
+                      activation=EXPERT_ACTIVATIONS[config.expert_type], impl=config.impl)
 
 
 def batched_mlp(config: MoEConfig, slots: jax.Array, w1, w3, w2):

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -11,11 +9,10 @@ from flax import nnx
 from jmoe import parallel, permutation
 from jmoe.config import MoEConfig
 from jmoe.dense import DenseMLP
-from jmoe.experts import MLPWeights, activate, batched_mlp, dropless_mlp
+from jmoe.experts import MLPWeights, batched_mlp, expert_mlp
 from jmoe.router import Router, routing_aux
 from jmoe.validation import check_input
-from pallas_kernels.fused_mlp import fused_expert_mlp
-from pallas_kernels.products import layout_block_size, resolve_impl
+from pallas_kernels.products import layout_block_size
 
 
 def dropless_ffn(config: MoEConfig, x: jax.Array, weights: jax.Array, indices: jax.Array,
@@ -30,15 +27,10 @@ def dropless_ffn(config: MoEConfig, x: jax.Array, weights: jax.Array, indices: j
     Returns:
       ``(y [tokens, d_model], tokens_per_expert [E] int32)``.
     """
-    impl = resolve_impl(config.impl)
-    block = layout_block_size(impl, config.block_size)
+    block = layout_block_size(config.impl, config.block_size)
     dispatch, topo = permutation.dropless_dispatch(indices, config.num_experts, block)
-    if impl == "xla":  # CPU: gather, expert MLP and combine fused in one loop
-        y = fused_expert_mlp(x, dispatch.row_tokens, permutation.row_weights(weights, dispatch),
-                             topo, w1, w3, w2, functools.partial(activate, config))
-        return y, topo.group_sizes
-    rows = dropless_mlp(config, permutation.permute(x, dispatch), topo, w1, w3, w2)
-    return permutation.unpermute(rows, dispatch, weights), topo.group_sizes
+    y = expert_mlp(config, x, permutation.row_map(weights, dispatch), topo, w1, w3, w2)
+    return y, topo.group_sizes
 
 
 def capacity(config: MoEConfig, num_tokens: int) -> int:

@@ -22,6 +22,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels.backend import RowMap
 from pallas_kernels.topology import Topology, make_topology
 
 
@@ -109,6 +110,13 @@ def row_weights(weights: jax.Array, dispatch: Dispatch) -> jax.Array:
     rows = dispatch.row_tokens.shape[0]
     return jnp.zeros((rows,), weights.dtype).at[dispatch.assignment_rows].set(
         weights.reshape(-1), mode="drop", unique_indices=True)
+
+
+def row_map(weights: jax.Array, dispatch: Dispatch) -> RowMap:
+    """The `RowMap` a routed MLP needs: row tokens, `row_weights` and, for
+    each token, its ``k`` rows (``[tokens, k]``)."""
+    return RowMap(row_tokens=dispatch.row_tokens, row_weights=row_weights(weights, dispatch),
+                  token_rows=dispatch.assignment_rows.reshape(weights.shape))
 
 
 def unpermute(y: jax.Array, dispatch: Dispatch, weights: jax.Array) -> jax.Array:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple
+from typing import Callable, NamedTuple, Optional
 
 import jax
 
@@ -12,6 +12,28 @@ from pallas_kernels.topology import Topology
 GroupedProduct = Callable[[jax.Array, jax.Array, Topology, bool], jax.Array]
 # (lhs [P, k], rhs [P, n], topo, out_dtype) -> [E, k, n]
 WeightGradProduct = Callable[[jax.Array, jax.Array, Topology, object], jax.Array]
+
+
+class RowMap(NamedTuple):
+    """How the ``P`` rows of a layout map to ``T`` tokens (a pytree).
+
+    Attributes:
+      row_tokens: ``[P] int32`` token whose copy each row holds (any value in
+        rows outside every group: they are never read).
+      row_weights: ``[P]`` router weight of each row's assignment.
+      token_rows: ``[T, k] int32`` row of each of a token's ``k`` assignments;
+        ``P`` (out of range) for an assignment that has no row.
+    """
+
+    row_tokens: jax.Array
+    row_weights: jax.Array
+    token_rows: jax.Array
+
+
+# (x, rows: RowMap or None, topo, w1, w3 or None, w2, activation name) -> y; see
+# `pallas_kernels.expert_mlp.routed_mlp` for the shapes.
+ExpertMLP = Callable[[jax.Array, Optional[RowMap], Topology, jax.Array, Optional[jax.Array],
+                      jax.Array, str], jax.Array]
 
 
 class Backend(NamedTuple):
@@ -27,9 +49,13 @@ class Backend(NamedTuple):
       dstd: per-expert ``lhs[rows_e]ᵀ @ rhs[rows_e]``.
       layout_block_size: maps the configured block size to the row alignment
         of the layout this backend computes on.
+      expert_mlp: optional fused routed-expert MLP (differentiable), the unit
+        a layer dispatches to (`pallas_kernels.expert_mlp.routed_mlp`); None
+        composes it from ``sdd``, the activation and ``dsd``.
     """
 
     sdd: GroupedProduct
     dsd: GroupedProduct
     dstd: WeightGradProduct
     layout_block_size: Callable[[int], int]
+    expert_mlp: Optional[ExpertMLP] = None

@@ -34,19 +34,18 @@ nothing; experts without rows get exactly zero weight gradients.
 from __future__ import annotations
 
 import functools
-from typing import Callable, Optional
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
+from pallas_kernels import xla_impl
+from pallas_kernels.activations import Activation, get_activation
+from pallas_kernels.backend import RowMap
 from pallas_kernels.topology import Topology
 from pallas_kernels.xla_impl import masked_update, over_chunks, transposed_lhs_dot
 
-__all__ = ["fused_expert_mlp"]
-
-# (gate [rows, f], up [rows, f] or None) -> hidden [rows, f]
-Activation = Callable[[jax.Array, Optional[jax.Array]], jax.Array]
+__all__ = ["BACKEND", "fused_expert_mlp"]
 
 _NN = (((1,), (0,)), ((), ()))  # a @ b
 _NT = (((1,), (1,)), ((), ()))  # a @ bᵀ
@@ -58,7 +57,7 @@ def _dot(a, b, dims):
 
 def fused_expert_mlp(x: jax.Array, row_tokens: jax.Array, row_weights: jax.Array,
                      topo: Topology, w1: jax.Array, w3: jax.Array | None, w2: jax.Array,
-                     activation: Activation) -> jax.Array:
+                     activation: str | Activation) -> jax.Array:
     """Routed experts' weighted outputs, summed per token.
 
     Args:
@@ -69,7 +68,8 @@ def fused_expert_mlp(x: jax.Array, row_tokens: jax.Array, row_weights: jax.Array
       topo: the row layout (any block size; 1, unpadded, wastes no memory).
       w1, w3, w2: ``[E, d_model, d_ff]``, the same or None (no ``up`` input to
         ``activation``), ``[E, d_ff, d_model]``, all in ``x.dtype``.
-      activation: static ``(gate, up) -> hidden``, e.g. SwiGLU.
+      activation: a name in `pallas_kernels.activations.ACTIVATIONS`
+        (``"swiglu"``, ``"gelu"``) or a static ``(gate, up) -> hidden``.
 
     Returns:
       ``[tokens, d_model]`` in ``x.dtype``; the sum over a token's rows is
@@ -89,7 +89,17 @@ def fused_expert_mlp(x: jax.Array, row_tokens: jax.Array, row_weights: jax.Array
         if w is not None and (w.shape != expected[name] or w.dtype != x.dtype):
             raise ValueError(f"fused_expert_mlp: {name} must be {x.dtype.name}{expected[name]} "
                              f"(x is {x.dtype.name}{x.shape}), got {w.dtype.name}{w.shape}")
+    if isinstance(activation, str):
+        activation = get_activation(activation)
     return _fused(activation, x, row_tokens, row_weights, topo, w1, w3, w2)
+
+
+def _routed_expert_mlp(x, rows: RowMap | None, topo: Topology, w1, w3, w2, activation: str):
+    """`fused_expert_mlp` as the xla `Backend.expert_mlp` (rows None: identity)."""
+    if rows is None:
+        rows = RowMap(jnp.arange(topo.padded_rows, dtype=jnp.int32),
+                      jnp.ones((topo.padded_rows,), x.dtype), None)
+    return fused_expert_mlp(x, rows.row_tokens, rows.row_weights, topo, w1, w3, w2, activation)
 
 
 def _chunk_inputs(x, row_tokens, row_weights, row, owned):
@@ -194,3 +204,6 @@ def _fused_bwd(activation, residuals, dy):
 
 
 _fused.defvjp(_fused_fwd, _fused_bwd)
+
+
+BACKEND = xla_impl.BACKEND._replace(expert_mlp=_routed_expert_mlp)

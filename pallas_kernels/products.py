@@ -28,7 +28,8 @@ the expert's blocks). The backward passes are the MegaBlocks ones:
 ``impl`` picks the kernels: ``"xla"`` (loops over experts and row tiles, fast on
 CPU), ``"ragged_dot"`` (``jax.lax.ragged_dot``), ``"triton"`` (Pallas block-sparse
 kernels), ``"mosaic"`` (Pallas Mosaic GPU grouped GEMM for Hopper), or
-``"auto"`` (the best one for the default device).
+``"auto"`` (the best one for the default device, `impl_for_device`; on an
+NVIDIA GPU only for bfloat16 / float16 operands, see `resolve_impl`).
 """
 
 from __future__ import annotations
@@ -42,12 +43,14 @@ import jax.numpy as jnp
 from pallas_kernels.backend import Backend
 from pallas_kernels.topology import Topology
 
-__all__ = ["IMPLS", "sdd", "dsd", "dstd", "resolve_impl", "layout_block_size"]
+__all__ = ["IMPLS", "backend", "dsd", "dstd", "impl_for_device", "layout_block_size",
+           "resolve_impl", "sdd", "size_rule"]
 
 # impl name -> module exposing BACKEND; imported lazily so that, e.g., a CPU
-# machine never imports the Mosaic GPU kernels unless asked to.
+# machine never imports the Mosaic GPU kernels unless asked to. The xla
+# backend is `xla_impl`'s products plus the fused expert MLP of `fused_mlp`.
 _BACKEND_MODULES = {
-    "xla": "pallas_kernels.xla_impl",
+    "xla": "pallas_kernels.fused_mlp",
     "ragged_dot": "pallas_kernels.ragged_dot_impl",
     "triton": "pallas_kernels.triton",
     "mosaic": "pallas_kernels.mosaic",
@@ -55,33 +58,90 @@ _BACKEND_MODULES = {
 IMPLS = ("auto", *_BACKEND_MODULES)
 
 
-def _gpu_compute_capability() -> tuple[int, int] | None:
-    device = jax.devices()[0]
-    if device.platform != "gpu" or "NVIDIA" not in device.device_kind.upper():
+# The Mosaic GPU kernels use wgmma, which exists only on sm_90a (H100 / H200):
+# not on sm_100 / sm_120 (Blackwell), whose tensor-core instructions differ.
+MOSAIC_CAPABILITY = (9, 0)
+# Pallas Triton's bfloat16 tensor-core dots need Ampere (sm_80) or newer.
+TRITON_MIN_CAPABILITY = (8, 0)
+# impl="auto" on an NVIDIA GPU computes in these dtypes only (see `resolve_impl`).
+GPU_AUTO_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+
+
+def _default_device():
+    """The device ``impl="auto"`` chooses for (tests replace it with a stub)."""
+    return jax.devices()[0]
+
+
+def _nvidia_capability(device) -> tuple[int, int] | None:
+    """``(major, minor)`` of an NVIDIA GPU (``compute_capability`` ``"9.0"``;
+    ROCm reports ``"gfx..."``), ``(0, 0)`` for one that does not say; None off NVIDIA."""
+    if device.platform != "gpu":
         return None
-    major, minor = getattr(device, "compute_capability", "0.0").split(".")
-    return int(major), int(minor)
+    version = getattr(device, "compute_capability", "").split(".")
+    if len(version) >= 2 and all(part.isdigit() for part in version[:2]):
+        return int(version[0]), int(version[1])
+    return (0, 0) if "NVIDIA" in device.device_kind.upper() else None
 
 
-def resolve_impl(impl: str) -> str:
-    """Maps ``"auto"`` to a concrete implementation for the default device.
+def impl_for_device(device) -> str:
+    """The fastest implementation that runs on ``device`` (see the table in docs/gpu.md).
 
-    CPU and non-NVIDIA devices: ``"xla"``; NVIDIA Hopper and newer (sm_90+):
-    ``"mosaic"``; older NVIDIA GPUs: ``"triton"``.
+    CPU and non-NVIDIA devices: ``"xla"``. NVIDIA: ``"mosaic"`` on sm_90
+    exactly, ``"triton"`` on other sm_80+ GPUs (Ampere, Ada, Blackwell),
+    ``"ragged_dot"`` on older or unidentified ones.
+    """
+    capability = _nvidia_capability(device)
+    if capability is None:
+        return "xla"
+    if capability == MOSAIC_CAPABILITY:
+        return "mosaic"
+    return "triton" if capability >= TRITON_MIN_CAPABILITY else "ragged_dot"
+
+
+def resolve_impl(impl: str, dtype=None) -> str:
+    """Maps ``"auto"`` to a concrete implementation for the default device
+    (`impl_for_device`); other names pass through.
+
+    ``dtype`` (the compute dtype, optional): ``"auto"`` on an NVIDIA GPU
+    refuses any dtype but bfloat16 / float16 with a ValueError saying what to
+    set, rather than run float32 products on a path several times slower than
+    the 16-bit kernels (which accumulate in float32 either way).
     """
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
     if impl != "auto":
         return impl
-    capability = _gpu_compute_capability()
-    if capability is None:
-        return "xla"
-    return "mosaic" if capability >= (9, 0) else "triton"
+    device = _default_device()
+    chosen = impl_for_device(device)
+    if (dtype is not None and _nvidia_capability(device) is not None
+            and jnp.dtype(dtype) not in GPU_AUTO_DTYPES):
+        raise ValueError(
+            f"impl='auto' on {device.device_kind} picks {chosen!r}, whose kernels take "
+            f"bfloat16 or float16 inputs (float32 accumulation), got compute dtype "
+            f"{jnp.dtype(dtype).name}: set MoEConfig(dtype=jnp.bfloat16), or name the impl "
+            f"(e.g. impl='xla') to compute in {jnp.dtype(dtype).name} on a slower path")
+    return chosen
+
+
+def size_rule(impl: str, block_size: int) -> tuple[int, str]:
+    """``(multiple, what it is)`` that ``d_model`` and ``d_ff`` must be multiples
+    of for the kernels of a concrete ``impl``; multiple 1 means any size."""
+    if impl == "triton":
+        return block_size, f"block_size={block_size}"
+    if impl == "mosaic":  # imported only when asked: it loads Mosaic GPU
+        from pallas_kernels.mosaic.common import FEATURE_MULTIPLE
+        return FEATURE_MULTIPLE, f"{FEATURE_MULTIPLE} (the Mosaic GPU kernels' TMA tiles)"
+    return 1, "1"
 
 
 @functools.cache
-def _backend(impl: str) -> Backend:
-    return importlib.import_module(_BACKEND_MODULES[resolve_impl(impl)]).BACKEND
+def _backend_of(impl: str) -> Backend:
+    return importlib.import_module(_BACKEND_MODULES[impl]).BACKEND
+
+
+def backend(impl: str) -> Backend:
+    """The `Backend` of ``impl`` (``"auto"`` resolved for the default device)."""
+    return _backend_of(resolve_impl(impl))
 
 
 def layout_block_size(impl: str, block_size: int) -> int:
@@ -90,7 +150,7 @@ def layout_block_size(impl: str, block_size: int) -> int:
     Block-sparse kernels need ``block_size``-row bins; grouped GEMMs take
     unpadded (ragged) groups and return a smaller alignment.
     """
-    return _backend(impl).layout_block_size(block_size)
+    return backend(impl).layout_block_size(block_size)
 
 
 def _check_operands(name: str, lhs, rhs, topo: Topology, transpose_rhs: bool):
@@ -116,7 +176,7 @@ def sdd(lhs: jax.Array, rhs: jax.Array, topo: Topology, *, transpose_rhs: bool =
     ``rhs`` is ``[E, k, n]``, or ``[E, n, k]`` with ``transpose_rhs``.
     """
     _check_operands("sdd", lhs, rhs, topo, transpose_rhs)
-    return _sdd(resolve_impl(impl), transpose_rhs, lhs, rhs, topo)
+    return _sdd(resolve_impl(impl, lhs.dtype), transpose_rhs, lhs, rhs, topo)
 
 
 def dsd(lhs: jax.Array, rhs: jax.Array, topo: Topology, *, transpose_rhs: bool = False,
@@ -126,7 +186,7 @@ def dsd(lhs: jax.Array, rhs: jax.Array, topo: Topology, *, transpose_rhs: bool =
     ``rhs`` is ``[E, k, n]``, or ``[E, n, k]`` with ``transpose_rhs``.
     """
     _check_operands("dsd", lhs, rhs, topo, transpose_rhs)
-    return _dsd(resolve_impl(impl), transpose_rhs, lhs, rhs, topo)
+    return _dsd(resolve_impl(impl, lhs.dtype), transpose_rhs, lhs, rhs, topo)
 
 
 def dstd(lhs: jax.Array, rhs: jax.Array, topo: Topology, *, out_dtype=None,
@@ -142,7 +202,7 @@ def dstd(lhs: jax.Array, rhs: jax.Array, topo: Topology, *, out_dtype=None,
     if lhs.dtype != rhs.dtype:
         raise ValueError(f"dstd: lhs and rhs dtypes differ ({lhs.dtype} vs {rhs.dtype})")
     out_dtype = jnp.dtype(out_dtype or lhs.dtype)
-    return _dstd(resolve_impl(impl), out_dtype, lhs, rhs, topo)
+    return _dstd(resolve_impl(impl, lhs.dtype), out_dtype, lhs, rhs, topo)
 
 
 def _weight_grad(impl, transpose_rhs, dense, grad, topo, rhs_dtype):
@@ -154,7 +214,7 @@ def _weight_grad(impl, transpose_rhs, dense, grad, topo, rhs_dtype):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
 def _sdd(impl, transpose_rhs, lhs, rhs, topo):
-    return _backend(impl).sdd(lhs, rhs, topo, transpose_rhs)
+    return _backend_of(impl).sdd(lhs, rhs, topo, transpose_rhs)
 
 
 def _sdd_fwd(impl, transpose_rhs, lhs, rhs, topo):
@@ -173,7 +233,7 @@ _sdd.defvjp(_sdd_fwd, _sdd_bwd)
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
 def _dsd(impl, transpose_rhs, lhs, rhs, topo):
-    return _backend(impl).dsd(lhs, rhs, topo, transpose_rhs)
+    return _backend_of(impl).dsd(lhs, rhs, topo, transpose_rhs)
 
 
 def _dsd_fwd(impl, transpose_rhs, lhs, rhs, topo):
@@ -192,7 +252,7 @@ _dsd.defvjp(_dsd_fwd, _dsd_bwd)
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
 def _dstd(impl, out_dtype, lhs, rhs, topo):
-    return _backend(impl).dstd(lhs, rhs, topo, out_dtype)
+    return _backend_of(impl).dstd(lhs, rhs, topo, out_dtype)
 
 
 def _dstd_fwd(impl, out_dtype, lhs, rhs, topo):

@@ -3,7 +3,8 @@
 
 XLA reads the flag when its CPU client starts, so it must be set before jax is
 first imported; pytest imports this file before any test module. Single-device
-tests are unaffected: they run on device 0 exactly as before.
+tests are unaffected: they run on device 0 exactly as before. Tests marked
+``gpu`` skip without a GPU.
 """
 
 import os
@@ -11,3 +12,16 @@ import os
 _FLAG = "--xla_force_host_platform_device_count"
 if _FLAG not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {_FLAG}=8".strip()
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``gpu`` skip without a GPU (``pytest -m gpu`` selects only them)."""
+    import jax
+    import pytest
+
+    if jax.default_backend() == "gpu":
+        return
+    skip = pytest.mark.skip(reason="needs a GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

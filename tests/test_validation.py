@@ -22,6 +22,9 @@ BASE = dict(d_model=8, d_ff=64, num_experts=4, top_k=2, block_size=32, impl="xla
     (dict(param_dtype=jnp.int8), r"param_dtype must be a floating dtype, got int8"),
     (dict(impl="triton", d_ff=48), r"impl='triton' needs d_ff .* block_size=32.*d_ff=48"),
     (dict(impl="triton", d_model=40, d_ff=64), r"impl='triton' needs .*d_model=40"),
+    (dict(impl="mosaic", d_model=64, d_ff=96),
+     r"impl='mosaic' needs d_ff and d_model to be multiples of 64 .*d_ff=96"),
+    (dict(impl="mosaic", d_model=32, d_ff=128), r"impl='mosaic' needs .*d_model=32"),
     (dict(score_function="relu"), r"score_function must be one of .*'relu'"),
     (dict(expert_type="moe"), r"expert_type must be one of .*'moe'"),
     (dict(impl="cuda"), r"impl must be one of .*'cuda'"),
@@ -41,6 +44,11 @@ def test_bad_config(changes, match):
 
 def test_triton_accepts_block_multiples():
     MoEConfig(**{**BASE, "impl": "triton", "d_model": 64, "d_ff": 128})
+
+
+def test_mosaic_accepts_multiples_of_64_and_auto_any_size():
+    MoEConfig(**{**BASE, "impl": "mosaic", "d_model": 64, "d_ff": 192})
+    MoEConfig(**{**BASE, "impl": "auto", "d_model": 8, "d_ff": 24})
 
 
 @pytest.mark.parametrize("layer", [DroplessMoE, CapacityMoE, DenseMLP])

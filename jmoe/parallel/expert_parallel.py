@@ -9,8 +9,8 @@ MegaBlocks' expert-parallel forward with static shapes. Tokens are split over
    (`plan.make_plan`);
 3. send every row to the rank owning its expert, straight into that rank's
    padded block layout (`exchange.dispatch`);
-4. run the local experts' MLP on it (`experts.dropless_mlp`, the block-sparse
-   products on the plan's `Topology`);
+4. run the local experts' MLP on it (`experts.expert_mlp`, the routed MLP
+   of ``config.impl`` on the plan's `Topology`, rows already in its layout);
 5. send the results back (`exchange.combine`), un-permute and weight.
 
 Static shapes: a rank can receive up to ``ep * T_local * min(k, L)`` rows
@@ -46,7 +46,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jmoe import permutation
 from jmoe.config import MoEConfig
-from jmoe.experts import dropless_mlp
+from jmoe.experts import expert_mlp
 from jmoe.parallel import exchange as exchange_lib
 from jmoe.parallel.mesh import (DATA, EXPERT, TOKEN_SPEC, check_mesh, context_mesh,
                                 is_explicit)
@@ -75,7 +75,7 @@ def _exchange_round(config: MoEConfig, method: str, plan: ExchangePlan, x_sorted
     """One exchange: ``x_sorted [n, d]`` -> ``[n, d]``, the expert outputs of the
     plan's rows (zero for rows it does not send)."""
     rows = exchange_lib.dispatch(x_sorted, plan, method)
-    out = dropless_mlp(config, rows, plan.topology, w1, w3, w2)
+    out = expert_mlp(config, rows, None, plan.topology, w1, w3, w2)
     return exchange_lib.combine(out, plan, method, x_sorted.shape[0])
 
 
