@@ -12,6 +12,7 @@ two bf16 pipelines that accumulate in float32 in different orders, so rounded
 bf16 intermediates may differ by an ulp: relative (norm) error < 1e-2.
 """
 
+import dataclasses
 import functools
 
 import chex
@@ -29,11 +30,17 @@ from product_harness import products_and_vjps
 from jmoe import DroplessMoE, MoEConfig
 from pallas_kernels import products, reference
 from pallas_kernels.mosaic import BACKEND, TileConfig, gmm, tgmm
+from pallas_kernels.mosaic.gmm import NO_ITEM, ZERO_ITEM, work_items
 from pallas_kernels.topology import make_topology
 
-# Small tiles so that tiny problems span several row, column and K tiles.
-GMM_TILES = TileConfig(block_m=64, block_n=64, block_k=64, stages=2, band=2)
-TGMM_TILES = TileConfig(block_m=64, block_n=64, block_k=64, stages=3, band=2)
+# Small tiles so that tiny problems span several row, column, K and epilogue
+# tiles: 64x64 per consumer warpgroup, the CTA tile split by rows or columns.
+SPLIT_M = TileConfig(block_m=128, block_n=64, block_k=64, stages=2, band=2, split="m",
+                     epilogue_rows=32)
+SPLIT_N = TileConfig(block_m=64, block_n=128, block_k=64, stages=3, band=2, split="n",
+                     epilogue_rows=16)
+GMM_TILES = SPLIT_M
+TGMM_TILES = dataclasses.replace(SPLIT_M, stages=3)
 F32_TOL = dict(rtol=1e-5, atol=1e-4)
 # name -> (m, group sizes); k = 128, n = 128 unless the test says otherwise.
 CASES = {
@@ -42,7 +49,15 @@ CASES = {
     "all_empty": (64, [0, 0, 0, 0]),
     "many_groups_per_tile": (64, [1, 2, 0, 3, 5, 7, 0, 11]),  # 8 groups in one row tile
     "rows_not_multiple_of_8": (203, [100, 3, 0, 99]),   # padded to 208 rows inside
+    "one_row": (1, [0, 1, 0]),
 }
+# Cases run by the fast suite (interpret mode takes seconds per kernel call);
+# the others are marked slow.
+FAST_CASES = ("random_with_tail", "many_groups_per_tile")
+
+
+def _cases():
+    return [pytest.param(c, marks=() if c in FAST_CASES else pytest.mark.slow) for c in CASES]
 
 
 def _operands(m, sizes, k, n, dtype, *, transpose_rhs=False, seed=0):
@@ -76,13 +91,15 @@ def _rel_err(got, want):
 
 
 @pytest.mark.parametrize("transpose_rhs", [False, True], ids=["rhs", "rhs_t"])
-@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("case", _cases())
 def test_gmm_matches_ragged_dot_and_numpy(case, transpose_rhs):
+    """Plain weights on row-split CTA tiles, transposed ones on column-split."""
     m, sizes = CASES[case]
     lhs, rhs, valid = _operands(m, sizes, 128, 128, jnp.bfloat16, transpose_rhs=transpose_rhs)
     group_sizes = jnp.array(sizes, jnp.int32)
     out = jax.jit(functools.partial(gmm, transpose_rhs=transpose_rhs, out_dtype=jnp.float32,
-                                    config=GMM_TILES))(lhs, rhs, group_sizes)
+                                    config=SPLIT_N if transpose_rhs else SPLIT_M))(
+        lhs, rhs, group_sizes)
     chex.assert_shape(out, (m, 128))
     assert out.dtype == jnp.float32
     assert not np.any(np.asarray(out)[~valid]), "rows in no group must be exactly zero"
@@ -95,12 +112,14 @@ def test_gmm_matches_ragged_dot_and_numpy(case, transpose_rhs):
     chex.assert_trees_all_close(out, ragged, **F32_TOL)
 
 
-@pytest.mark.parametrize("case", CASES)
-def test_tgmm_matches_ragged_dot_general_and_numpy(case):
+@pytest.mark.parametrize("split", ["m", "n"])
+@pytest.mark.parametrize("case", _cases())
+def test_tgmm_matches_ragged_dot_general_and_numpy(case, split):
     m, sizes = CASES[case]
     lhs, grad, valid = _operands(m, sizes, 128, 192, jnp.bfloat16, transpose_rhs=None)
     group_sizes = jnp.array(sizes, jnp.int32)
-    out = jax.jit(functools.partial(tgmm, out_dtype=jnp.float32, config=TGMM_TILES))(
+    config = TGMM_TILES if split == "m" else SPLIT_N
+    out = jax.jit(functools.partial(tgmm, out_dtype=jnp.float32, config=config))(
         lhs, grad, group_sizes)
     chex.assert_shape(out, (len(sizes), 128, 192))
     for e, size in enumerate(sizes):
@@ -115,6 +134,35 @@ def test_tgmm_matches_ragged_dot_general_and_numpy(case):
     ragged = jax.lax.ragged_dot_general(*masked, group_sizes, dims,
                                         preferred_element_type=jnp.float32)
     chex.assert_trees_all_close(out, ragged, **F32_TOL)
+
+
+@pytest.mark.parametrize("gaps", [False, True], ids=["ragged", "gaps"])
+def test_work_items_cover_every_row_once(gaps):
+    """The gmm work list: every row lies in exactly one used item, whose group
+    is the row's group (or ZERO_ITEM), inside the item's row tile; items are
+    in row order and each (tile, segment) pair meets, within the static bound."""
+    rng = np.random.default_rng(7)
+    block_m, num_rows = 64, 200
+    for _ in range(20):
+        sizes = rng.integers(0, 40, 6) * (rng.random(6) < 0.8)
+        skips = rng.integers(0, 9, 6) if gaps else np.zeros(6, int)
+        starts = np.cumsum(skips + np.concatenate([[0], sizes[:-1]]))
+        if starts[-1] + sizes[-1] > num_rows:
+            continue
+        items = np.asarray(work_items(jnp.asarray(starts, jnp.int32), jnp.asarray(sizes, jnp.int32),
+                                      num_rows, block_m, gaps=gaps))
+        assert items.shape == (4, -(-num_rows // block_m) + 6 * (2 if gaps else 1))
+        owner = np.full(num_rows, ZERO_ITEM)
+        for e, (s, z) in enumerate(zip(starts, sizes)):
+            owner[s:s + z] = e
+        seen = np.zeros(num_rows, int)
+        used = items[:, items[1] != NO_ITEM]
+        assert np.all(np.diff(used[2]) >= 0), "items in row order"
+        for tile, group, lo, hi in used.T:
+            assert tile * block_m <= lo < hi <= min(tile * block_m + block_m, num_rows)
+            assert np.all(owner[lo:hi] == group)
+            seen[lo:hi] += 1
+        np.testing.assert_array_equal(seen, 1)
 
 
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16], ids=["bf16", "f16"])
@@ -191,8 +239,14 @@ def test_invalid_operands_raise():
         gmm(lhs, jnp.zeros((2, 128, 64), jnp.bfloat16), sizes, transpose_rhs=True)
     with pytest.raises(ValueError, match=r"group_sizes must be \[E=2\]"):
         gmm(lhs, jnp.zeros((2, 128, 64), jnp.bfloat16), jnp.array([64]))
-    with pytest.raises(ValueError, match="block_m"):
-        TileConfig(block_m=128, block_n=256, block_k=64, stages=3)
+    with pytest.raises(ValueError, match="block_m"):  # 128x256 per warpgroup: 256 registers
+        TileConfig(block_m=256, block_n=256, block_k=64, stages=3)
+    with pytest.raises(ValueError, match="multiples of 64"):  # 32 rows per warpgroup
+        TileConfig(block_m=64, block_n=128, block_k=64, stages=3, split="m")
+    with pytest.raises(ValueError, match="split"):
+        TileConfig(block_m=128, block_n=128, block_k=64, stages=3, split="k")
+    with pytest.raises(ValueError, match="epilogue_rows"):
+        TileConfig(block_m=128, block_n=128, block_k=64, stages=3, epilogue_rows=48)
 
 
 # --------------------------------------------------------------------------- products
