@@ -53,11 +53,15 @@ CASES = {
 }
 # Cases run by the fast suite (interpret mode takes seconds per kernel call);
 # the others are marked slow.
-FAST_CASES = ("random_with_tail", "many_groups_per_tile")
+FAST_CASES = (("random_with_tail", "rhs-m"), ("many_groups_per_tile", "rhs_t-n"),
+              ("random_with_tail", "m"), ("many_groups_per_tile", "n"))
 
 
-def _cases():
-    return [pytest.param(c, marks=() if c in FAST_CASES else pytest.mark.slow) for c in CASES]
+def _cases(variants):
+    """``(case, variant)`` params; those not in `FAST_CASES` are marked slow."""
+    return [pytest.param(case, variant, id=f"{case}-{variant}",
+                         marks=() if (case, variant) in FAST_CASES else pytest.mark.slow)
+            for case in CASES for variant in variants]
 
 
 def _operands(m, sizes, k, n, dtype, *, transpose_rhs=False, seed=0):
@@ -90,15 +94,17 @@ def _rel_err(got, want):
 # --------------------------------------------------------------------------- kernels
 
 
-@pytest.mark.parametrize("transpose_rhs", [False, True], ids=["rhs", "rhs_t"])
-@pytest.mark.parametrize("case", _cases())
-def test_gmm_matches_ragged_dot_and_numpy(case, transpose_rhs):
-    """Plain weights on row-split CTA tiles, transposed ones on column-split."""
+@pytest.mark.parametrize("case,variant", _cases(["rhs-m", "rhs_t-n", "rhs_t-m"]))
+def test_gmm_matches_ragged_dot_and_numpy(case, variant):
+    """``variant``: plain or transposed weights, CTA tile split by rows or
+    columns (plain weights on column-split tiles: the default-tile tests)."""
+    weights, split = variant.split("-")
+    transpose_rhs = weights == "rhs_t"
     m, sizes = CASES[case]
     lhs, rhs, valid = _operands(m, sizes, 128, 128, jnp.bfloat16, transpose_rhs=transpose_rhs)
     group_sizes = jnp.array(sizes, jnp.int32)
     out = jax.jit(functools.partial(gmm, transpose_rhs=transpose_rhs, out_dtype=jnp.float32,
-                                    config=SPLIT_N if transpose_rhs else SPLIT_M))(
+                                    config=SPLIT_M if split == "m" else SPLIT_N))(
         lhs, rhs, group_sizes)
     chex.assert_shape(out, (m, 128))
     assert out.dtype == jnp.float32
@@ -112,8 +118,7 @@ def test_gmm_matches_ragged_dot_and_numpy(case, transpose_rhs):
     chex.assert_trees_all_close(out, ragged, **F32_TOL)
 
 
-@pytest.mark.parametrize("split", ["m", "n"])
-@pytest.mark.parametrize("case", _cases())
+@pytest.mark.parametrize("case,split", _cases(["m", "n"]))
 def test_tgmm_matches_ragged_dot_general_and_numpy(case, split):
     m, sizes = CASES[case]
     lhs, grad, valid = _operands(m, sizes, 128, 192, jnp.bfloat16, transpose_rhs=None)
@@ -165,7 +170,8 @@ def test_work_items_cover_every_row_once(gaps):
         np.testing.assert_array_equal(seen, 1)
 
 
-@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16], ids=["bf16", "f16"])
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, pytest.param(jnp.float16, marks=pytest.mark.slow)],
+                         ids=["bf16", "f16"])
 def test_low_precision_outputs_and_default_tiles(dtype):
     """Default tile configs, outputs in the input dtype: one final rounding."""
     m, sizes = CASES["random_with_tail"]
@@ -212,17 +218,21 @@ def test_explicit_group_starts_leave_gaps_zero():
     chex.assert_trees_all_close(np.asarray(dw, np.float64), expected_dw, **F32_TOL)
 
 
-def test_interpreter_finds_no_races():
+@pytest.mark.parametrize("split", ["m", pytest.param("n", marks=pytest.mark.slow)])
+def test_interpreter_finds_no_races(split):
     """The interpreter's happens-before race detector (TMA copies, SMEM reads and
-    writes, barriers) on boundary-heavy problems: e.g. rewriting the epilogue
-    tile before the previous tile's TMA store has read it is reported."""
+    writes, barriers) on boundary-heavy problems: e.g. rewriting an epilogue
+    slot before its TMA stores have read it, a consumer's wgmma reading a tgmm
+    boundary tile before the other consumer has masked it, or the producer
+    refilling a slot a consumer still reads are reported."""
     m, sizes = CASES["many_groups_per_tile"]
     lhs, rhs, _ = _operands(m, sizes, 128, 128, jnp.bfloat16)
     grad = jnp.ones((m, 64), jnp.bfloat16)
+    gmm_tiles, tgmm_tiles = (GMM_TILES, TGMM_TILES) if split == "m" else (SPLIT_N, SPLIT_N)
     with plgpu.force_gpu_interpret_mode(plgpu.InterpretGPUParams(detect_races=True)):
-        jax.block_until_ready(gmm(lhs, rhs, jnp.array(sizes), config=GMM_TILES))
+        jax.block_until_ready(gmm(lhs, rhs, jnp.array(sizes), config=gmm_tiles))
         assert not interpret_pallas_call.get_races().races_found
-        jax.block_until_ready(tgmm(lhs, grad, jnp.array(sizes), config=TGMM_TILES))
+        jax.block_until_ready(tgmm(lhs, grad, jnp.array(sizes), config=tgmm_tiles))
         assert not interpret_pallas_call.get_races().races_found
 
 
@@ -261,7 +271,9 @@ def _mosaic_kernels(fn, *args) -> list[str]:
 _products_and_vjps = jax.jit(products_and_vjps, static_argnames=("impl", "transpose_rhs"))
 
 
-@pytest.mark.parametrize("block_size,transpose_rhs", [(1, False), (1, True), (16, False)])
+@pytest.mark.parametrize("block_size,transpose_rhs", [
+    (1, False), pytest.param(1, True, marks=pytest.mark.slow),
+    pytest.param(16, False, marks=pytest.mark.slow)])
 def test_products_and_gradients_match_xla(block_size, transpose_rhs):
     """Block size 1 is the layout jmoe hands impl="mosaic"; 16 a hand-built padded
     one (rows between groups are ignored / zero). Rows outside groups hold garbage."""
