@@ -25,7 +25,8 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 __all__ = ["COMPUTE_WGS", "KERNEL_DTYPES", "FEATURE_MULTIPLE", "H100_SMS", "ROW_MULTIPLE",
            "check_dtypes", "check_features", "default_interpret", "group_starts_or_cumsum",
-           "launch", "num_programs", "pad_rows", "store_rows", "swizzled"]
+           "epilogue_cols", "epilogue_smem", "launch", "num_programs", "pad_rows", "pipeline",
+           "pipeline_allocations", "store_rows", "swizzled"]
 
 # wgmma takes these with float32 accumulation (float32 operands would need tf32).
 KERNEL_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
@@ -78,7 +79,9 @@ def launch(body, out_type, *, name: str, interpret: bool | None):
 def pipeline(body, *, steps, in_specs, stages: int, compute_context=None):
     """The warp-specialized TMA -> SMEM pipeline: the producer warpgroup keeps
     ``stages`` slots of ``in_specs`` tiles in flight, both consumer warpgroups
-    run ``body`` on each (one wgmma in flight: ``delay_release=1``)."""
+    run ``body`` on each and release a slot when ``body`` returns (no
+    ``delay_release``: JAX 0.11.2's warp-specialized pipeline never releases
+    the last delayed slots, so the next work item's loads would race)."""
     return plgpu.emit_pipeline_warp_specialized(
         body, grid=(steps,), memory_registers=PRODUCER_REGISTERS, in_specs=in_specs,
         wg_axis="wg", num_compute_wgs=COMPUTE_WGS, max_concurrent_steps=stages,

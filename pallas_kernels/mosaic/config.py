@@ -66,8 +66,8 @@ class TileConfig:
       block_n: CTA tile columns (output features).
       block_k: contraction per pipeline step: features (``gmm``) or rows
         (``tgmm``); 64 (one 128-byte swizzle row of 16-bit elements) or 128.
-      stages: SMEM slots of the TMA pipeline (>= 2: one wgmma stays in flight
-        while the next slot is consumed).
+      stages: SMEM slots of the TMA pipeline (>= 2: the producer loads one
+        slot while the consumers multiply another).
       band: persistent-grid order: work goes in bands of ``band`` tile
         columns, row by row inside a band, so the CTAs running at once share
         lhs row tiles and weight column tiles in L2.

@@ -19,7 +19,8 @@ producer warpgroup with `common.PRODUCER_REGISTERS` registers issues the TMA
 loads of ``[block_m, block_k]`` lhs and ``[block_k, block_n]`` (or transposed)
 rhs tiles into ``stages`` 128-byte-swizzled SMEM slots; two consumer
 warpgroups each issue wgmma on their half of the CTA tile (``split``) into a
-float32 register accumulator, one wgmma in flight. The producer runs ahead
+float32 register accumulator (the other consumer's wgmma keeps the tensor
+cores busy while one waits for its own). The producer runs ahead
 across work items: while the consumers run an item's epilogue, it is already
 loading the next item's first stages (``plgpu.emit_pipeline_warp_specialized``
 with allocations shared by the whole loop). Epilogue: `common.store_rows`,

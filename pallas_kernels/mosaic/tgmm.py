@@ -12,7 +12,7 @@ producer warpgroup streams ``[block_k, block_m]`` lhs and ``[block_k,
 block_n]`` grad tiles into ``stages`` 128-byte-swizzled SMEM slots, the two
 consumer warpgroups each issue wgmma on their half of the output tile with
 the lhs tile transposed in SMEM, accumulating in float32 registers with one
-wgmma in flight. The producer runs ahead into the next work item.
+wgmma per consumer at a time. The producer runs ahead into the next work item.
 
 Group boundaries: the first and last row blocks of a group also hold rows of
 its neighbours (or padding / garbage past the last group). In those blocks
