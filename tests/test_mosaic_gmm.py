@@ -12,6 +12,7 @@ two bf16 pipelines that accumulate in float32 in different orders, so rounded
 bf16 intermediates may differ by an ulp: relative (norm) error < 1e-2.
 """
 
+import dataclasses
 import functools
 
 import chex
@@ -29,11 +30,18 @@ from product_harness import products_and_vjps
 from jmoe import DroplessMoE, MoEConfig
 from pallas_kernels import products, reference
 from pallas_kernels.mosaic import BACKEND, TileConfig, gmm, tgmm
+from pallas_kernels.mosaic.config import GMM_LARGE_GROUPS, TGMM_DEFAULT
+from pallas_kernels.mosaic.gmm import NO_ITEM, ZERO_ITEM, work_items
 from pallas_kernels.topology import make_topology
 
-# Small tiles so that tiny problems span several row, column and K tiles.
-GMM_TILES = TileConfig(block_m=64, block_n=64, block_k=64, stages=2, band=2)
-TGMM_TILES = TileConfig(block_m=64, block_n=64, block_k=64, stages=3, band=2)
+# Small tiles so that tiny problems span several row, column, K and epilogue
+# tiles: 64x64 per consumer warpgroup, the CTA tile split by rows or columns.
+SPLIT_M = TileConfig(block_m=128, block_n=64, block_k=64, stages=2, band=2, split="m",
+                     epilogue_rows=32)
+SPLIT_N = TileConfig(block_m=64, block_n=128, block_k=64, stages=3, band=2, split="n",
+                     epilogue_rows=16)
+GMM_TILES = SPLIT_M
+TGMM_TILES = dataclasses.replace(SPLIT_M, stages=3)
 F32_TOL = dict(rtol=1e-5, atol=1e-4)
 # name -> (m, group sizes); k = 128, n = 128 unless the test says otherwise.
 CASES = {
@@ -42,7 +50,19 @@ CASES = {
     "all_empty": (64, [0, 0, 0, 0]),
     "many_groups_per_tile": (64, [1, 2, 0, 3, 5, 7, 0, 11]),  # 8 groups in one row tile
     "rows_not_multiple_of_8": (203, [100, 3, 0, 99]),   # padded to 208 rows inside
+    "one_row": (1, [0, 1, 0]),
 }
+# Cases run by the fast suite (interpret mode takes seconds per kernel call);
+# the others are marked slow.
+FAST_CASES = (("random_with_tail", "rhs-m"), ("many_groups_per_tile", "rhs_t-n"),
+              ("random_with_tail", "m"), ("many_groups_per_tile", "n"))
+
+
+def _cases(variants):
+    """``(case, variant)`` params; those not in `FAST_CASES` are marked slow."""
+    return [pytest.param(case, variant, id=f"{case}-{variant}",
+                         marks=() if (case, variant) in FAST_CASES else pytest.mark.slow)
+            for case in CASES for variant in variants]
 
 
 def _operands(m, sizes, k, n, dtype, *, transpose_rhs=False, seed=0):
@@ -75,14 +95,18 @@ def _rel_err(got, want):
 # --------------------------------------------------------------------------- kernels
 
 
-@pytest.mark.parametrize("transpose_rhs", [False, True], ids=["rhs", "rhs_t"])
-@pytest.mark.parametrize("case", CASES)
-def test_gmm_matches_ragged_dot_and_numpy(case, transpose_rhs):
+@pytest.mark.parametrize("case,variant", _cases(["rhs-m", "rhs_t-n", "rhs_t-m"]))
+def test_gmm_matches_ragged_dot_and_numpy(case, variant):
+    """``variant``: plain or transposed weights, CTA tile split by rows or
+    columns (plain weights on column-split tiles: the default-tile tests)."""
+    weights, split = variant.split("-")
+    transpose_rhs = weights == "rhs_t"
     m, sizes = CASES[case]
     lhs, rhs, valid = _operands(m, sizes, 128, 128, jnp.bfloat16, transpose_rhs=transpose_rhs)
     group_sizes = jnp.array(sizes, jnp.int32)
     out = jax.jit(functools.partial(gmm, transpose_rhs=transpose_rhs, out_dtype=jnp.float32,
-                                    config=GMM_TILES))(lhs, rhs, group_sizes)
+                                    config=SPLIT_M if split == "m" else SPLIT_N))(
+        lhs, rhs, group_sizes)
     chex.assert_shape(out, (m, 128))
     assert out.dtype == jnp.float32
     assert not np.any(np.asarray(out)[~valid]), "rows in no group must be exactly zero"
@@ -95,12 +119,13 @@ def test_gmm_matches_ragged_dot_and_numpy(case, transpose_rhs):
     chex.assert_trees_all_close(out, ragged, **F32_TOL)
 
 
-@pytest.mark.parametrize("case", CASES)
-def test_tgmm_matches_ragged_dot_general_and_numpy(case):
+@pytest.mark.parametrize("case,split", _cases(["m", "n"]))
+def test_tgmm_matches_ragged_dot_general_and_numpy(case, split):
     m, sizes = CASES[case]
     lhs, grad, valid = _operands(m, sizes, 128, 192, jnp.bfloat16, transpose_rhs=None)
     group_sizes = jnp.array(sizes, jnp.int32)
-    out = jax.jit(functools.partial(tgmm, out_dtype=jnp.float32, config=TGMM_TILES))(
+    config = TGMM_TILES if split == "m" else SPLIT_N
+    out = jax.jit(functools.partial(tgmm, out_dtype=jnp.float32, config=config))(
         lhs, grad, group_sizes)
     chex.assert_shape(out, (len(sizes), 128, 192))
     for e, size in enumerate(sizes):
@@ -117,7 +142,37 @@ def test_tgmm_matches_ragged_dot_general_and_numpy(case):
     chex.assert_trees_all_close(out, ragged, **F32_TOL)
 
 
-@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16], ids=["bf16", "f16"])
+@pytest.mark.parametrize("gaps", [False, True], ids=["ragged", "gaps"])
+def test_work_items_cover_every_row_once(gaps):
+    """The gmm work list: every row lies in exactly one used item, whose group
+    is the row's group (or ZERO_ITEM), inside the item's row tile; items are
+    in row order and each (tile, segment) pair meets, within the static bound."""
+    rng = np.random.default_rng(7)
+    block_m, num_rows = 64, 200
+    for _ in range(20):
+        sizes = rng.integers(0, 40, 6) * (rng.random(6) < 0.8)
+        skips = rng.integers(0, 9, 6) if gaps else np.zeros(6, int)
+        starts = np.cumsum(skips + np.concatenate([[0], sizes[:-1]]))
+        if starts[-1] + sizes[-1] > num_rows:
+            continue
+        items = np.asarray(work_items(jnp.asarray(starts, jnp.int32), jnp.asarray(sizes, jnp.int32),
+                                      num_rows, block_m, gaps=gaps))
+        assert items.shape == (4, -(-num_rows // block_m) + 6 * (2 if gaps else 1))
+        owner = np.full(num_rows, ZERO_ITEM)
+        for e, (s, z) in enumerate(zip(starts, sizes)):
+            owner[s:s + z] = e
+        seen = np.zeros(num_rows, int)
+        used = items[:, items[1] != NO_ITEM]
+        assert np.all(np.diff(used[2]) >= 0), "items in row order"
+        for tile, group, lo, hi in used.T:
+            assert tile * block_m <= lo < hi <= min(tile * block_m + block_m, num_rows)
+            assert np.all(owner[lo:hi] == group)
+            seen[lo:hi] += 1
+        np.testing.assert_array_equal(seen, 1)
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, pytest.param(jnp.float16, marks=pytest.mark.slow)],
+                         ids=["bf16", "f16"])
 def test_low_precision_outputs_and_default_tiles(dtype):
     """Default tile configs, outputs in the input dtype: one final rounding."""
     m, sizes = CASES["random_with_tail"]
@@ -164,17 +219,21 @@ def test_explicit_group_starts_leave_gaps_zero():
     chex.assert_trees_all_close(np.asarray(dw, np.float64), expected_dw, **F32_TOL)
 
 
-def test_interpreter_finds_no_races():
+@pytest.mark.parametrize("split", ["m", pytest.param("n", marks=pytest.mark.slow)])
+def test_interpreter_finds_no_races(split):
     """The interpreter's happens-before race detector (TMA copies, SMEM reads and
-    writes, barriers) on boundary-heavy problems: e.g. rewriting the epilogue
-    tile before the previous tile's TMA store has read it is reported."""
+    writes, barriers) on boundary-heavy problems: e.g. rewriting an epilogue
+    slot before its TMA stores have read it, a consumer's wgmma reading a tgmm
+    boundary tile before the other consumer has masked it, or the producer
+    refilling a slot a consumer still reads are reported."""
     m, sizes = CASES["many_groups_per_tile"]
     lhs, rhs, _ = _operands(m, sizes, 128, 128, jnp.bfloat16)
     grad = jnp.ones((m, 64), jnp.bfloat16)
+    gmm_tiles, tgmm_tiles = (GMM_TILES, TGMM_TILES) if split == "m" else (SPLIT_N, SPLIT_N)
     with plgpu.force_gpu_interpret_mode(plgpu.InterpretGPUParams(detect_races=True)):
-        jax.block_until_ready(gmm(lhs, rhs, jnp.array(sizes), config=GMM_TILES))
+        jax.block_until_ready(gmm(lhs, rhs, jnp.array(sizes), config=gmm_tiles))
         assert not interpret_pallas_call.get_races().races_found
-        jax.block_until_ready(tgmm(lhs, grad, jnp.array(sizes), config=TGMM_TILES))
+        jax.block_until_ready(tgmm(lhs, grad, jnp.array(sizes), config=tgmm_tiles))
         assert not interpret_pallas_call.get_races().races_found
 
 
@@ -191,8 +250,14 @@ def test_invalid_operands_raise():
         gmm(lhs, jnp.zeros((2, 128, 64), jnp.bfloat16), sizes, transpose_rhs=True)
     with pytest.raises(ValueError, match=r"group_sizes must be \[E=2\]"):
         gmm(lhs, jnp.zeros((2, 128, 64), jnp.bfloat16), jnp.array([64]))
-    with pytest.raises(ValueError, match="block_m"):
-        TileConfig(block_m=128, block_n=256, block_k=64, stages=3)
+    with pytest.raises(ValueError, match="block_m"):  # 128x256 per warpgroup: 256 registers
+        TileConfig(block_m=256, block_n=256, block_k=64, stages=3)
+    with pytest.raises(ValueError, match="multiples of 64"):  # 32 rows per warpgroup
+        TileConfig(block_m=64, block_n=128, block_k=64, stages=3, split="m")
+    with pytest.raises(ValueError, match="split"):
+        TileConfig(block_m=128, block_n=128, block_k=64, stages=3, split="k")
+    with pytest.raises(ValueError, match="epilogue_rows"):
+        TileConfig(block_m=128, block_n=128, block_k=64, stages=3, epilogue_rows=48)
 
 
 # --------------------------------------------------------------------------- products
@@ -207,7 +272,9 @@ def _mosaic_kernels(fn, *args) -> list[str]:
 _products_and_vjps = jax.jit(products_and_vjps, static_argnames=("impl", "transpose_rhs"))
 
 
-@pytest.mark.parametrize("block_size,transpose_rhs", [(1, False), (1, True), (16, False)])
+@pytest.mark.parametrize("block_size,transpose_rhs", [
+    (1, False), pytest.param(1, True, marks=pytest.mark.slow),
+    pytest.param(16, False, marks=pytest.mark.slow)])
 def test_products_and_gradients_match_xla(block_size, transpose_rhs):
     """Block size 1 is the layout jmoe hands impl="mosaic"; 16 a hand-built padded
     one (rows between groups are ignored / zero). Rows outside groups hold garbage."""
@@ -290,6 +357,26 @@ def test_dropless_layer_forward_backward_matches_xla():
                               jax.tree.leaves(grads), jax.tree.leaves(grads_xla)):
         assert np.all(np.isfinite(_numpy(g))), path[0]
         assert _rel_err(_numpy(g), _numpy(g_xla)) < 1e-2, path[0]
+
+
+@pytest.mark.slow
+def test_production_tiles_match_numpy():
+    """The 256x128 production tiles (128x128 per consumer warpgroup, 4 stages,
+    two 64-row epilogue tiles per consumer) in interpret mode, with a group
+    boundary inside a row tile, an empty group and NaN/Inf rows past the groups."""
+    sizes, m, k, n = [300, 0, 190, 10], 520, 256, 256
+    lhs, rhs, valid = _operands(m, sizes, k, n, jnp.bfloat16, seed=9)
+    grad = jnp.asarray(np.where(valid[:, None], np.random.default_rng(9).standard_normal((m, n)),
+                                np.inf), jnp.bfloat16)
+    out = gmm(lhs, rhs, jnp.array(sizes), out_dtype=jnp.float32, config=GMM_LARGE_GROUPS)
+    dw = tgmm(lhs, grad, jnp.array(sizes), out_dtype=jnp.float32, config=TGMM_DEFAULT)
+    masked = [_numpy(jnp.where(valid[:, None], x, 0)) for x in (lhs, grad)]
+    chex.assert_trees_all_close(
+        np.asarray(out, np.float64),
+        ref.grouped_matmul(masked[0], _numpy(rhs), sizes, block_size=1), **F32_TOL)
+    chex.assert_trees_all_close(np.asarray(dw, np.float64),
+                                ref.weight_grad(*masked, sizes, block_size=1), **F32_TOL)
+    assert not np.any(np.asarray(dw[1])), "empty group must give exact zeros"
 
 
 @pytest.mark.slow

@@ -77,13 +77,19 @@ def test_float16_lowers(kind):
 
 
 def test_small_group_shapes_get_narrow_tall_tiles():
-    """DeepSeek-like layers (~128 rows per expert) use 64-row tiles; Mixtral 128."""
+    """DeepSeek-like layers (~128 rows per expert) use 128-row CTA tiles split by
+    columns; Mixtral 256-row tiles split by rows: 128x128 per consumer warpgroup,
+    four 48 KB stages plus the 32 KB tiled epilogue."""
     deepseek, mixtral = BENCHMARK_SHAPES["deepseek"], BENCHMARK_SHAPES["mixtral"]
     rows = lambda s: s.tokens * s.top_k
     small = gmm_config(rows(deepseek), deepseek.d_ff, deepseek.num_experts, BF16, BF16)
     large = gmm_config(rows(mixtral), mixtral.d_ff, mixtral.num_experts, BF16, BF16)
-    assert (small.block_m, small.block_n) == (64, 256)
-    assert (large.block_m, large.block_n) == (128, 128)
+    assert (small.block_m, small.block_n, small.split) == (128, 256, "n")
+    assert (large.block_m, large.block_n, large.split) == (256, 128, "m")
+    for config in (small, large, tgmm_config(deepseek.d_model, deepseek.d_ff, BF16, jnp.float32)):
+        assert config.warpgroup_tile == (128, 128)
+        assert config.stages == 4
+        assert config.smem_bytes(BF16, BF16) == 4 * 48 * 1024 + 32 * 1024 <= SMEM_BUDGET
 
 
 def test_over_budget_config_fails_to_lower():

@@ -1,4 +1,5 @@
-"""What the Mosaic GPU kernels share: operand rules, SMEM layouts, where they run.
+"""What the Mosaic GPU kernels share: operand rules, SMEM layouts, the
+warp-specialized launch, the tiled epilogue, where they run.
 
 Operand rules come from the TMA engine as Mosaic GPU drives it: every 2-D
 tile lives in shared memory swizzled in 128-byte rows and tiled ``(8, 64)``
@@ -6,18 +7,26 @@ tile lives in shared memory swizzled in 128-byte rows and tiled ``(8, 64)``
 So the feature dimensions (``k``, ``n``) must be multiples of 64 and the row
 count a multiple of 8; rows are padded up to 8 here (a copy, only when needed),
 features are checked (every production MoE width is a multiple of 64).
+
+Launch: `NUM_THREADS` warpgroups per CTA (axis ``"wg"``): `COMPUTE_WGS`
+consumer warpgroups (indices 0, 1) that issue wgmma and run the epilogue, and
+one producer warpgroup (index 2) that only issues TMA loads and keeps
+`PRODUCER_REGISTERS` registers per thread, giving the rest to the consumers.
 """
 
 from __future__ import annotations
 
+import functools
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-__all__ = ["KERNEL_DTYPES", "FEATURE_MULTIPLE", "H100_SMS", "ROW_MULTIPLE", "check_dtypes",
-           "check_features", "default_interpret", "group_starts_or_cumsum", "interpret_params",
-           "num_programs", "pad_rows", "rows_in", "swizzled"]
+__all__ = ["COMPUTE_WGS", "KERNEL_DTYPES", "FEATURE_MULTIPLE", "H100_SMS", "ROW_MULTIPLE",
+           "check_dtypes", "check_features", "default_interpret", "group_starts_or_cumsum",
+           "epilogue_cols", "epilogue_smem", "launch", "num_programs", "pad_rows", "pipeline",
+           "pipeline_allocations", "store_rows", "swizzled"]
 
 # wgmma takes these with float32 accumulation (float32 operands would need tf32).
 KERNEL_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
@@ -27,7 +36,10 @@ ROW_MULTIPLE = 8
 H100_SMS = 132
 # Simulated SMs under the interpreter: > 1 so that every test exercises the
 # persistent loop's striding, small because each one is interpreted in turn.
-INTERPRET_PROGRAMS = 3
+INTERPRET_PROGRAMS = 2
+COMPUTE_WGS = 2
+NUM_THREADS = COMPUTE_WGS + 1
+PRODUCER_REGISTERS = 40  # TMA issue only: addresses and loop counters
 
 
 def _target_device():
@@ -42,18 +54,46 @@ def default_interpret() -> bool:
     return _target_device().platform != "gpu"
 
 
-def interpret_params(interpret: bool):
-    """``plgpu.kernel``'s ``interpret=``: GPU interpret mode (uninitialized memory
-    reads as NaN, out-of-bounds non-TMA reads raise) or compiled."""
-    return plgpu.InterpretGPUParams() if interpret else None
-
-
 def num_programs(interpret: bool) -> int:
     """CTAs of the persistent grid: one per SM (or `INTERPRET_PROGRAMS`)."""
     if interpret:
         return INTERPRET_PROGRAMS
     device = _target_device()
     return getattr(device, "core_count", None) or getattr(device, "num_cores", None) or H100_SMS
+
+
+def launch(body, out_type, *, name: str, interpret: bool | None):
+    """``plgpu.kernel`` of a persistent warp-specialized kernel: one CTA per SM
+    (grid axis ``"sm"``), `NUM_THREADS` warpgroups (axis ``"wg"``), warpgroup
+    lowering semantics; GPU interpret mode unless compiling for a GPU."""
+    interpret = default_interpret() if interpret is None else interpret
+    return plgpu.kernel(
+        body, out_type=out_type, grid=(num_programs(interpret),), grid_names=("sm",),
+        num_threads=NUM_THREADS, thread_name="wg",
+        compiler_params=plgpu.CompilerParams(
+            lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
+        interpret=plgpu.InterpretGPUParams() if interpret else None,
+        kernel_name=name)
+
+
+def pipeline(body, *, steps, in_specs, stages: int, compute_context=None):
+    """The warp-specialized TMA -> SMEM pipeline: the producer warpgroup keeps
+    ``stages`` slots of ``in_specs`` tiles in flight, both consumer warpgroups
+    run ``body`` on each and release a slot when ``body`` returns (no
+    ``delay_release``: JAX 0.11.2's warp-specialized pipeline never releases
+    the last delayed slots, so the next work item's loads would race)."""
+    return plgpu.emit_pipeline_warp_specialized(
+        body, grid=(steps,), memory_registers=PRODUCER_REGISTERS, in_specs=in_specs,
+        wg_axis="wg", num_compute_wgs=COMPUTE_WGS, max_concurrent_steps=stages,
+        compute_context=compute_context)
+
+
+def pipeline_allocations(in_specs, stages: int, *refs):
+    """SMEM slots and barriers of `pipeline`, allocated once for the whole
+    persistent loop so that work items do not re-allocate (and resynchronise)."""
+    ignore = lambda *_, **__: None
+    return pipeline(ignore, steps=stages, in_specs=in_specs, stages=stages,
+                    compute_context=ignore).get_allocations(*refs)
 
 
 def swizzled(minor: int, dtype) -> tuple:
@@ -64,13 +104,70 @@ def swizzled(minor: int, dtype) -> tuple:
     return plgpu.TilingTransform((8, swizzle // itemsize)), plgpu.SwizzleTransform(swizzle)
 
 
-def rows_in(row0, num_rows: int, start, end, shape) -> jax.Array:
-    """``shape`` bool (WGMMA layout): rows ``row0 + i`` of a tile that lie in
-    ``[start, end)``. Built from a per-row vector (a few registers per thread)
-    broadcast along the columns, not a full-tile iota."""
-    rows = plgpu.broadcasted_iota(jnp.int32, (num_rows,), 0,
-                                  layout=plgpu.Layout.WGMMA.reduce(1)) + row0
-    return lax.broadcast_in_dim((rows >= start) & (rows < end), shape, [0])
+def epilogue_cols(dtype) -> int:
+    """Columns of an epilogue tile: one 128-byte row of ``dtype``."""
+    return 128 // jnp.dtype(dtype).itemsize
+
+
+def epilogue_smem(rows: int, dtype):
+    """Double-buffered epilogue tiles of every consumer warpgroup:
+    ``[COMPUTE_WGS, 2, rows, epilogue_cols]``. Unswizzled, so a partial store
+    may start at any row."""
+    return plgpu.SMEM((COMPUTE_WGS, 2, rows, epilogue_cols(dtype)), dtype)
+
+
+def _wait_reads_but(pending):
+    """Waits until at most ``pending`` (traced, 0..7: the stores of one
+    epilogue tile) TMA stores of this warpgroup still read SMEM; Mosaic GPU's
+    ``wait_smem_to_gmem`` takes a static count."""
+    for count in range(8):
+        pl.when(pending == count)(
+            functools.partial(plgpu.wait_smem_to_gmem, count, wait_read_only=True))
+
+
+def store_rows(out_smem, acc, out_gmem, row0, col0, lo, hi):
+    """Tiled, double-buffered epilogue of one consumer warpgroup.
+
+    ``acc [rows, cols]`` (registers, output dtype) goes to ``out_gmem``
+    ``[total_rows, total_cols]`` at ``(row0 + i, col0 + c)`` through
+    ``epilogue_rows x 128-byte`` SMEM tiles (`epilogue_smem`). Only rows in
+    ``[lo, hi)`` and columns below ``total_cols`` are stored. A tile's rows go
+    out in at most ``log2(epilogue_rows) + 1`` TMA stores of power-of-two
+    heights (a static descriptor each, the binary digits of the row count), so
+    a full tile is one store. A slot is rewritten once the stores of the tile
+    before it are the only ones that may still read SMEM: one tile's stores
+    overlap the next tile's copy out of registers.
+    """
+    wg = lax.axis_index("wg")
+    rows, cols = acc.shape
+    tile_rows, tile_cols = out_smem.shape[2:]
+    total_cols = out_gmem.shape[1]
+    pending = None  # stores issued for the previous tile (the other slot)
+    for index, (r0, c0) in enumerate((r, c) for r in range(0, rows, tile_rows)
+                                     for c in range(0, cols, tile_cols)):
+        slot = out_smem.at[wg, index % 2]
+        if pending is None:
+            plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous work item's
+        else:
+            _wait_reads_but(pending)
+        slot[...] = acc[r0:r0 + tile_rows, c0:c0 + tile_cols]
+        plgpu.commit_smem()
+        top = row0 + r0
+        first = jnp.clip(lo - top, 0, tile_rows)
+        count = jnp.clip(hi - top, 0, tile_rows) - first
+        count = jnp.where(col0 + c0 < total_cols, count, 0)
+        pending = jnp.int32(0)
+        for bit in reversed(range(tile_rows.bit_length())):
+            height = 1 << bit
+
+            @pl.when(count & height != 0)
+            def _(first=first, height=height):
+                plgpu.copy_smem_to_gmem(
+                    slot.at[pl.ds(first, height)],
+                    out_gmem.at[pl.ds(top + first, height), pl.ds(col0 + c0, tile_cols)])
+
+            first = first + (count & height)
+            pending = pending + jnp.minimum(count & height, 1)
 
 
 def check_dtypes(name: str, *arrays):

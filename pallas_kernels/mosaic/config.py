@@ -1,14 +1,21 @@
-"""Tile configurations of the Mosaic GPU grouped GEMMs and their defaults.
+"""Tile configurations of the warp-specialized Mosaic GPU grouped GEMMs.
 
-One consumer warpgroup (128 threads) computes a ``block_m x block_n`` float32
-accumulator in registers: ``block_m * block_n / 128`` registers per thread, so
-at most 128x128 or 64x256 (128 registers). wgmma issues ``m64 n(block_n) k16``
-instructions, so ``block_m`` is a multiple of 64 and the widest instruction
-(``n256``) needs ``block_n = 256``.
+A CTA computes one ``block_m x block_n`` output tile with two consumer
+warpgroups, each holding half of it as a float32 accumulator in registers:
+split along rows (``split="m"``: ``block_m / 2 x block_n`` each) or columns
+(``split="n"``: ``block_m x block_n / 2``). A warpgroup's half is at most
+128x128 float32 (128 registers per thread of the 232 a consumer gets when the
+producer warpgroup keeps 40), and its sides are multiples of 64 (wgmma
+``m64``; 128-byte swizzled operand slices).
 
 Shared memory per CTA (227 KB usable of the 228 KB per H100 SM):
-``stages * (block_m * block_k + block_k * block_n) * in_bytes`` for the
-pipeline plus ``block_m * block_n * out_bytes`` for the epilogue tile.
+``stages * (block_m + block_n) * block_k * in_bytes`` for the pipeline plus the
+tiled epilogue, ``2 warpgroups x 2 slots x epilogue_rows x 128 B`` (32 KB at
+the default 64 rows, whatever the output dtype), plus a few hundred bytes of
+barriers. At 256x128 (or 128x256) with ``block_k = 64`` a stage is 48 KB:
+4 stages + epilogue = 224 KB. A fifth stage (240 KB of stages alone) does not
+fit at this tile and ``block_k``; the tiled epilogue is what keeps the fourth
+(a full-tile epilogue would take 64 KB bf16 / 128 KB float32).
 
 The defaults were chosen for three layer shapes (`BENCHMARK_SHAPES`):
 
@@ -16,23 +23,22 @@ The defaults were chosen for three layer shapes (`BENCHMARK_SHAPES`):
 * OLMoE (T 8192, d 2048, ffn 1024, E 64, k 8): ~1024 rows per group;
 * DeepSeek-V3-like (T 4096, d 7168, ffn 2048, E 256, k 8): ~128 rows per group.
 
-``gmm``: a row tile that straddles ``j`` group boundaries is computed ``j + 1``
-times (once per group, see ``gmm.py``), about one extra tile per group. With
-``block_m = 128`` that is +6% tiles for Mixtral and +12% for OLMoE, but +100%
-for 128-row DeepSeek groups; there ``block_m = 64`` halves the waste and
-``block_n = 256`` keeps the wgmma at its widest. Hence `GMM_LARGE_GROUPS`
-(128x128) from `LARGE_GROUP_ROWS` rows per group on, `GMM_SMALL_GROUPS` (64x256)
-below. ``block_k = 64`` is one 128-byte swizzle row of bf16; four stages keep
-three TMA loads in flight while one wgmma runs (160-192 KB of SMEM).
+``gmm`` computes a row tile that meets ``j`` groups ``j`` times (one work item
+per (row tile, group), see ``gmm.py``), about one extra row tile per group
+boundary: with ``block_m = 256`` +13% tiles for Mixtral, +25% for OLMoE, but
+about +200% for 128-row DeepSeek groups. There ``block_m = 128`` (and
+``block_n = 256``, split by columns) keeps each warpgroup at 128x128 and the
+waste at about +100%. Hence `GMM_LARGE_GROUPS` (256x128, split by rows) from
+`LARGE_GROUP_ROWS` rows per group on, `GMM_SMALL_GROUPS` (128x256, split by
+columns) below.
 
-``tgmm`` (weight gradients): a 128x128 output tile of ``[k, n]`` per expert,
-contracting 64 rows per step, four stages, a float32 epilogue tile: 192 KB.
-Its cost per expert does not depend on where group boundaries fall, so one
-config serves all three shapes.
+``tgmm`` (weight gradients): a 256x128 output tile of ``[k, n]`` per expert,
+split by rows, contracting 64 rows per step. Its cost per expert does not
+depend on where group boundaries fall, so one config serves all shapes.
 
 Every default lowers for sm_90 within the SMEM budget for the three shapes
-(``tests/test_mosaic_lowering.py``); the timings that would refine them are
-taken on a GPU by ``benchmarks/gpu_bench.py``.
+(``tests/test_mosaic_lowering.py``); no timing has been taken on a GPU yet:
+``benchmarks/gpu_bench.py`` measures them when one is lent.
 """
 
 from __future__ import annotations
@@ -55,17 +61,20 @@ class TileConfig:
     """Tiles of one kernel launch.
 
     Attributes:
-      block_m: accumulator rows: lhs rows per tile (``gmm``) or lhs features
-        per tile (``tgmm``, the ``k`` of ``[E, k, n]``); a multiple of 64.
-      block_n: accumulator columns (output features); a multiple of 64, <= 256.
+      block_m: CTA tile rows: lhs rows per tile (``gmm``) or lhs features per
+        tile (``tgmm``, the ``k`` of ``[E, k, n]``).
+      block_n: CTA tile columns (output features).
       block_k: contraction per pipeline step: features (``gmm``) or rows
-        (``tgmm``, whose boundary masking loads tiles in the 64-row WGMMA
-        register layout); 64 (one 128-byte swizzle row of 16-bit elements) or 128.
-      stages: SMEM buffers of the TMA pipeline (>= 2: one wgmma stays in
-        flight while the next stage is consumed).
-      band: persistent-grid order: output tiles go in bands of ``band`` tile
+        (``tgmm``); 64 (one 128-byte swizzle row of 16-bit elements) or 128.
+      stages: SMEM slots of the TMA pipeline (>= 2: the producer loads one
+        slot while the consumers multiply another).
+      band: persistent-grid order: work goes in bands of ``band`` tile
         columns, row by row inside a band, so the CTAs running at once share
         lhs row tiles and weight column tiles in L2.
+      split: how the two consumer warpgroups share the CTA tile: ``"m"``
+        (each ``block_m / 2`` rows) or ``"n"`` (each ``block_n / 2`` columns).
+      epilogue_rows: rows of an epilogue SMEM tile (128 bytes wide); a power
+        of two dividing the warpgroup's rows.
     """
 
     block_m: int
@@ -73,26 +82,48 @@ class TileConfig:
     block_k: int
     stages: int
     band: int = 8
+    split: str = "m"
+    epilogue_rows: int = 64
 
     def __post_init__(self):
-        if self.block_m <= 0 or self.block_m % 64:
-            raise ValueError(f"block_m must be a positive multiple of 64, got {self.block_m}")
-        if self.block_n <= 0 or self.block_n % 64 or self.block_n > 256:
-            raise ValueError(f"block_n must be 64, 128, 192 or 256, got {self.block_n}")
-        if self.block_m * self.block_n > MAX_ACC_ELEMENTS:
-            raise ValueError(f"block_m * block_n must be <= {MAX_ACC_ELEMENTS} (one warpgroup's "
-                             f"registers), got {self.block_m}x{self.block_n}")
+        if self.split not in ("m", "n"):
+            raise ValueError(f"split must be 'm' or 'n', got {self.split!r}")
+        for name, size in (("block_m", self.block_m), ("block_n", self.block_n)):
+            if size <= 0 or size % 64:
+                raise ValueError(f"{name} must be a positive multiple of 64, got {size}")
+        wg_m, wg_n = self.warpgroup_tile
+        if wg_m % 64 or wg_n % 64:
+            raise ValueError(f"block_m x block_n = {self.block_m}x{self.block_n} split along "
+                             f"{self.split} gives {wg_m}x{wg_n} per warpgroup; both must be "
+                             "multiples of 64")
+        if wg_m * wg_n > MAX_ACC_ELEMENTS or wg_n > 256:
+            raise ValueError(f"block_m x block_n = {self.block_m}x{self.block_n} gives "
+                             f"{wg_m}x{wg_n} per warpgroup; at most {MAX_ACC_ELEMENTS} float32 "
+                             "accumulators (128 registers per thread) and 256 columns")
         if self.block_k not in (64, 128):
             raise ValueError(f"block_k must be 64 or 128, got {self.block_k}")
         if self.stages < 2:
             raise ValueError(f"stages must be >= 2, got {self.stages}")
         if self.band < 1:
             raise ValueError(f"band must be >= 1, got {self.band}")
+        rows = self.epilogue_rows
+        if rows < 8 or rows & (rows - 1) or wg_m % rows:
+            raise ValueError(f"epilogue_rows must be a power of two >= 8 dividing the "
+                             f"warpgroup's {wg_m} rows, got {rows}")
+
+    @property
+    def warpgroup_tile(self) -> tuple[int, int]:
+        """``(rows, columns)`` of one consumer warpgroup's accumulator."""
+        if self.split == "m":
+            return self.block_m // 2, self.block_n
+        return self.block_m, self.block_n // 2
 
     def smem_bytes(self, in_dtype, out_dtype) -> int:
-        """Shared memory of the pipeline buffers and the epilogue tile."""
+        """Shared memory of the pipeline slots and the tiled epilogue (the
+        epilogue tiles are 128 bytes wide in any ``out_dtype``)."""
+        del out_dtype
         step = (self.block_m + self.block_n) * self.block_k * jnp.dtype(in_dtype).itemsize
-        return self.stages * step + self.block_m * self.block_n * jnp.dtype(out_dtype).itemsize
+        return self.stages * step + 2 * 2 * self.epilogue_rows * 128
 
 
 class LayerShape(NamedTuple):
@@ -112,28 +143,33 @@ BENCHMARK_SHAPES = {
 }
 
 LARGE_GROUP_ROWS = 1024
-GMM_LARGE_GROUPS = TileConfig(block_m=128, block_n=128, block_k=64, stages=4)
-GMM_SMALL_GROUPS = TileConfig(block_m=64, block_n=256, block_k=64, stages=4)
-TGMM_DEFAULT = TileConfig(block_m=128, block_n=128, block_k=64, stages=4)
-
-
-def _fit(config: TileConfig, in_dtype, out_dtype, *, m_extent: int, n_extent: int) -> TileConfig:
-    """Shrinks tiles to the problem and stages to the SMEM budget."""
-    config = dataclasses.replace(config, block_m=min(config.block_m, m_extent),
-                                 block_n=min(config.block_n, n_extent))
-    while config.smem_bytes(in_dtype, out_dtype) > SMEM_BUDGET and config.stages > 2:
-        config = dataclasses.replace(config, stages=config.stages - 1)
-    return config
+GMM_LARGE_GROUPS = TileConfig(block_m=256, block_n=128, block_k=64, stages=4, split="m")
+GMM_SMALL_GROUPS = TileConfig(block_m=128, block_n=256, block_k=64, stages=4, split="n")
+TGMM_DEFAULT = TileConfig(block_m=256, block_n=128, block_k=64, stages=4, split="m")
 
 
 def _round_up(x: int, multiple: int) -> int:
     return -(-x // multiple) * multiple
 
 
+def _fit(config: TileConfig, in_dtype, out_dtype, *, m_extent: int, n_extent: int) -> TileConfig:
+    """Shrinks tiles to the problem (keeping each warpgroup's side a multiple
+    of 64) and stages to the SMEM budget."""
+    split_m = config.split == "m"
+    block_m = min(config.block_m, _round_up(m_extent, 128 if split_m else 64))
+    block_n = min(config.block_n, _round_up(n_extent, 64 if split_m else 128))
+    config = dataclasses.replace(
+        config, block_m=block_m, block_n=block_n,
+        epilogue_rows=min(config.epilogue_rows, block_m // 2 if split_m else block_m))
+    while config.smem_bytes(in_dtype, out_dtype) > SMEM_BUDGET and config.stages > 2:
+        config = dataclasses.replace(config, stages=config.stages - 1)
+    return config
+
+
 def gmm_config(m: int, n: int, num_groups: int, in_dtype, out_dtype) -> TileConfig:
     """Default tiles of ``gmm`` for ``m`` rows in ``num_groups`` groups, ``n`` outputs."""
     base = GMM_LARGE_GROUPS if m >= LARGE_GROUP_ROWS * num_groups else GMM_SMALL_GROUPS
-    return _fit(base, in_dtype, out_dtype, m_extent=_round_up(m, 64), n_extent=n)
+    return _fit(base, in_dtype, out_dtype, m_extent=m, n_extent=n)
 
 
 def tgmm_config(k: int, n: int, in_dtype, out_dtype) -> TileConfig:

@@ -1,26 +1,34 @@
 """Grouped GEMM ``out[rows of group e] = lhs[rows of group e] @ rhs[e]`` for sm_90.
 
-Work decomposition (persistent grid): the output ``[m, n]`` is cut into
-``block_m x block_n`` tiles, each written by exactly one work item with one
-full-tile TMA store, so no two CTAs ever write the same rows. A row tile meets
-``count >= 0`` groups (row ranges ``[start_e, start_e + size_e)``, from group
-metadata in GMEM); the work item runs its K pipeline once per group that meets
-it (weights ``rhs[e]``) and merges the rows of group ``e`` into the epilogue
-tile with a select. Rows in no group (past the last group, or between groups
-of a padded layout) come out exactly zero; input rows there are never used,
-so even NaN garbage cannot leak (a select, not a multiply). A row tile inside
-one group (the common case) takes a single pass and no select.
+Work list (built on device by `work_items`, no host sync): the rows
+``[0, m)`` are cut into segments, each group's row range and the ranges that
+belong to no group (between groups of a padded layout, past the last group).
+A work item is one (row tile, segment) pair that meets: a row tile inside
+one group is one item; a tile straddling ``j`` segments is ``j`` items, each
+computing the whole tile with its segment's weights and storing only its
+segment's rows (a partial store). Items of rows in no group skip the K loop
+and store zeros, so those rows come out exactly zero whatever the input
+holds there (NaN rows of lhs only reach accumulator rows that are never
+stored: a row of ``lhs @ rhs`` depends on that row alone). The list has a
+static length ``cdiv(m, block_m) + E`` (ragged layout) or ``+ 2E``
+(explicit ``group_starts``, gaps possible); unused entries are no-ops.
 
-Per pass: a ``stages``-deep TMA pipeline (``plgpu.emit_pipeline``) streams
-``[block_m, block_k]`` lhs and ``[block_k, block_n]`` (or transposed) rhs tiles
-into 128-byte-swizzled SMEM; one warpgroup issues wgmma into a float32
-register accumulator, keeping one wgmma in flight (``delay_release=1`` +
-``wgmma_wait(1)``). The epilogue casts to ``out_dtype`` into a swizzled SMEM
-tile and TMA-stores it; the store drains while the next tile's main loop
-runs (it is awaited only before the epilogue tile is rewritten).
+Persistent, warp-specialized CTAs: one CTA per SM strides over (work item,
+column tile) pairs in banded order (``plgpu.planar_snake``). Per CTA, a
+producer warpgroup with `common.PRODUCER_REGISTERS` registers issues the TMA
+loads of ``[block_m, block_k]`` lhs and ``[block_k, block_n]`` (or transposed)
+rhs tiles into ``stages`` 128-byte-swizzled SMEM slots; two consumer
+warpgroups each issue wgmma on their half of the CTA tile (``split``) into a
+float32 register accumulator (the other consumer's wgmma keeps the tensor
+cores busy while one waits for its own). The producer runs ahead
+across work items: while the consumers run an item's epilogue, it is already
+loading the next item's first stages (``plgpu.emit_pipeline_warp_specialized``
+with allocations shared by the whole loop). Epilogue: `common.store_rows`,
+64-row double-buffered SMEM tiles per consumer and TMA stores of the item's
+rows only.
 
-Edges: TMA zero-fills reads past the array (partial K, N and M tiles) and
-clips stores to it.
+Edges: TMA zero-fills reads past the array (partial K, N and M tiles); the
+epilogue never stores past ``m`` or ``n``.
 """
 
 from __future__ import annotations
@@ -36,100 +44,126 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from pallas_kernels.mosaic import common
 from pallas_kernels.mosaic.config import TileConfig, gmm_config
 
-__all__ = ["gmm", "row_tile_groups"]
+__all__ = ["gmm", "work_items", "ZERO_ITEM", "NO_ITEM"]
+
+ZERO_ITEM = -1  # the group field of an item whose rows belong to no group
+NO_ITEM = -2  # the group field of an unused list entry
 
 
-def row_tile_groups(starts: jax.Array, sizes: jax.Array, num_rows: int, block_m: int):
-    """Which groups meet each ``block_m``-row tile of ``[0, num_rows)``.
+def work_items(starts: jax.Array, sizes: jax.Array, num_rows: int, block_m: int, *,
+               gaps: bool) -> jax.Array:
+    """The (row tile, segment) work list of ``gmm`` over rows ``[0, num_rows)``.
 
     Groups must be ordered by start and disjoint (true of every jmoe layout).
 
+    Args:
+      starts, sizes: ``[E] int32`` group row ranges.
+      gaps: whether rows between groups may exist (explicit ``group_starts``);
+        without, only rows past the last group belong to no group.
+
     Returns:
-      ``[3, cdiv(num_rows, block_m)] int32``: per row tile, the first group
-      that may meet it, how many consecutive groups to visit (0: none; empty
-      groups among them are skipped), and 1 if a single group covers the tile.
+      ``[4, cdiv(num_rows, block_m) + E (+ E with gaps)] int32``, per item:
+      row tile ``t``, group (or `ZERO_ITEM`, `NO_ITEM`), and the item's rows
+      ``[lo, hi)`` inside tile ``t``. Items are in row order.
     """
+    num_groups = starts.shape[0]
     ends = starts + sizes
-    tile_start = jnp.arange(pl.cdiv(num_rows, block_m), dtype=jnp.int32) * block_m
-    tile_end = jnp.minimum(tile_start + block_m, num_rows)
-    first = jnp.searchsorted(ends, tile_start, side="right").astype(jnp.int32)
-    last = jnp.searchsorted(starts, tile_end, side="left").astype(jnp.int32) - 1
-    count = jnp.maximum(last - first + 1, 0)
-    safe = jnp.minimum(first, starts.shape[0] - 1)
-    covered = (count == 1) & (starts[safe] <= tile_start) & (ends[safe] >= tile_end)
-    return jnp.stack([first, count, covered.astype(jnp.int32)])
+    tail = ends[-1]  # groups are ordered: the last one ends last
+    if gaps:
+        prev_end = jnp.concatenate([jnp.zeros(1, jnp.int32), ends[:-1]])
+        seg_lo = jnp.concatenate([jnp.stack([prev_end, starts], 1).reshape(-1), tail[None]])
+        seg_hi = jnp.concatenate([jnp.stack([starts, ends], 1).reshape(-1),
+                                  jnp.full((1,), num_rows, jnp.int32)])
+        seg_group = jnp.concatenate([
+            jnp.stack([jnp.full((num_groups,), ZERO_ITEM, jnp.int32),
+                       jnp.arange(num_groups, dtype=jnp.int32)], 1).reshape(-1),
+            jnp.full((1,), ZERO_ITEM, jnp.int32)])
+    else:
+        seg_lo = jnp.concatenate([starts, tail[None]])
+        seg_hi = jnp.concatenate([ends, jnp.full((1,), num_rows, jnp.int32)])
+        seg_group = jnp.concatenate([jnp.arange(num_groups, dtype=jnp.int32),
+                                     jnp.full((1,), ZERO_ITEM, jnp.int32)])
+    first_tile = seg_lo // block_m
+    tiles = jnp.where(seg_hi > seg_lo, (seg_hi - 1) // block_m - first_tile + 1, 0)
+    items_end = jnp.cumsum(tiles)
+    num_items = pl.cdiv(num_rows, block_m) + num_groups * (2 if gaps else 1)
+    item = jnp.arange(num_items, dtype=jnp.int32)
+    segment = jnp.searchsorted(items_end, item, side="right").astype(jnp.int32)
+    used = segment < seg_lo.shape[0]
+    segment = jnp.minimum(segment, seg_lo.shape[0] - 1)
+    tile = first_tile[segment] + item - (items_end[segment] - tiles[segment])
+    lo = jnp.maximum(seg_lo[segment], tile * block_m)
+    hi = jnp.minimum(seg_hi[segment], tile * block_m + block_m)
+    return jnp.stack([jnp.where(used, tile, 0), jnp.where(used, seg_group[segment], NO_ITEM),
+                      jnp.where(used, lo, 0), jnp.where(used, hi, 0)])
 
 
-def _kernel(config: TileConfig, transpose_rhs: bool,
-            tiles_ref, starts_ref, sizes_ref, lhs_ref, rhs_ref, out_ref):
-    """Kernel body. GMEM refs: ``tiles [3, row tiles]`` (`row_tile_groups`),
-    ``starts``, ``sizes [E]``, ``lhs [m, k]``, ``rhs``, ``out [m, n]``."""
+def _kernel(config: TileConfig, transpose_rhs: bool, items_ref, lhs_ref, rhs_ref, out_ref):
+    """Kernel body. GMEM refs: ``items [4, items]`` (`work_items`), ``lhs [m, k]``,
+    ``rhs``, ``out [m, n]``."""
     bm, bn, bk = config.block_m, config.block_n, config.block_k
+    wg_m, wg_n = config.warpgroup_tile
     (m, n), k = out_ref.shape, lhs_ref.shape[1]
-    grid_m, grid_n = pl.cdiv(m, bm), pl.cdiv(n, bn)
-    lhs_transforms = common.swizzled(bk, lhs_ref.dtype)
+    num_items, grid_n = items_ref.shape[1], pl.cdiv(n, bn)
     rhs_block = (bn, bk) if transpose_rhs else (bk, bn)
-    rhs_transforms = common.swizzled(rhs_block[1], rhs_ref.dtype)
 
-    def main_loop(group, t, j):
-        """``lhs[row tile t] @ rhs[group][:, column tile j]``: float32 ``[bm, bn]``."""
-        specs = [
-            plgpu.BlockSpec((bm, bk), lambda s: (t, s), transforms=lhs_transforms,
-                            delay_release=1),
+    def in_specs(t, j):
+        return [
+            plgpu.BlockSpec((bm, bk), lambda s: (t, s),
+                            transforms=common.swizzled(bk, lhs_ref.dtype)),
             plgpu.BlockSpec(rhs_block, (lambda s: (j, s)) if transpose_rhs else (lambda s: (s, j)),
-                            transforms=rhs_transforms, delay_release=1),
+                            transforms=common.swizzled(rhs_block[1], rhs_ref.dtype)),
         ]
 
-        def acc_scope(acc_ref):
-            def step(_, lhs_smem, rhs_smem):
-                plgpu.wgmma(acc_ref, lhs_smem, rhs_smem.T if transpose_rhs else rhs_smem)
-                plgpu.wgmma_wait(1)  # the previous step's wgmma is done: its slot may refill
+    def mma(wg, _, lhs_smem, rhs_smem, acc_ref):
+        if config.split == "m":
+            lhs_smem = lhs_smem.at[pl.ds(wg * wg_m, wg_m)]
+        elif transpose_rhs:
+            rhs_smem = rhs_smem.at[pl.ds(wg * wg_n, wg_n)]
+        else:
+            rhs_smem = rhs_smem.at[:, pl.ds(wg * wg_n, wg_n)]
+        plgpu.wgmma(acc_ref, lhs_smem, rhs_smem.T if transpose_rhs else rhs_smem)
+        plgpu.wgmma_wait(0)  # this slot is released when the body returns
+        return acc_ref
 
-            plgpu.emit_pipeline(step, grid=(pl.cdiv(k, bk),), in_specs=specs,
-                                max_concurrent_steps=config.stages)(lhs_ref, rhs_ref.at[group])
-            return acc_ref[...]
+    stages = min(config.stages, pl.cdiv(k, bk))
 
-        return pl.run_scoped(acc_scope, plgpu.ACC((bm, bn)))
+    @functools.partial(
+        pl.run_scoped,
+        allocations=common.pipeline_allocations(in_specs(0, 0), stages, lhs_ref, rhs_ref.at[0]),
+        out_smem=common.epilogue_smem(config.epilogue_rows, out_ref.dtype),
+        collective_axes="wg")
+    def _scope(allocations, out_smem):
+        wg = lax.axis_index("wg")
 
-    def tile_scope(out_smem):
-        @plgpu.nd_loop((grid_m * grid_n,), collective_axes="sm")
+        @plgpu.nd_loop((num_items * grid_n,), collective_axes="sm")
         def _work_item(info):
-            t, j = plgpu.planar_snake(info.index[0], (grid_m, grid_n), 1, config.band)
-            first, count, covered = tiles_ref[0, t], tiles_ref[1, t], tiles_ref[2, t] == 1
+            item, j = plgpu.planar_snake(info.index[0], (num_items, grid_n), 1, config.band)
+            t, group, lo, hi = (items_ref[field, item] for field in range(4))
+            row0 = t * bm + (wg * wg_m if config.split == "m" else 0)
+            col0 = j * bn + (wg * wg_n if config.split == "n" else 0)
+            store = functools.partial(common.store_rows, out_smem, out_gmem=out_ref, row0=row0,
+                                      col0=col0, lo=lo, hi=hi)
 
-            @pl.when(jnp.logical_not(covered))
-            def _zero():  # rows of no group stay zero; groups are merged in below
-                plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-                out_smem[...] = jnp.zeros((bm, bn), out_smem.dtype)
+            def compute_context(eval_pipeline):
+                def acc_scope(acc_ref):
+                    eval_pipeline(acc_ref)
+                    store(acc_ref[...].astype(out_ref.dtype))
 
-            def per_group(i, carry):
-                group = first + i
-                start, size = starts_ref[group], sizes_ref[group]
+                pl.run_scoped(acc_scope, plgpu.ACC((wg_m, wg_n), jnp.float32))
 
-                @pl.when(size > 0)
-                def _():
-                    acc = main_loop(group, t, j).astype(out_smem.dtype)
-                    plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # previous tile stored
+            @pl.when(group >= 0)
+            def _():
+                common.pipeline(functools.partial(mma, wg), steps=pl.cdiv(k, bk),
+                                in_specs=in_specs(t, j), stages=stages,
+                                compute_context=compute_context)(
+                    lhs_ref, rhs_ref.at[group], allocations=allocations)
 
-                    @pl.when(covered)
-                    def _():
-                        out_smem[...] = acc
+            @pl.when((group == ZERO_ITEM) & (wg < common.COMPUTE_WGS))
+            def _():
+                store(jnp.zeros((wg_m, wg_n), out_ref.dtype))
 
-                    @pl.when(jnp.logical_not(covered))
-                    def _():
-                        mine = common.rows_in(t * bm, bm, start, start + size, (bm, bn))
-                        out_smem[...] = jnp.where(mine, acc, out_smem[...])
-
-                return carry
-
-            lax.fori_loop(0, count, per_group, 0)
-            plgpu.commit_smem()
-            plgpu.copy_smem_to_gmem(out_smem, out_ref.at[pl.ds(t * bm, bm), pl.ds(j * bn, bn)])
-
-        plgpu.wait_smem_to_gmem(0)
-
-    pl.run_scoped(tile_scope, plgpu.SMEM((bm, bn), out_ref.dtype,
-                                         transforms=common.swizzled(bn, out_ref.dtype)))
+        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
 
 def gmm(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *,
@@ -170,16 +204,10 @@ def gmm(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *,
         return jnp.zeros((0, n), out_dtype)
     starts, sizes = common.group_starts_or_cumsum(group_sizes, group_starts)
     config = config or gmm_config(m, n, num_groups, lhs.dtype, out_dtype)
-    interpret = common.default_interpret() if interpret is None else interpret
     lhs_padded = common.pad_rows(lhs)
-    padded_m = lhs_padded.shape[0]
-    call = plgpu.kernel(
-        functools.partial(_kernel, config, transpose_rhs),
-        out_type=jax.ShapeDtypeStruct((padded_m, n), out_dtype),
-        grid=(common.num_programs(interpret),),
-        grid_names=("sm",),
-        interpret=common.interpret_params(interpret),
-        kernel_name="jmoe_gmm_t" if transpose_rhs else "jmoe_gmm",
-    )
-    tiles = row_tile_groups(starts, sizes, padded_m, config.block_m)
-    return call(tiles, starts, sizes, lhs_padded, rhs)[:m]
+    call = common.launch(functools.partial(_kernel, config, transpose_rhs),
+                         jax.ShapeDtypeStruct((lhs_padded.shape[0], n), out_dtype),
+                         name="jmoe_gmm_t" if transpose_rhs else "jmoe_gmm", interpret=interpret)
+    items = work_items(starts, sizes, lhs_padded.shape[0], config.block_m,
+                       gaps=group_starts is not None)
+    return call(items, lhs_padded, rhs)[:m]

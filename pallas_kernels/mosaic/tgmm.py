@@ -3,22 +3,24 @@
 The weight gradients of the grouped products: ``[m, k]``, ``[m, n]`` ->
 ``[E, k, n]``, contracting over each group's rows.
 
-Work decomposition (persistent grid): work items are ``(group e, k tile,
-n tile)``, ``E * cdiv(k, block_m) * cdiv(n, block_n)`` of them (a static
-count), each owning one ``block_m x block_n`` output tile of ``out[e]``. Its
-K loop walks the ``block_k``-row blocks that hold group ``e``'s rows
-``[start_e, start_e + size_e)`` (a dynamic trip count read from GMEM group
-metadata): a ``stages``-deep TMA pipeline streams ``[block_k, block_m]`` lhs
-and ``[block_k, block_n]`` grad tiles into 128-byte-swizzled SMEM, and one
-warpgroup issues wgmma with the lhs tile transposed in SMEM, accumulating in
-float32 registers with one wgmma in flight.
+Work (persistent, warp-specialized CTAs as in ``gmm.py``): work items are
+``(group e, k tile, n tile)``, ``E * cdiv(k, block_m) * cdiv(n, block_n)`` of
+them (a static count), each owning one ``block_m x block_n`` output tile of
+``out[e]``. Its K loop walks the ``block_k``-row blocks that hold group
+``e``'s rows ``[start_e, start_e + size_e)`` (a dynamic trip count): the
+producer warpgroup streams ``[block_k, block_m]`` lhs and ``[block_k,
+block_n]`` grad tiles into ``stages`` 128-byte-swizzled SMEM slots, the two
+consumer warpgroups each issue wgmma on their half of the output tile with
+the lhs tile transposed in SMEM, accumulating in float32 registers with one
+wgmma per consumer at a time. The producer runs ahead into the next work item.
 
 Group boundaries: the first and last row blocks of a group also hold rows of
 its neighbours (or padding / garbage past the last group). In those blocks
-only, the warpgroup zeroes the foreign rows of *both* tiles in SMEM with a
-select before the wgmma, so neither a neighbour's values nor NaN/Inf garbage
-reaches the accumulator (``0 * NaN`` would). Empty groups skip the loop and
-store exact zeros.
+only, consumer 0 zeroes the foreign rows of the lhs tile and consumer 1 those
+of the grad tile in SMEM (a select, so neither a neighbour's values nor
+NaN/Inf garbage reaches the accumulator: ``0 * NaN`` would), then both meet
+at a barrier before their wgmma reads the tiles. Empty groups skip the loop
+and store exact zeros. Epilogue: `common.store_rows`, full tiles.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
@@ -39,55 +42,32 @@ __all__ = ["tgmm"]
 def _zero_foreign_rows(tile_smem, row0, start, end):
     """Zeroes the rows of ``tile_smem [block_k, ·]`` outside ``[start, end)``;
     its first row is global row ``row0``."""
-    tile = plgpu.load(tile_smem, layout=plgpu.Layout.WGMMA)
-    keep = common.rows_in(row0, tile.shape[0], start, end, tile.shape)
-    tile_smem[...] = jnp.where(keep, tile, jnp.zeros_like(tile))
+    tile = tile_smem[...]
+    rows = plgpu.layout_cast(lax.broadcasted_iota(jnp.int32, tile.shape, 0),
+                             plgpu.Layout.WGMMA) + row0
+    tile_smem[...] = jnp.where((rows >= start) & (rows < end), tile, jnp.zeros_like(tile))
+    plgpu.commit_smem()  # visible to the wgmma (async proxy)
 
 
 def _kernel(config: TileConfig, starts_ref, sizes_ref, lhs_ref, grad_ref, out_ref):
     """Kernel body. GMEM refs: ``starts``, ``sizes [E]``, ``lhs [m, k]``,
     ``grad [m, n]``, ``out [E, k, n]``."""
     bm, bn, bk = config.block_m, config.block_n, config.block_k
+    wg_m, wg_n = config.warpgroup_tile
     num_groups, k, n = out_ref.shape
     grid_k, grid_n = pl.cdiv(k, bm), pl.cdiv(n, bn)
-    lhs_transforms = common.swizzled(bm, lhs_ref.dtype)
-    grad_transforms = common.swizzled(bn, grad_ref.dtype)
+    tiles_per_group = grid_k * grid_n
 
-    def contraction(start, end, ki, ni):
-        """``lhs[start:end, tile ki]ᵀ @ grad[start:end, tile ni]``: float32 ``[bm, bn]``."""
-        first_block = start // bk
-        num_blocks = pl.cdiv(end, bk) - first_block
-        specs = [
-            plgpu.BlockSpec((bk, bm), lambda s: (first_block + s, ki), transforms=lhs_transforms,
-                            delay_release=1),
-            plgpu.BlockSpec((bk, bn), lambda s: (first_block + s, ni), transforms=grad_transforms,
-                            delay_release=1),
+    def in_specs(first_block, ki, ni):
+        return [
+            plgpu.BlockSpec((bk, bm), lambda s: (first_block + s, ki),
+                            transforms=common.swizzled(bm, lhs_ref.dtype)),
+            plgpu.BlockSpec((bk, bn), lambda s: (first_block + s, ni),
+                            transforms=common.swizzled(bn, grad_ref.dtype)),
         ]
 
-        def acc_scope(acc_ref):
-            def step(index, lhs_smem, grad_smem):
-                row0 = (first_block + index[0]) * bk
-
-                @pl.when((row0 < start) | (row0 + bk > end))
-                def _():
-                    _zero_foreign_rows(lhs_smem, row0, start, end)
-                    _zero_foreign_rows(grad_smem, row0, start, end)
-                    plgpu.commit_smem()  # visible to the wgmma (async proxy)
-
-                plgpu.wgmma(acc_ref, lhs_smem.T, grad_smem)
-                plgpu.wgmma_wait(1)  # the previous step's wgmma is done: its slot may refill
-
-            @pl.when(end > start)  # empty groups keep the zero accumulator
-            def _():
-                plgpu.emit_pipeline(step, grid=(num_blocks,), in_specs=specs,
-                                    max_concurrent_steps=config.stages)(lhs_ref, grad_ref)
-
-            return acc_ref[...]
-
-        return pl.run_scoped(acc_scope, plgpu.ACC((bm, bn)))
-
-    def tile_scope(out_smem):
-        tiles_per_group = grid_k * grid_n
+    def _loop(allocations, out_smem, masked):
+        wg = lax.axis_index("wg")
 
         @plgpu.nd_loop((num_groups * tiles_per_group,), collective_axes="sm")
         def _work_item(info):
@@ -95,17 +75,61 @@ def _kernel(config: TileConfig, starts_ref, sizes_ref, lhs_ref, grad_ref, out_re
             ki, ni = plgpu.planar_snake(info.index[0] % tiles_per_group, (grid_k, grid_n), 1,
                                         config.band)
             start = starts_ref[group]
-            acc = contraction(start, start + sizes_ref[group], ki, ni)
-            plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # previous tile stored
-            out_smem[...] = acc.astype(out_smem.dtype)
-            plgpu.commit_smem()
-            plgpu.copy_smem_to_gmem(
-                out_smem, out_ref.at[group, pl.ds(ki * bm, bm), pl.ds(ni * bn, bn)])
+            end = start + sizes_ref[group]
+            first_block = start // bk
+            row0 = ki * bm + (wg * wg_m if config.split == "m" else 0)
+            col0 = ni * bn + (wg * wg_n if config.split == "n" else 0)
+            store = functools.partial(common.store_rows, out_smem, out_gmem=out_ref.at[group],
+                                      row0=row0, col0=col0, lo=0, hi=k)
 
-        plgpu.wait_smem_to_gmem(0)
+            def mma(index, lhs_smem, grad_smem, acc_ref):
+                block_row0 = (first_block + index[0]) * bk
 
-    pl.run_scoped(tile_scope, plgpu.SMEM((bm, bn), out_ref.dtype,
-                                         transforms=common.swizzled(bn, out_ref.dtype)))
+                @pl.when((block_row0 < start) | (block_row0 + bk > end))
+                def _():
+                    pl.when(wg == 0)(lambda: _zero_foreign_rows(lhs_smem, block_row0, start, end))
+                    pl.when(wg == 1)(lambda: _zero_foreign_rows(grad_smem, block_row0, start,
+                                                                end))
+                    plgpu.barrier_arrive(masked)
+                    plgpu.barrier_wait(masked)
+
+                if config.split == "m":
+                    lhs_smem = lhs_smem.at[:, pl.ds(wg * wg_m, wg_m)]
+                else:
+                    grad_smem = grad_smem.at[:, pl.ds(wg * wg_n, wg_n)]
+                plgpu.wgmma(acc_ref, lhs_smem.T, grad_smem)
+                plgpu.wgmma_wait(0)  # this slot is released when the body returns
+                return acc_ref
+
+            def compute_context(eval_pipeline):
+                def acc_scope(acc_ref):
+                    eval_pipeline(acc_ref)
+                    store(acc_ref[...].astype(out_ref.dtype))
+
+                pl.run_scoped(acc_scope, plgpu.ACC((wg_m, wg_n), jnp.float32))
+
+            @pl.when(end > start)
+            def _():
+                common.pipeline(mma, steps=pl.cdiv(end, bk) - first_block,
+                                in_specs=in_specs(first_block, ki, ni), stages=config.stages,
+                                compute_context=compute_context)(
+                    lhs_ref, grad_ref, allocations=allocations)
+
+            @pl.when((end <= start) & (wg < common.COMPUTE_WGS))  # empty group: exact zeros
+            def _():
+                store(jnp.zeros((wg_m, wg_n), out_ref.dtype))
+
+        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+
+    def _scope(masked):
+        pl.run_scoped(
+            functools.partial(_loop, masked=masked),
+            allocations=common.pipeline_allocations(in_specs(0, 0, 0), config.stages, lhs_ref,
+                                                    grad_ref),
+            out_smem=common.epilogue_smem(config.epilogue_rows, out_ref.dtype),
+            collective_axes="wg")
+
+    pl.run_scoped(_scope, plgpu.Barrier(num_arrivals=common.COMPUTE_WGS), collective_axes="wg")
 
 
 def tgmm(lhs: jax.Array, grad: jax.Array, group_sizes: jax.Array, *,
@@ -140,13 +164,7 @@ def tgmm(lhs: jax.Array, grad: jax.Array, group_sizes: jax.Array, *,
     if m == 0:
         return jnp.zeros((num_groups, k, n), out_dtype)
     config = config or tgmm_config(k, n, lhs.dtype, out_dtype)
-    interpret = common.default_interpret() if interpret is None else interpret
-    call = plgpu.kernel(
-        functools.partial(_kernel, config),
-        out_type=jax.ShapeDtypeStruct((num_groups, k, n), out_dtype),
-        grid=(common.num_programs(interpret),),
-        grid_names=("sm",),
-        interpret=common.interpret_params(interpret),
-        kernel_name="jmoe_tgmm",
-    )
+    call = common.launch(functools.partial(_kernel, config),
+                         jax.ShapeDtypeStruct((num_groups, k, n), out_dtype),
+                         name="jmoe_tgmm", interpret=interpret)
     return call(starts, sizes, common.pad_rows(lhs), common.pad_rows(grad))
