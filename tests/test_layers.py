@@ -103,9 +103,10 @@ def _compare_to_reference(model, x, dy, *, tol=F32_TOL, grad_tol=None):
     config = model.config
     y, aux, grads = _run(model, x, dy)
     assert y.shape == x.shape and grads["x"].shape == x.shape
-    y, grads["x"] = y.reshape(-1, D), grads["x"].reshape(-1, D)
+    d = config.d_model
+    y, grads["x"] = y.reshape(-1, d), grads["x"].reshape(-1, d)
     params = jax.tree.map(lambda a: np.asarray(a.astype(jnp.float32)), _params(model))
-    tokens = lambda a: np.asarray(a.astype(jnp.float32)).reshape(-1, D)
+    tokens = lambda a: np.asarray(a.astype(jnp.float32)).reshape(-1, d)
     want_y, want_aux, want_grads = ref.moe(params, tokens(x), config, tokens(dy))
     chex.assert_trees_all_equal(aux["tokens_per_expert"],
                                 want_aux["tokens_per_expert"].astype(np.int32))
@@ -154,6 +155,8 @@ REFERENCE_CONFIGS = {
                                                    num_shared_experts=1,
                                                    shared_expert_gate=True), ()),
     "mlp-single-token": (dict(expert_type="mlp"), 1),
+    # xla forces layout block 1: block_size=64 changes nothing here (the padded
+    # layout is reached by test_triton_padded_blocks_match_numpy_loop).
     "glu-top3-p2-block64": (dict(expert_type="glu", top_k=3, normalize_top_k=2.0,
                                  block_size=64), 21),
     "ragged_dot-glu-p1": (dict(expert_type="glu", normalize_top_k=1.0, impl="ragged_dot"), 21),
@@ -167,6 +170,27 @@ def test_dropless_matches_numpy_loop(name):
     model = _build(DroplessMoE, config, 1)
     x, dy = _inputs(config, tokens)
     _compare_to_reference(model, x, dy)
+
+
+@pytest.mark.parametrize("block_size", [32, pytest.param(64, marks=pytest.mark.slow),
+                                        pytest.param(128, marks=pytest.mark.slow)])
+def test_triton_padded_blocks_match_numpy_loop(block_size):
+    """impl="triton" (Pallas interpret mode on CPU) computes on the padded
+    block layout itself (the other CPU impls force layout block 1), so this is
+    the one layer-vs-NumPy check of a block-padded layout. d_model = d_ff =
+    block (the kernels' minimum); 45 tokens, each routed to experts 0 and 2,
+    fill no bin exactly (two blocks each at block 32) and leave two experts empty.
+
+    Catches block-layout errors the block-1 impls cannot show, e.g. a kernel
+    that walks only a group's full blocks (planted by hand: the Triton dstd
+    looping ``count // depth`` instead of ``ceil(count / depth)`` times fails it)."""
+    config = _config(d_model=block_size, d_ff=block_size, block_size=block_size,
+                     expert_type="glu", normalize_top_k=1.0, impl="triton")
+    model = _build(DroplessMoE, config, 13)
+    _route_to(model, [0, 2], seed=13)
+    x, dy = _inputs(config, 45, seed=13, positive=True)
+    _, _, want_aux = _compare_to_reference(model, x, dy)
+    chex.assert_trees_all_equal(want_aux["tokens_per_expert"], np.array([45, 0, 45, 0]))
 
 
 def test_uniform_expert_assignment_matches_numpy_loop():
