@@ -4,7 +4,9 @@ the NumPy loop in test_layers.py): output, tokens per expert and the gradients
 of x, the router weights and every expert weight, for balanced and skewed
 routings, hidden sharding, the capacity bound (against a NumPy model of its
 drop policy), the ragged exchange (with ``ragged_all_to_all`` emulated from its
-documented semantics, since XLA:CPU lacks it) and bad meshes/configs.
+documented semantics, since XLA:CPU lacks it; random, skewed and
+hidden-sharded routings and the capacity bound), ``impl="triton"`` on its
+32-row block layout, and bad meshes/configs.
 
 Runs on 8 host CPU devices (tests/conftest.py sets the XLA flag). Meshes are
 ``data x expert`` with data 2 for expert sizes 2 and 4, and 1 x 8 for expert

@@ -1,4 +1,5 @@
-"""The layers: dMoE vs the NumPy per-token loop (forward and every gradient),
+"""The layers: dMoE vs the NumPy per-token loop (forward and every gradient;
+``impl="triton"`` on padded block layouts too),
 dMoE == CapacityMoE(capacity_factor=0) (to float32 rounding), dMoE(E=1, k=1) == DenseMLP,
 adversarial routings, bfloat16, parameter names, and jit without host syncs.
 

@@ -1,5 +1,6 @@
 """Permutation: dispatch plans, permute/unpermute and their gradients, dropping,
-and the absence of any [tokens, experts] one-hot in the dropless layer."""
+and the absence of any [tokens, experts] one-hot (and of host syncs) in the
+dropless layer, for every impl and under expert parallelism."""
 
 import functools
 

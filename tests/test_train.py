@@ -21,8 +21,8 @@ from flax import nnx
 
 from experiments import compare, data
 from experiments.checkpoint import Checkpoints
-from experiments.train import (TrainConfig, eval_step, learning_rate, optimizer, read_metrics,
-                               train, train_step)
+from experiments.train import (TrainConfig, learning_rate, optimizer, read_metrics, train,
+                               train_step)
 from jmoe import MoEConfig
 from jmoe.transformer import MoETransformer, TransformerConfig
 
