@@ -32,3 +32,26 @@ def layer_jaxpr(model: nnx.Module, x: jax.ShapeDtypeStruct, *, grad: bool = Fals
         return nnx.grad(loss, argnums=(0, 1))(model, x) if grad else model(x)
 
     return jax.make_jaxpr(run)(abstract(params), abstract(rest), x)
+
+
+# Primitive names that run on or talk to the host (callbacks, infeed, prints).
+HOST_PRIMITIVES = ("callback", "infeed", "outfeed", "host", "print")
+
+
+def host_primitives(jaxpr) -> set[str]:
+    """Names of the equations of ``jaxpr`` that run on or sync with the host."""
+    names = {eqn.primitive.name for eqn in all_eqns(jaxpr)}
+    return {n for n in names if any(h in n for h in HOST_PRIMITIVES)}
+
+
+def token_expert_shapes(jaxpr, num_experts: int, token_counts) -> list[tuple]:
+    """``(primitive, shape, dtype)`` of every intermediate whose shape has an
+    ``num_experts`` axis and an axis of one of ``token_counts`` (tokens,
+    assignments, per-device tokens): the footprint of a one-hot dispatch."""
+    shapes = []
+    for eqn in all_eqns(jaxpr):
+        for var in eqn.outvars:
+            shape = tuple(getattr(var.aval, "shape", ()))
+            if num_experts in shape and any(n in shape for n in token_counts):
+                shapes.append((eqn.primitive.name, shape, str(var.aval.dtype)))
+    return shapes

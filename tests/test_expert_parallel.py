@@ -4,7 +4,9 @@ the NumPy loop in test_layers.py): output, tokens per expert and the gradients
 of x, the router weights and every expert weight, for balanced and skewed
 routings, hidden sharding, the capacity bound (against a NumPy model of its
 drop policy), the ragged exchange (with ``ragged_all_to_all`` emulated from its
-documented semantics, since XLA:CPU lacks it) and bad meshes/configs.
+documented semantics, since XLA:CPU lacks it; random, skewed and
+hidden-sharded routings and the capacity bound), ``impl="triton"`` on its
+32-row block layout, and bad meshes/configs.
 
 Runs on 8 host CPU devices (tests/conftest.py sets the XLA flag). Meshes are
 ``data x expert`` with data 2 for expert sizes 2 and 4, and 1 x 8 for expert
@@ -57,14 +59,15 @@ def _problem(config, tokens, kind, seed=0):
     rng = np.random.default_rng(seed)
     f32 = lambda a: jnp.asarray(a, jnp.float32)
     e, k = config.num_experts, config.top_k
-    x = f32(rng.standard_normal((tokens, D)))
+    d = config.d_model
+    x = f32(rng.standard_normal((tokens, d)))
     weights = f32(rng.random((tokens, k)) + 0.1)
     indices = jnp.asarray(_routing(kind, tokens, e, k, rng), jnp.int32)
-    w1 = f32(rng.standard_normal((e, D, config.d_ff)) / math.sqrt(D))
-    w3 = (f32(rng.standard_normal((e, D, config.d_ff)) / math.sqrt(D))
+    w1 = f32(rng.standard_normal((e, d, config.d_ff)) / math.sqrt(d))
+    w3 = (f32(rng.standard_normal((e, d, config.d_ff)) / math.sqrt(d))
           if config.expert_type == "glu" else None)
-    w2 = f32(rng.standard_normal((e, config.d_ff, D)) / math.sqrt(config.d_ff))
-    dy = f32(rng.standard_normal((tokens, D)))
+    w2 = f32(rng.standard_normal((e, config.d_ff, d)) / math.sqrt(config.d_ff))
+    dy = f32(rng.standard_normal((tokens, d)))
     return (x, weights, w1, w3, w2), indices, dy
 
 
@@ -144,6 +147,26 @@ def test_hidden_sharding_matches_single_device(num_experts, data, expert):
     _check_matches_single_device(num_experts, 2, expert, "random", "glu", data=data)
 
 
+def test_triton_block_layout_matches_single_device_xla():
+    """impl="triton" (interpret mode) under expert parallelism: each rank's
+    received rows laid out in 32-row blocks (the other CPU impls use block 1),
+    against the single-device impl="xla" path (block 1, checked against NumPy
+    in test_layers.py): no Triton code on the reference side.
+
+    Catches an exchange plan whose receive offsets ignore the block padding
+    (planted by hand: bin starts of an unpadded layout in `make_plan` fail it)."""
+    config = MoEConfig(d_model=32, d_ff=32, num_experts=8, top_k=2, expert_type="glu",
+                       block_size=32, impl="triton")
+    data, expert = 2, 4
+    args, indices, dy = _problem(config, TOKENS_PER_DEVICE * data * expert, "random")
+    want_y, (want_counts,), want_grads = _single_device(config.replace(impl="xla"), indices,
+                                                        args, dy)
+    y, (counts, dropped), grads = _expert_parallel(config, indices, args, dy, data, expert)
+    chex.assert_trees_all_equal(counts, want_counts)
+    assert int(dropped) == 0
+    chex.assert_trees_all_close((y, grads), (want_y, want_grads), rtol=1e-4, atol=1e-5)
+
+
 # ------------------------------------------------------------------ ragged exchange
 
 
@@ -176,10 +199,39 @@ def _emulated_ragged_all_to_all(operand, output, input_offsets, send_sizes, outp
     return result
 
 
-@pytest.mark.parametrize("kind", ("sparse", pytest.param("one_expert", marks=pytest.mark.slow)))
-def test_ragged_exchange_matches_single_device(monkeypatch, kind):
+def _receiving_ranks(indices: np.ndarray, expert: int, num_experts: int) -> set:
+    """Expert ranks that receive at least one row (with fewer experts than
+    ranks, every rank holds a slice of every expert's d_ff)."""
+    if num_experts < expert:
+        return set(range(expert))
+    return {int(r) for r in np.unique(indices // (num_experts // expert))}
+
+
+RAGGED_CASES = [  # (E, k, data, expert, routing)
+    (8, 2, 2, 4, "sparse"),      # every row to rank 0
+    (8, 2, 2, 4, "random"),      # every rank receives from every rank
+    (8, 2, 2, 4, "one_expert"),  # skewed: all rows to the last rank
+    (4, 2, 1, 8, "random"),      # hidden sharding: 2 ranks per expert
+]
+
+
+@pytest.mark.parametrize("num_experts,top_k,data,expert,kind", RAGGED_CASES,
+                         ids=["-".join(map(str, c)) for c in RAGGED_CASES])
+def test_ragged_exchange_matches_single_device(monkeypatch, num_experts, top_k, data, expert,
+                                               kind):
+    """The ragged exchange (emulated) gives the single-device result.
+
+    Catches wrong per-rank send sizes or offsets of the ragged all-to-all: the
+    random, skewed and hidden cases send non-empty slices to ranks other than
+    0 (planted by hand: zeroing the send sizes of every slice past rank 0's
+    experts passes the ``sparse`` case and fails the others)."""
     monkeypatch.setattr(jax.lax, "ragged_all_to_all", _emulated_ragged_all_to_all)
-    _check_matches_single_device(8, 2, 4, kind, exchange="ragged")
+    config = _config(num_experts, top_k, "glu" if kind == "random" else "mlp")
+    _, indices, _ = _problem(config, TOKENS_PER_DEVICE * data * expert, kind)
+    receivers = _receiving_ranks(np.asarray(indices), expert, num_experts)
+    assert (receivers == {0}) == (kind == "sparse"), receivers
+    _check_matches_single_device(num_experts, top_k, expert, kind, config.expert_type,
+                                 data=data, exchange="ragged")
 
 
 # ------------------------------------------------------------------ capacity bound
@@ -206,19 +258,28 @@ def _kept_by_policy(indices: np.ndarray, data: int, expert: int, num_experts: in
     return kept
 
 
-@pytest.mark.parametrize("capacity_factor", (0.5, pytest.param(1.25, marks=pytest.mark.slow)))
-def test_capacity_factor_drops_and_counts(capacity_factor):
+@pytest.mark.parametrize("capacity_factor,exchange,kind", [
+    (0.5, "padded", "sparse"), (0.5, "ragged", "random"),
+    pytest.param(1.25, "padded", "sparse", marks=pytest.mark.slow)])
+def test_capacity_factor_drops_and_counts(monkeypatch, capacity_factor, exchange, kind):
+    """Against a NumPy model of the drop policy. With ``exchange="ragged"``
+    (emulated; random routing, so every rank receives and drops) it catches
+    ragged send sizes or offsets that are wrong once the bound cuts chunks
+    (planted by hand: zeroing the send sizes past rank 0's experts fails it;
+    the emulation turns slices whose send and receive sizes disagree into NaN)."""
+    monkeypatch.setattr(jax.lax, "ragged_all_to_all", _emulated_ragged_all_to_all)
     data, expert, num_experts, top_k = 2, 4, 8, 2
     config = _config(num_experts, top_k)
     tokens = TOKENS_PER_DEVICE * data * expert
-    args, indices, dy = _problem(config, tokens, "sparse", seed=3)
+    args, indices, dy = _problem(config, tokens, kind, seed=3)
     capacity = math.ceil(capacity_factor * TOKENS_PER_DEVICE * top_k)
     kept = _kept_by_policy(np.asarray(indices), data, expert, num_experts, capacity)
     assert 0 < (~kept).sum() < kept.size  # the case drops some, not all
     masked = (args[0], args[1] * jnp.asarray(kept, jnp.float32), *args[2:])
     want_y, (want_counts,), want_grads = _single_device(config, indices, masked, dy)
     y, (counts, dropped), grads = _expert_parallel(config, indices, args, dy, data, expert,
-                                                   capacity_factor=capacity_factor)
+                                                   capacity_factor=capacity_factor,
+                                                   exchange=exchange)
     assert int(dropped) == int((~kept).sum())
     chex.assert_trees_all_equal(counts, want_counts)  # counted before dropping
     chex.assert_trees_all_close(y, want_y, **TOL)

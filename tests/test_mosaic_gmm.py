@@ -315,14 +315,24 @@ def test_products_and_gradients_match_xla(block_size, transpose_rhs):
 
 def test_float32_products_fall_back_to_xla():
     """wgmma would need tf32 for float32: impl="mosaic" computes float32 with the
-    impl="xla" kernels instead (bit-identical results, no Mosaic kernel)."""
+    impl="xla" kernels instead (bit-identical results, no Mosaic kernel).
+
+    The bitwise equality is a regression guard (both sides run the same xla
+    function; it catches the fallback being dropped or changed); what checks
+    the values is the comparison with the float64 NumPy loops below."""
     topo = make_topology(jnp.array([10, 0, 20, 2]), 40, 1)
     x = jax.random.normal(jax.random.key(0), (topo.padded_rows, 64))
     w = jax.random.normal(jax.random.key(1), (4, 64, 64))
     fn = lambda impl: lambda x, w: (products.sdd(x, w, topo, impl=impl),
                                     products.dstd(x, x, topo, impl=impl))
-    chex.assert_trees_all_equal(jax.jit(fn("mosaic"))(x, w), jax.jit(fn("xla"))(x, w))
+    got = jax.jit(fn("mosaic"))(x, w)
+    chex.assert_trees_all_equal(got, jax.jit(fn("xla"))(x, w))
     assert _mosaic_kernels(fn("mosaic"), x, w) == []
+    x64, w64 = np.asarray(x, np.float64), np.asarray(w, np.float64)
+    sizes = (10, 0, 20, 2)
+    chex.assert_trees_all_close(got, (ref.grouped_matmul(x64, w64, sizes, 1),
+                                      ref.weight_grad(x64, x64, sizes, 1)),
+                                rtol=1e-5, atol=1e-4)
 
 
 # --------------------------------------------------------------------------- layer

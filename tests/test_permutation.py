@@ -1,5 +1,6 @@
 """Permutation: dispatch plans, permute/unpermute and their gradients, dropping,
-and the absence of any [tokens, experts] one-hot in the dropless layer."""
+and the absence of any [tokens, experts] one-hot (and of host syncs) in the
+dropless layer, for every impl and under expert parallelism."""
 
 import functools
 
@@ -12,8 +13,10 @@ from flax import nnx
 from jax.test_util import check_grads
 
 import numpy_reference as ref
-from jaxpr_tools import all_eqns, layer_jaxpr
+from host_devices import host_cpus
+from jaxpr_tools import host_primitives, layer_jaxpr, token_expert_shapes
 from jmoe import CapacityMoE, DroplessMoE, MoEConfig, permutation
+from jmoe.parallel import make_mesh
 from jmoe.router import Router, routing_aux
 
 T, K, E, D = 37, 2, 5, 6
@@ -161,52 +164,96 @@ def test_capacity_all_to_one_expert_keeps_first_tokens():
 OH_T, OH_K, OH_E = 40, 2, 6
 OH_CONFIG = MoEConfig(d_model=20, d_ff=36, num_experts=OH_E, top_k=OH_K, block_size=32,
                       impl="xla", expert_type="glu", router_z_loss_weight=1e-3)
+# Layer variants: impl -> config changes (triton: widths a multiple of its
+# block; mosaic: bf16, since float32 falls back to the xla kernels), and the
+# expert-parallel path on a 2 x 4 mesh (8 experts over 4 ranks, 48 tokens:
+# 6 per device, 12 assignments per device).
+OH_LAYERS = {
+    "xla": (OH_CONFIG, OH_T, None),
+    "ragged_dot": (OH_CONFIG.replace(impl="ragged_dot"), OH_T, None),
+    "triton": (OH_CONFIG.replace(impl="triton", d_model=64, d_ff=96), OH_T, None),
+    "mosaic": (OH_CONFIG.replace(impl="mosaic", d_model=64, d_ff=128, dtype=jnp.bfloat16),
+               OH_T, None),
+    "expert_parallel": (OH_CONFIG.replace(num_experts=8), 48, (2, 4)),
+}
 
 
-def _token_expert_shapes(jaxpr):
-    """Shapes of every intermediate that spans tokens (or assignments) and experts."""
-    shapes = []
-    for eqn in all_eqns(jaxpr):
-        for var in eqn.outvars:
-            shape = tuple(getattr(var.aval, "shape", ()))
-            if OH_E in shape and (OH_T in shape or OH_T * OH_K in shape):
-                shapes.append((eqn.primitive.name, shape, str(var.aval.dtype)))
-    return shapes
+def _token_counts(tokens, mesh_shape):
+    """Token and assignment counts, global and (under a mesh) per device."""
+    counts = {tokens, tokens * OH_K}
+    if mesh_shape:
+        local = tokens // (mesh_shape[0] * mesh_shape[1])
+        counts |= {local, local * OH_K}
+    return counts
 
 
-def _router_only_shapes():
-    """[T, E] intermediates of the router and the aux losses alone."""
-    graphdef, state = nnx.split(nnx.eval_shape(lambda: Router(OH_CONFIG, rngs=nnx.Rngs(0))))
+def _router_only_shapes(config, tokens, *, grad=False):
+    """[T, E] intermediates of the router and the aux losses alone; with
+    ``grad``, of their gradient too, with the top-k weights in the loss (the
+    path through which the experts' output reaches the router)."""
+    router = nnx.eval_shape(lambda: Router(config, rngs=nnx.Rngs(0)))
+    graphdef, params, rest = nnx.split(router, nnx.Param, ...)
+    e = config.num_experts
 
-    def router_and_losses(state, tokens):
-        weights, indices, probs, logits = nnx.merge(graphdef, state)(tokens)
-        return routing_aux(OH_CONFIG, logits, probs, jnp.zeros((OH_E,), jnp.int32), 0)
+    def router_and_losses(params, x):
+        weights, indices, probs, logits = nnx.merge(graphdef, params, rest)(x)
+        aux = routing_aux(config, logits, probs, jnp.zeros((e,), jnp.int32), 0)
+        if not grad:
+            return aux
+        return jnp.sum(weights) + aux["load_balancing_loss"] + aux["router_z_loss"]
 
-    return _token_expert_shapes(jax.make_jaxpr(router_and_losses)(
-        state, jax.ShapeDtypeStruct((OH_T, OH_CONFIG.d_model), jnp.float32)))
+    fn = jax.grad(router_and_losses, argnums=(0, 1)) if grad else router_and_losses
+    abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), params)
+    x = jax.ShapeDtypeStruct((tokens, config.d_model), jnp.float32)
+    return token_expert_shapes(jax.make_jaxpr(fn)(abstract, x), e, {tokens, tokens * OH_K})
 
 
-def test_no_token_by_expert_intermediates_in_dropless_layer():
-    x = jax.ShapeDtypeStruct((OH_T, OH_CONFIG.d_model), jnp.float32)
-    model = nnx.eval_shape(lambda: DroplessMoE(OH_CONFIG, rngs=nnx.Rngs(0)))
-    router_shapes = _router_only_shapes()
-    assert router_shapes and {s for _, s, _ in router_shapes} == {(OH_T, OH_E)}
-    forward = _token_expert_shapes(layer_jaxpr(model, x))
+def _layer_jaxprs(config, tokens, mesh_shape):
+    """Forward and gradient jaxprs of a `DroplessMoE` (under a mesh if given)."""
+    model = nnx.eval_shape(lambda: DroplessMoE(config, rngs=nnx.Rngs(0)))
+    x = jax.ShapeDtypeStruct((tokens, config.d_model), jnp.float32)
+    if mesh_shape is None:
+        return layer_jaxpr(model, x), layer_jaxpr(model, x, grad=True)
+    with jax.set_mesh(make_mesh(*mesh_shape, devices=host_cpus())):
+        return layer_jaxpr(model, x), layer_jaxpr(model, x, grad=True)
+
+
+@pytest.mark.parametrize("variant", list(OH_LAYERS))
+def test_no_token_by_expert_intermediates_or_host_sync(variant):
+    """Traced on abstract shapes (a host read would fail the trace), forward
+    and backward, for every impl and the expert-parallel path: no callback or
+    other host primitive; forward: exactly the router's [T, E] ops; backward:
+    only [T, E] shapes and no more of them than the router's own gradient
+    needs. Catches a one-hot dispatch or combine ([T*k, E], [T, k, E],
+    [T, E, d]; see the next test), and with the count bound a dense [T, E]
+    routing matrix built for the backward (planted by hand: a custom_vjp on
+    the router weights whose backward goes through a [T, E] scatter fails it).
+    Mosaic and Triton kernels are traced, not run (interpret mode is not needed)."""
+    config, tokens, mesh_shape = OH_LAYERS[variant]
+    forward_jaxpr, backward_jaxpr = _layer_jaxprs(config, tokens, mesh_shape)
+    assert not host_primitives(forward_jaxpr) and not host_primitives(backward_jaxpr)
+    counts, e = _token_counts(tokens, mesh_shape), config.num_experts
+    router_shapes = _router_only_shapes(config, tokens)
+    assert router_shapes and {s for _, s, _ in router_shapes} == {(tokens, e)}
+    forward = token_expert_shapes(forward_jaxpr, e, counts)
     # Forward: exactly the router's [T, E] ops (logits, probs, top-k input), no more.
     assert sorted(forward) == sorted(router_shapes), set(forward) - set(router_shapes)
-    # Backward: nothing but [T, E] (the router's gradient); no [T*k, E], [T, k, E], [T, E, d].
-    backward = _token_expert_shapes(layer_jaxpr(model, x, grad=True))
-    assert backward and {s for _, s, _ in backward} == {(OH_T, OH_E)}, set(backward)
+    # Backward: nothing but [T, E]; no [T*k, E], [T, k, E], [T, E, d], and at
+    # most as many [T, E] ops as the router's forward and backward alone.
+    backward = token_expert_shapes(backward_jaxpr, e, counts)
+    assert backward and {s for _, s, _ in backward} == {(tokens, e)}, set(backward)
+    assert len(backward) <= len(_router_only_shapes(config, tokens, grad=True)), backward
 
 
 def test_token_expert_check_catches_dense_dispatch():
     """The check above can fail: a one-hot dispatch and the capacity layer
     (``[E, capacity=T, d]`` slots at capacity_factor 0) are both flagged."""
+    shapes = lambda jaxpr: token_expert_shapes(jaxpr, OH_E, {OH_T, OH_T * OH_K})
     one_hot = jax.make_jaxpr(lambda i: jax.nn.one_hot(i.reshape(-1), OH_E))(
         jax.ShapeDtypeStruct((OH_T, OH_K), jnp.int32))
-    assert (OH_T * OH_K, OH_E) in {s for _, s, _ in _token_expert_shapes(one_hot)}
+    assert (OH_T * OH_K, OH_E) in {s for _, s, _ in shapes(one_hot)}
     capacity = nnx.eval_shape(
         lambda: CapacityMoE(OH_CONFIG.replace(capacity_factor=0), rngs=nnx.Rngs(0)))
-    shapes = _token_expert_shapes(layer_jaxpr(
+    found = shapes(layer_jaxpr(
         capacity, jax.ShapeDtypeStruct((OH_T, OH_CONFIG.d_model), jnp.float32)))
-    assert any(len(s) == 3 for _, s, _ in shapes), shapes
+    assert any(len(s) == 3 for _, s, _ in found), found
