@@ -53,9 +53,10 @@ def main(argv=None):
         step, state = compiled_step(config, tokens)
         temp[remat] = step.memory_analysis().temp_size_in_bytes
         calls[remat] = (lambda step=step, state=state: step(state, tokens), ())
+        print(f"compiled remat={remat}: temp memory {temp[remat] / 2**20:,.1f} MiB", flush=True)
     seconds = interleaved_median_seconds(calls, args.repeats)
 
-    print(f"{args.preset} {args.ffn}, seq {args.seq}, batch {args.batch}, "
+    print(f"\n{args.preset} {args.ffn}, seq {args.seq}, batch {args.batch}, "
           f"backend {jax.default_backend()}, median of {args.repeats} steps")
     print("| remat | temp memory (MiB) | vs none | step time (s) | vs none |")
     print("|---|---:|---:|---:|---:|")
