@@ -235,7 +235,7 @@ def train(config: TrainConfig, name: str = "run") -> dict | None:
                       seq_len=config.model.max_seq_len, batch_size=config.batch_size,
                       seed=config.seed, eval_batches=config.eval_batches)
     graphdef, state = placement.init_state(functools.partial(_model_and_optimizer, config))
-    params = sum(p.size for p in jax.tree.leaves(state[0].filter(nnx.Param)))
+    params = sum(p.size for p in jax.tree.leaves(nnx.filter_state(state[0], nnx.Param)))
 
     checkpoints = Checkpoints(out / "checkpoints", config.checkpoint_every)
     start, train_time = 0, 0.0

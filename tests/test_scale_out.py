@@ -108,7 +108,7 @@ def _launch(out: Path, corpus: Path, *extra: str):
                "--host-devices", "4", *extra]
     env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{REPO / 'tests'}", "XLA_FLAGS": ""}
     result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True,
-                            timeout=600)
+                            timeout=1800)
     assert result.returncode == 0, result.stdout[-4000:]
     return result.stdout
 
