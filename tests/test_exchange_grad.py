@@ -106,11 +106,12 @@ def _via_jax_transpose(fn, *args):
     return jax.tree.unflatten(jax.tree.structure(shapes), _interpret(closed, *args))
 
 
-CASES = [("random", None), ("one_expert", None), ("sparse", None), ("random", ROWS // 2),
-         ("one_expert", ROWS)]
+_slow = pytest.mark.slow
+CASES = [("random", None), ("sparse", None), ("one_expert", ROWS),
+         pytest.param("one_expert", None, marks=_slow), pytest.param("random", ROWS // 2, marks=_slow)]
 
 
-@pytest.mark.parametrize("kind,capacity", CASES, ids=[f"{k}-cap{c}" for k, c in CASES])
+@pytest.mark.parametrize("kind,capacity", CASES)
 def test_ragged_exchange_gradient_matches_padded(monkeypatch, kind, capacity):
     mesh = make_mesh(1, 4, devices=host_cpus())
     sizes = _group_sizes(kind, 4)
