@@ -3,10 +3,14 @@ factors 1.0, 1.5, 2.0) vs dropless MoE, same active FLOPs per token, same
 data, seed and steps.
 
     python -m experiments.compare --out runs/compare --results-dir experiments/results
+    python -m experiments.compare --seeds 1 ...   # one seed (the 5 runs only)
 
-Runs the five trainings one after another (a finished run is reused, an
-interrupted one resumed from its checkpoint), then writes ``results.md`` (the
-table), ``results.json`` and ``val_loss_vs_time.png`` to ``--results-dir``.
+Runs the five trainings for each of ``--seeds`` seeds one after another (a
+finished run is reused, an interrupted one resumed from its checkpoint), then
+writes ``results.md`` (the first seed's table, and the table over seeds: mean
+± sd of the final validation loss, time and tokens to reach the best
+token-dropping configuration's mean final loss, dropped fractions),
+``results.json`` and ``val_loss_vs_time.png`` (first seed) to ``--results-dir``.
 """
 
 from __future__ import annotations
@@ -34,38 +38,53 @@ RUNS = (
 )
 
 
-def time_to_reach(val_records: list[dict], target: float) -> float | None:
-    """Training wall time at which validation loss first reaches ``target``,
-    linearly interpolated between evaluations; None if it never does."""
-    times = [r["train_time_s"] for r in val_records]
-    losses = [r["val_loss"] for r in val_records]
+def _first_reach(xs: list[float], losses: list[float], target: float) -> float | None:
+    """First ``x`` at which ``losses`` reaches ``target`` (linear in between); None if never."""
     for i, loss in enumerate(losses):
         if loss <= target:
             if i == 0:
-                return times[0]
+                return xs[0]
             fraction = (losses[i - 1] - target) / (losses[i - 1] - loss)
-            return times[i - 1] + fraction * (times[i] - times[i - 1])
+            return xs[i - 1] + fraction * (xs[i] - xs[i - 1])
     return None
 
 
-def _run(args, name: str, ffn: str, capacity_factor: float) -> dict:
+def time_to_reach(val_records: list[dict], target: float) -> float | None:
+    """Training wall time at which validation loss first reaches ``target``,
+    linearly interpolated between evaluations; None if it never does."""
+    return _first_reach([r["train_time_s"] for r in val_records],
+                        [r["val_loss"] for r in val_records], target)
+
+
+def tokens_to_reach(val_records: list[dict], target: float, tokens_per_step: int) -> float | None:
+    """Training tokens at which validation loss first reaches ``target`` (as `time_to_reach`)."""
+    return _first_reach([r["step"] * tokens_per_step for r in val_records],
+                        [r["val_loss"] for r in val_records], target)
+
+
+def run_dir(out: str, name: str, seed: int, first_seed: int) -> Path:
+    """``out/<name>`` for the first seed (as with one seed), ``out/<name>-seed<s>`` after."""
+    return Path(out) / (name if seed == first_seed else f"{name}-seed{seed}")
+
+
+def _run(args, name: str, ffn: str, capacity_factor: float, seed: int) -> dict:
     """Trains one configuration unless a finished run with the same steps exists."""
-    out = Path(args.out) / name
+    out = run_dir(args.out, name, seed, args.seed)
     summary_path = out / "summary.json"
     if summary_path.exists() and not args.rerun:
         summary = json.loads(summary_path.read_text())
-        if (summary["steps"], summary["seed"]) == (args.steps, args.seed):
-            print(f"[{name}] reusing {summary_path}")
+        if (summary["steps"], summary["seed"]) == (args.steps, seed):
+            print(f"[{out.name}] reusing {summary_path}")
             return summary
     argv = ["--preset", args.preset, "--ffn", ffn, "--capacity-factor", str(capacity_factor),
-            "--steps", str(args.steps), "--seed", str(args.seed), "--out", str(out),
+            "--steps", str(args.steps), "--seed", str(seed), "--out", str(out),
             "--cache-dir", str(Path(args.out) / "cache"), "--log-every", "5",
             "--eval-every", str(args.eval_every), "--eval-batches", str(args.eval_batches),
             "--checkpoint-every", str(args.checkpoint_every)]
     if not args.rerun:
         argv.append("--resume")
     summary = train.main(argv)
-    summary["name"] = name
+    summary["name"] = out.name
     summary_path.write_text(json.dumps(summary, indent=2) + "\n")
     return summary
 
@@ -101,13 +120,54 @@ def markdown(rows: list[dict]) -> str:
         for r in rows)
 
 
+def seeds_table(summaries: dict[str, list[dict]], records: dict[str, list[list[dict]]]):
+    """Rows over seeds, and the target: the best token-dropping configuration's mean final loss.
+
+    ``summaries[name]``/``records[name]``: the summaries and metrics of each
+    seed of configuration ``name``. Each row: ``val_mean``, ``val_sd``
+    (sample sd; 0 for one seed), the mean over seeds of the time and tokens to
+    reach the target (None unless every seed reaches it), ``dropped_fraction``.
+    Returns ``(rows, target_name, target)``.
+    """
+    mean_final = lambda name: float(np.mean([s["final_val_loss"] for s in summaries[name]]))
+    target_name = min((n for n in summaries if n.startswith("moe-")), key=mean_final)
+    target = mean_final(target_name)
+    rows = []
+    for name, runs in summaries.items():
+        finals = [s["final_val_loss"] for s in runs]
+        vals = [[r for r in recs if r["kind"] == "val"] for recs in records[name]]
+        times = [time_to_reach(v, target) for v in vals]
+        tokens = [tokens_to_reach(v, target, s["tokens_per_step"]) for v, s in zip(vals, runs)]
+        mean_or_none = lambda xs: None if None in xs else float(np.mean(xs))
+        rows.append({
+            "run": name, "seeds": len(runs), "val_mean": float(np.mean(finals)),
+            "val_sd": float(np.std(finals, ddof=1)) if len(finals) > 1 else 0.0,
+            "time_to_target_s": mean_or_none(times), "tokens_to_target": mean_or_none(tokens),
+            "dropped_fraction": float(np.mean([s["dropped_fraction"] for s in runs])),
+        })
+    return rows, target_name, target
+
+
+def seeds_markdown(rows: list[dict], target_name: str, target: float) -> str:
+    header = (f"| run | seeds | final val loss (mean ± sd) | time to {target_name}'s "
+              f"{target:.4f} (s) | tokens to it | assignments dropped |\n"
+              "|---|---:|---:|---:|---:|---:|\n")
+    fmt = lambda value, spec: "never" if value is None else format(value, spec)
+    return header + "".join(
+        f"| {r['run']} | {r['seeds']} | {r['val_mean']:.4f} ± {r['val_sd']:.4f} | "
+        f"{fmt(r['time_to_target_s'], '.0f')} | {fmt(r['tokens_to_target'], ',.0f')} | "
+        f"{r['dropped_fraction']:.1%} |\n" for r in rows)
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m experiments.compare", description=__doc__.split("\n\n")[0],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--preset", choices=PRESETS, default="xs")
     parser.add_argument("--steps", type=int, default=600)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="first seed")
+    parser.add_argument("--seeds", type=int, default=3,
+                        help="seeds per configuration: --seed, --seed + 1, ...")
     parser.add_argument("--eval-every", type=int, default=25)
     parser.add_argument("--eval-batches", type=int, default=8)
     parser.add_argument("--checkpoint-every", type=int, default=100)
@@ -120,10 +180,18 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> list[dict]:
     args = parse_args(argv)
-    summaries = {name: _run(args, name, ffn, cf) for name, ffn, cf in RUNS}
-    records = {name: train.read_metrics(Path(args.out) / name / "metrics.jsonl")
-               for name in summaries}
+    if args.seeds < 1:
+        raise ValueError(f"--seeds must be a positive int, got {args.seeds}")
+    seeds = range(args.seed, args.seed + args.seeds)
+    all_summaries = {name: [_run(args, name, ffn, cf, seed) for seed in seeds]
+                     for name, ffn, cf in RUNS}
+    all_records = {name: [train.read_metrics(run_dir(args.out, name, seed, args.seed)
+                                             / "metrics.jsonl") for seed in seeds]
+                   for name in all_summaries}
+    summaries = {name: runs[0] for name, runs in all_summaries.items()}
+    records = {name: runs[0] for name, runs in all_records.items()}
     rows = results_table(summaries, records)
+    seed_rows, target_name, target = seeds_table(all_summaries, all_records)
     results = Path(args.results_dir or args.out)
     results.mkdir(parents=True, exist_ok=True)
     first = next(iter(summaries.values()))
@@ -131,9 +199,12 @@ def main(argv=None) -> list[dict]:
              f"seed {args.seed}; {platform.processor() or platform.machine()}, "
              f"{os.cpu_count()} cores, jax {jax.__version__} on {jax.devices()[0].platform}; "
              f"{datetime.date.today()}")
-    table = markdown(rows)
+    table = (f"{markdown(rows)}\nOver seeds {seeds.start}-{seeds.stop - 1}:\n\n"
+             f"{seeds_markdown(seed_rows, target_name, target)}")
     (results / "results.md").write_text(f"{setup}\n\n{table}")
-    (results / "results.json").write_text(json.dumps({"setup": setup, "rows": rows}, indent=2))
+    (results / "results.json").write_text(json.dumps(
+        {"setup": setup, "rows": rows, "seed_rows": seed_rows, "target": target_name},
+        indent=2))
     plotting.plot_val_vs_time(records, results / "val_loss_vs_time.png",
                               title=f"{args.preset}: validation loss vs training time",
                               target=summaries["dense"]["final_val_loss"])

@@ -124,11 +124,20 @@ class Batches:
             windows[epochs == epoch] = order[positions[epochs == epoch]]
         return windows * self.seq_len
 
-    def train_batch(self, step: int) -> np.ndarray:
-        """``[batch, seq_len + 1] int32`` tokens of training step ``step``."""
-        return self._read(self.train_starts(step))
+    def train_batch(self, step: int, rows: slice = slice(None)) -> np.ndarray:
+        """``[batch, seq_len + 1] int32`` tokens of training step ``step``; only
+        ``rows`` of the batch are read (a process's own shard of it)."""
+        return self._read(self.train_starts(step)[rows])
+
+    @property
+    def num_val_batches(self) -> int:
+        return len(self._val_starts)
+
+    def val_batch(self, index: int, rows: slice = slice(None)) -> np.ndarray:
+        """Rows ``rows`` of validation batch ``index``: ``[batch, seq_len + 1] int32``."""
+        return self._read(self._val_starts[index][rows])
 
     def val_batches(self):
         """The fixed validation set: yields ``[batch, seq_len + 1] int32`` arrays."""
-        for starts in self._val_starts:
-            yield self._read(starts)
+        for index in range(self.num_val_batches):
+            yield self.val_batch(index)

@@ -4,18 +4,22 @@
     python -m experiments.train --preset xs --ffn moe --capacity-factor 1.5 --steps 300
     python -m experiments.train --ffn dense --data my.txt --out runs/mine
     python -m experiments.train --out runs/xs-dmoe --resume   # continue a run
+    python -m experiments.train --mesh 2x4 --host-devices 8   # data x expert parallel on CPU
+    python -m experiments.launch_local --processes 2 -- experiments.train --mesh 2x4 --host-devices 4
 
 Loss = cross-entropy + the MoE aux losses; AdamW with linear warmup and cosine
 decay, global-norm clipping. A run directory holds ``checkpoints/`` (Orbax:
 model, optimizer state and step), ``metrics.jsonl`` (one ``"train"`` record
 per logging interval, one ``"val"`` record per evaluation), ``training.png``
 and ``summary.json``. Wall times count training steps only: compilation,
-evaluation and checkpointing are excluded.
+evaluation and checkpointing are excluded. Meshes and multi-process runs:
+`experiments.distributed` (only process 0 writes metrics, plots and summary).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import functools
 import json
@@ -29,10 +33,11 @@ import optax
 from flax import nnx
 from tqdm import tqdm
 
-from experiments import plotting
+from experiments import distributed, plotting
 from experiments.checkpoint import Checkpoints
 from experiments.data import Batches, tokenized_corpus
-from jmoe.transformer import FFN_KINDS, PRESETS, MoETransformer, TransformerConfig, preset
+from jmoe.transformer import (FFN_KINDS, PRESETS, REMAT_KINDS, MoETransformer, TransformerConfig,
+                              preset)
 
 # Training defaults per model preset (the command line overrides them).
 PRESET_TRAINING = {
@@ -60,6 +65,8 @@ class TrainConfig:
       eval_batches: validation batches per evaluation.
       seed: parameter initialisation and data order.
       resume: continue from the latest checkpoint in ``out`` (if any).
+      mesh: ``(data, expert)``: train on that device mesh (see
+        `experiments.distributed.Placement`); None: one device.
     """
 
     model: TransformerConfig
@@ -79,6 +86,7 @@ class TrainConfig:
     checkpoint_every: int = 100
     seed: int = 0
     resume: bool = False
+    mesh: tuple[int, int] | None = None
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "log_every", "eval_every", "eval_batches",
@@ -194,23 +202,40 @@ def _start_metrics(path: Path, resume_step: int):
         f.writelines(json.dumps(r) + "\n" for r in kept)
 
 
-def _evaluate(evaluate, state, batches: Batches) -> float:
-    return float(np.mean([evaluate(state, b) for b in batches.val_batches()]))
+def _evaluate(evaluate, state, batches: Batches, placement: distributed.Placement) -> float:
+    shape = (batches.batch_size, batches.seq_len + 1)
+    return float(np.mean([
+        evaluate(state, placement.batch(functools.partial(batches.val_batch, index), shape))
+        for index in range(batches.num_val_batches)]))
 
 
-def train(config: TrainConfig, name: str = "run") -> dict:
-    """Runs (or resumes) training; returns the summary (also in ``summary.json``)."""
+def _model_and_optimizer(config: TrainConfig):
+    model = MoETransformer(config.model, rngs=nnx.Rngs(config.seed))
+    return model, nnx.Optimizer(model, optimizer(config), wrt=nnx.Param)
+
+
+def train(config: TrainConfig, name: str = "run") -> dict | None:
+    """Runs (or resumes) training; returns the summary (also in ``summary.json``).
+
+    With several processes (`experiments.distributed`) every process calls
+    this; only process 0 writes files and returns the summary, the others None.
+    """
+    main = distributed.is_main_process()
     out = Path(config.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "summary.json").unlink(missing_ok=True)  # written again when the run completes
-    if not config.resume:
-        shutil.rmtree(out / "checkpoints", ignore_errors=True)
+    placement = distributed.Placement(
+        config.mesh, batch_size=config.batch_size,
+        num_experts=config.model.moe.num_experts if config.model.moe_layers else None)
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "summary.json").unlink(missing_ok=True)  # written again when the run completes
+        if not config.resume:
+            shutil.rmtree(out / "checkpoints", ignore_errors=True)
+    distributed.barrier("train: run directory ready")
     batches = Batches(tokenized_corpus(config.data, config.cache_dir),
                       seq_len=config.model.max_seq_len, batch_size=config.batch_size,
                       seed=config.seed, eval_batches=config.eval_batches)
-    model = MoETransformer(config.model, rngs=nnx.Rngs(config.seed))
-    params = sum(p.size for p in jax.tree.leaves(nnx.state(model, nnx.Param)))
-    graphdef, state = nnx.split((model, nnx.Optimizer(model, optimizer(config), wrt=nnx.Param)))
+    graphdef, state = placement.init_state(functools.partial(_model_and_optimizer, config))
+    params = sum(p.size for p in jax.tree.leaves(nnx.filter_state(state[0], nnx.Param)))
 
     checkpoints = Checkpoints(out / "checkpoints", config.checkpoint_every)
     start, train_time = 0, 0.0
@@ -218,24 +243,30 @@ def train(config: TrainConfig, name: str = "run") -> dict:
         start = checkpoints.latest_step()
         state, meta = checkpoints.restore(start, state)
         train_time = meta["train_time_s"]
-    _start_metrics(out / "metrics.jsonl", start)
+    if main:
+        _start_metrics(out / "metrics.jsonl", start)
+    shape = (config.batch_size, config.model.max_seq_len + 1)
+    train_batch = lambda step: placement.batch(functools.partial(batches.train_batch, step),
+                                               shape)
 
-    t0 = time.perf_counter()
-    step_fn = jax.jit(functools.partial(train_step, graphdef), donate_argnums=0).lower(
-        state, batches.train_batch(start)).compile()
-    compile_s = time.perf_counter() - t0
-    evaluate = jax.jit(functools.partial(eval_step, graphdef))
-    schedule = learning_rate(config)
-
-    with open(out / "metrics.jsonl", "a") as log:
-        write = lambda record: (log.write(json.dumps(record) + "\n"), log.flush())
+    with placement.context(), (open(out / "metrics.jsonl", "a") if main
+                               else contextlib.nullcontext()) as log:
+        t0 = time.perf_counter()
+        step_fn = placement.jit_step(functools.partial(train_step, graphdef),
+                                     donate_argnums=0).lower(state, train_batch(start)).compile()
+        compile_s = time.perf_counter() - t0
+        evaluate = placement.jit_eval(functools.partial(eval_step, graphdef))
+        schedule = learning_rate(config)
+        write = lambda record: main and (log.write(json.dumps(record) + "\n"), log.flush())
         if start == 0:
-            write({"kind": "val", "step": 0, "val_loss": _evaluate(evaluate, state, batches),
+            write({"kind": "val", "step": 0,
+                   "val_loss": _evaluate(evaluate, state, batches, placement),
                    "train_time_s": 0.0})
-        bar = tqdm(total=config.steps, initial=start, desc=name, unit="step", dynamic_ncols=True)
+        bar = tqdm(total=config.steps, initial=start, desc=name, unit="step", dynamic_ncols=True,
+                   disable=not main)
         pending, mark = [], time.perf_counter()
         for i in range(start, config.steps):
-            state, metrics = step_fn(state, batches.train_batch(i))
+            state, metrics = step_fn(state, train_batch(i))
             pending.append(metrics)
             step = i + 1
             last = step == config.steps
@@ -251,7 +282,7 @@ def train(config: TrainConfig, name: str = "run") -> dict:
             bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:,.0f}")
             pending = []
             if step % config.eval_every == 0 or last:
-                val_loss = _evaluate(evaluate, state, batches)
+                val_loss = _evaluate(evaluate, state, batches, placement)
                 write({"kind": "val", "step": step, "val_loss": val_loss,
                        "train_time_s": train_time})
                 bar.set_postfix(loss=f"{record['loss']:.3f}", val=f"{val_loss:.3f}",
@@ -260,6 +291,8 @@ def train(config: TrainConfig, name: str = "run") -> dict:
             mark = time.perf_counter()
         bar.close()
     checkpoints.close()
+    if not main:
+        return None
     return _finish(config, name, {"params": int(params), "compile_s": compile_s})
 
 
@@ -296,6 +329,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="expert capacity factor of --ffn moe")
     parser.add_argument("--moe-every", type=int, choices=(1, 2), default=1,
                         help="2: MoE in every other block (GLaM)")
+    parser.add_argument("--remat", choices=REMAT_KINDS, default="none",
+                        help="recompute activations in the backward: none, each FFN, each block")
     parser.add_argument("--steps", type=int, help="optimizer steps (default: per preset)")
     parser.add_argument("--batch-size", type=int, help="sequences per step (default: per preset)")
     parser.add_argument("--lr", type=float, help="peak learning rate (default: per preset)")
@@ -308,13 +343,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--eval-every", type=int, default=50)
     parser.add_argument("--eval-batches", type=int, default=4)
     parser.add_argument("--checkpoint-every", type=int, default=100)
+    distributed.add_arguments(parser)
     return parser.parse_args(argv)
 
 
 def config_from_args(args: argparse.Namespace) -> tuple[TrainConfig, str]:
     """``(TrainConfig, run name)`` from parsed command-line arguments."""
     model = preset(args.preset, ffn=args.ffn, capacity_factor=args.capacity_factor).replace(
-        moe_every=args.moe_every)
+        moe_every=args.moe_every, remat=args.remat)
     name = run_name(args.preset, args.ffn, args.capacity_factor, args.moe_every)
     out = Path(args.out or Path("runs") / name)
     defaults = PRESET_TRAINING[args.preset]
@@ -323,12 +359,16 @@ def config_from_args(args: argparse.Namespace) -> tuple[TrainConfig, str]:
         model=model, out=str(out), cache_dir=args.cache_dir or str(out.absolute().parent / "cache"),
         data=args.data, steps=pick("steps"), batch_size=pick("batch_size"), lr=pick("lr"),
         log_every=args.log_every, eval_every=args.eval_every, eval_batches=args.eval_batches,
-        checkpoint_every=args.checkpoint_every, seed=args.seed, resume=args.resume)
+        checkpoint_every=args.checkpoint_every, seed=args.seed, resume=args.resume,
+        mesh=args.mesh)
     return config, name
 
 
-def main(argv=None) -> dict:
-    return train(*config_from_args(parse_args(argv)))
+def main(argv=None) -> dict | None:
+    """Command-line entry; the summary (None on processes other than 0)."""
+    args = parse_args(argv)
+    distributed.start_runtime(args)
+    return train(*config_from_args(args))
 
 
 if __name__ == "__main__":

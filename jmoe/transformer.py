@@ -23,6 +23,7 @@ from jmoe.moe import CapacityMoE, DroplessMoE
 
 FFN_KINDS = ("dmoe", "moe", "dense")
 MOE_EVERY = (1, 2)
+REMAT_KINDS = ("none", "ffn", "block")
 PRESETS = ("xs", "s")
 
 
@@ -44,6 +45,11 @@ class TransformerConfig:
         1, 3, 5, ... with dense MLPs in blocks 0, 2, 4, ... (GLaM).
       rope_base: RoPE wavelength base.
       norm_eps: RMSNorm epsilon.
+      remat: activation memory (``jax.checkpoint``, saving nothing inside):
+        ``"none"`` keeps every activation for the backward; ``"ffn"``
+        recomputes each FFN's (router, permutation, expert MLP) in the
+        backward; ``"block"`` recomputes each whole block, keeping only its
+        input.
     """
 
     vocab_size: int
@@ -56,6 +62,7 @@ class TransformerConfig:
     moe_every: int = 1
     rope_base: float = 10_000.0
     norm_eps: float = 1e-6
+    remat: str = "none"
 
     def __post_init__(self):
         for name in ("vocab_size", "d_model", "num_layers", "num_heads", "max_seq_len"):
@@ -76,6 +83,8 @@ class TransformerConfig:
                 f"num_layers={self.num_layers} leaves no MoE block at moe_every={self.moe_every}")
         require(self.rope_base > 0, f"rope_base must be > 0, got {self.rope_base}")
         require(self.norm_eps > 0, f"norm_eps must be > 0, got {self.norm_eps}")
+        require(self.remat in REMAT_KINDS,
+                f"remat must be one of {REMAT_KINDS}, got {self.remat!r}")
 
     @property
     def moe_layers(self) -> tuple[int, ...]:
@@ -131,11 +140,27 @@ class Block(nnx.Module):
                                         rope_base=config.rope_base, **dtypes, rngs=rngs)
         self.ffn_norm = nnx.RMSNorm(config.d_model, epsilon=config.norm_eps, **dtypes, rngs=rngs)
         self.ffn = _ffn(config, routed, rngs)
+        self.remat = config.remat
 
     def __call__(self, x: jax.Array):
+        if self.remat == "block":
+            return _recomputed(Block._forward)(self, x)
+        return self._forward(x)
+
+    def _forward(self, x: jax.Array):
         x = x + self.attn(self.attn_norm(x))
-        y, aux = self.ffn(self.ffn_norm(x))
+        ffn = _recomputed(_call) if self.remat == "ffn" else _call
+        y, aux = ffn(self.ffn, self.ffn_norm(x))
         return x + y.astype(x.dtype), aux
+
+
+def _call(module: nnx.Module, x: jax.Array):
+    return module(x)
+
+
+def _recomputed(fn):
+    """``fn`` under `nnx.remat` saving nothing: the backward recomputes its activations."""
+    return nnx.remat(fn, policy=jax.checkpoint_policies.nothing_saveable)
 
 
 def aggregate_aux(layer_aux: list[dict], moe_layers: tuple[int, ...], num_experts: int) -> dict:

@@ -1,0 +1,47 @@
+"""`experiments.compare` over seeds: the target (the best token-dropping
+configuration's mean final loss), mean ± sd, time and tokens to reach it."""
+
+import pytest
+
+from experiments import compare
+
+
+def _run(final: float, losses: list[float], dropped: float = 0.0):
+    """A summary and metrics: val losses at steps 0, 10, 20, ... (1 s per step)."""
+    val = [{"kind": "val", "step": 10 * i, "train_time_s": 10.0 * i, "val_loss": v}
+           for i, v in enumerate(losses)]
+    return ({"final_val_loss": final, "tokens_per_step": 100, "dropped_fraction": dropped},
+            [{"kind": "train", "step": 1}, *val])
+
+
+def test_seeds_table():
+    runs = {
+        "dense": [_run(2.0, [5.0, 3.0, 2.0]), _run(2.2, [5.0, 3.0, 2.2])],
+        "moe-cf1.0": [_run(2.5, [5.0, 3.0, 2.5], 0.1), _run(2.7, [5.0, 3.0, 2.7], 0.3)],
+        "moe-cf2.0": [_run(2.4, [5.0, 2.4, 2.4], 0.0), _run(2.2, [5.0, 2.2, 2.2], 0.02)],
+        "dmoe": [_run(2.1, [5.0, 2.1, 2.1]), _run(2.5, [5.0, 4.0, 2.5])],
+    }
+    rows, target_name, target = compare.seeds_table(
+        {n: [s for s, _ in r] for n, r in runs.items()},
+        {n: [m for _, m in r] for n, r in runs.items()})
+    assert target_name == "moe-cf2.0" and target == pytest.approx(2.3)
+    by_run = {r["run"]: r for r in rows}
+    assert by_run["dense"]["val_mean"] == pytest.approx(2.1)
+    assert by_run["dense"]["val_sd"] == pytest.approx(0.1414214)  # sample sd of 2.0, 2.2
+    # dense: 3.0 -> 2.0 between steps 10 and 20 reaches 2.3 at step 17 (seed 0), and
+    # 3.0 -> 2.2 at step 18.75 (seed 1): mean 17.875 steps = 17.875 s = 1787.5 tokens.
+    assert by_run["dense"]["time_to_target_s"] == pytest.approx(17.875)
+    assert by_run["dense"]["tokens_to_target"] == pytest.approx(1787.5)
+    assert by_run["moe-cf1.0"]["time_to_target_s"] is None  # never reached
+    assert by_run["moe-cf1.0"]["dropped_fraction"] == pytest.approx(0.2)
+    # dmoe: seed 0 reaches 2.3 between step 0 (5.0) and 10 (2.1); seed 1 never does.
+    assert by_run["dmoe"]["tokens_to_target"] is None
+    table = compare.seeds_markdown(rows, target_name, target)
+    assert "| dense | 2 | 2.1000 ± 0.1414 | 18 | 1,788 | 0.0% |" in table
+    assert "| moe-cf1.0 | 2 | 2.6000 ± 0.1414 | never | never | 20.0% |" in table
+    assert "time to moe-cf2.0's 2.3000 (s)" in table
+
+
+def test_seed_run_dirs():
+    assert compare.run_dir("runs/c", "dmoe", 0, 0).as_posix() == "runs/c/dmoe"
+    assert compare.run_dir("runs/c", "dmoe", 2, 0).as_posix() == "runs/c/dmoe-seed2"

@@ -1,0 +1,153 @@
+"""Scale-out from the command line (`experiments.distributed`, `experiments.launch_local`):
+bad flags give errors naming the flag, the launcher fails fast, and (slow) a
+2 x 4 mesh, in one process with 8 devices and in 2 processes with 4 each,
+logs the single-device run's losses; a multi-process run resumes exactly.
+
+The multi-process runs use `scale_out_worker` (experiments.train's command
+line with a tiny model) through ``python -m experiments.launch_local``.
+"""
+
+import dataclasses
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from experiments import distributed, launch_local
+from experiments.train import TrainConfig, read_metrics, train
+from scale_out_worker import tiny_model
+from test_train import text_file  # noqa: F401 (the corpus fixture)
+
+REPO = Path(__file__).resolve().parents[1]
+LOSS_TOL = 2e-4  # the issue's bound on the logged loss
+
+
+# ------------------------------------------------------------------ bad input
+
+
+@pytest.mark.parametrize("text", ["2", "2x", "0x4", "2x4x1", "axb", "-1x2"])
+def test_bad_mesh_flag(text):
+    with pytest.raises(ValueError, match="--mesh must be DATAxEXPERT"):
+        distributed.parse_mesh(text)
+    assert distributed.parse_mesh("2X4") == (2, 4)
+
+
+@pytest.mark.parametrize("mesh,num_experts,batch_size,match", [
+    ((4, 4), 8, 16, r"--mesh 4x4 needs 16 devices, but 1 process\(es\) have 8"),
+    ((2, 4), 6, 16, r"--mesh 2x4: the 6 experts are not divisible by the expert axis 4"),
+    ((2, 4), 8, 12, r"--batch-size 12 is not divisible by data x expert = 8"),
+])
+def test_placement_rejects_bad_meshes(mesh, num_experts, batch_size, match):
+    with pytest.raises(ValueError, match=match):
+        distributed.Placement(mesh, num_experts=num_experts, batch_size=batch_size)
+
+
+def test_dense_model_ignores_expert_count():
+    placement = distributed.Placement((2, 4), num_experts=None, batch_size=8)
+    assert dict(placement.mesh.shape) == {"data": 2, "expert": 4}
+
+
+def test_host_devices_after_jax_started():
+    distributed.set_host_devices(8)  # pytest's count: accepted
+    with pytest.raises(ValueError, match="--host-devices 4: jax already started with 8"):
+        distributed.set_host_devices(4)
+
+
+@pytest.mark.parametrize("address,num,pid,match", [
+    ("localhost", 2, 1, "--coordinator must be HOST:PORT"),
+    (None, 2, 0, "--num-processes 2 needs --coordinator"),
+    ("127.0.0.1:1234", 2, 2, r"--process-id must be in \[0, 2\)"),
+])
+def test_bad_distributed_flags(address, num, pid, match):
+    with pytest.raises(ValueError, match=match):
+        distributed.initialize(address, num, pid, timeout=1)
+
+
+def test_unreachable_coordinator_times_out():
+    address = f"127.0.0.1:{launch_local.free_port()}"
+    start = time.monotonic()
+    with pytest.raises(ValueError, match=f"--coordinator {address} is unreachable after 1 s"):
+        distributed.initialize(address, 2, 1, timeout=1)
+    assert time.monotonic() - start < 10
+
+
+def test_launch_local_fails_fast_and_stops_the_rest(tmp_path, monkeypatch, capfd):
+    """Process 1 fails at once; process 0 (which would sleep 60 s) is terminated."""
+    (tmp_path / "flaky.py").write_text(
+        "import sys, time\n"
+        "pid = int(sys.argv[sys.argv.index('--process-id') + 1])\n"
+        "print('hello from', pid, sys.argv[1], flush=True)\n"
+        "sys.exit(3) if pid == 1 else time.sleep(60)\n")
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+    start = time.monotonic()
+    assert launch_local.main(["--processes", "2", "--", "flaky", "--flag"]) == 3
+    assert time.monotonic() - start < 30
+    out = capfd.readouterr().out
+    assert "[1] hello from 1 --flag" in out and "terminating process 0" in out
+
+
+# ------------------------------------------------------------------ equal losses (slow)
+
+
+FLAGS = dict(steps=4, batch_size=8, lr=1e-2, log_every=1, eval_every=2, eval_batches=1,
+             checkpoint_every=2)
+
+
+def _launch(out: Path, corpus: Path, *extra: str):
+    """``launch_local --processes 2 -- scale_out_worker ... --mesh 2x4 --host-devices 4``."""
+    flags = [f"--{k.replace('_', '-')}={v}" for k, v in FLAGS.items()]
+    command = [sys.executable, "-m", "experiments.launch_local", "--processes", "2", "--",
+               "scale_out_worker", *flags, "--data", str(corpus), "--out", str(out),
+               "--cache-dir", str(out.parent / "cache"), "--mesh", "2x4",
+               "--host-devices", "4", *extra]
+    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{REPO / 'tests'}", "XLA_FLAGS": ""}
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True,
+                            timeout=1800)
+    assert result.returncode == 0, result.stdout[-4000:]
+    return result.stdout
+
+
+def _logged(out: Path) -> dict:
+    """``{(kind, step): logged loss}`` of a run (train loss and validation loss)."""
+    return {(r["kind"], r["step"]): r.get("loss", r.get("val_loss"))
+            for r in read_metrics(out / "metrics.jsonl")}
+
+
+@pytest.mark.slow
+def test_mesh_and_processes_log_single_device_losses(tmp_path, text_file):
+    corpus = text_file
+    config = TrainConfig(model=tiny_model(), out=str(tmp_path / "one"),
+                         cache_dir=str(tmp_path / "cache"), data=str(corpus), **FLAGS)
+    train(config)
+    train(dataclasses.replace(config, out=str(tmp_path / "mesh"), mesh=(2, 4)))
+    stdout = _launch(tmp_path / "procs", corpus)
+
+    want = _logged(tmp_path / "one")
+    assert len(want) == 4 + 3  # train records at steps 1-4, val at 0, 2, 4
+    for run in ("mesh", "procs"):
+        got = _logged(tmp_path / run)
+        assert got.keys() == want.keys()
+        np.testing.assert_allclose([got[k] for k in want], list(want.values()),
+                                   rtol=0, atol=LOSS_TOL, err_msg=run)
+    assert want[("train", 4)] < want[("train", 1)] - 0.1  # it trains
+    # Only process 0 prints the summary and writes the run's files.
+    assert "[0] [xs-dmoe] 4 steps" in stdout and "[1] [xs-dmoe]" not in stdout
+    summary = json.loads((tmp_path / "procs" / "summary.json").read_text())
+    assert summary["steps"] == 4 and (tmp_path / "procs" / "training.png").exists()
+
+    # Kill after step 3: the step-2 checkpoint survives; --resume redoes steps 3-4.
+    shutil.copytree(tmp_path / "procs", tmp_path / "resumed")
+    shutil.rmtree(tmp_path / "resumed" / "checkpoints" / "4")
+    metrics = tmp_path / "resumed" / "metrics.jsonl"
+    metrics.write_text("".join(json.dumps(r) + "\n" for r in read_metrics(metrics)
+                               if r["step"] <= 3))
+    (tmp_path / "resumed" / "summary.json").unlink()
+    _launch(tmp_path / "resumed", corpus, "--resume")
+    assert _logged(tmp_path / "resumed") == _logged(tmp_path / "procs")
+    assert sorted(p.name for p in (tmp_path / "resumed" / "checkpoints").iterdir()) == ["2", "4"]
