@@ -211,3 +211,15 @@ def test_import_jmoe_needs_no_safetensors():
     out = subprocess.run([sys.executable, "-c", code, str(FIXTURES / "mixtral")],
                          capture_output=True, text=True, check=True, timeout=120)
     assert "jmoe.hf needs the safetensors package" in out.stdout
+
+
+def test_bfloat16_load_and_save(tmp_path):
+    model = jmoe.hf.load(FIXTURES / "olmoe", dtype=jnp.bfloat16)
+    assert model.config.moe.dtype == jnp.bfloat16
+    jmoe.hf.save(model, tmp_path)
+    written = read_tensors(tmp_path)
+    assert {t.dtype.name for t in written.values()} == {"bfloat16"}
+    original = read_tensors(FIXTURES / "olmoe")
+    name = "model.layers.1.mlp.experts.5.down_proj.weight"
+    np.testing.assert_array_equal(written[name], original[name].astype(written[name].dtype))
+    _assert_same_params(jmoe.hf.load(tmp_path, dtype=jnp.bfloat16), model)
