@@ -2,6 +2,7 @@
 
 from jmoe.config import MoEConfig
 from jmoe.dense import DenseMLP
+from jmoe.decoding import generate
 from jmoe.moe import CapacityMoE, DroplessMoE
 
-__all__ = ["CapacityMoE", "DenseMLP", "DroplessMoE", "MoEConfig"]
+__all__ = ["CapacityMoE", "DenseMLP", "DroplessMoE", "MoEConfig", "generate"]

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jmoe.attention import CausalSelfAttention
+from jmoe.attention import QK_NORMS, CausalSelfAttention, KVCache
 from jmoe.config import MoEConfig, require
 from jmoe.dense import DenseMLP
 from jmoe.moe import CapacityMoE, DroplessMoE
@@ -43,6 +43,13 @@ class TransformerConfig:
         ``moe.capacity_factor``) or ``"dense"`` (no experts).
       moe_every: 1 puts the MoE FFN in every block; 2 only in blocks
         1, 3, 5, ... with dense MLPs in blocks 0, 2, 4, ... (GLaM).
+      num_kv_heads: key/value heads (grouped-query attention; must divide
+        ``num_heads``); None: ``num_heads`` (multi-head).
+      head_dim: width of one head (even); None: ``d_model / num_heads``.
+      qk_norm: None, ``"projection"`` (RMSNorm over the whole q and k
+        projections, OLMoE) or ``"head"`` (RMSNorm per head, Qwen3).
+      tie_embeddings: the output projection is the transposed embedding
+        (no ``lm_head`` parameter).
       rope_base: RoPE wavelength base.
       norm_eps: RMSNorm epsilon.
       remat: activation memory (``jax.checkpoint``, saving nothing inside):
@@ -60,6 +67,10 @@ class TransformerConfig:
     moe: MoEConfig
     ffn: str = "dmoe"
     moe_every: int = 1
+    num_kv_heads: int | None = None
+    head_dim: int | None = None
+    qk_norm: str | None = None
+    tie_embeddings: bool = False
     rope_base: float = 10_000.0
     norm_eps: float = 1e-6
     remat: str = "none"
@@ -73,9 +84,22 @@ class TransformerConfig:
                 f"moe must be a MoEConfig, got {type(self.moe).__name__}")
         require(self.moe.d_model == self.d_model,
                 f"moe.d_model must equal d_model={self.d_model}, got {self.moe.d_model}")
-        require(self.d_model % self.num_heads == 0 and (self.d_model // self.num_heads) % 2 == 0,
-                f"num_heads must split d_model={self.d_model} into even head dims, "
-                f"got {self.num_heads}")
+        if self.head_dim is None:
+            require(self.d_model % self.num_heads == 0
+                    and (self.d_model // self.num_heads) % 2 == 0,
+                    f"num_heads must split d_model={self.d_model} into even head dims, "
+                    f"got {self.num_heads}")
+        else:
+            require(isinstance(self.head_dim, int) and self.head_dim >= 2
+                    and self.head_dim % 2 == 0,
+                    f"head_dim must be None or an even int >= 2, got {self.head_dim!r}")
+        require(self.num_kv_heads is None or (
+            isinstance(self.num_kv_heads, int) and self.num_kv_heads >= 1
+            and self.num_heads % self.num_kv_heads == 0),
+            f"num_kv_heads must be None or divide num_heads={self.num_heads}, "
+            f"got {self.num_kv_heads!r}")
+        require(self.qk_norm in QK_NORMS,
+                f"qk_norm must be one of {QK_NORMS}, got {self.qk_norm!r}")
         require(self.ffn in FFN_KINDS, f"ffn must be one of {FFN_KINDS}, got {self.ffn!r}")
         require(self.moe_every in MOE_EVERY,
                 f"moe_every must be one of {MOE_EVERY}, got {self.moe_every!r}")
@@ -92,6 +116,16 @@ class TransformerConfig:
         if self.ffn == "dense":
             return ()
         return tuple(i for i in range(self.num_layers) if i % self.moe_every == self.moe_every - 1)
+
+    @property
+    def kv_heads(self) -> int:
+        """Key/value heads (``num_kv_heads``, or ``num_heads`` when None)."""
+        return self.num_kv_heads or self.num_heads
+
+    @property
+    def head_size(self) -> int:
+        """Width of one attention head (``head_dim``, or ``d_model / num_heads``)."""
+        return self.head_dim or self.d_model // self.num_heads
 
     @property
     def dense_d_ff(self) -> int:
@@ -136,8 +170,10 @@ class Block(nnx.Module):
     def __init__(self, config: TransformerConfig, routed: bool, *, rngs: nnx.Rngs):
         dtypes = dict(dtype=config.moe.dtype, param_dtype=config.moe.param_dtype)
         self.attn_norm = nnx.RMSNorm(config.d_model, epsilon=config.norm_eps, **dtypes, rngs=rngs)
-        self.attn = CausalSelfAttention(config.d_model, config.num_heads,
-                                        rope_base=config.rope_base, **dtypes, rngs=rngs)
+        self.attn = CausalSelfAttention(
+            config.d_model, config.num_heads, rope_base=config.rope_base, **dtypes, rngs=rngs,
+            num_kv_heads=config.kv_heads, head_dim=config.head_size, qk_norm=config.qk_norm,
+            norm_eps=config.norm_eps)
         self.ffn_norm = nnx.RMSNorm(config.d_model, epsilon=config.norm_eps, **dtypes, rngs=rngs)
         self.ffn = _ffn(config, routed, rngs)
         self.remat = config.remat
@@ -148,10 +184,18 @@ class Block(nnx.Module):
         return self._forward(x)
 
     def _forward(self, x: jax.Array):
-        x = x + self.attn(self.attn_norm(x))
+        return self._ffn_residual(x + self.attn(self.attn_norm(x)))
+
+    def _ffn_residual(self, x: jax.Array):
         ffn = _recomputed(_call) if self.remat == "ffn" else _call
         y, aux = ffn(self.ffn, self.ffn_norm(x))
         return x + y.astype(x.dtype), aux
+
+    def cached(self, x: jax.Array, cache: KVCache, position: jax.Array):
+        """The block at positions ``position ..`` with a KV cache (see
+        `CausalSelfAttention.cached`): ``-> (x, ffn aux, updated cache)``."""
+        attended, cache = self.attn.cached(self.attn_norm(x), cache, position)
+        return *self._ffn_residual(x + attended), cache
 
 
 def _call(module: nnx.Module, x: jax.Array):
@@ -192,7 +236,8 @@ class MoETransformer(nnx.Module):
     ``logits``: ``[batch, seq, vocab_size]`` float32; ``aux``: see
     `aggregate_aux`. Parameters: ``embed.embedding [vocab, d_model]``,
     ``blocks[i]`` (`Block`), ``final_norm``, ``lm_head.kernel [d_model, vocab]``
-    (initialised small so an untrained model predicts ~uniformly).
+    (initialised small so an untrained model predicts ~uniformly; None with
+    ``tie_embeddings``, which projects with the embedding instead).
     """
 
     def __init__(self, config: TransformerConfig, *, rngs: nnx.Rngs):
@@ -204,21 +249,52 @@ class MoETransformer(nnx.Module):
                                 for i in range(config.num_layers)])
         self.final_norm = nnx.RMSNorm(config.d_model, epsilon=config.norm_eps, **dtypes,
                                       rngs=rngs)
-        self.lm_head = nnx.Linear(config.d_model, config.vocab_size, use_bias=False,
-                                  kernel_init=nnx.initializers.normal(0.02), **dtypes, rngs=rngs)
+        self.lm_head = None if config.tie_embeddings else nnx.Linear(
+            config.d_model, config.vocab_size, use_bias=False,
+            kernel_init=nnx.initializers.normal(0.02), **dtypes, rngs=rngs)
 
-    def __call__(self, tokens: jax.Array):
+    @staticmethod
+    def _check_tokens(tokens: jax.Array, limit: int, limit_name: str):
         if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
             raise ValueError(f"tokens must be an int array [batch, seq], got "
                              f"{tokens.dtype}{list(tokens.shape)}")
-        if tokens.shape[1] > self.config.max_seq_len:
-            raise ValueError(f"tokens: seq={tokens.shape[1]} exceeds "
-                             f"max_seq_len={self.config.max_seq_len}")
+        if tokens.shape[1] > limit:
+            raise ValueError(f"tokens: seq={tokens.shape[1]} exceeds {limit_name}={limit}")
+
+    def _logits(self, x: jax.Array) -> jax.Array:
+        x = self.final_norm(x)
+        logits = self.embed.attend(x) if self.lm_head is None else self.lm_head(x)
+        return logits.astype(jnp.float32)
+
+    def init_cache(self, batch: int, max_len: int) -> list[KVCache]:
+        """Zeroed KV caches of every block, ``[batch, max_len, kv_heads, head_dim]``
+        in the compute dtype."""
+        c = self.config
+        require(1 <= max_len <= c.max_seq_len,
+                f"max_len must be in [1, max_seq_len={c.max_seq_len}], got {max_len}")
+        zeros = lambda: jnp.zeros((batch, max_len, c.kv_heads, c.head_size), c.moe.dtype)
+        return [KVCache(zeros(), zeros()) for _ in range(c.num_layers)]
+
+    def cached(self, tokens: jax.Array, caches: list[KVCache], position: jax.Array):
+        """Logits of ``tokens [batch, seq]`` at positions ``position ..
+        position + seq - 1`` given the earlier positions' KV caches (from
+        `init_cache`): ``-> (logits [batch, seq, vocab] float32, updated caches)``.
+        Used by `jmoe.generate` for the prefill (``position`` 0) and each decode step.
+        """
+        self._check_tokens(tokens, caches[0].k.shape[1], "the cache length")
+        x = self.embed(tokens)
+        updated = []
+        for block, cache in zip(self.blocks, caches):
+            x, _, cache = block.cached(x, cache, position)
+            updated.append(cache)
+        return self._logits(x), updated
+
+    def __call__(self, tokens: jax.Array):
+        self._check_tokens(tokens, self.config.max_seq_len, "max_seq_len")
         x = self.embed(tokens)
         layer_aux = []
         for block in self.blocks:
             x, aux = block(x)
             layer_aux.append(aux)
-        logits = self.lm_head(self.final_norm(x)).astype(jnp.float32)
-        return logits, aggregate_aux(layer_aux, self.config.moe_layers,
+        return self._logits(x), aggregate_aux(layer_aux, self.config.moe_layers,
                                      self.config.moe.num_experts)

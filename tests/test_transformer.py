@@ -165,6 +165,9 @@ def test_presets_have_equal_active_ffn_flops(name):
     (dict(d_model=32), "moe.d_model"),
     (dict(vocab_size=0), "vocab_size"),
     (dict(num_layers=1, moe_every=2), "num_layers"),
+    (dict(num_kv_heads=3), "num_kv_heads"),
+    (dict(head_dim=5), "head_dim"),
+    (dict(qk_norm="layer"), "qk_norm"),
 ])
 def test_config_validation(change, argument):
     with pytest.raises(ValueError, match=argument):

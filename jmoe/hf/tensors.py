@@ -1,0 +1,171 @@
+"""Hugging Face tensor names and layouts <-> jmoe parameter paths.
+
+Hugging Face linear weights are ``[out, in]`` (``y = x @ W.T``); jmoe kernels
+are ``[in, *out]``, so a kernel is the weight transposed and reshaped. A jmoe
+parameter can gather several Hugging Face tensors stacked along one axis:
+``qkv.kernel [d, 3, heads, head_dim]`` holds q/k/v_proj and
+``experts.w1 [E, d, f]`` one tensor per expert.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from jmoe.hf.architectures import Architecture
+from jmoe.transformer import TransformerConfig
+
+FUSED_PREFIX = "mlp"
+
+
+@dataclasses.dataclass(frozen=True)
+class Mapping:
+    """One jmoe parameter and the Hugging Face tensors it is made of.
+
+    ``names[i]`` has shape ``shapes[i]``; ``linear``: each is a ``[out, in]``
+    weight whose transpose, reshaped, is a slice of the kernel; ``stack_axis``:
+    the axis of the jmoe parameter the tensors are stacked on (None: one tensor).
+    """
+
+    path: tuple
+    names: tuple[str, ...]
+    shapes: tuple[tuple[int, ...], ...]
+    linear: bool
+    stack_axis: int | None = None
+
+
+def _norm(path, name, width):
+    return Mapping(path, (name,), ((width,),), linear=False)
+
+
+def _linear(path, names, out_width, in_width, stack_axis=None):
+    names = tuple(names)
+    return Mapping(path, names, ((out_width, in_width),) * len(names), linear=True,
+                   stack_axis=stack_axis)
+
+
+def _attention(config: TransformerConfig, layer: int, prefix: str) -> list[Mapping]:
+    d, hd = config.d_model, config.head_size
+    q_width, kv_width = config.num_heads * hd, config.kv_heads * hd
+    path = ("blocks", layer, "attn")
+    proj = lambda name: f"{prefix}.self_attn.{name}.weight"
+    if config.kv_heads == config.num_heads:
+        maps = [_linear((*path, "qkv", "kernel"), map(proj, ("q_proj", "k_proj", "v_proj")),
+                        q_width, d, stack_axis=1)]
+    else:
+        maps = [_linear((*path, "q", "kernel"), [proj("q_proj")], q_width, d),
+                _linear((*path, "kv", "kernel"), map(proj, ("k_proj", "v_proj")), kv_width, d,
+                        stack_axis=1)]
+    maps.append(Mapping((*path, "out", "kernel"), (proj("o_proj"),), ((d, q_width),),
+                        linear=True))
+    if config.qk_norm is not None:
+        per_head = config.qk_norm == "head"
+        maps += [_norm((*path, "q_norm", "scale"), proj("q_norm"), hd if per_head else q_width),
+                 _norm((*path, "k_norm", "scale"), proj("k_norm"), hd if per_head else kv_width)]
+    return maps
+
+
+def _moe(config: TransformerConfig, arch: Architecture, layer: int, prefix: str):
+    moe, d = config.moe, config.d_model
+    block = f"{prefix}.{arch.moe_prefix}"
+    path = ("blocks", layer, "ffn")
+    experts = lambda name: [f"{block}.experts.{i}.{name}.weight" for i in range(moe.num_experts)]
+    gate, up, down = arch.expert_names
+    return [
+        _linear((*path, "router", "kernel"), [f"{block}.gate.weight"], moe.num_experts, d),
+        _linear((*path, "experts", "w1"), experts(gate), moe.d_ff, d, stack_axis=0),
+        _linear((*path, "experts", "w3"), experts(up), moe.d_ff, d, stack_axis=0),
+        _linear((*path, "experts", "w2"), experts(down), d, moe.d_ff, stack_axis=0),
+    ]
+
+
+def mappings(config: TransformerConfig, arch: Architecture) -> list[Mapping]:
+    """Every jmoe parameter of a model of ``config`` with its Hugging Face
+    tensors (per-expert layout)."""
+    d = config.d_model
+    maps = [Mapping(("embed", "embedding"), ("model.embed_tokens.weight",),
+                    ((config.vocab_size, d),), linear=False),
+            _norm(("final_norm", "scale"), "model.norm.weight", d)]
+    if not config.tie_embeddings:
+        maps.append(_linear(("lm_head", "kernel"), ["lm_head.weight"], config.vocab_size, d))
+    for layer in range(config.num_layers):
+        prefix = f"model.layers.{layer}"
+        maps += [_norm(("blocks", layer, "attn_norm", "scale"),
+                       f"{prefix}.input_layernorm.weight", d),
+                 _norm(("blocks", layer, "ffn_norm", "scale"),
+                       f"{prefix}.post_attention_layernorm.weight", d),
+                 *_attention(config, layer, prefix), *_moe(config, arch, layer, prefix)]
+    return maps
+
+
+def to_param(mapping: Mapping, tensors: list[np.ndarray], shape: tuple[int, ...]) -> np.ndarray:
+    """The jmoe parameter of ``shape`` made of ``tensors`` (checked shapes)."""
+    if mapping.linear:
+        slice_shape = shape if mapping.stack_axis is None else (
+            shape[:mapping.stack_axis] + shape[mapping.stack_axis + 1:])
+        tensors = [t.T.reshape(slice_shape) for t in tensors]
+    if mapping.stack_axis is None:
+        return tensors[0]
+    return np.stack(tensors, axis=mapping.stack_axis)
+
+
+def from_param(mapping: Mapping, param: np.ndarray) -> list[np.ndarray]:
+    """The Hugging Face tensors of a jmoe parameter (inverse of `to_param`)."""
+    pieces = ([param] if mapping.stack_axis is None
+              else list(np.moveaxis(param, mapping.stack_axis, 0)))
+    if mapping.linear:
+        pieces = [p.reshape(shape[::-1]).T for p, shape in zip(pieces, mapping.shapes)]
+    return [np.ascontiguousarray(p) for p in pieces]
+
+
+def _fused_names(layer: int) -> tuple[str, str]:
+    block = f"model.layers.{layer}.{FUSED_PREFIX}.experts"
+    return f"{block}.gate_up_proj", f"{block}.down_proj"
+
+
+def is_fused(names) -> bool:
+    """Whether a checkpoint stores experts fused (``experts.gate_up_proj [E, 2f, d]``)."""
+    return any(name.endswith("experts.gate_up_proj") for name in names)
+
+
+def unfuse(tensors: dict, config: TransformerConfig, arch: Architecture) -> dict:
+    """Renames a fused checkpoint into the per-expert layout: ``gate_up_proj
+    [E, 2f, d]`` (gate rows first) and ``down_proj [E, d, f]`` become one
+    tensor per expert; Mixtral's ``mlp.gate`` becomes ``block_sparse_moe.gate``."""
+    out = dict(tensors)
+    gate, up, down = arch.expert_names
+    f = config.moe.d_ff
+    for layer in range(config.num_layers):
+        gate_up_name, down_name = _fused_names(layer)
+        block = f"model.layers.{layer}.{arch.moe_prefix}"
+        for name, rows in ((gate_up_name, 2 * f), (down_name, config.d_model)):
+            tensor = out.get(name)
+            if tensor is None or tensor.ndim != 3 or tensor.shape[1] != rows:
+                raise ValueError(f"{name}: the fused layout needs this tensor as "
+                                 f"[E, {rows}, ...], got "
+                                 f"{'nothing' if tensor is None else list(tensor.shape)}")
+        gate_up, down_proj = out.pop(gate_up_name), out.pop(down_name)
+        for i in range(gate_up.shape[0]):
+            out[f"{block}.experts.{i}.{gate}.weight"] = gate_up[i, :f]
+            out[f"{block}.experts.{i}.{up}.weight"] = gate_up[i, f:]
+            out[f"{block}.experts.{i}.{down}.weight"] = down_proj[i]
+        fused_router = f"model.layers.{layer}.{FUSED_PREFIX}.gate.weight"
+        if fused_router in out:
+            out[f"{block}.gate.weight"] = out.pop(fused_router)
+    return out
+
+
+def fuse(tensors: dict, config: TransformerConfig, arch: Architecture) -> dict:
+    """The fused layout of per-expert ``tensors`` (inverse of `unfuse`)."""
+    out = dict(tensors)
+    gate, up, down = arch.expert_names
+    for layer in range(config.num_layers):
+        block = f"model.layers.{layer}.{arch.moe_prefix}"
+        pop = lambda name: np.stack([out.pop(f"{block}.experts.{i}.{name}.weight")
+                                     for i in range(config.moe.num_experts)])
+        gate_up_name, down_name = _fused_names(layer)
+        out[gate_up_name] = np.concatenate([pop(gate), pop(up)], axis=1)
+        out[down_name] = pop(down)
+        out[f"model.layers.{layer}.{FUSED_PREFIX}.gate.weight"] = out.pop(f"{block}.gate.weight")
+    return out

@@ -1,0 +1,136 @@
+"""Writes the tiny Hugging Face checkpoints tests/test_hf.py and
+tests/test_generate.py check jmoe against (needs torch and transformers;
+run by hand, not by the test suite):
+
+    /work/hfvenv/bin/python scripts/make_hf_fixtures.py   # any venv with torch + transformers
+
+For each architecture, ``tests/fixtures/hf/<name>/`` gets ``config.json`` and
+safetensors weights written by transformers' ``save_pretrained`` (per-expert
+layout; ``qwen3_moe`` sharded with an index), and ``expected.npz``: the
+logits of ``logits_tokens`` and the greedy continuation ``generated`` of
+``generate_prompt`` by transformers' ``generate``. ``mixtral_fused/`` holds the
+Mixtral weights as transformers keeps them in memory (fused experts,
+``mlp.experts.gate_up_proj``), for the fused-layout loader. Weights are random
+with scales large enough that routing is far from uniform (printed).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+import transformers
+from safetensors.torch import save_file
+
+OUT = Path(__file__).resolve().parent.parent / "tests" / "fixtures" / "hf"
+LOGITS_SHAPE, PROMPT_LEN, NEW_TOKENS = (2, 12), 6, 10
+
+COMMON = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+              max_position_embeddings=64, num_experts_per_tok=2, rms_norm_eps=1e-5,
+              hidden_act="silu", eos_token_id=None)
+MODELS = {
+    "mixtral": transformers.MixtralConfig(
+        **COMMON, vocab_size=96, num_key_value_heads=2, head_dim=8, intermediate_size=32,
+        num_local_experts=8, rope_theta=1e6, tie_word_embeddings=False),
+    "qwen3_moe": transformers.Qwen3MoeConfig(
+        **COMMON, vocab_size=100, num_key_value_heads=2, head_dim=16, moe_intermediate_size=24,
+        intermediate_size=48, num_experts=8, norm_topk_prob=True, rope_theta=10_000.0,
+        tie_word_embeddings=True),
+    "olmoe": transformers.OlmoeConfig(
+        **COMMON, vocab_size=80, num_key_value_heads=4, intermediate_size=32, num_experts=8,
+        norm_topk_prob=False, rope_theta=10_000.0, tie_word_embeddings=False),
+}
+SHARD = {"qwen3_moe": "150KB"}
+
+
+def randomize(model: torch.nn.Module, generator: torch.Generator):
+    """Norm scales around 1, routers and other weights with a spread that makes
+    routing decisive and logits far from uniform."""
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            noise = torch.randn(param.shape, generator=generator)
+            if "norm" in name:
+                param.copy_(1.0 + 0.2 * noise)
+            elif name.endswith("gate.weight"):  # routers
+                param.copy_(0.5 * noise)
+            elif "embed_tokens" in name:
+                param.copy_(noise)
+            elif name == "lm_head.weight":
+                param.copy_(0.6 * noise)
+            else:
+                param.copy_(0.2 * noise)
+
+
+def routing_sharpness(model, tokens) -> float:
+    """Mean over tokens and layers of the top router probability (1/E: uniform)."""
+    out = model(tokens, output_router_logits=True)
+    probs = [torch.softmax(logits.float(), dim=-1) for logits in out.router_logits]
+    return float(torch.stack([p.max(-1).values.mean() for p in probs]).mean())
+
+
+def greedy_margin(model, sequence, prompt_len) -> float:
+    """Smallest gap between the best and second-best logit at the generated positions."""
+    logits = model(sequence).logits[:, prompt_len - 1:-1]
+    top2 = logits.topk(2, dim=-1).values
+    return float((top2[..., 0] - top2[..., 1]).min())
+
+
+def make(name: str, config, seed: int):
+    torch.manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(
+        config, attn_implementation="eager", dtype=torch.float32).eval()
+    randomize(model, generator)
+    model.generation_config.eos_token_id = None
+    model.generation_config.pad_token_id = 0
+    rng = np.random.default_rng(seed)
+    logits_tokens = torch.tensor(rng.integers(0, config.vocab_size, LOGITS_SHAPE))
+    prompt = torch.tensor(rng.integers(0, config.vocab_size, (2, PROMPT_LEN)))
+    with torch.no_grad():
+        logits = model(logits_tokens).logits
+        generated = model.generate(prompt, attention_mask=torch.ones_like(prompt),
+                                   do_sample=False, max_new_tokens=NEW_TOKENS)
+        assert generated.shape == (2, PROMPT_LEN + NEW_TOKENS), generated.shape
+        margin = greedy_margin(model, generated, PROMPT_LEN)
+        sharpness = routing_sharpness(model, logits_tokens)
+    folder = OUT / name
+    shutil.rmtree(folder, ignore_errors=True)
+    model.save_pretrained(folder, max_shard_size=SHARD.get(name, "10GB"))
+    (folder / "generation_config.json").unlink(missing_ok=True)
+    np.savez(folder / "expected.npz", logits_tokens=logits_tokens.numpy().astype(np.int32),
+             logits=logits.numpy().astype(np.float32), generate_prompt=prompt.numpy().astype(np.int32),
+             generated=generated.numpy().astype(np.int32))
+    print(f"{name}: files {sorted(p.name for p in folder.iterdir())}, "
+          f"mean top router prob {sharpness:.2f} (uniform {1 / 8:.3f}), "
+          f"smallest greedy logit margin {margin:.3f}, max |logit| {logits.abs().max():.2f}")
+    return model, folder
+
+
+def write_fused(model, source: Path, name: str):
+    """The in-memory (fused-expert) state dict as one safetensors file."""
+    folder = OUT / name
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    shutil.copy(source / "config.json", folder / "config.json")
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    save_file(state, folder / "model.safetensors", metadata={"format": "pt"})
+    fused = sorted(k for k in state if "gate_up_proj" in k)
+    print(f"{name}: {len(state)} tensors, e.g. {fused[0]} {list(state[fused[0]].shape)}")
+
+
+def main():
+    torch.set_num_threads(1)
+    for seed, (name, config) in enumerate(MODELS.items()):
+        model, folder = make(name, config, seed)
+        if name == "mixtral":
+            write_fused(model, folder, "mixtral_fused")
+    total = sum(p.stat().st_size for p in OUT.rglob("*") if p.is_file())
+    print(f"transformers {transformers.__version__}, torch {torch.__version__}: "
+          f"{total / 1e6:.2f} MB in {OUT}")
+
+
+if __name__ == "__main__":
+    main()
