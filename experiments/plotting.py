@@ -18,29 +18,47 @@ def _records(records: list[dict], kind: str) -> list[dict]:
 
 
 def plot_run(records: list[dict], path: str | Path, title: str):
-    """Train/validation loss vs step on top; below, one panel per MoE layer with
-    the share of routed assignments each expert received, per logging interval.
+    """Train/validation loss vs step and the per-layer load imbalance on top;
+    below, one panel per MoE layer with the share of routed assignments each
+    expert received, per logging interval, and (with expert bias) one with
+    each expert's bias.
 
-    ``records``: the run's metrics (``kind`` ``"train"`` with ``step``, ``ce``
-    and ``expert_load [layers][E]``; ``kind`` ``"val"`` with ``val_loss``).
+    ``records``: the run's metrics (``kind`` ``"train"`` with ``step``, ``ce``,
+    ``expert_load [layers][E]`` and optionally ``load_imbalance [layers]`` and
+    ``expert_bias [layers][E]``; ``kind`` ``"val"`` with ``val_loss``).
     """
     train, val = _records(records, "train"), _records(records, "val")
     load = np.array([r["expert_load"] for r in train])  # [intervals, layers, E]
     layers = load.shape[1] if load.ndim == 3 else 0
-    fig = Figure(figsize=(max(8, 3 * layers), 7 if layers else 4), layout="constrained")
-    grid = fig.add_gridspec(2 if layers else 1, max(layers, 1))
-    ax = fig.add_subplot(grid[0, :])
-    ax.plot([r["step"] for r in train], [r["ce"] for r in train], label="train cross-entropy")
+    bias = np.array([r["expert_bias"] for r in train if "expert_bias" in r])
+    rows = 1 + bool(layers) + bool(len(bias))
+    fig = Figure(figsize=(max(8, 3 * layers), 3.5 * rows), layout="constrained")
+    grid = fig.add_gridspec(rows, max(layers, 2))
+    steps = [r["step"] for r in train]
+    imbalance = [r["load_imbalance"] for r in train if "load_imbalance" in r]
+    ax = fig.add_subplot(grid[0, :] if not imbalance else grid[0, :max(layers, 2) // 2])
+    ax.plot(steps, [r["ce"] for r in train], label="train cross-entropy")
     ax.plot([r["step"] for r in val], [r["val_loss"] for r in val], "o-", label="validation")
     ax.set(xlabel="step", ylabel="loss (nats/byte)", title=title)
     ax.legend()
-    steps = [r["step"] for r in train]
+    if imbalance:
+        axi = fig.add_subplot(grid[0, max(layers, 2) // 2:])
+        axi.plot(steps[-len(imbalance):], imbalance, linewidth=1,
+                 label=[f"layer {i}" for i in range(len(imbalance[0]))])
+        axi.legend()
+        axi.axhline(1, color="k", linestyle=":", linewidth=1)
+        axi.set(xlabel="step", ylabel="max / mean load", title="load imbalance per MoE layer")
     for layer in range(layers):
         axl = fig.add_subplot(grid[1, layer])
         axl.plot(steps, load[:, layer, :], linewidth=1)
         axl.axhline(1 / load.shape[2], color="k", linestyle=":", linewidth=1)
         axl.set(xlabel="step", title=f"MoE layer {layer}: expert load",
                 ylabel="share of assignments" if layer == 0 else None)
+        if len(bias):
+            axb = fig.add_subplot(grid[2, layer])
+            axb.plot(steps[-len(bias):], bias[:, layer, :], linewidth=1)
+            axb.set(xlabel="step", title=f"MoE layer {layer}: expert bias",
+                    ylabel="bias" if layer == 0 else None)
     fig.savefig(path, dpi=90)
 
 

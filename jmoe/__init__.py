@@ -3,5 +3,7 @@
 from jmoe.config import MoEConfig
 from jmoe.dense import DenseMLP
 from jmoe.moe import CapacityMoE, DroplessMoE
+from jmoe.router import ExpertBias, update_expert_bias
 
-__all__ = ["CapacityMoE", "DenseMLP", "DroplessMoE", "MoEConfig"]
+__all__ = ["CapacityMoE", "DenseMLP", "DroplessMoE", "ExpertBias", "MoEConfig",
+           "update_expert_bias"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -92,9 +93,12 @@ class _MoE(nnx.Module):
     def __call__(self, x: jax.Array):
         """``x [..., d_model]`` -> ``(y [..., d_model], aux)``.
 
-        ``aux``: ``load_balancing_loss`` and ``router_z_loss`` (scalars, already
-        weighted by the config), ``tokens_per_expert [E] int32`` (assignments
-        routed to each expert), ``dropped_tokens`` (int32 scalar).
+        ``aux``: ``load_balancing_loss``, ``router_z_loss`` and
+        ``sequence_aux_loss`` (scalars, already weighted by the config; the
+        sequence-wise loss takes each row of ``x [batch, seq, d_model]`` as a
+        sequence, all tokens of a 2-D ``x`` as one), ``tokens_per_expert [E]
+        int32`` (assignments routed to each expert), ``dropped_tokens`` (int32
+        scalar).
         """
         check_input(x, self.config)
         lead = x.shape[:-1]
@@ -103,7 +107,8 @@ class _MoE(nnx.Module):
         y, tokens_per_expert, dropped = self._routed(tokens, weights, indices)
         if self.shared is not None:
             y = y + self._shared(tokens)
-        aux = routing_aux(self.config, logits, probs, tokens_per_expert, dropped)
+        aux = routing_aux(self.config, logits, probs, tokens_per_expert, dropped, indices,
+                          num_sequences=math.prod(lead[:-1]))
         return y.reshape(*lead, self.config.d_model), aux
 
 
