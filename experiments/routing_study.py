@@ -96,12 +96,15 @@ def main(argv=None) -> dict:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--expert-bias-update-rate", type=float, default=1e-2,
                         help="gamma of the bias runs (DeepSeek-V3 uses 1e-3 over far longer runs)")
+    parser.add_argument("--settings", nargs="+", choices=[_slug(s) for s in SETTINGS],
+                        default=[_slug(s) for s in SETTINGS], help="settings to run")
     parser.add_argument("--runs", default="runs/routing_study", help="run directories")
     parser.add_argument("--results", default=str(RESULTS), help="where the json/md go")
     args = parser.parse_args(argv)
-    runs, finished = Path(args.runs), {setting: [] for setting in SETTINGS}
+    chosen = [setting for setting in SETTINGS if _slug(setting) in args.settings]
+    runs, finished = Path(args.runs), {setting: [] for setting in chosen}
     for seed in args.seeds:  # seed by seed: a partial study still compares every setting
-        for setting in SETTINGS:
+        for setting in chosen:
             config = run_config(setting, seed, args.steps, runs, args.expert_bias_update_rate)
             summary_path = Path(config.out) / "summary.json"
             summary = (json.loads(summary_path.read_text()) if summary_path.exists()

@@ -10,6 +10,8 @@ Tolerances: float32 vs float64 ``rtol=atol=2e-5`` as in test_layers.py (all
 values O(1-10)); losses ``rtol=1e-4``.
 """
 
+import functools
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -22,11 +24,13 @@ from jax.sharding import PartitionSpec as P
 
 import numpy_reference as ref
 from experiments.checkpoint import Checkpoints
+from experiments.train import (TrainConfig, _interval_record, config_from_args, optimizer,
+                               parse_args, train_step)
 from host_devices import host_cpus
 from jmoe import DroplessMoE, ExpertBias, MoEConfig, update_expert_bias
 from jmoe.parallel import make_mesh, state_shardings
 from jmoe.router import expert_bias_update, select_experts, sequence_aux_loss
-from jmoe.transformer import MoETransformer, TransformerConfig
+from jmoe.transformer import MoETransformer, TransformerConfig, preset
 
 D = 8
 TOL = dict(rtol=2e-5, atol=2e-5)
@@ -306,3 +310,46 @@ def test_expert_parallel_matches_single_device_with_groups_and_bias():
 def test_bad_config_names_the_field(kw, field):
     with pytest.raises(ValueError, match=field):
         _config(**kw)
+
+
+# ------------------------------------------------------------------ experiments.train
+
+
+def test_train_flags_set_the_routing_fields():
+    flags = ["--score-function", "sigmoid", "--expert-bias", "--load-balancing-loss-weight", "0",
+             "--num-expert-groups", "4", "--top-k-groups", "2", "--top-k", "2",
+             "--routed-scaling-factor", "2.5", "--expert-bias-update-rate", "0.01",
+             "--sequence-aux-loss-weight", "1e-4"]
+    moe = config_from_args(parse_args(flags))[0].model.moe
+    want = preset("xs").moe.replace(
+        score_function="sigmoid", expert_bias=True, load_balancing_loss_weight=0.0,
+        num_expert_groups=4, top_k_groups=2, top_k=2, routed_scaling_factor=2.5,
+        expert_bias_update_rate=0.01, sequence_aux_loss_weight=1e-4)
+    assert moe == want
+    assert config_from_args(parse_args([]))[0].model.moe == preset("xs").moe
+    with pytest.raises(ValueError, match="top_k_groups"):
+        config_from_args(parse_args(["--num-expert-groups", "4", "--top-k-groups", "5"]))
+
+
+@pytest.mark.slow
+def test_train_step_moves_the_bias_and_logs_imbalance(tmp_path):
+    """One jitted training step: the optimizer trains the parameters, the bias
+    moves by the step's counts, and the logged record has both."""
+    moe = _config(num_experts=4, top_k=1, expert_bias=True, expert_bias_update_rate=0.01)
+    model_config = TransformerConfig(vocab_size=64, d_model=D, num_layers=2, num_heads=2,
+                                     max_seq_len=8, moe=moe)
+    config = TrainConfig(model=model_config, out=str(tmp_path), cache_dir=str(tmp_path),
+                         batch_size=2)
+    model = MoETransformer(model_config, rngs=nnx.Rngs(0))
+    graphdef, state = nnx.split((model, nnx.Optimizer(model, optimizer(config), wrt=nnx.Param)))
+    tokens = np.random.default_rng(0).integers(0, 64, (2, 9)).astype(np.int32)
+    state, metrics = jax.jit(functools.partial(train_step, graphdef))(state, tokens)
+    counts = np.asarray(metrics["tokens_per_expert"])  # [2 layers, 4]
+    want = np.stack([ref.expert_bias_update(np.zeros(4), row, 0.01) for row in counts])
+    chex.assert_trees_all_close(metrics["expert_bias"], want, atol=1e-8)
+    trained, _ = nnx.merge(graphdef, state)
+    chex.assert_trees_all_close(trained.blocks[1].ffn.router.expert_bias[...], want[1], atol=1e-8)
+    record = _interval_record(config, 1, [jax.device_get(metrics)], 1.0, 1.0, 1e-3)
+    chex.assert_trees_all_close(np.array(record["load_imbalance"]),
+                                counts.max(-1) / counts.mean(-1))
+    chex.assert_trees_all_close(np.array(record["expert_bias"]), want, atol=1e-8)
