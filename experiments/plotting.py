@@ -82,3 +82,18 @@ def plot_val_vs_time(runs: dict[str, list[dict]], path: str | Path, title: str,
     ax.set(xlabel="training wall time (s)", ylabel="validation loss (nats/byte)", title=title)
     ax.legend()
     fig.savefig(path, dpi=90)
+
+
+def plot_lines(series: dict[str, tuple[list, list]], path: str | Path, title: str,
+               xlabel: str, ylabel: str, baseline: float | None = None):
+    """One line per entry of ``series`` (name -> ``(xs, ys)``); ``baseline``
+    draws a dotted horizontal line."""
+    fig = Figure(figsize=(8, 5), layout="constrained")
+    ax = fig.add_subplot()
+    for name, (xs, ys) in series.items():
+        ax.plot(xs, ys, "o-", markersize=3, label=name)
+    if baseline is not None:
+        ax.axhline(baseline, color="k", linestyle=":", linewidth=1)
+    ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
+    ax.legend()
+    fig.savefig(path, dpi=90)

@@ -5,7 +5,7 @@
 
 Trains preset ``xs`` (dropless MoE, 8 experts, top-1) once per setting and
 seed with `experiments.train.train`, then writes
-``experiments/results/routing_study.{json,md}``: final validation loss
+``experiments/results/routing_study.{json,md,png}``: final validation loss
 (mean ± sd over seeds) and the load imbalance (max / mean tokens per expert,
 averaged over the MoE layers) over training. A finished run (its
 ``summary.json`` exists) is not trained again.
@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from experiments.plotting import plot_lines
 from experiments.train import PRESET_TRAINING, TrainConfig, read_metrics, train
 from jmoe.transformer import preset
 
@@ -73,12 +74,12 @@ def markdown(study: dict) -> str:
     """The results table: one row per setting."""
     steps = study["settings"][next(iter(study["settings"]))]["imbalance_steps"]
     marks = sorted({steps[0], steps[len(steps) // 4], steps[len(steps) // 2], steps[-1]})
-    head = " | ".join(f"step {s}" for s in marks)
+    head = " | ".join(f"imbalance, step {s}" for s in marks)
     lines = [f"preset `xs` (8 experts, top-1), {study['steps']} steps x "
              f"{study['tokens_per_step']} tokens, seeds {study['seeds']}; expert-bias rate "
              f"{study['expert_bias_update_rate']:g}; load imbalance = max / mean tokens per "
              "expert of a step, mean over the interval's steps, the 4 MoE layers and the seeds",
-             "", f"| setting | final val loss (mean ± sd) | imbalance {head} | imbalance, mean "
+             "", f"| setting | final val loss (mean ± sd) | {head} | imbalance, mean "
              "over training |", "|---|---:|" + "---:|" * len(marks) + "---:|"]
     for name, row in study["settings"].items():
         curve = dict(zip(row["imbalance_steps"], row["imbalance_mean_over_seeds"]))
@@ -118,6 +119,10 @@ def main(argv=None) -> dict:
     results.mkdir(parents=True, exist_ok=True)
     (results / "routing_study.json").write_text(json.dumps(study, indent=2) + "\n")
     (results / "routing_study.md").write_text(markdown(study))
+    plot_lines({name: (row["imbalance_steps"], row["imbalance_mean_over_seeds"])
+                for name, row in settings.items()}, results / "routing_study.png",
+               title=f"preset xs: load imbalance, mean over MoE layers and seeds {args.seeds}",
+               xlabel="step", ylabel="max / mean tokens per expert", baseline=1.0)
     print(markdown(study))
     return study
 
