@@ -262,7 +262,6 @@ def test_expert_bias_is_not_a_param_and_survives_checkpoints(tmp_path):
     chex.assert_trees_all_close(fresh.router.expert_bias[...], np.arange(8) / 10)
 
 
-@pytest.mark.slow
 def test_expert_parallel_matches_single_device_with_groups_and_bias():
     """2 x 4 mesh: outputs, aux, every gradient and the bias update from the
     global counts equal the single-device layer."""
