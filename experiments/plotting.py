@@ -18,29 +18,47 @@ def _records(records: list[dict], kind: str) -> list[dict]:
 
 
 def plot_run(records: list[dict], path: str | Path, title: str):
-    """Train/validation loss vs step on top; below, one panel per MoE layer with
-    the share of routed assignments each expert received, per logging interval.
+    """Train/validation loss vs step and the per-layer load imbalance on top;
+    below, one panel per MoE layer with the share of routed assignments each
+    expert received, per logging interval, and (with expert bias) one with
+    each expert's bias.
 
-    ``records``: the run's metrics (``kind`` ``"train"`` with ``step``, ``ce``
-    and ``expert_load [layers][E]``; ``kind`` ``"val"`` with ``val_loss``).
+    ``records``: the run's metrics (``kind`` ``"train"`` with ``step``, ``ce``,
+    ``expert_load [layers][E]`` and optionally ``load_imbalance [layers]`` and
+    ``expert_bias [layers][E]``; ``kind`` ``"val"`` with ``val_loss``).
     """
     train, val = _records(records, "train"), _records(records, "val")
     load = np.array([r["expert_load"] for r in train])  # [intervals, layers, E]
     layers = load.shape[1] if load.ndim == 3 else 0
-    fig = Figure(figsize=(max(8, 3 * layers), 7 if layers else 4), layout="constrained")
-    grid = fig.add_gridspec(2 if layers else 1, max(layers, 1))
-    ax = fig.add_subplot(grid[0, :])
-    ax.plot([r["step"] for r in train], [r["ce"] for r in train], label="train cross-entropy")
+    bias = np.array([r["expert_bias"] for r in train if "expert_bias" in r])
+    rows = 1 + bool(layers) + bool(len(bias))
+    fig = Figure(figsize=(max(8, 3 * layers), 3.5 * rows), layout="constrained")
+    grid = fig.add_gridspec(rows, max(layers, 2))
+    steps = [r["step"] for r in train]
+    imbalance = [r["load_imbalance"] for r in train if "load_imbalance" in r]
+    ax = fig.add_subplot(grid[0, :] if not imbalance else grid[0, :max(layers, 2) // 2])
+    ax.plot(steps, [r["ce"] for r in train], label="train cross-entropy")
     ax.plot([r["step"] for r in val], [r["val_loss"] for r in val], "o-", label="validation")
     ax.set(xlabel="step", ylabel="loss (nats/byte)", title=title)
     ax.legend()
-    steps = [r["step"] for r in train]
+    if imbalance:
+        axi = fig.add_subplot(grid[0, max(layers, 2) // 2:])
+        axi.plot(steps[-len(imbalance):], imbalance, linewidth=1,
+                 label=[f"layer {i}" for i in range(len(imbalance[0]))])
+        axi.legend()
+        axi.axhline(1, color="k", linestyle=":", linewidth=1)
+        axi.set(xlabel="step", ylabel="max / mean load", title="load imbalance per MoE layer")
     for layer in range(layers):
         axl = fig.add_subplot(grid[1, layer])
         axl.plot(steps, load[:, layer, :], linewidth=1)
         axl.axhline(1 / load.shape[2], color="k", linestyle=":", linewidth=1)
         axl.set(xlabel="step", title=f"MoE layer {layer}: expert load",
                 ylabel="share of assignments" if layer == 0 else None)
+        if len(bias):
+            axb = fig.add_subplot(grid[2, layer])
+            axb.plot(steps[-len(bias):], bias[:, layer, :], linewidth=1)
+            axb.set(xlabel="step", title=f"MoE layer {layer}: expert bias",
+                    ylabel="bias" if layer == 0 else None)
     fig.savefig(path, dpi=90)
 
 
@@ -62,5 +80,20 @@ def plot_val_vs_time(runs: dict[str, list[dict]], path: str | Path, title: str,
     losses = [r["val_loss"] for records in runs.values() for r in _records(records, "val")]
     ax.set_ylim(min(losses) - 0.05, np.percentile(losses, 90) + 0.1)
     ax.set(xlabel="training wall time (s)", ylabel="validation loss (nats/byte)", title=title)
+    ax.legend()
+    fig.savefig(path, dpi=90)
+
+
+def plot_lines(series: dict[str, tuple[list, list]], path: str | Path, title: str,
+               xlabel: str, ylabel: str, baseline: float | None = None):
+    """One line per entry of ``series`` (name -> ``(xs, ys)``); ``baseline``
+    draws a dotted horizontal line."""
+    fig = Figure(figsize=(8, 5), layout="constrained")
+    ax = fig.add_subplot()
+    for name, (xs, ys) in series.items():
+        ax.plot(xs, ys, "o-", markersize=3, label=name)
+    if baseline is not None:
+        ax.axhline(baseline, color="k", linestyle=":", linewidth=1)
+    ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
     ax.legend()
     fig.savefig(path, dpi=90)

@@ -6,6 +6,8 @@
     python -m experiments.train --out runs/xs-dmoe --resume   # continue a run
     python -m experiments.train --mesh 2x4 --host-devices 8   # data x expert parallel on CPU
     python -m experiments.launch_local --processes 2 -- experiments.train --mesh 2x4 --host-devices 4
+    python -m experiments.train --score-function sigmoid --expert-bias \
+        --load-balancing-loss-weight 0 --num-expert-groups 4 --top-k-groups 2  # DeepSeek-V3
 
 Loss = cross-entropy + the MoE aux losses; AdamW with linear warmup and cosine
 decay, global-norm clipping. A run directory holds ``checkpoints/`` (Orbax:
@@ -36,6 +38,7 @@ from tqdm import tqdm
 from experiments import distributed, plotting
 from experiments.checkpoint import Checkpoints
 from experiments.data import Batches, tokenized_corpus
+from jmoe.router import expert_biases, update_expert_bias
 from jmoe.transformer import (FFN_KINDS, PRESETS, REMAT_KINDS, MoETransformer, TransformerConfig,
                               preset)
 
@@ -140,10 +143,13 @@ def train_step(graphdef: nnx.GraphDef, state: nnx.State, tokens: jax.Array):
     model, opt = nnx.merge(graphdef, state)
     (loss, (ce, aux)), grads = nnx.value_and_grad(lm_loss, has_aux=True)(model, tokens)
     opt.update(model, grads)
+    update_expert_bias(model, aux)  # aux-loss-free balancing (no-op without expert bias)
     metrics = {"loss": loss, "ce": ce, "aux_loss": aux["aux_loss"],
                "grad_norm": optax.tree.norm(grads),
                "tokens_per_expert": aux["tokens_per_expert"],
                "dropped_tokens": aux["dropped_tokens"]}
+    if (biases := expert_biases(model)) is not None:
+        metrics["expert_bias"] = biases  # [moe layers, E], after this step's update
     return nnx.state((model, opt)), metrics
 
 
@@ -163,7 +169,9 @@ def _interval_record(config: TrainConfig, step: int, host: list[dict], seconds: 
                      train_time: float, lr: float) -> dict:
     """Averages the per-step metrics of one logging interval into a record."""
     mean = lambda key: float(np.mean([m[key] for m in host]))
-    load = np.sum([m["tokens_per_expert"] for m in host], axis=0)  # [moe layers, E]
+    counts = np.array([m["tokens_per_expert"] for m in host], np.float64)  # [steps, layers, E]
+    load = counts.sum(axis=0)  # [moe layers, E]
+    imbalance = counts.max(-1) / np.maximum(counts.mean(-1), 1e-9)  # max / mean load per step
     moe = config.model.moe
     assignments = len(host) * config.tokens_per_step * moe.top_k * len(config.model.moe_layers)
     return {
@@ -175,6 +183,9 @@ def _interval_record(config: TrainConfig, step: int, host: list[dict], seconds: 
         "dropped_tokens": int(sum(int(m["dropped_tokens"]) for m in host)),
         "assignments": assignments,
         "expert_load": (load / np.maximum(load.sum(-1, keepdims=True), 1)).tolist(),
+        "load_imbalance": imbalance.mean(axis=0).tolist(),
+        **({"expert_bias": np.asarray(host[-1]["expert_bias"]).tolist()}
+           if "expert_bias" in host[-1] else {}),
     }
 
 
@@ -318,6 +329,12 @@ def run_name(preset_name: str, ffn: str, capacity_factor: float, moe_every: int 
     return f"{preset_name}-{ffn}{suffix}{every}"
 
 
+# MoEConfig routing fields settable from the command line (flag -> type).
+ROUTING_FLAGS = {"--top-k": int, "--load-balancing-loss-weight": float, "--num-expert-groups": int,
+                 "--top-k-groups": int, "--routed-scaling-factor": float,
+                 "--expert-bias-update-rate": float, "--sequence-aux-loss-weight": float}
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m experiments.train", description=__doc__.split("\n\n")[0],
@@ -344,13 +361,27 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--eval-batches", type=int, default=4)
     parser.add_argument("--checkpoint-every", type=int, default=100)
     distributed.add_arguments(parser)
+    routing = parser.add_argument_group("routing (default: the preset's; see docs/routing.md)")
+    for flag, kind in ROUTING_FLAGS.items():
+        routing.add_argument(flag, type=kind, help=f"MoEConfig.{flag[2:].replace('-', '_')}")
+    routing.add_argument("--score-function", choices=("softmax", "sigmoid"))
+    routing.add_argument("--expert-bias", action="store_true", default=None,
+                         help="aux-loss-free balancing bias (DeepSeek-V3)")
     return parser.parse_args(argv)
+
+
+def routing_changes(args: argparse.Namespace) -> dict:
+    """The `MoEConfig` routing fields given on the command line."""
+    names = [flag[2:].replace("-", "_") for flag in ROUTING_FLAGS]
+    names += ["score_function", "expert_bias"]
+    return {name: getattr(args, name) for name in names if getattr(args, name) is not None}
 
 
 def config_from_args(args: argparse.Namespace) -> tuple[TrainConfig, str]:
     """``(TrainConfig, run name)`` from parsed command-line arguments."""
     model = preset(args.preset, ffn=args.ffn, capacity_factor=args.capacity_factor).replace(
         moe_every=args.moe_every, remat=args.remat)
+    model = model.replace(moe=model.moe.replace(**routing_changes(args)))
     name = run_name(args.preset, args.ffn, args.capacity_factor, args.moe_every)
     out = Path(args.out or Path("runs") / name)
     defaults = PRESET_TRAINING[args.preset]

@@ -4,5 +4,7 @@ from jmoe.config import MoEConfig
 from jmoe.dense import DenseMLP
 from jmoe.decoding import generate
 from jmoe.moe import CapacityMoE, DroplessMoE
+from jmoe.router import ExpertBias, update_expert_bias
 
-__all__ = ["CapacityMoE", "DenseMLP", "DroplessMoE", "MoEConfig", "generate"]
+__all__ = ["CapacityMoE", "DenseMLP", "DroplessMoE", "ExpertBias", "MoEConfig",
+           "generate", "update_expert_bias"]

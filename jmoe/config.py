@@ -64,6 +64,20 @@ class MoEConfig:
       shared_d_ff: hidden width of one shared expert (default ``d_ff``).
       shared_expert_gate: scale the shared output by ``sigmoid(x @ gate)``
         (Qwen2-MoE) instead of adding it unweighted (DeepSeek).
+      num_expert_groups: ``G``: group-limited routing (DeepSeek-V3) splits the
+        experts into ``G`` equal groups of consecutive ids; 1 disables it.
+      top_k_groups: groups a token may route to: those with the largest sum
+        of their two highest selection scores (``1 <= top_k_groups <= G``).
+      routed_scaling_factor: multiplies the final top-k weights (after the
+        optional renormalisation); DeepSeek-V3 uses 2.5.
+      expert_bias: aux-loss-free balancing (DeepSeek-V3): a float32 bias
+        ``router.expert_bias [E]`` (an `ExpertBias`, not an ``nnx.Param``)
+        added to the scores to choose the experts only; the weights use the
+        unbiased scores. Move it with `jmoe.update_expert_bias`.
+      expert_bias_update_rate: ``gamma`` of the bias update
+        ``b_e += gamma * sign(mean_load - load_e)``.
+      sequence_aux_loss_weight: weight of DeepSeek-V3's sequence-wise balance
+        loss (``aux["sequence_aux_loss"]``; see `jmoe.router.sequence_aux_loss`).
       dtype: compute dtype of the expert products (float32, bfloat16, float16).
         The router always computes in float32.
       param_dtype: dtype of the parameters.
@@ -93,6 +107,12 @@ class MoEConfig:
     num_shared_experts: int = 0
     shared_d_ff: int | None = None
     shared_expert_gate: bool = False
+    num_expert_groups: int = 1
+    top_k_groups: int = 1
+    routed_scaling_factor: float = 1.0
+    expert_bias: bool = False
+    expert_bias_update_rate: float = 1e-3
+    sequence_aux_loss_weight: float = 0.0
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
     impl: str = "auto"
@@ -134,10 +154,34 @@ class MoEConfig:
                 f"num_shared_experts must be >= 0, got {self.num_shared_experts}")
         require(self.shared_d_ff is None or self.shared_d_ff >= 1,
                 f"shared_d_ff must be None or positive, got {self.shared_d_ff}")
+        self._check_deepseek_routing()
         for name in ("dtype", "param_dtype"):
             dtype = jnp.dtype(getattr(self, name))
             require(jnp.issubdtype(dtype, jnp.floating),
                     f"{name} must be a floating dtype, got {dtype}")
+
+    def _check_deepseek_routing(self):
+        groups = self.num_expert_groups
+        require(isinstance(groups, int) and groups >= 1,
+                f"num_expert_groups must be a positive int, got {groups!r}")
+        require(self.num_experts % groups == 0,
+                f"num_expert_groups must divide num_experts={self.num_experts}, got {groups}")
+        per_group = self.num_experts // groups
+        require(groups == 1 or per_group >= 2,
+                f"num_expert_groups={groups} leaves {per_group} expert per group; a group's "
+                f"score sums its top 2, so num_experts / num_expert_groups must be >= 2")
+        require(isinstance(self.top_k_groups, int) and 1 <= self.top_k_groups <= groups,
+                f"top_k_groups must be an int in [1, num_expert_groups={groups}], "
+                f"got {self.top_k_groups!r}")
+        require(self.top_k <= self.top_k_groups * per_group,
+                f"top_k={self.top_k} must be <= top_k_groups * num_experts / num_expert_groups"
+                f" = {self.top_k_groups * per_group} (the experts of the eligible groups)")
+        require(self.routed_scaling_factor > 0,
+                f"routed_scaling_factor must be > 0, got {self.routed_scaling_factor}")
+        require(self.expert_bias_update_rate >= 0,
+                f"expert_bias_update_rate must be >= 0, got {self.expert_bias_update_rate}")
+        require(self.sequence_aux_loss_weight >= 0,
+                f"sequence_aux_loss_weight must be >= 0, got {self.sequence_aux_loss_weight}")
 
     @property
     def shared_hidden(self) -> int:

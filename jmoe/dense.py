@@ -34,6 +34,7 @@ class DenseMLP(nnx.Module):
         aux = {
             "load_balancing_loss": jnp.zeros((), jnp.float32),
             "router_z_loss": jnp.zeros((), jnp.float32),
+            "sequence_aux_loss": jnp.zeros((), jnp.float32),
             "tokens_per_expert": jnp.full((1,), x.size // x.shape[-1], jnp.int32),
             "dropped_tokens": jnp.zeros((), jnp.int32),
         }

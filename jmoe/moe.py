@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -86,10 +88,13 @@ class _MoE(nnx.Module):
     def __call__(self, x: jax.Array):
         """``x [..., d_model]`` -> ``(y [..., d_model], aux)``.
 
-        ``aux``: ``load_balancing_loss`` and ``router_z_loss`` (scalars, already
-        weighted by the config), ``tokens_per_expert [E] int32`` (assignments
-        routed to each expert), ``dropped_tokens`` (int32 scalar); with
-        ``ep_buffer_factor`` set, ``ep_rounds`` (int32 scalar, 1 without a mesh).
+        ``aux``: ``load_balancing_loss``, ``router_z_loss`` and
+        ``sequence_aux_loss`` (scalars, already weighted by the config; the
+        sequence-wise loss takes each row of ``x [batch, seq, d_model]`` as a
+        sequence, all tokens of a 2-D ``x`` as one), ``tokens_per_expert [E]
+        int32`` (assignments routed to each expert), ``dropped_tokens`` (int32
+        scalar); with ``ep_buffer_factor`` set, ``ep_rounds`` (int32 scalar, 1
+        without a mesh).
         """
         check_input(x, self.config)
         lead = x.shape[:-1]
@@ -98,7 +103,8 @@ class _MoE(nnx.Module):
         y, tokens_per_expert, dropped, ep_rounds = self._routed(tokens, weights, indices)
         if self.shared is not None:
             y = y + self._shared(tokens)
-        aux = routing_aux(self.config, logits, probs, tokens_per_expert, dropped, ep_rounds)
+        aux = routing_aux(self.config, logits, probs, tokens_per_expert, dropped, indices,
+                          num_sequences=math.prod(lead[:-1]), ep_rounds=ep_rounds)
         return y.reshape(*lead, self.config.d_model), aux
 
 

@@ -13,17 +13,47 @@ def _router_init():
     return nnx.initializers.normal(stddev=0.02)
 
 
-def select_experts(logits: jax.Array, config: MoEConfig):
+class ExpertBias(nnx.Variable):
+    """Aux-loss-free balancing bias ``[E]`` float32 (DeepSeek-V3).
+
+    Not an ``nnx.Param``: ``nnx.grad`` and ``nnx.Optimizer(..., wrt=nnx.Param)``
+    skip it; `update_expert_bias` moves it. It is part of ``nnx.state(model)``,
+    so checkpoints of the full state save and restore it.
+    """
+
+
+def _group_mask(choice: jax.Array, config: MoEConfig) -> jax.Array:
+    """``[tokens, E]`` bool: the experts of each token's ``top_k_groups`` best
+    groups, a group scoring the sum of its two highest ``choice`` scores (ties
+    go to the lower group id)."""
+    tokens, num_experts = choice.shape
+    groups = config.num_expert_groups
+    grouped = choice.reshape(tokens, groups, num_experts // groups)
+    group_scores = jnp.sum(jax.lax.top_k(grouped, 2)[0], axis=-1)  # [tokens, G]
+    _, best = jax.lax.top_k(group_scores, config.top_k_groups)
+    keep = jnp.any(best[..., None] == jnp.arange(groups), axis=-2)  # [tokens, G]
+    return jnp.repeat(keep, num_experts // groups, axis=-1)
+
+
+def select_experts(logits: jax.Array, config: MoEConfig, bias: jax.Array | None = None):
     """Chooses ``top_k`` experts per token.
+
+    Selection ranks ``scores + bias`` (``bias [E]``, aux-loss-free balancing)
+    among the experts of the ``top_k_groups`` best groups (group-limited
+    routing, ``num_expert_groups > 1``); the weights are the unbiased scores
+    of the chosen experts, optionally p-norm renormalised, times
+    ``routed_scaling_factor``. Ties go to the lower expert id.
 
     Args:
       logits: ``[tokens, E]`` float32 router logits.
-      config: routing options (score function, normalisation, uniform mode).
+      config: routing options (score function, groups, normalisation,
+        scaling, uniform mode).
+      bias: None or ``[E]`` float32 selection bias.
 
     Returns:
       ``(weights [tokens, k] float32, indices [tokens, k] int32,
       probs [tokens, E] float32)``; ``probs`` are the per-token expert
-      probabilities the load-balancing loss averages (for sigmoid scoring, the
+      probabilities the load-balancing losses average (for sigmoid scoring, the
       scores normalised to sum to one).
     """
     if config.score_function == "softmax":
@@ -32,15 +62,20 @@ def select_experts(logits: jax.Array, config: MoEConfig):
     else:
         scores = jax.nn.sigmoid(logits)
         probs = scores / jnp.sum(scores, axis=-1, keepdims=True)
-    weights, indices = jax.lax.top_k(scores, config.top_k)
+    choice = jax.lax.stop_gradient(scores if bias is None else scores + bias)
+    if config.num_expert_groups > 1:
+        choice = jnp.where(_group_mask(choice, config), choice, -jnp.inf)
+    _, indices = jax.lax.top_k(choice, config.top_k)
     if config.uniform_expert_assignment:
         tokens = logits.shape[0]
         flat = jnp.arange(tokens * config.top_k, dtype=jnp.int32) % config.num_experts
         indices = flat.reshape(tokens, config.top_k)
-        weights = jnp.take_along_axis(scores, indices, axis=-1)
+    weights = jnp.take_along_axis(scores, indices, axis=-1)
     if config.normalize_top_k is not None:
         norm = jnp.linalg.norm(weights, ord=config.normalize_top_k, axis=-1, keepdims=True)
         weights = weights / norm
+    if config.routed_scaling_factor != 1.0:
+        weights = weights * config.routed_scaling_factor
     return weights, indices.astype(jnp.int32), probs
 
 
@@ -61,18 +96,53 @@ def router_z_loss(logits: jax.Array) -> jax.Array:
     return jnp.mean(jnp.square(jax.nn.logsumexp(logits, axis=-1)))
 
 
+def sequence_aux_loss(probs: jax.Array, indices: jax.Array, num_sequences: int = 1):
+    """DeepSeek-V3's sequence-wise balance loss, unweighted.
+
+    The ``tokens`` rows form ``num_sequences`` consecutive sequences of
+    ``T_seq`` tokens. Per sequence, ``f_e = E / (k T_seq) * (assignments to
+    e)`` and ``P_e = mean over its tokens of probs[:, e]``; returns the mean
+    over sequences of ``sum_e f_e P_e`` (1 when balanced and uniform).
+
+    Args:
+      probs: ``[tokens, E]`` normalised scores.
+      indices: ``[tokens, k]`` chosen experts.
+      num_sequences: divides ``tokens``.
+    """
+    tokens, num_experts = probs.shape
+    top_k = indices.shape[-1]
+    seq_len = tokens // num_sequences
+    by_sequence = lambda a: (a.reshape(num_sequences, seq_len, num_experts)
+                             if num_sequences > 1 else a[None])  # [S, T_seq, E]
+    counts = jnp.sum(jax.nn.one_hot(indices, num_experts, dtype=jnp.float32), axis=1)
+    counts = jnp.sum(by_sequence(counts), axis=1)
+    mean_probs = jnp.mean(by_sequence(probs), axis=1)
+    f = num_experts / (top_k * seq_len) * counts
+    return jnp.mean(jnp.sum(f * mean_probs, axis=-1))
+
+
 def routing_aux(config: MoEConfig, logits, probs, tokens_per_expert, dropped_tokens,
-                ep_rounds=None):
+                indices=None, num_sequences: int = 1, ep_rounds=None):
     """The aux dict every MoE layer returns (losses already weighted).
 
-    ``ep_rounds`` (expert-parallel exchange rounds, `DroplessMoE` with
-    ``ep_buffer_factor``) is added as an int32 scalar when not None, so the
-    keys depend on the config only, never on the mesh.
+    ``indices [tokens, k]`` and ``num_sequences`` (the ``tokens`` rows form
+    that many consecutive sequences) feed the sequence-wise loss; ``indices``
+    may be None when ``sequence_aux_loss_weight`` is 0. ``ep_rounds``
+    (expert-parallel exchange rounds, `DroplessMoE` with ``ep_buffer_factor``)
+    is added as an int32 scalar when not None, so the keys depend on the
+    config only, never on the mesh.
     """
+    sequence_loss = jnp.zeros((), jnp.float32)
+    if config.sequence_aux_loss_weight > 0:
+        if indices is None:
+            raise ValueError("routing_aux needs indices when sequence_aux_loss_weight > 0")
+        sequence_loss = config.sequence_aux_loss_weight * sequence_aux_loss(
+            probs, indices, num_sequences)
     aux = {
         "load_balancing_loss": config.load_balancing_loss_weight
         * load_balancing_loss(probs, tokens_per_expert, config.top_k),
         "router_z_loss": config.router_z_loss_weight * router_z_loss(logits),
+        "sequence_aux_loss": sequence_loss,
         "tokens_per_expert": tokens_per_expert.astype(jnp.int32),
         "dropped_tokens": jnp.asarray(dropped_tokens, jnp.int32),
     }
@@ -97,6 +167,8 @@ class Router(nnx.Module):
                            config.param_dtype))
         self.deterministic = False
         self.jitter_rngs = rngs.fork() if config.router_jitter_eps > 0 else None
+        self.expert_bias = (ExpertBias(jnp.zeros((config.num_experts,), jnp.float32))
+                            if config.expert_bias else None)
 
     def __call__(self, x: jax.Array):
         """``x [tokens, d_model]`` -> ``(weights, indices, probs, logits)``."""
@@ -107,5 +179,49 @@ class Router(nnx.Module):
                                        1.0 - eps, 1.0 + eps)
             x = x * noise
         logits = x @ self.kernel.get_value().astype(jnp.float32)
-        weights, indices, probs = select_experts(logits, self.config)
+        bias = None if self.expert_bias is None else self.expert_bias.get_value()
+        weights, indices, probs = select_experts(logits, self.config, bias)
         return weights, indices, probs, logits
+
+
+def expert_bias_update(bias: jax.Array, tokens_per_expert: jax.Array, rate: float):
+    """``bias + rate * sign(mean_load - load)`` over the last axis (``[..., E]``):
+    experts above the mean load move down by ``rate``, those below move up."""
+    load = tokens_per_expert.astype(jnp.float32)
+    return bias + rate * jnp.sign(jnp.mean(load, axis=-1, keepdims=True) - load)
+
+
+def update_expert_bias(model: nnx.Module, aux: dict) -> None:
+    """Aux-loss-free balancing step: moves every ``router.expert_bias`` of
+    ``model`` (in place) from the step's ``aux["tokens_per_expert"]``.
+
+    Call it once per training step, after the optimizer update, with the aux
+    of that step's forward pass (it works inside ``nnx.jit``). ``model`` is a
+    MoE layer (``tokens_per_expert [E]``) or a model whose biased routers, in
+    `nnx.iter_modules` order, match the rows of ``tokens_per_expert [L, E]``
+    (`jmoe.transformer.MoETransformer`). Under expert parallelism the layers'
+    counts are already summed over the mesh, so every replica applies the same
+    update. No-op for a model without expert bias.
+    """
+    routers = [m for _, m in nnx.iter_modules(model)
+               if isinstance(m, Router) and m.expert_bias is not None]
+    if not routers:
+        return
+    counts = jnp.asarray(aux["tokens_per_expert"])
+    counts = counts.reshape(-1, counts.shape[-1])
+    if counts.shape != (len(routers), routers[0].config.num_experts):
+        raise ValueError(f"aux['tokens_per_expert'] must have one row of "
+                         f"{routers[0].config.num_experts} counts per biased router "
+                         f"({len(routers)}), got shape {tuple(counts.shape)}")
+    for router, layer_counts in zip(routers, counts):
+        bias = router.expert_bias.get_value()
+        router.expert_bias.set_value(expert_bias_update(
+            bias, layer_counts, router.config.expert_bias_update_rate))
+
+
+def expert_biases(model: nnx.Module) -> jax.Array | None:
+    """``[L, E]`` float32: the ``router.expert_bias`` of every biased router of
+    ``model`` in `nnx.iter_modules` order, or None if it has none."""
+    biases = [m.expert_bias.get_value() for _, m in nnx.iter_modules(model)
+              if isinstance(m, Router) and m.expert_bias is not None]
+    return jnp.stack(biases) if biases else None

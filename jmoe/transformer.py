@@ -211,19 +211,21 @@ def aggregate_aux(layer_aux: list[dict], moe_layers: tuple[int, ...], num_expert
     """Sums the per-block aux dicts into the model's aux.
 
     Returns ``aux_loss`` (sum over blocks of ``load_balancing_loss +
-    router_z_loss``), the two sums separately, ``tokens_per_expert
+    router_z_loss + sequence_aux_loss``), the three sums separately, ``tokens_per_expert
     [len(moe_layers), E] int32`` (routed blocks only) and ``dropped_tokens``
     (int32 sum); ``ep_rounds`` (the most of any block) when the blocks report it.
     """
     balance = sum(aux["load_balancing_loss"] for aux in layer_aux)
     z_loss = sum(aux["router_z_loss"] for aux in layer_aux)
+    sequence = sum(aux["sequence_aux_loss"] for aux in layer_aux)
     routed = [layer_aux[i]["tokens_per_expert"] for i in moe_layers]
     rounds = [aux["ep_rounds"] for aux in layer_aux if "ep_rounds" in aux]
     return {
         **({"ep_rounds": jnp.max(jnp.stack(rounds))} if rounds else {}),
-        "aux_loss": balance + z_loss,
+        "aux_loss": balance + z_loss + sequence,
         "load_balancing_loss": balance,
         "router_z_loss": z_loss,
+        "sequence_aux_loss": sequence,
         "tokens_per_expert": (jnp.stack(routed) if routed
                               else jnp.zeros((0, num_experts), jnp.int32)),
         "dropped_tokens": sum(aux["dropped_tokens"] for aux in layer_aux),

@@ -275,3 +275,127 @@ def moe(params: dict, x, config, dy):
         grads["router"]["kernel"] += np.outer(x[t], dlogits)
         grads["x"][t] += kernel @ dlogits
     return y, aux, grads
+
+
+# --------------------------------------------------------------------------- DeepSeek-V3
+
+
+def deepseek_route(logits, config, bias=None):
+    """DeepSeek-V3 routing of ``logits [T, E]`` token by token, in float64.
+
+    Selection ranks ``scores + bias`` among the experts of the
+    ``top_k_groups`` groups whose two best selection scores sum highest (ties:
+    lower id first); weights are the unbiased scores of the chosen experts,
+    divided by their sum if ``normalize_top_k == 1.0`` (None: kept), times
+    ``routed_scaling_factor``.
+
+    Returns ``(chosen [T, k], weights [T, k], scores [T, E], probs [T, E],
+    dscores)`` where ``dscores(t, dweights [k]) -> [E]`` is the backward of
+    token ``t``'s weights with respect to its scores.
+    """
+    logits = np.asarray(logits, np.float64)
+    tokens, num_experts = logits.shape
+    groups, per_group = config.num_expert_groups, num_experts // config.num_expert_groups
+    if config.normalize_top_k not in (None, 1.0):
+        raise NotImplementedError("the reference renormalises by the sum only")
+    if config.score_function == "softmax":
+        scores = np.exp(logits - logits.max(-1, keepdims=True))
+        scores /= scores.sum(-1, keepdims=True)
+    else:
+        scores = _sigmoid(logits)
+    probs = scores / scores.sum(-1, keepdims=True)
+    bias = np.zeros(num_experts) if bias is None else np.asarray(bias, np.float64)
+    chosen, norms = [], []
+    for t in range(tokens):
+        choice = scores[t] + bias
+        group_scores = [sum(sorted(choice[g * per_group:(g + 1) * per_group])[-2:])
+                        for g in range(groups)] if groups > 1 else [0.0]
+        best = np.argsort(-np.array(group_scores), kind="stable")[:config.top_k_groups]
+        eligible = [e for e in range(num_experts) if e // per_group in best]
+        ranked = sorted(eligible, key=lambda e: (-choice[e], e))
+        chosen.append(ranked[:config.top_k])
+        norms.append(scores[t, chosen[-1]].sum() if config.normalize_top_k else 1.0)
+    chosen, norms = np.array(chosen), np.array(norms)
+    scale = config.routed_scaling_factor
+    weights = np.take_along_axis(scores, chosen, -1) / norms[:, None] * scale
+
+    def dscores(t, dweights):
+        raw = scores[t, chosen[t]]
+        draw = scale * dweights / norms[t]
+        if config.normalize_top_k:
+            draw -= scale * np.dot(dweights, raw) / norms[t] ** 2
+        out = np.zeros(num_experts)
+        out[chosen[t]] = draw
+        return out
+
+    return chosen, weights, scores, probs, dscores
+
+
+def deepseek_moe(params: dict, x, config, dy, bias=None, num_sequences: int = 1):
+    """DeepSeek-V3 MoE block on ``x [T, d_model]`` by loops over tokens, in float64.
+
+    Routed experts weighted by `deepseek_route`, plus the shared MLP
+    (``shared.mlp``, added unweighted). The loss differentiated is ``sum(y *
+    dy) + load_balancing_loss + router_z_loss + sequence_aux_loss``; the
+    sequence-wise loss takes the rows as ``num_sequences`` consecutive
+    sequences. Returns ``(y, aux, grads)`` like `moe`.
+    """
+    f64 = lambda a: None if a is None else np.asarray(a, np.float64)
+    x, dy, kernel = f64(x), f64(dy), f64(params["router"]["kernel"])
+    tokens, num_experts, top_k = x.shape[0], kernel.shape[1], config.top_k
+    logits = x @ kernel
+    chosen, weights, scores, probs, dscores = deepseek_route(logits, config, bias)
+    counts = np.bincount(chosen.reshape(-1), minlength=num_experts)
+    lb_scale = config.load_balancing_loss_weight * num_experts / (tokens * top_k)
+    seq_len = tokens // num_sequences
+    seq_counts = np.array([np.bincount(chosen[s * seq_len:(s + 1) * seq_len].reshape(-1),
+                                       minlength=num_experts) for s in range(num_sequences)])
+    f = num_experts / (top_k * seq_len) * seq_counts  # [S, E]
+    seq_probs = probs.reshape(num_sequences, seq_len, num_experts).mean(1)
+    lse = np.log(np.exp(logits).sum(-1))
+    aux = {"load_balancing_loss": lb_scale * np.dot(counts, probs.mean(0)),
+           "router_z_loss": config.router_z_loss_weight * np.mean(lse ** 2),
+           "sequence_aux_loss": config.sequence_aux_loss_weight
+           * np.mean(np.sum(f * seq_probs, -1)),
+           "tokens_per_expert": counts, "indices": chosen, "weights": weights}
+
+    ex = {k: f64(v) for k, v in params["experts"].items()}
+    shared = {k: f64(v) for k, v in params["shared"]["mlp"].items()} if "shared" in params else None
+    grads = {"x": np.zeros_like(x), "router": {"kernel": np.zeros_like(kernel)},
+             "experts": {k: np.zeros_like(v) for k, v in ex.items()}}
+    if shared is not None:
+        grads["shared"] = {"mlp": {k: np.zeros_like(v) for k, v in shared.items()}}
+    y = np.zeros_like(x)
+    for t in range(tokens):
+        blocks = [(weights[t, j], {k: v[e] for k, v in ex.items()}, grads["experts"], e)
+                  for j, e in enumerate(chosen[t])]
+        if shared is not None:
+            blocks.append((1.0, shared, grads["shared"]["mlp"], None))
+        dweights = np.zeros(top_k)
+        for j, (weight, w, g_out, e) in enumerate(blocks):
+            out, backward = _mlp(x[t], w["w1"], w.get("w3"), w["w2"])
+            y[t] += weight * out
+            if e is not None:
+                dweights[j] = np.dot(dy[t], out)
+            dx, g = backward(weight * dy[t])
+            grads["x"][t] += dx
+            for name, value in g.items():
+                if e is None:
+                    g_out[name] += value
+                else:
+                    g_out[name][e] += value
+        dprobs = (lb_scale * counts / tokens + config.sequence_aux_loss_weight / num_sequences
+                  * f[t // seq_len] / seq_len)
+        dlogits = _dlogits(logits[t], scores[t], probs[t], dscores(t, dweights), dprobs, config)
+        dlogits += config.router_z_loss_weight * 2 * lse[t] / tokens * np.exp(logits[t] - lse[t])
+        grads["router"]["kernel"] += np.outer(x[t], dlogits)
+        grads["x"][t] += kernel @ dlogits
+    return y, aux, grads
+
+
+def expert_bias_update(bias, tokens_per_expert, rate: float):
+    """``b_e + rate`` for experts below the mean load, ``- rate`` above, unchanged at it."""
+    load = np.asarray(tokens_per_expert, np.float64)
+    mean = load.sum() / len(load)
+    return np.array([b + rate * (1 if l < mean else -1 if l > mean else 0)
+                     for b, l in zip(np.asarray(bias, np.float64), load)])
