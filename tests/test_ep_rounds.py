@@ -243,7 +243,7 @@ def test_transformer_aux_reports_the_most_rounds():
     """`aggregate_aux`: ``ep_rounds`` is the most of any block, and absent when no
     block reports it (dense blocks never do)."""
     base = {"load_balancing_loss": jnp.zeros(()), "router_z_loss": jnp.zeros(()),
-            "tokens_per_expert": jnp.zeros((8,), jnp.int32),
+            "sequence_aux_loss": jnp.zeros(()), "tokens_per_expert": jnp.zeros((8,), jnp.int32),
             "dropped_tokens": jnp.zeros((), jnp.int32)}
     layers = [{**base, "ep_rounds": jnp.int32(3)}, base, {**base, "ep_rounds": jnp.int32(5)}]
     assert int(aggregate_aux(layers, (0, 2), 8)["ep_rounds"]) == 5
