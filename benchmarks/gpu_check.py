@@ -6,8 +6,9 @@ speed next to the peers, and training throughput, in one report.
 
 Steps:
 
-1. ``pytest -m gpu tests/test_gpu.py`` (the kernels compiled on the device vs
-   the references, the layer vs ``impl="xla"``, a short LM run, ptxas / SASS);
+1. ``pytest -m gpu`` on `GPU_TEST_FILES` (the kernels compiled on the device
+   vs the references, the layer vs ``impl="xla"``, a short LM run, ptxas /
+   SASS, the real ``ragged_all_to_all`` exchange gradient);
 2. at each shape of `benchmarks.shapes.PRODUCTION_SHAPES` (`SMOKE_SHAPES` with
    ``--smoke``), bfloat16, random top-k routing: ``gmm`` (``x @ W1``, jmoe's
    ``sdd``) and ``tgmm`` (``xᵀ dh``, jmoe's ``dstd``) for jmoe's ``triton``,
@@ -64,14 +65,16 @@ JMOE_IMPLS = ("triton", "mosaic", "ragged_dot")
 OPS = {"sdd x@W1": "gmm", "dstd xT@dh": "tgmm", "dsd h@W2": "dsd h@W2",
        "dsd dh@W1T": "dsd dh@W1T", "layer fwd+bwd": "layer fwd+bwd"}
 DTYPE = jnp.bfloat16
+# The gpu-marked tests: the kernels, and the real ragged_all_to_all exchange gradient.
+GPU_TEST_FILES = ("tests/test_gpu.py", "tests/test_exchange_grad.py")
 
 
 def run_gpu_tests(out: pathlib.Path, timeout: int) -> dict:
-    """``pytest -m gpu tests/test_gpu.py`` in a fresh process: its counts and verdict
+    """``pytest -m gpu`` on `GPU_TEST_FILES` in a fresh process: its counts and verdict
     (a run past ``timeout`` seconds is not correct; the counts come from what it wrote)."""
     report = out / "gpu_tests.xml"
     start = time.perf_counter()
-    command = [sys.executable, "-m", "pytest", "-q", "-m", "gpu", "tests/test_gpu.py",
+    command = [sys.executable, "-m", "pytest", "-q", "-m", "gpu", *GPU_TEST_FILES,
                f"--junitxml={report}"]
     try:
         run = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
