@@ -65,8 +65,9 @@ JMOE_IMPLS = ("triton", "mosaic", "ragged_dot")
 OPS = {"sdd x@W1": "gmm", "dstd xT@dh": "tgmm", "dsd h@W2": "dsd h@W2",
        "dsd dh@W1T": "dsd dh@W1T", "layer fwd+bwd": "layer fwd+bwd"}
 DTYPE = jnp.bfloat16
-# The gpu-marked tests: the kernels, and the real ragged_all_to_all exchange gradient.
-GPU_TEST_FILES = ("tests/test_gpu.py", "tests/test_exchange_grad.py")
+# The gpu-marked tests: the kernels, mosaic's float32 accumulation, and the real
+# ragged_all_to_all exchange gradient.
+GPU_TEST_FILES = ("tests/test_gpu.py", "tests/test_accumulation.py", "tests/test_exchange_grad.py")
 
 
 def run_gpu_tests(out: pathlib.Path, timeout: int) -> dict:

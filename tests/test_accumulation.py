@@ -22,9 +22,10 @@ tolerance separates the two.
 
 Impls: ``permutation.unpermute`` (the k-sum), the products sdd / dsd (d_ff-long
 contraction) and dstd (row sums) with impl ``xla``, ``ragged_dot`` and
-``triton`` (interpret mode), and the fused CPU path `fused_expert_mlp` (its
-k-sum over a token's expert outputs and its ``dw2`` row sums). Mosaic is not
-here: it computes bf16 only on a GPU (float32 falls back to ``xla``).
+``triton`` (interpret mode), ``mosaic`` (gpu-marked: compiled on a GPU by
+``scripts/gpu_check.sh``; its interpret mode is too slow for these sizes on
+CPU), and the fused CPU path `fused_expert_mlp` (its k-sum over a token's
+expert outputs and its ``dw2`` row sums).
 """
 
 import functools
@@ -101,6 +102,7 @@ def test_unpermute_sums_k8_choices_in_float32():
 GROUP_SIZES = (300, 0, 180, 20)  # rows per expert: hundreds into one dstd entry
 NUM_ROWS, BLOCK = 512, 32
 D_FF, WIDTH = 512, 32            # the sdd / dsd contraction is d_ff long
+MOSAIC_WIDTH = 64                # mosaic needs feature sizes that are multiples of 64
 
 
 @functools.partial(jax.jit, static_argnames="impl")
@@ -109,7 +111,8 @@ def _products(lhs, rhs, rows_a, rows_b, topo, *, impl):
             products.dstd(rows_a, rows_b, topo, impl=impl))
 
 
-@pytest.mark.parametrize("impl", ["xla", "ragged_dot", "triton"])
+@pytest.mark.parametrize("impl", ["xla", "ragged_dot", "triton",
+                                  pytest.param("mosaic", marks=pytest.mark.gpu)])
 def test_products_accumulate_in_float32(impl):
     """sdd / dsd over a 512-long contraction and dstd over up to 300 rows per
     expert, bf16 in and out, against exact sums. Catches a kernel that keeps
@@ -117,9 +120,10 @@ def test_products_accumulate_in_float32(impl):
     topo = make_topology(jnp.array(GROUP_SIZES), NUM_ROWS, BLOCK)
     _, valid = ref.layout(GROUP_SIZES, BLOCK, topo.padded_rows)
     rng = np.random.default_rng(1)
+    width = MOSAIC_WIDTH if impl == "mosaic" else WIDTH
     rows = lambda width: _normal_bf16(rng, topo.padded_rows, width) * valid[:, None]
-    lhs, rows_a, rows_b = rows(D_FF), rows(WIDTH), rows(WIDTH)
-    rhs = _normal_bf16(rng, len(GROUP_SIZES), D_FF, WIDTH)
+    lhs, rows_a, rows_b = rows(D_FF), rows(width), rows(width)
+    rhs = _normal_bf16(rng, len(GROUP_SIZES), D_FF, width)
     as_bf16 = lambda a: jnp.asarray(a, jnp.bfloat16)
     sdd, dsd, dstd = _products(as_bf16(lhs), as_bf16(rhs), as_bf16(rows_a), as_bf16(rows_b),
                                topo, impl=impl)
