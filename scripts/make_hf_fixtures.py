@@ -2,7 +2,9 @@
 tests/test_generate.py check jmoe against (needs torch and transformers;
 run by hand, not by the test suite):
 
-    /work/hfvenv/bin/python scripts/make_hf_fixtures.py   # any venv with torch + transformers
+    python3.11 -m venv .venv-hf && .venv-hf/bin/pip install torch==2.13.0 transformers==5.24.0 \
+        safetensors numpy
+    .venv-hf/bin/python scripts/make_hf_fixtures.py   # any venv with torch + transformers
 
 For each architecture, ``tests/fixtures/hf/<name>/`` gets ``config.json`` and
 safetensors weights written by transformers' ``save_pretrained`` (per-expert
