@@ -95,16 +95,22 @@ def _cost_flops(fn, *args) -> float:
 
 def run_case(case: Case, repeats: int):
     """Times the five layers side by side; returns rows ``(layer, seconds, executed_flops)``."""
-    config = MoEConfig(d_model=case.d_model, d_ff=case.d_ff, num_experts=case.num_experts,
-                       top_k=case.top_k, expert_type=case.expert_type, block_size=128)
+    config = MoEConfig(
+        d_model=case.d_model,
+        d_ff=case.d_ff,
+        num_experts=case.num_experts,
+        top_k=case.top_k,
+        expert_type=case.expert_type,
+        block_size=128,
+    )
     x = jax.random.normal(jax.random.key(0), (case.tokens, case.d_model), jnp.float32)
     layers = {
         "dmoe-xla": DroplessMoE(config.replace(impl="xla"), rngs=nnx.Rngs(0)),
         "dmoe-ragged_dot": DroplessMoE(config.replace(impl="ragged_dot"), rngs=nnx.Rngs(0)),
         "capacity-cf0": CapacityMoE(config.replace(capacity_factor=0), rngs=nnx.Rngs(0)),
-        "balanced-cf1": CapacityMoE(config.replace(capacity_factor=1,
-                                                   uniform_expert_assignment=True),
-                                    rngs=nnx.Rngs(0)),
+        "balanced-cf1": CapacityMoE(
+            config.replace(capacity_factor=1, uniform_expert_assignment=True), rngs=nnx.Rngs(0)
+        ),
         "dense-equal-flops": DenseMLP(config, d_ff=case.top_k * case.d_ff, rngs=nnx.Rngs(0)),
     }
     tokens_per_expert = np.asarray(layers["dmoe-xla"](x)[1]["tokens_per_expert"])
@@ -114,8 +120,10 @@ def run_case(case: Case, repeats: int):
         calls[name] = (fn, (x, params))
     # ragged_dot takes ~10-100x the others: time it on its own, fewer times.
     slow = {"dmoe-ragged_dot": calls.pop("dmoe-ragged_dot")}
-    seconds = {**interleaved_median_seconds(calls, repeats),
-               **interleaved_median_seconds(slow, max(1, repeats // 3))}
+    seconds = {
+        **interleaved_median_seconds(calls, repeats),
+        **interleaved_median_seconds(slow, max(1, repeats // 3)),
+    }
     calls |= slow
     rows = []
     for name in layers:
@@ -131,28 +139,40 @@ def run_case(case: Case, repeats: int):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cases", nargs="+", choices=sorted(CASES), default=sorted(CASES))
-    parser.add_argument("--repeats", type=int, default=11,
-                        help="rounds of interleaved calls (ragged_dot: a third as many)")
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=11,
+        help="rounds of interleaved calls (ragged_dot: a third as many)",
+    )
     args = parser.parse_args(argv)
 
-    print(f"jax {jax.__version__} on {jax.devices()[0].device_kind} "
-          f"({jax.device_count()} device), float32, fwd+bwd of one layer, "
-          f"median of {args.repeats} interleaved rounds")
+    print(
+        f"jax {jax.__version__} on {jax.devices()[0].device_kind} "
+        f"({jax.device_count()} device), float32, fwd+bwd of one layer, "
+        f"median of {args.repeats} interleaved rounds"
+    )
     for key in args.cases:
         case = CASES[key]
-        print(f"\n{case.name}: T={case.tokens} d_model={case.d_model} d_ff={case.d_ff} "
-              f"E={case.num_experts} k={case.top_k} {case.expert_type}")
+        print(
+            f"\n{case.name}: T={case.tokens} d_model={case.d_model} d_ff={case.d_ff} "
+            f"E={case.num_experts} k={case.top_k} {case.expert_type}"
+        )
         rows = run_case(case, args.repeats)
         dense_seconds = dict((name, s) for name, s, _ in rows)["dense-equal-flops"]
         useful = useful_flops(case)
         print(f"{'layer':<20}{'ms':>10}{'x dense':>10}{'exec/useful FLOPs':>20}")
         for name, seconds, flops in rows:
-            print(f"{name:<20}{seconds * 1e3:>10.1f}{seconds / dense_seconds:>10.2f}"
-                  f"{flops / useful:>20.2f}")
+            print(
+                f"{name:<20}{seconds * 1e3:>10.1f}{seconds / dense_seconds:>10.2f}"
+                f"{flops / useful:>20.2f}"
+            )
         times = dict((name, s) for name, s, _ in rows)
-        print(f"dmoe-xla vs dense limit: {times['dmoe-xla'] / dense_seconds:.2f}x; "
-              f"vs balanced MoE: {times['dmoe-xla'] / times['balanced-cf1']:.2f}x; "
-              f"ragged_dot / dmoe-xla: {times['dmoe-ragged_dot'] / times['dmoe-xla']:.1f}x")
+        print(
+            f"dmoe-xla vs dense limit: {times['dmoe-xla'] / dense_seconds:.2f}x; "
+            f"vs balanced MoE: {times['dmoe-xla'] / times['balanced-cf1']:.2f}x; "
+            f"ragged_dot / dmoe-xla: {times['dmoe-ragged_dot'] / times['dmoe-xla']:.1f}x"
+        )
 
 
 if __name__ == "__main__":

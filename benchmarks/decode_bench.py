@@ -50,14 +50,19 @@ class TorchPeer:
 
     def __init__(self, python: str, folder: Path, config: dict):
         self.process = subprocess.Popen(
-            [python, str(WORKER), str(folder), json.dumps(config)], stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE, text=True)
+            [python, str(WORKER), str(folder), json.dumps(config)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
         self.folder = folder
         self.banner = self.process.stdout.readline().strip()
         if not self.banner.startswith("ready"):
             self.process.wait()
-            raise RuntimeError(f"{python} could not run the transformers worker "
-                               "(needs torch and transformers: pip install -e '.[bench]')")
+            raise RuntimeError(
+                f"{python} could not run the transformers worker "
+                "(needs torch and transformers: pip install -e '.[bench]')"
+            )
         self.banner = self.banner.removeprefix("ready ")
 
     def generate(self, new_tokens: int) -> float:
@@ -90,14 +95,25 @@ def main(argv=None):
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--vocab", type=int, default=32000)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--torch-python", default=sys.executable,
-                        help="Python with torch + transformers for the peer ('' to skip it)")
+    parser.add_argument(
+        "--torch-python",
+        default=sys.executable,
+        help="Python with torch + transformers for the peer ('' to skip it)",
+    )
     args = parser.parse_args(argv)
 
-    config = dict(vocab_size=args.vocab, hidden_size=args.d_model, intermediate_size=args.d_ff,
-                  num_hidden_layers=args.layers, num_attention_heads=8, num_key_value_heads=2,
-                  num_local_experts=8, num_experts_per_tok=2, max_position_embeddings=1024,
-                  tie_word_embeddings=False)
+    config = dict(
+        vocab_size=args.vocab,
+        hidden_size=args.d_model,
+        intermediate_size=args.d_ff,
+        num_hidden_layers=args.layers,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        num_local_experts=8,
+        num_experts_per_tok=2,
+        max_position_embeddings=1024,
+        tie_word_embeddings=False,
+    )
     prompt = np.random.default_rng(0).integers(0, args.vocab, (args.batch, args.prompt_len))
     prompt = prompt.astype(np.int32)
     with tempfile.TemporaryDirectory() as tmp:
@@ -109,8 +125,11 @@ def main(argv=None):
                 peer = TorchPeer(args.torch_python, folder, config)
             except RuntimeError as error:
                 print(f"  (no peer: {error})")
-        model = (jmoe.hf.load(folder) if peer is not None else
-                 MoETransformer(from_hf({"model_type": "mixtral", **config}), rngs=nnx.Rngs(0)))
+        model = (
+            jmoe.hf.load(folder)
+            if peer is not None
+            else MoETransformer(from_hf({"model_type": "mixtral", **config}), rngs=nnx.Rngs(0))
+        )
 
         def run_jmoe(new_tokens=args.new_tokens):
             return np.asarray(jax.block_until_ready(jmoe.generate(model, prompt, new_tokens)))
@@ -132,10 +151,12 @@ def main(argv=None):
             peer.close()
 
     tokens = args.batch * args.new_tokens
-    print(f"decode: batch {args.batch}, prompt {args.prompt_len}, {args.new_tokens} new tokens; "
-          f"Mixtral-style d_model {args.d_model}, d_ff {args.d_ff}, 8 experts top-2, "
-          f"{args.layers} layers, vocab {args.vocab}, float32; {platform.machine()}, "
-          f"jax {jax.__version__} on {jax.devices()[0].platform}; {banner}")
+    print(
+        f"decode: batch {args.batch}, prompt {args.prompt_len}, {args.new_tokens} new tokens; "
+        f"Mixtral-style d_model {args.d_model}, d_ff {args.d_ff}, 8 experts top-2, "
+        f"{args.layers} layers, vocab {args.vocab}, float32; {platform.machine()}, "
+        f"jax {jax.__version__} on {jax.devices()[0].platform}; {banner}"
+    )
     for name in ("jmoe.generate", "transformers.generate"):
         if name in seconds:
             print(f"  {name:24s} {seconds[name]:8.3f} s   {tokens / seconds[name]:10.1f} tokens/s")
@@ -144,8 +165,10 @@ def main(argv=None):
     if torch_tokens is not None:
         ratio = seconds["transformers.generate"] / seconds["jmoe.generate"]
         agree = np.mean(jmoe_tokens == torch_tokens)
-        print(f"  jmoe / transformers decode tokens/s: {ratio:.2f}x; greedy tokens agreeing: "
-              f"{agree:.1%}")
+        print(
+            f"  jmoe / transformers decode tokens/s: {ratio:.2f}x; greedy tokens agreeing: "
+            f"{agree:.1%}"
+        )
 
 
 if __name__ == "__main__":

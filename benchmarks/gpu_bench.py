@@ -1,8 +1,8 @@
 """GPU benchmark: every product kernel and the whole dMoE layer, next to dense bf16 GEMMs.
 
-    python -m benchmarks.gpu_bench                         # all shapes, impls triton mosaic ragged_dot
+    python -m benchmarks.gpu_bench         # all shapes; impls triton, mosaic, ragged_dot
     python -m benchmarks.gpu_bench --impls mosaic --shapes mixtral olmoe
-    python -m benchmarks.gpu_bench --smoke                 # tiny shapes, impl xla: checks the script on CPU
+    python -m benchmarks.gpu_bench --smoke # tiny shapes, impl xla: checks the script on CPU
 
 For each shape and impl it prints, in one run, TFLOP/s of useful work for
 
@@ -43,7 +43,7 @@ def random_indices(shape: Shape, seed: int = 0) -> jax.Array:
     """``[tokens, k]`` distinct uniform-random experts per token."""
     rng = np.random.default_rng(seed)
     keys = rng.random((shape.tokens, shape.num_experts))
-    return jnp.asarray(np.argsort(keys, axis=1)[:, :shape.top_k], jnp.int32)
+    return jnp.asarray(np.argsort(keys, axis=1)[:, : shape.top_k], jnp.int32)
 
 
 @functools.cache
@@ -57,22 +57,27 @@ def dense_seconds(m: int, k: int, n: int, dtype, repeats: int) -> float:
 def bench_products(shape: Shape, impl: str, dtype, repeats: int):
     """Rows ``(name, seconds, dense_seconds, useful_flops)`` for the four products."""
     block = layout_block_size(impl, 128)
-    dispatch, topo = permutation.dropless_dispatch(random_indices(shape), shape.num_experts,
-                                                   block)
+    dispatch, topo = permutation.dropless_dispatch(random_indices(shape), shape.num_experts, block)
     rows_total = shape.tokens * shape.top_k
     x = permutation.permute(
-        jax.random.normal(jax.random.key(0), (shape.tokens, shape.d_model), dtype), dispatch)
+        jax.random.normal(jax.random.key(0), (shape.tokens, shape.d_model), dtype), dispatch
+    )
     h = jax.random.normal(jax.random.key(3), (topo.padded_rows, shape.d_ff), dtype)
-    w1 = jax.random.normal(jax.random.key(4), (shape.num_experts, shape.d_model, shape.d_ff),
-                           dtype) / float(np.sqrt(shape.d_model))
-    w2 = jax.random.normal(jax.random.key(5), (shape.num_experts, shape.d_ff, shape.d_model),
-                           dtype) / float(np.sqrt(shape.d_ff))
+    w1 = jax.random.normal(
+        jax.random.key(4), (shape.num_experts, shape.d_model, shape.d_ff), dtype
+    ) / float(np.sqrt(shape.d_model))
+    w2 = jax.random.normal(
+        jax.random.key(5), (shape.num_experts, shape.d_ff, shape.d_model), dtype
+    ) / float(np.sqrt(shape.d_ff))
     d, f = shape.d_model, shape.d_ff
     cases = [
         ("sdd x@W1", lambda x, h: products.sdd(x, w1, topo, impl=impl), (rows_total, d, f)),
         ("dsd h@W2", lambda x, h: products.dsd(h, w2, topo, impl=impl), (rows_total, f, d)),
-        ("dsd dh@W1T", lambda x, h: products.dsd(h, w1, topo, transpose_rhs=True, impl=impl),
-         (rows_total, f, d)),
+        (
+            "dsd dh@W1T",
+            lambda x, h: products.dsd(h, w1, topo, transpose_rhs=True, impl=impl),
+            (rows_total, f, d),
+        ),
         ("dstd xT@dh", lambda x, h: products.dstd(x, h, topo, impl=impl), (d, rows_total, f)),
     ]
     rows = []
@@ -95,33 +100,54 @@ def _fwd_bwd(layer, x):
 
 def bench_layer(shape: Shape, impl: str, dtype, repeats: int):
     """``(seconds, dense_seconds, useful_flops)`` of the layer's forward + backward."""
-    config = MoEConfig(d_model=shape.d_model, d_ff=shape.d_ff, num_experts=shape.num_experts,
-                       top_k=shape.top_k, expert_type=shape.expert_type, dtype=dtype,
-                       param_dtype=dtype, impl=impl)
+    config = MoEConfig(
+        d_model=shape.d_model,
+        d_ff=shape.d_ff,
+        num_experts=shape.num_experts,
+        top_k=shape.top_k,
+        expert_type=shape.expert_type,
+        dtype=dtype,
+        param_dtype=dtype,
+        impl=impl,
+    )
     x = jax.random.normal(jax.random.key(0), (shape.tokens, shape.d_model), dtype)
     moe, moe_params = _fwd_bwd(DroplessMoE(config, rngs=nnx.Rngs(0)), x)
     dense, dense_params = _fwd_bwd(
-        DenseMLP(config, d_ff=shape.top_k * shape.d_ff, rngs=nnx.Rngs(0)), x)
+        DenseMLP(config, d_ff=shape.top_k * shape.d_ff, rngs=nnx.Rngs(0)), x
+    )
     matmuls = 3 if shape.expert_type == "glu" else 2
     useful = 3 * matmuls * 2.0 * shape.tokens * shape.top_k * shape.d_model * shape.d_ff
-    return (median_seconds(moe, x, moe_params, repeats=repeats),
-            median_seconds(dense, x, dense_params, repeats=repeats), useful)
+    return (
+        median_seconds(moe, x, moe_params, repeats=repeats),
+        median_seconds(dense, x, dense_params, repeats=repeats),
+        useful,
+    )
 
 
 def _fmt_row(shape_name, impl, name, seconds, dense, flops):
-    return {"shape": shape_name, "impl": impl, "op": name, "ms": seconds * 1e3,
-            "tflops": flops / seconds / 1e12, "dense_tflops": flops / dense / 1e12,
-            "pct_dense": 100.0 * dense / seconds}
+    return {
+        "shape": shape_name,
+        "impl": impl,
+        "op": name,
+        "ms": seconds * 1e3,
+        "tflops": flops / seconds / 1e12,
+        "dense_tflops": flops / dense / 1e12,
+        "pct_dense": 100.0 * dense / seconds,
+    }
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shapes", nargs="+", choices=sorted(SHAPES), default=list(SHAPES))
-    parser.add_argument("--impls", nargs="+", choices=products.IMPLS[1:],
-                        default=["triton", "mosaic", "ragged_dot"])
+    parser.add_argument(
+        "--impls", nargs="+", choices=products.IMPLS[1:], default=["triton", "mosaic", "ragged_dot"]
+    )
     parser.add_argument("--repeats", type=int, default=10)
-    parser.add_argument("--smoke", action="store_true",
-                        help="tiny shapes with impl xla (a CPU check of this script)")
+    parser.add_argument(
+        "--smoke",
+        action="store_true",
+        help="tiny shapes with impl xla (a CPU check of this script)",
+    )
     parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path("benchmarks/results"))
     args = parser.parse_args(argv)
     shapes = SMOKE_SHAPES if args.smoke else {k: SHAPES[k] for k in args.shapes}
@@ -130,8 +156,10 @@ def main(argv=None):
     dtype = jnp.bfloat16
 
     device = jax.devices()[0]
-    header = (f"{device.device_kind} ({device.platform}), jax {jax.__version__}, "
-              f"{datetime.date.today().isoformat()}, bf16, median of {repeats}")
+    header = (
+        f"{device.device_kind} ({device.platform}), jax {jax.__version__}, "
+        f"{datetime.date.today().isoformat()}, bf16, median of {repeats}"
+    )
     print(header)
     print(f"{'shape':<10}{'impl':<12}{'op':<14}{'ms':>9}{'TFLOP/s':>9}{'dense':>9}{'% dense':>9}")
     results = []
@@ -148,13 +176,16 @@ def main(argv=None):
             for name, seconds, dense, flops in rows:
                 row = _fmt_row(shape_name, impl, name, seconds, dense, flops)
                 results.append(row)
-                print(f"{shape_name:<10}{impl:<12}{name:<14}{row['ms']:>9.2f}"
-                      f"{row['tflops']:>9.1f}{row['dense_tflops']:>9.1f}{row['pct_dense']:>8.0f}%")
+                print(
+                    f"{shape_name:<10}{impl:<12}{name:<14}{row['ms']:>9.2f}"
+                    f"{row['tflops']:>9.1f}{row['dense_tflops']:>9.1f}{row['pct_dense']:>8.0f}%"
+                )
 
     args.out.mkdir(parents=True, exist_ok=True)
     stem = f"gpu_bench_{device.platform}_{datetime.date.today().isoformat()}"
-    (args.out / f"{stem}.json").write_text(json.dumps({"header": header, "rows": results},
-                                                      indent=1))
+    (args.out / f"{stem}.json").write_text(
+        json.dumps({"header": header, "rows": results}, indent=1)
+    )
     print(f"wrote {args.out / stem}.json")
 
 

@@ -29,8 +29,11 @@ def main(folder: str, config_json: str):
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
     model.generation_config.eos_token_id = None
     model.save_pretrained(folder)
-    print(f"ready torch {torch.__version__} ({torch.get_num_threads()} threads), "
-          f"transformers {transformers.__version__}", flush=True)
+    print(
+        f"ready torch {torch.__version__} ({torch.get_num_threads()} threads), "
+        f"transformers {transformers.__version__}",
+        flush=True,
+    )
     for line in sys.stdin:
         command = line.split()
         if command[0] == "quit":
@@ -39,8 +42,13 @@ def main(folder: str, config_json: str):
         ids = torch.tensor(np.load(folder / "prompt.npy"), dtype=torch.long)
         start = time.perf_counter()
         with torch.inference_mode():
-            out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                                 max_new_tokens=new_tokens, min_new_tokens=new_tokens)
+            out = model.generate(
+                ids,
+                attention_mask=torch.ones_like(ids),
+                do_sample=False,
+                max_new_tokens=new_tokens,
+                min_new_tokens=new_tokens,
+            )
         seconds = time.perf_counter() - start
         np.save(folder / "torch_out.npy", out.numpy())
         print(f"{seconds}", flush=True)

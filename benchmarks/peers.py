@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
-from typing import Callable, NamedTuple, Optional
+from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -31,7 +32,7 @@ _TILES = dict(block_m=128, block_n=128, block_k=64, max_concurrent_steps=4)
 
 class Peer(NamedTuple):
     gmm: Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
-    tgmm: Optional[Callable[[jax.Array, jax.Array, jax.Array], jax.Array]]  # None: cannot run here
+    tgmm: Callable[[jax.Array, jax.Array, jax.Array], jax.Array] | None  # None: cannot run here
 
 
 def _mode():
@@ -49,18 +50,21 @@ def _grid_block_n(n: int) -> int:
 
 def _mgpu_gmm(x, w, group_sizes):
     with _mode():
-        return ragged_dot_mgpu.ragged_dot(x, w, group_sizes=group_sizes,
-                                          grid_block_n=_grid_block_n(w.shape[2]), **_TILES)
+        return ragged_dot_mgpu.ragged_dot(
+            x, w, group_sizes=group_sizes, grid_block_n=_grid_block_n(w.shape[2]), **_TILES
+        )
 
 
 def _mgpu_tgmm(x, dy, group_sizes):
     with _mode():
         return transposed_ragged_dot_mgpu.transposed_ragged_dot(
-            x, dy, group_sizes=group_sizes, grid_block_n=1, **_TILES)
+            x, dy, group_sizes=group_sizes, grid_block_n=1, **_TILES
+        )
 
 
 def _tokamax_gmm(x, w, group_sizes):
     import tokamax
+
     return tokamax.ragged_dot(x, w, group_sizes)
 
 

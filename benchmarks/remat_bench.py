@@ -24,7 +24,7 @@ from flax import nnx
 
 from benchmarks.timing import interleaved_median_seconds
 from experiments.train import TrainConfig, optimizer, train_step
-from jmoe.transformer import PRESETS, REMAT_KINDS, FFN_KINDS, MoETransformer, preset
+from jmoe.transformer import FFN_KINDS, PRESETS, REMAT_KINDS, MoETransformer, preset
 
 
 def compiled_step(config: TrainConfig, tokens: np.ndarray):
@@ -36,8 +36,9 @@ def compiled_step(config: TrainConfig, tokens: np.ndarray):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.remat_bench",
-                                     description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.remat_bench", description=__doc__.split("\n\n")[0]
+    )
     parser.add_argument("--preset", choices=PRESETS, default="xs")
     parser.add_argument("--ffn", choices=FFN_KINDS, default="dmoe")
     parser.add_argument("--seq", type=int, default=1024)
@@ -56,13 +57,17 @@ def main(argv=None):
         print(f"compiled remat={remat}: temp memory {temp[remat] / 2**20:,.1f} MiB", flush=True)
     seconds = interleaved_median_seconds(calls, args.repeats)
 
-    print(f"\n{args.preset} {args.ffn}, seq {args.seq}, batch {args.batch}, "
-          f"backend {jax.default_backend()}, median of {args.repeats} steps")
+    print(
+        f"\n{args.preset} {args.ffn}, seq {args.seq}, batch {args.batch}, "
+        f"backend {jax.default_backend()}, median of {args.repeats} steps"
+    )
     print("| remat | temp memory (MiB) | vs none | step time (s) | vs none |")
     print("|---|---:|---:|---:|---:|")
     for remat in REMAT_KINDS:
-        print(f"| {remat} | {temp[remat] / 2**20:,.1f} | {temp[remat] / temp['none']:.2f}x | "
-              f"{seconds[remat]:.3f} | {seconds[remat] / seconds['none']:.2f}x |")
+        print(
+            f"| {remat} | {temp[remat] / 2**20:,.1f} | {temp[remat] / temp['none']:.2f}x | "
+            f"{seconds[remat]:.3f} | {seconds[remat] / seconds['none']:.2f}x |"
+        )
 
 
 if __name__ == "__main__":

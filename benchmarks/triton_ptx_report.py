@@ -22,19 +22,37 @@ from pallas_kernels.triton.lowering import DEFAULT_K, DEFAULT_N, VARIANTS
 from pallas_kernels.triton.ptx import compile_variant
 
 # (header, width) of the table's columns.
-COLUMNS = (("kernel", 6), ("block", 5), ("dtype", 8), ("sm", 2), ("tile r x c x d", 14),
-           ("warps", 5), ("stages", 6), ("regs", 4), ("smem KiB", 8), ("spill st/ld B", 13),
-           ("mma", 5))
+COLUMNS = (
+    ("kernel", 6),
+    ("block", 5),
+    ("dtype", 8),
+    ("sm", 2),
+    ("tile r x c x d", 14),
+    ("warps", 5),
+    ("stages", 6),
+    ("regs", 4),
+    ("smem KiB", 8),
+    ("spill st/ld B", 13),
+    ("mma", 5),
+)
 
 
 def _parse(argv):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--capabilities", type=int, nargs="+", default=[80, 90],
-                        choices=[80, 90])
-    parser.add_argument("--block-sizes", type=int, nargs="+", default=list(config.BLOCK_SIZES),
-                        choices=config.BLOCK_SIZES)
-    parser.add_argument("--dtypes", nargs="+", default=["bfloat16", "float16", "float32"],
-                        choices=[d.name for d in config.DTYPES])
+    parser.add_argument("--capabilities", type=int, nargs="+", default=[80, 90], choices=[80, 90])
+    parser.add_argument(
+        "--block-sizes",
+        type=int,
+        nargs="+",
+        default=list(config.BLOCK_SIZES),
+        choices=config.BLOCK_SIZES,
+    )
+    parser.add_argument(
+        "--dtypes",
+        nargs="+",
+        default=["bfloat16", "float16", "float32"],
+        choices=[d.name for d in config.DTYPES],
+    )
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     return parser.parse_args(argv)
 
@@ -48,17 +66,25 @@ def report(capabilities, block_sizes, dtypes, variants):
                     call, res = compile_variant(variant, block_size, jnp.dtype(dtype), capability)
                     kind = VARIANTS[variant][0]
                     tiles = config.tile_config(kind, block_size, dtype, DEFAULT_K, DEFAULT_N)
-                    row = (variant, block_size, dtype, capability,
-                           f"{tiles.rows}x{tiles.cols}x{tiles.depth}", call.num_warps,
-                           call.num_stages, res.registers, f"{res.shared_bytes / 1024:g}",
-                           f"{res.spill_stores}/{res.spill_loads}", res.tensor_core_op)
+                    row = (
+                        variant,
+                        block_size,
+                        dtype,
+                        capability,
+                        f"{tiles.rows}x{tiles.cols}x{tiles.depth}",
+                        call.num_warps,
+                        call.num_stages,
+                        res.registers,
+                        f"{res.shared_bytes / 1024:g}",
+                        f"{res.spill_stores}/{res.spill_loads}",
+                        res.tensor_core_op,
+                    )
                     yield tuple(map(str, row)), res.spills
 
 
 def main(argv=None) -> int:
     args = _parse(argv)
-    warnings.filterwarnings("ignore", "The Pallas Triton backend is deprecated",
-                            DeprecationWarning)
+    warnings.filterwarnings("ignore", "The Pallas Triton backend is deprecated", DeprecationWarning)
     line = lambda cells: " | ".join(c.ljust(w) for c, (_, w) in zip(cells, COLUMNS)).rstrip()
     print(line([header for header, _ in COLUMNS]))
     print(line(["-" * width for _, width in COLUMNS]))

@@ -15,21 +15,31 @@ class Checkpoints:
     def __init__(self, directory: str | Path, every: int, keep: int = 2):
         self.manager = ocp.CheckpointManager(
             Path(directory).absolute(),
-            options=ocp.CheckpointManagerOptions(save_interval_steps=every, max_to_keep=keep))
+            options=ocp.CheckpointManagerOptions(save_interval_steps=every, max_to_keep=keep),
+        )
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
     def save(self, step: int, state, meta: dict, *, force: bool = False):
         """Saves ``state`` (an ``nnx.State``) and ``meta`` (JSON-able) if ``step`` is due."""
-        self.manager.save(step, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=force)
+        self.manager.save(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)
+            ),
+            force=force,
+        )
 
     def restore(self, step: int, like):
         """``(state, meta)`` of ``step``; ``like`` gives the state's structure and shapes."""
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
-        restored = self.manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
+        restored = self.manager.restore(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()
+            ),
+        )
         return restored.state, restored.meta
 
     def close(self):

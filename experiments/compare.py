@@ -52,14 +52,18 @@ def _first_reach(xs: list[float], losses: list[float], target: float) -> float |
 def time_to_reach(val_records: list[dict], target: float) -> float | None:
     """Training wall time at which validation loss first reaches ``target``,
     linearly interpolated between evaluations; None if it never does."""
-    return _first_reach([r["train_time_s"] for r in val_records],
-                        [r["val_loss"] for r in val_records], target)
+    return _first_reach(
+        [r["train_time_s"] for r in val_records], [r["val_loss"] for r in val_records], target
+    )
 
 
 def tokens_to_reach(val_records: list[dict], target: float, tokens_per_step: int) -> float | None:
     """Training tokens at which validation loss first reaches ``target`` (as `time_to_reach`)."""
-    return _first_reach([r["step"] * tokens_per_step for r in val_records],
-                        [r["val_loss"] for r in val_records], target)
+    return _first_reach(
+        [r["step"] * tokens_per_step for r in val_records],
+        [r["val_loss"] for r in val_records],
+        target,
+    )
 
 
 def run_dir(out: str, name: str, seed: int, first_seed: int) -> Path:
@@ -76,11 +80,30 @@ def _run(args, name: str, ffn: str, capacity_factor: float, seed: int) -> dict:
         if (summary["steps"], summary["seed"]) == (args.steps, seed):
             print(f"[{out.name}] reusing {summary_path}")
             return summary
-    argv = ["--preset", args.preset, "--ffn", ffn, "--capacity-factor", str(capacity_factor),
-            "--steps", str(args.steps), "--seed", str(seed), "--out", str(out),
-            "--cache-dir", str(Path(args.out) / "cache"), "--log-every", "5",
-            "--eval-every", str(args.eval_every), "--eval-batches", str(args.eval_batches),
-            "--checkpoint-every", str(args.checkpoint_every)]
+    argv = [
+        "--preset",
+        args.preset,
+        "--ffn",
+        ffn,
+        "--capacity-factor",
+        str(capacity_factor),
+        "--steps",
+        str(args.steps),
+        "--seed",
+        str(seed),
+        "--out",
+        str(out),
+        "--cache-dir",
+        str(Path(args.out) / "cache"),
+        "--log-every",
+        "5",
+        "--eval-every",
+        str(args.eval_every),
+        "--eval-batches",
+        str(args.eval_batches),
+        "--checkpoint-every",
+        str(args.checkpoint_every),
+    ]
     if not args.rerun:
         argv.append("--resume")
     summary = train.main(argv)
@@ -97,27 +120,34 @@ def results_table(summaries: dict[str, dict], records: dict[str, list[dict]]) ->
     for name, summary in summaries.items():
         val = [r for r in records[name] if r["kind"] == "val"]
         reach = time_to_reach(val, target)
-        rows.append({
-            "run": name, "final_val_loss": summary["final_val_loss"],
-            "train_time_s": summary["train_time_s"], "tokens_per_s": summary["tokens_per_s"],
-            "median_step_ms": 1000 * summary["median_step_s"],
-            "dropped_fraction": summary["dropped_fraction"],
-            "time_to_dense_loss_s": reach,
-            "speedup_vs_dense": None if reach is None else dense_time / reach,
-        })
+        rows.append(
+            {
+                "run": name,
+                "final_val_loss": summary["final_val_loss"],
+                "train_time_s": summary["train_time_s"],
+                "tokens_per_s": summary["tokens_per_s"],
+                "median_step_ms": 1000 * summary["median_step_s"],
+                "dropped_fraction": summary["dropped_fraction"],
+                "time_to_dense_loss_s": reach,
+                "speedup_vs_dense": None if reach is None else dense_time / reach,
+            }
+        )
     return rows
 
 
 def markdown(rows: list[dict]) -> str:
-    header = ("| run | final val loss | train time (s) | tokens/s | median step (ms) "
-              "| assignments dropped | time to dense final loss (s) | speed-up vs dense |\n"
-              "|---|---:|---:|---:|---:|---:|---:|---:|\n")
+    header = (
+        "| run | final val loss | train time (s) | tokens/s | median step (ms) "
+        "| assignments dropped | time to dense final loss (s) | speed-up vs dense |\n"
+        "|---|---:|---:|---:|---:|---:|---:|---:|\n"
+    )
     fmt = lambda value, spec, unit="": "never" if value is None else format(value, spec) + unit
     return header + "".join(
         f"| {r['run']} | {r['final_val_loss']:.4f} | {r['train_time_s']:.0f} | "
         f"{r['tokens_per_s']:,.0f} | {r['median_step_ms']:.0f} | {r['dropped_fraction']:.1%} | "
         f"{fmt(r['time_to_dense_loss_s'], '.0f')} | {fmt(r['speedup_vs_dense'], '.2f', 'x')} |\n"
-        for r in rows)
+        for r in rows
+    )
 
 
 def seeds_table(summaries: dict[str, list[dict]], records: dict[str, list[list[dict]]]):
@@ -139,42 +169,55 @@ def seeds_table(summaries: dict[str, list[dict]], records: dict[str, list[list[d
         times = [time_to_reach(v, target) for v in vals]
         tokens = [tokens_to_reach(v, target, s["tokens_per_step"]) for v, s in zip(vals, runs)]
         mean_or_none = lambda xs: None if None in xs else float(np.mean(xs))
-        rows.append({
-            "run": name, "seeds": len(runs), "val_mean": float(np.mean(finals)),
-            "val_sd": float(np.std(finals, ddof=1)) if len(finals) > 1 else 0.0,
-            "time_to_target_s": mean_or_none(times), "tokens_to_target": mean_or_none(tokens),
-            "dropped_fraction": float(np.mean([s["dropped_fraction"] for s in runs])),
-        })
+        rows.append(
+            {
+                "run": name,
+                "seeds": len(runs),
+                "val_mean": float(np.mean(finals)),
+                "val_sd": float(np.std(finals, ddof=1)) if len(finals) > 1 else 0.0,
+                "time_to_target_s": mean_or_none(times),
+                "tokens_to_target": mean_or_none(tokens),
+                "dropped_fraction": float(np.mean([s["dropped_fraction"] for s in runs])),
+            }
+        )
     return rows, target_name, target
 
 
 def seeds_markdown(rows: list[dict], target_name: str, target: float) -> str:
-    header = (f"| run | seeds | final val loss (mean ± sd) | time to {target_name}'s "
-              f"{target:.4f} (s) | tokens to it | assignments dropped |\n"
-              "|---|---:|---:|---:|---:|---:|\n")
+    header = (
+        f"| run | seeds | final val loss (mean ± sd) | time to {target_name}'s "
+        f"{target:.4f} (s) | tokens to it | assignments dropped |\n"
+        "|---|---:|---:|---:|---:|---:|\n"
+    )
     fmt = lambda value, spec: "never" if value is None else format(value, spec)
     return header + "".join(
         f"| {r['run']} | {r['seeds']} | {r['val_mean']:.4f} ± {r['val_sd']:.4f} | "
         f"{fmt(r['time_to_target_s'], '.0f')} | {fmt(r['tokens_to_target'], ',.0f')} | "
-        f"{r['dropped_fraction']:.1%} |\n" for r in rows)
+        f"{r['dropped_fraction']:.1%} |\n"
+        for r in rows
+    )
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="python -m experiments.compare", description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        prog="python -m experiments.compare",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     parser.add_argument("--preset", choices=PRESETS, default="xs")
     parser.add_argument("--steps", type=int, default=600)
     parser.add_argument("--seed", type=int, default=0, help="first seed")
-    parser.add_argument("--seeds", type=int, default=3,
-                        help="seeds per configuration: --seed, --seed + 1, ...")
+    parser.add_argument(
+        "--seeds", type=int, default=3, help="seeds per configuration: --seed, --seed + 1, ..."
+    )
     parser.add_argument("--eval-every", type=int, default=25)
     parser.add_argument("--eval-batches", type=int, default=8)
     parser.add_argument("--checkpoint-every", type=int, default=100)
     parser.add_argument("--out", default="runs/compare", help="run directories")
     parser.add_argument("--results-dir", help="table and plot (default: --out)")
-    parser.add_argument("--rerun", action="store_true",
-                        help="train every run from scratch, ignoring finished ones")
+    parser.add_argument(
+        "--rerun", action="store_true", help="train every run from scratch, ignoring finished ones"
+    )
     return parser.parse_args(argv)
 
 
@@ -183,11 +226,16 @@ def main(argv=None) -> list[dict]:
     if args.seeds < 1:
         raise ValueError(f"--seeds must be a positive int, got {args.seeds}")
     seeds = range(args.seed, args.seed + args.seeds)
-    all_summaries = {name: [_run(args, name, ffn, cf, seed) for seed in seeds]
-                     for name, ffn, cf in RUNS}
-    all_records = {name: [train.read_metrics(run_dir(args.out, name, seed, args.seed)
-                                             / "metrics.jsonl") for seed in seeds]
-                   for name in all_summaries}
+    all_summaries = {
+        name: [_run(args, name, ffn, cf, seed) for seed in seeds] for name, ffn, cf in RUNS
+    }
+    all_records = {
+        name: [
+            train.read_metrics(run_dir(args.out, name, seed, args.seed) / "metrics.jsonl")
+            for seed in seeds
+        ]
+        for name in all_summaries
+    }
     summaries = {name: runs[0] for name, runs in all_summaries.items()}
     records = {name: runs[0] for name, runs in all_records.items()}
     rows = results_table(summaries, records)
@@ -195,19 +243,28 @@ def main(argv=None) -> list[dict]:
     results = Path(args.results_dir or args.out)
     results.mkdir(parents=True, exist_ok=True)
     first = next(iter(summaries.values()))
-    setup = (f"preset `{args.preset}`, {args.steps} steps x {first['tokens_per_step']} tokens, "
-             f"seed {args.seed}; {platform.processor() or platform.machine()}, "
-             f"{os.cpu_count()} cores, jax {jax.__version__} on {jax.devices()[0].platform}; "
-             f"{datetime.date.today()}")
-    table = (f"{markdown(rows)}\nOver seeds {seeds.start}-{seeds.stop - 1}:\n\n"
-             f"{seeds_markdown(seed_rows, target_name, target)}")
+    setup = (
+        f"preset `{args.preset}`, {args.steps} steps x {first['tokens_per_step']} tokens, "
+        f"seed {args.seed}; {platform.processor() or platform.machine()}, "
+        f"{os.cpu_count()} cores, jax {jax.__version__} on {jax.devices()[0].platform}; "
+        f"{datetime.date.today()}"
+    )
+    table = (
+        f"{markdown(rows)}\nOver seeds {seeds.start}-{seeds.stop - 1}:\n\n"
+        f"{seeds_markdown(seed_rows, target_name, target)}"
+    )
     (results / "results.md").write_text(f"{setup}\n\n{table}")
-    (results / "results.json").write_text(json.dumps(
-        {"setup": setup, "rows": rows, "seed_rows": seed_rows, "target": target_name},
-        indent=2))
-    plotting.plot_val_vs_time(records, results / "val_loss_vs_time.png",
-                              title=f"{args.preset}: validation loss vs training time",
-                              target=summaries["dense"]["final_val_loss"])
+    (results / "results.json").write_text(
+        json.dumps(
+            {"setup": setup, "rows": rows, "seed_rows": seed_rows, "target": target_name}, indent=2
+        )
+    )
+    plotting.plot_val_vs_time(
+        records,
+        results / "val_loss_vs_time.png",
+        title=f"{args.preset}: validation loss vs training time",
+        target=summaries["dense"]["final_val_loss"],
+    )
     print(f"\n{setup}\n\n{table}\nwritten to {results}")
     return rows
 

@@ -70,8 +70,13 @@ def tokenized_corpus(data: str | None, cache_dir: str | os.PathLike) -> ts.Tenso
     if not path.exists():
         tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
-        store = ts.open(_spec(tmp), create=True, dtype=ts.uint8, shape=[tokens.size],
-                        chunk_layout=ts.ChunkLayout(chunk_shape=[_CHUNK])).result()
+        store = ts.open(
+            _spec(tmp),
+            create=True,
+            dtype=ts.uint8,
+            shape=[tokens.size],
+            chunk_layout=ts.ChunkLayout(chunk_shape=[_CHUNK]),
+        ).result()
         store.write(tokens).result()
         try:
             tmp.rename(path)
@@ -91,8 +96,16 @@ class Batches:
     the batches of an uninterrupted one.
     """
 
-    def __init__(self, store: ts.TensorStore, *, seq_len: int, batch_size: int, seed: int,
-                 val_fraction: float = 0.05, eval_batches: int = 4):
+    def __init__(
+        self,
+        store: ts.TensorStore,
+        *,
+        seq_len: int,
+        batch_size: int,
+        seed: int,
+        val_fraction: float = 0.05,
+        eval_batches: int = 4,
+    ):
         if not 0 < val_fraction < 1:
             raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
         self.store, self.seq_len, self.batch_size, self.seed = store, seq_len, batch_size, seed
@@ -104,10 +117,10 @@ class Batches:
         if self.train_windows < batch_size or val_windows < needed:
             raise ValueError(
                 f"data: {total} tokens are too few for batches of {batch_size} x {seq_len + 1} "
-                f"tokens and {needed} validation windows at val_fraction={val_fraction}")
+                f"tokens and {needed} validation windows at val_fraction={val_fraction}"
+            )
         spaced = np.linspace(0, val_windows - 1, needed).round().astype(np.int64)
-        self._val_starts = (self.train_tokens + spaced * seq_len).reshape(eval_batches,
-                                                                          batch_size)
+        self._val_starts = (self.train_tokens + spaced * seq_len).reshape(eval_batches, batch_size)
 
     def _read(self, starts: np.ndarray) -> np.ndarray:
         """``starts [b]`` -> ``[b, seq_len + 1] int32``."""

@@ -21,13 +21,14 @@ import argparse
 import contextlib
 import socket
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import numpy as np
 from flax import nnx
 from jax.experimental import multihost_utils
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from jmoe.parallel import DATA, EXPERT, make_mesh, state_shardings
 
@@ -35,25 +36,37 @@ from jmoe.parallel import DATA, EXPERT, make_mesh, state_shardings
 def add_arguments(parser: argparse.ArgumentParser):
     """Adds the mesh and multi-process flags to ``parser``."""
     group = parser.add_argument_group("scale-out (docs/scale_out.md)")
-    group.add_argument("--mesh", type=parse_mesh, metavar="DATAxEXPERT",
-                       help="train data + expert parallel on a data x expert device mesh, "
-                            "e.g. 2x4 (default: one device, no mesh)")
-    group.add_argument("--host-devices", type=int, metavar="N",
-                       help="number of XLA host (CPU) devices per process")
-    group.add_argument("--coordinator", metavar="HOST:PORT",
-                       help="address of process 0's coordinator (multi-process runs)")
+    group.add_argument(
+        "--mesh",
+        type=parse_mesh,
+        metavar="DATAxEXPERT",
+        help="train data + expert parallel on a data x expert device mesh, "
+        "e.g. 2x4 (default: one device, no mesh)",
+    )
+    group.add_argument(
+        "--host-devices", type=int, metavar="N", help="number of XLA host (CPU) devices per process"
+    )
+    group.add_argument(
+        "--coordinator",
+        metavar="HOST:PORT",
+        help="address of process 0's coordinator (multi-process runs)",
+    )
     group.add_argument("--num-processes", type=int, default=1, metavar="N")
     group.add_argument("--process-id", type=int, default=0, metavar="I")
-    group.add_argument("--coordinator-timeout", type=int, default=120, metavar="S",
-                       help="seconds to wait for the coordinator and the other processes")
+    group.add_argument(
+        "--coordinator-timeout",
+        type=int,
+        default=120,
+        metavar="S",
+        help="seconds to wait for the coordinator and the other processes",
+    )
 
 
 def parse_mesh(text: str) -> tuple[int, int]:
     """``"2x4"`` -> ``(2, 4)`` (data, expert); ValueError naming ``--mesh`` otherwise."""
     parts = text.lower().split("x")
     if len(parts) != 2 or not all(p.isdigit() and int(p) >= 1 for p in parts):
-        raise ValueError(f"--mesh must be DATAxEXPERT with positive ints, e.g. 2x4, "
-                         f"got {text!r}")
+        raise ValueError(f"--mesh must be DATAxEXPERT with positive ints, e.g. 2x4, got {text!r}")
     return int(parts[0]), int(parts[1])
 
 
@@ -62,8 +75,7 @@ def start_runtime(args: argparse.Namespace):
     if args.host_devices is not None:
         set_host_devices(args.host_devices)
     if args.coordinator is not None or args.num_processes != 1:
-        initialize(args.coordinator, args.num_processes, args.process_id,
-                   args.coordinator_timeout)
+        initialize(args.coordinator, args.num_processes, args.process_id, args.coordinator_timeout)
 
 
 def set_host_devices(count: int):
@@ -75,11 +87,14 @@ def set_host_devices(count: int):
     if not isinstance(count, int) or count < 1:
         raise ValueError(f"--host-devices must be a positive int, got {count!r}")
     from jax._src import xla_bridge  # the only public-equivalent check is private
+
     if xla_bridge.backends_are_initialized():
         have = len(jax.local_devices(backend="cpu"))
         if have != count:
-            raise ValueError(f"--host-devices {count}: jax already started with {have} CPU "
-                             "devices; set it before any jax computation")
+            raise ValueError(
+                f"--host-devices {count}: jax already started with {have} CPU "
+                "devices; set it before any jax computation"
+            )
         return
     jax.config.update("jax_num_cpu_devices", count)
 
@@ -102,8 +117,10 @@ def wait_for_coordinator(address: str, timeout: float):
             return
         except OSError as error:
             if time.monotonic() >= deadline:
-                raise ValueError(f"--coordinator {address} is unreachable after {timeout:g} s "
-                                 f"({error}); start process 0 first or fix the address") from None
+                raise ValueError(
+                    f"--coordinator {address} is unreachable after {timeout:g} s "
+                    f"({error}); start process 0 first or fix the address"
+                ) from None
             time.sleep(0.2)
 
 
@@ -126,13 +143,18 @@ def initialize(coordinator: str | None, num_processes: int, process_id: int, tim
         try:
             socket.getaddrinfo(host, None)
         except OSError as error:
-            raise ValueError(f"--coordinator {coordinator}: cannot resolve {host!r} "
-                             f"({error})") from None
+            raise ValueError(
+                f"--coordinator {coordinator}: cannot resolve {host!r} ({error})"
+            ) from None
     else:
         wait_for_coordinator(coordinator, timeout)
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(coordinator, num_processes=num_processes,
-                               process_id=process_id, initialization_timeout=timeout)
+    jax.distributed.initialize(
+        coordinator,
+        num_processes=num_processes,
+        process_id=process_id,
+        initialization_timeout=timeout,
+    )
 
 
 def is_main_process() -> bool:
@@ -155,10 +177,12 @@ class Placement:
       batch_size: sequences per step (training and validation).
     """
 
-    def __init__(self, mesh_shape: tuple[int, int] | None, *, num_experts: int | None,
-                 batch_size: int):
-        self.mesh = None if mesh_shape is None else _training_mesh(mesh_shape, num_experts,
-                                                                   batch_size)
+    def __init__(
+        self, mesh_shape: tuple[int, int] | None, *, num_experts: int | None, batch_size: int
+    ):
+        self.mesh = (
+            None if mesh_shape is None else _training_mesh(mesh_shape, num_experts, batch_size)
+        )
         self.state_sharding = None
         if self.mesh is not None:
             self.batch_sharding = NamedSharding(self.mesh, P((DATA, EXPERT), None))
@@ -176,8 +200,7 @@ class Placement:
         graphdef, abstract = nnx.split(nnx.eval_shape(make))
         self.state_sharding = state_shardings(abstract, self.mesh)
         with self.context():
-            state = jax.jit(lambda: nnx.split(make())[1],
-                            out_shardings=self.state_sharding)()
+            state = jax.jit(lambda: nnx.split(make())[1], out_shardings=self.state_sharding)()
         return graphdef, state
 
     def jit_step(self, fn: Callable, **kw):
@@ -185,15 +208,22 @@ class Placement:
         state keeps its shardings and the metrics are replicated."""
         if self.mesh is None:
             return jax.jit(fn, **kw)
-        return jax.jit(fn, in_shardings=(self.state_sharding, self.batch_sharding),
-                       out_shardings=(self.state_sharding, self.replicated), **kw)
+        return jax.jit(
+            fn,
+            in_shardings=(self.state_sharding, self.batch_sharding),
+            out_shardings=(self.state_sharding, self.replicated),
+            **kw,
+        )
 
     def jit_eval(self, fn: Callable):
         """``jax.jit(fn)`` of ``fn(state, batch) -> scalar`` (replicated on a mesh)."""
         if self.mesh is None:
             return jax.jit(fn)
-        return jax.jit(fn, in_shardings=(self.state_sharding, self.batch_sharding),
-                       out_shardings=self.replicated)
+        return jax.jit(
+            fn,
+            in_shardings=(self.state_sharding, self.batch_sharding),
+            out_shardings=self.replicated,
+        )
 
     def batch(self, read: Callable[[slice], np.ndarray], shape: tuple[int, int]):
         """The global batch ``[batch, seq + 1]``; ``read(rows)`` returns those rows.
@@ -202,8 +232,9 @@ class Placement:
         """
         if self.mesh is None:
             return read(slice(None))
-        return jax.make_array_from_callback(shape, self.batch_sharding,
-                                            lambda index: read(index[0]))
+        return jax.make_array_from_callback(
+            shape, self.batch_sharding, lambda index: read(index[0])
+        )
 
 
 def _training_mesh(mesh_shape: tuple[int, int], num_experts: int | None, batch_size: int):
@@ -215,11 +246,15 @@ def _training_mesh(mesh_shape: tuple[int, int], num_experts: int | None, batch_s
         raise ValueError(
             f"{flag} needs {data * expert} devices, but {processes} process(es) have "
             f"{devices}{' (a multi-process mesh must use all of them)' if processes > 1 else ''}; "
-            "on CPU set --host-devices")
+            "on CPU set --host-devices"
+        )
     if num_experts is not None and num_experts % expert:
-        raise ValueError(f"{flag}: the {num_experts} experts are not divisible by the "
-                         f"expert axis {expert}")
+        raise ValueError(
+            f"{flag}: the {num_experts} experts are not divisible by the expert axis {expert}"
+        )
     if batch_size % (data * expert):
-        raise ValueError(f"--batch-size {batch_size} is not divisible by data x expert = "
-                         f"{data * expert} ({flag})")
+        raise ValueError(
+            f"--batch-size {batch_size} is not divisible by data x expert = "
+            f"{data * expert} ({flag})"
+        )
     return make_mesh(data, expert)

@@ -35,8 +35,10 @@ from experiments.checkpoint import Checkpoints
 from experiments.train import TrainConfig, optimizer
 from jmoe.transformer import FFN_KINDS, PRESETS, MoETransformer, preset
 
-RUN_NAME = re.compile(r"^(?P<preset>[a-z]+)-(?P<ffn>[a-z]+)(?:-cf(?P<cf>[0-9.]+))?"
-                      r"(?:-every(?P<every>\d+))?$")
+RUN_NAME = re.compile(
+    r"^(?P<preset>[a-z]+)-(?P<ffn>[a-z]+)(?:-cf(?P<cf>[0-9.]+))?"
+    r"(?:-every(?P<every>\d+))?$"
+)
 
 
 def run_model_args(run_dir: Path, args: argparse.Namespace) -> dict:
@@ -46,26 +48,40 @@ def run_model_args(run_dir: Path, args: argparse.Namespace) -> dict:
     name = json.loads(summary.read_text())["name"] if summary.exists() else run_dir.name
     parsed = RUN_NAME.match(name)
     found = parsed.groupdict() if parsed else {}
-    pick = lambda flag, key, cast, default: (getattr(args, flag) if getattr(args, flag) is not None
-                                             else cast(found[key]) if found.get(key) else default)
-    model = dict(preset=pick("preset", "preset", str, None), ffn=pick("ffn", "ffn", str, None),
-                 capacity_factor=pick("capacity_factor", "cf", float, 1.0),
-                 moe_every=pick("moe_every", "every", int, 1))
+    pick = lambda flag, key, cast, default: (
+        getattr(args, flag)
+        if getattr(args, flag) is not None
+        else cast(found[key])
+        if found.get(key)
+        else default
+    )
+    model = dict(
+        preset=pick("preset", "preset", str, None),
+        ffn=pick("ffn", "ffn", str, None),
+        capacity_factor=pick("capacity_factor", "cf", float, 1.0),
+        moe_every=pick("moe_every", "every", int, 1),
+    )
     if model["preset"] not in PRESETS or model["ffn"] not in FFN_KINDS:
-        raise ValueError(f"cannot tell the model of {run_dir} from its name {name!r}: "
-                         f"pass --preset {{{','.join(PRESETS)}}} and --ffn {{{','.join(FFN_KINDS)}}}")
+        raise ValueError(
+            f"cannot tell the model of {run_dir} from its name {name!r}: "
+            f"pass --preset {{{','.join(PRESETS)}}} and --ffn {{{','.join(FFN_KINDS)}}}"
+        )
     return model
 
 
 def load_run(run_dir: Path, args: argparse.Namespace) -> MoETransformer:
     """The model of the latest checkpoint of an ``experiments.train`` run."""
     spec = run_model_args(run_dir, args)
-    config = preset(spec["preset"], ffn=spec["ffn"],
-                    capacity_factor=spec["capacity_factor"]).replace(moe_every=spec["moe_every"])
+    config = preset(
+        spec["preset"], ffn=spec["ffn"], capacity_factor=spec["capacity_factor"]
+    ).replace(moe_every=spec["moe_every"])
     abstract = nnx.eval_shape(lambda: MoETransformer(config, rngs=nnx.Rngs(0)))
     # The checkpoint holds (model, optimizer) state; its structure, not its values, is needed.
-    opt = nnx.eval_shape(lambda: nnx.Optimizer(
-        abstract, optimizer(TrainConfig(model=config, out="", cache_dir="")), wrt=nnx.Param))
+    opt = nnx.eval_shape(
+        lambda: nnx.Optimizer(
+            abstract, optimizer(TrainConfig(model=config, out="", cache_dir="")), wrt=nnx.Param
+        )
+    )
     graphdef, state = nnx.split((abstract, opt))
     checkpoints = Checkpoints(run_dir / "checkpoints", every=1)
     step = checkpoints.latest_step()
@@ -90,9 +106,11 @@ def hf_tokenizer(folder: Path):
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m experiments.generate",
-                                     description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m experiments.generate",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--checkpoint", help="run directory of experiments.train")
     source.add_argument("--hf", help="Hugging Face model folder (mixtral, qwen3_moe, olmoe)")
@@ -125,20 +143,31 @@ def main(argv=None) -> str:
             decode = lambda ids: tokenizer.decode(list(ids))
     if args.prompt is not None:
         if encode is None:
-            raise SystemExit("this checkpoint has no usable tokenizer (tokenizer.json and the "
-                             "tokenizers package): pass --prompt-ids")
+            raise SystemExit(
+                "this checkpoint has no usable tokenizer (tokenizer.json and the "
+                "tokenizers package): pass --prompt-ids"
+            )
         ids = list(encode(args.prompt))
     else:
         ids = [int(t) for t in re.split(r"[,\s]+", args.prompt_ids.strip())]
     total = len(ids) + args.max_new_tokens
     if total > model.config.max_seq_len:
-        print(f"note: {total} positions exceed the model's max_seq_len="
-              f"{model.config.max_seq_len} (its training length)", file=sys.stderr)
+        print(
+            f"note: {total} positions exceed the model's max_seq_len="
+            f"{model.config.max_seq_len} (its training length)",
+            file=sys.stderr,
+        )
         model.config = model.config.replace(max_seq_len=total)
-    tokens = jmoe.generate(model, np.asarray([ids], np.int32), args.max_new_tokens,
-                           temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                           rng=jax.random.key(args.seed) if args.temperature > 0 else None)
-    new = np.asarray(tokens)[0, len(ids):]
+    tokens = jmoe.generate(
+        model,
+        np.asarray([ids], np.int32),
+        args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        rng=jax.random.key(args.seed) if args.temperature > 0 else None,
+    )
+    new = np.asarray(tokens)[0, len(ids) :]
     text = (args.prompt or "") + decode(new) if decode is not None else " ".join(map(str, new))
     print(text)
     return text

@@ -1,6 +1,7 @@
 """Start a multi-process JAX run on this machine, as a multi-host run would start.
 
-    python -m experiments.launch_local --processes 2 -- experiments.train --mesh 2x4 --host-devices 4
+    python -m experiments.launch_local --processes 2 -- \\
+        experiments.train --mesh 2x4 --host-devices 4
 
 Runs ``python -m <module> <args> --coordinator 127.0.0.1:<free port>
 --num-processes N --process-id I`` for ``I = 0 .. N-1``, prints their output
@@ -38,10 +39,22 @@ def launch(processes: int, module: str, args: list[str], *, poll_s: float = 0.2)
     address = f"127.0.0.1:{free_port()}"
     children, threads = [], []
     for index in range(processes):
-        command = [sys.executable, "-u", "-m", module, *args, "--coordinator", address,
-                   "--num-processes", str(processes), "--process-id", str(index)]
-        child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                 text=True, errors="replace")
+        command = [
+            sys.executable,
+            "-u",
+            "-m",
+            module,
+            *args,
+            "--coordinator",
+            address,
+            "--num-processes",
+            str(processes),
+            "--process-id",
+            str(index),
+        ]
+        child = subprocess.Popen(
+            command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace"
+        )
         thread = threading.Thread(target=_forward, args=(index, child.stdout), daemon=True)
         thread.start()
         children.append(child)
@@ -73,11 +86,16 @@ def launch(processes: int, module: str, args: list[str], *, poll_s: float = 0.2)
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m experiments.launch_local", description=__doc__.split("\n\n")[0],
-        usage="%(prog)s --processes N -- MODULE [ARGS ...]")
+        prog="python -m experiments.launch_local",
+        description=__doc__.split("\n\n")[0],
+        usage="%(prog)s --processes N -- MODULE [ARGS ...]",
+    )
     parser.add_argument("--processes", type=int, required=True, help="number of processes")
-    parser.add_argument("command", nargs=argparse.REMAINDER,
-                        help="-- MODULE [ARGS ...], e.g. -- experiments.train --mesh 2x4")
+    parser.add_argument(
+        "command",
+        nargs=argparse.REMAINDER,
+        help="-- MODULE [ARGS ...], e.g. -- experiments.train --mesh 2x4",
+    )
     args = parser.parse_args(argv)
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
     if not command:

@@ -36,15 +36,19 @@ def plot_run(records: list[dict], path: str | Path, title: str):
     grid = fig.add_gridspec(rows, max(layers, 2))
     steps = [r["step"] for r in train]
     imbalance = [r["load_imbalance"] for r in train if "load_imbalance" in r]
-    ax = fig.add_subplot(grid[0, :] if not imbalance else grid[0, :max(layers, 2) // 2])
+    ax = fig.add_subplot(grid[0, :] if not imbalance else grid[0, : max(layers, 2) // 2])
     ax.plot(steps, [r["ce"] for r in train], label="train cross-entropy")
     ax.plot([r["step"] for r in val], [r["val_loss"] for r in val], "o-", label="validation")
     ax.set(xlabel="step", ylabel="loss (nats/byte)", title=title)
     ax.legend()
     if imbalance:
-        axi = fig.add_subplot(grid[0, max(layers, 2) // 2:])
-        axi.plot(steps[-len(imbalance):], imbalance, linewidth=1,
-                 label=[f"layer {i}" for i in range(len(imbalance[0]))])
+        axi = fig.add_subplot(grid[0, max(layers, 2) // 2 :])
+        axi.plot(
+            steps[-len(imbalance) :],
+            imbalance,
+            linewidth=1,
+            label=[f"layer {i}" for i in range(len(imbalance[0]))],
+        )
         axi.legend()
         axi.axhline(1, color="k", linestyle=":", linewidth=1)
         axi.set(xlabel="step", ylabel="max / mean load", title="load imbalance per MoE layer")
@@ -52,18 +56,25 @@ def plot_run(records: list[dict], path: str | Path, title: str):
         axl = fig.add_subplot(grid[1, layer])
         axl.plot(steps, load[:, layer, :], linewidth=1)
         axl.axhline(1 / load.shape[2], color="k", linestyle=":", linewidth=1)
-        axl.set(xlabel="step", title=f"MoE layer {layer}: expert load",
-                ylabel="share of assignments" if layer == 0 else None)
+        axl.set(
+            xlabel="step",
+            title=f"MoE layer {layer}: expert load",
+            ylabel="share of assignments" if layer == 0 else None,
+        )
         if len(bias):
             axb = fig.add_subplot(grid[2, layer])
-            axb.plot(steps[-len(bias):], bias[:, layer, :], linewidth=1)
-            axb.set(xlabel="step", title=f"MoE layer {layer}: expert bias",
-                    ylabel="bias" if layer == 0 else None)
+            axb.plot(steps[-len(bias) :], bias[:, layer, :], linewidth=1)
+            axb.set(
+                xlabel="step",
+                title=f"MoE layer {layer}: expert bias",
+                ylabel="bias" if layer == 0 else None,
+            )
     fig.savefig(path, dpi=90)
 
 
-def plot_val_vs_time(runs: dict[str, list[dict]], path: str | Path, title: str,
-                     target: float | None = None):
+def plot_val_vs_time(
+    runs: dict[str, list[dict]], path: str | Path, title: str, target: float | None = None
+):
     """Validation loss vs training wall time (seconds), one line per run.
 
     ``runs``: run name -> its metrics records. ``target`` draws a horizontal
@@ -73,8 +84,13 @@ def plot_val_vs_time(runs: dict[str, list[dict]], path: str | Path, title: str,
     ax = fig.add_subplot()
     for name, records in runs.items():
         val = _records(records, "val")
-        ax.plot([r["train_time_s"] for r in val], [r["val_loss"] for r in val], "o-",
-                markersize=3, label=name)
+        ax.plot(
+            [r["train_time_s"] for r in val],
+            [r["val_loss"] for r in val],
+            "o-",
+            markersize=3,
+            label=name,
+        )
     if target is not None:
         ax.axhline(target, color="k", linestyle=":", linewidth=1, label="dense final loss")
     losses = [r["val_loss"] for records in runs.values() for r in _records(records, "val")]
@@ -84,8 +100,14 @@ def plot_val_vs_time(runs: dict[str, list[dict]], path: str | Path, title: str,
     fig.savefig(path, dpi=90)
 
 
-def plot_lines(series: dict[str, tuple[list, list]], path: str | Path, title: str,
-               xlabel: str, ylabel: str, baseline: float | None = None):
+def plot_lines(
+    series: dict[str, tuple[list, list]],
+    path: str | Path,
+    title: str,
+    xlabel: str,
+    ylabel: str,
+    baseline: float | None = None,
+):
     """One line per entry of ``series`` (name -> ``(xs, ys)``); ``baseline``
     draws a dotted horizontal line."""
     fig = Figure(figsize=(8, 5), layout="constrained")

@@ -5,7 +5,8 @@
     python -m experiments.train --ffn dense --data my.txt --out runs/mine
     python -m experiments.train --out runs/xs-dmoe --resume   # continue a run
     python -m experiments.train --mesh 2x4 --host-devices 8   # data x expert parallel on CPU
-    python -m experiments.launch_local --processes 2 -- experiments.train --mesh 2x4 --host-devices 4
+    python -m experiments.launch_local --processes 2 -- \\
+        experiments.train --mesh 2x4 --host-devices 4
     python -m experiments.train --score-function sigmoid --expert-bias \
         --load-balancing-loss-weight 0 --num-expert-groups 4 --top-k-groups 2  # DeepSeek-V3
 
@@ -39,8 +40,14 @@ from experiments import distributed, plotting
 from experiments.checkpoint import Checkpoints
 from experiments.data import Batches, tokenized_corpus
 from jmoe.router import expert_biases, update_expert_bias
-from jmoe.transformer import (FFN_KINDS, PRESETS, REMAT_KINDS, MoETransformer, TransformerConfig,
-                              preset)
+from jmoe.transformer import (
+    FFN_KINDS,
+    PRESETS,
+    REMAT_KINDS,
+    MoETransformer,
+    TransformerConfig,
+    preset,
+)
 
 # Training defaults per model preset (the command line overrides them).
 PRESET_TRAINING = {
@@ -92,15 +99,22 @@ class TrainConfig:
     mesh: tuple[int, int] | None = None
 
     def __post_init__(self):
-        for name in ("steps", "batch_size", "log_every", "eval_every", "eval_batches",
-                     "checkpoint_every"):
+        for name in (
+            "steps",
+            "batch_size",
+            "log_every",
+            "eval_every",
+            "eval_batches",
+            "checkpoint_every",
+        ):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         for name in ("eval_every", "checkpoint_every"):
             if getattr(self, name) % self.log_every:
-                raise ValueError(f"{name}={getattr(self, name)} must be a multiple of "
-                                 f"log_every={self.log_every}")
+                raise ValueError(
+                    f"{name}={getattr(self, name)} must be a multiple of log_every={self.log_every}"
+                )
         if not self.lr > 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
         if not 0 <= self.warmup_fraction < 1:
@@ -118,8 +132,12 @@ def learning_rate(config: TrainConfig) -> optax.Schedule:
     ``min_lr_ratio * lr`` at the last step."""
     warmup = max(1, int(config.warmup_fraction * config.steps))
     return optax.warmup_cosine_decay_schedule(
-        init_value=config.lr / warmup, peak_value=config.lr, warmup_steps=warmup,
-        decay_steps=config.steps, end_value=config.lr * config.min_lr_ratio)
+        init_value=config.lr / warmup,
+        peak_value=config.lr,
+        warmup_steps=warmup,
+        decay_steps=config.steps,
+        end_value=config.lr * config.min_lr_ratio,
+    )
 
 
 def optimizer(config: TrainConfig) -> optax.GradientTransformation:
@@ -127,8 +145,14 @@ def optimizer(config: TrainConfig) -> optax.GradientTransformation:
     decay_matrices = lambda params: jax.tree.map(lambda p: p.ndim > 1, params)
     return optax.chain(
         optax.clip_by_global_norm(config.clip_norm),
-        optax.adamw(learning_rate(config), b1=0.9, b2=0.95,
-                    weight_decay=config.weight_decay, mask=decay_matrices))
+        optax.adamw(
+            learning_rate(config),
+            b1=0.9,
+            b2=0.95,
+            weight_decay=config.weight_decay,
+            mask=decay_matrices,
+        ),
+    )
 
 
 def lm_loss(model: MoETransformer, tokens: jax.Array):
@@ -144,10 +168,14 @@ def train_step(graphdef: nnx.GraphDef, state: nnx.State, tokens: jax.Array):
     (loss, (ce, aux)), grads = nnx.value_and_grad(lm_loss, has_aux=True)(model, tokens)
     opt.update(model, grads)
     update_expert_bias(model, aux)  # aux-loss-free balancing (no-op without expert bias)
-    metrics = {"loss": loss, "ce": ce, "aux_loss": aux["aux_loss"],
-               "grad_norm": optax.tree.norm(grads),
-               "tokens_per_expert": aux["tokens_per_expert"],
-               "dropped_tokens": aux["dropped_tokens"]}
+    metrics = {
+        "loss": loss,
+        "ce": ce,
+        "aux_loss": aux["aux_loss"],
+        "grad_norm": optax.tree.norm(grads),
+        "tokens_per_expert": aux["tokens_per_expert"],
+        "dropped_tokens": aux["dropped_tokens"],
+    }
     if (biases := expert_biases(model)) is not None:
         metrics["expert_bias"] = biases  # [moe layers, E], after this step's update
     return nnx.state((model, opt)), metrics
@@ -165,8 +193,9 @@ def read_metrics(path: str | Path) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def _interval_record(config: TrainConfig, step: int, host: list[dict], seconds: float,
-                     train_time: float, lr: float) -> dict:
+def _interval_record(
+    config: TrainConfig, step: int, host: list[dict], seconds: float, train_time: float, lr: float
+) -> dict:
     """Averages the per-step metrics of one logging interval into a record."""
     mean = lambda key: float(np.mean([m[key] for m in host]))
     counts = np.array([m["tokens_per_expert"] for m in host], np.float64)  # [steps, layers, E]
@@ -175,8 +204,13 @@ def _interval_record(config: TrainConfig, step: int, host: list[dict], seconds: 
     moe = config.model.moe
     assignments = len(host) * config.tokens_per_step * moe.top_k * len(config.model.moe_layers)
     return {
-        "kind": "train", "step": step, "loss": mean("loss"), "ce": mean("ce"),
-        "aux_loss": mean("aux_loss"), "grad_norm": mean("grad_norm"), "lr": lr,
+        "kind": "train",
+        "step": step,
+        "loss": mean("loss"),
+        "ce": mean("ce"),
+        "aux_loss": mean("aux_loss"),
+        "grad_norm": mean("grad_norm"),
+        "lr": lr,
         "step_time_s": seconds / len(host),
         "tokens_per_s": len(host) * config.tokens_per_step / seconds,
         "train_time_s": train_time,
@@ -184,8 +218,11 @@ def _interval_record(config: TrainConfig, step: int, host: list[dict], seconds: 
         "assignments": assignments,
         "expert_load": (load / np.maximum(load.sum(-1, keepdims=True), 1)).tolist(),
         "load_imbalance": imbalance.mean(axis=0).tolist(),
-        **({"expert_bias": np.asarray(host[-1]["expert_bias"]).tolist()}
-           if "expert_bias" in host[-1] else {}),
+        **(
+            {"expert_bias": np.asarray(host[-1]["expert_bias"]).tolist()}
+            if "expert_bias" in host[-1]
+            else {}
+        ),
     }
 
 
@@ -196,8 +233,11 @@ def summarize(config: TrainConfig, records: list[dict], name: str, extra: dict) 
     train_time = train[-1]["train_time_s"]
     assignments = sum(r["assignments"] for r in train)
     return {
-        "name": name, "steps": train[-1]["step"], "tokens_per_step": config.tokens_per_step,
-        "final_val_loss": val[-1]["val_loss"], "final_train_ce": train[-1]["ce"],
+        "name": name,
+        "steps": train[-1]["step"],
+        "tokens_per_step": config.tokens_per_step,
+        "final_val_loss": val[-1]["val_loss"],
+        "final_train_ce": train[-1]["ce"],
         "train_time_s": train_time,
         "tokens_per_s": train[-1]["step"] * config.tokens_per_step / train_time,
         "median_step_s": float(np.median([r["step_time_s"] for r in train])),
@@ -215,9 +255,14 @@ def _start_metrics(path: Path, resume_step: int):
 
 def _evaluate(evaluate, state, batches: Batches, placement: distributed.Placement) -> float:
     shape = (batches.batch_size, batches.seq_len + 1)
-    return float(np.mean([
-        evaluate(state, placement.batch(functools.partial(batches.val_batch, index), shape))
-        for index in range(batches.num_val_batches)]))
+    return float(
+        np.mean(
+            [
+                evaluate(state, placement.batch(functools.partial(batches.val_batch, index), shape))
+                for index in range(batches.num_val_batches)
+            ]
+        )
+    )
 
 
 def _model_and_optimizer(config: TrainConfig):
@@ -234,17 +279,23 @@ def train(config: TrainConfig, name: str = "run") -> dict | None:
     main = distributed.is_main_process()
     out = Path(config.out)
     placement = distributed.Placement(
-        config.mesh, batch_size=config.batch_size,
-        num_experts=config.model.moe.num_experts if config.model.moe_layers else None)
+        config.mesh,
+        batch_size=config.batch_size,
+        num_experts=config.model.moe.num_experts if config.model.moe_layers else None,
+    )
     if main:
         out.mkdir(parents=True, exist_ok=True)
         (out / "summary.json").unlink(missing_ok=True)  # written again when the run completes
         if not config.resume:
             shutil.rmtree(out / "checkpoints", ignore_errors=True)
     distributed.barrier("train: run directory ready")
-    batches = Batches(tokenized_corpus(config.data, config.cache_dir),
-                      seq_len=config.model.max_seq_len, batch_size=config.batch_size,
-                      seed=config.seed, eval_batches=config.eval_batches)
+    batches = Batches(
+        tokenized_corpus(config.data, config.cache_dir),
+        seq_len=config.model.max_seq_len,
+        batch_size=config.batch_size,
+        seed=config.seed,
+        eval_batches=config.eval_batches,
+    )
     graphdef, state = placement.init_state(functools.partial(_model_and_optimizer, config))
     params = sum(p.size for p in jax.tree.leaves(nnx.filter_state(state[0], nnx.Param)))
 
@@ -257,24 +308,39 @@ def train(config: TrainConfig, name: str = "run") -> dict | None:
     if main:
         _start_metrics(out / "metrics.jsonl", start)
     shape = (config.batch_size, config.model.max_seq_len + 1)
-    train_batch = lambda step: placement.batch(functools.partial(batches.train_batch, step),
-                                               shape)
+    train_batch = lambda step: placement.batch(functools.partial(batches.train_batch, step), shape)
 
-    with placement.context(), (open(out / "metrics.jsonl", "a") if main
-                               else contextlib.nullcontext()) as log:
+    with (
+        placement.context(),
+        open(out / "metrics.jsonl", "a") if main else contextlib.nullcontext() as log,
+    ):
         t0 = time.perf_counter()
-        step_fn = placement.jit_step(functools.partial(train_step, graphdef),
-                                     donate_argnums=0).lower(state, train_batch(start)).compile()
+        step_fn = (
+            placement.jit_step(functools.partial(train_step, graphdef), donate_argnums=0)
+            .lower(state, train_batch(start))
+            .compile()
+        )
         compile_s = time.perf_counter() - t0
         evaluate = placement.jit_eval(functools.partial(eval_step, graphdef))
         schedule = learning_rate(config)
         write = lambda record: main and (log.write(json.dumps(record) + "\n"), log.flush())
         if start == 0:
-            write({"kind": "val", "step": 0,
-                   "val_loss": _evaluate(evaluate, state, batches, placement),
-                   "train_time_s": 0.0})
-        bar = tqdm(total=config.steps, initial=start, desc=name, unit="step", dynamic_ncols=True,
-                   disable=not main)
+            write(
+                {
+                    "kind": "val",
+                    "step": 0,
+                    "val_loss": _evaluate(evaluate, state, batches, placement),
+                    "train_time_s": 0.0,
+                }
+            )
+        bar = tqdm(
+            total=config.steps,
+            initial=start,
+            desc=name,
+            unit="step",
+            dynamic_ncols=True,
+            disable=not main,
+        )
         pending, mark = [], time.perf_counter()
         for i in range(start, config.steps):
             state, metrics = step_fn(state, train_batch(i))
@@ -286,18 +352,21 @@ def train(config: TrainConfig, name: str = "run") -> dict | None:
             host = jax.device_get(pending)
             seconds = time.perf_counter() - mark
             train_time += seconds
-            record = _interval_record(config, step, host, seconds, train_time,
-                                      float(schedule(i)))
+            record = _interval_record(config, step, host, seconds, train_time, float(schedule(i)))
             write(record)
             bar.update(len(pending))
             bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:,.0f}")
             pending = []
             if step % config.eval_every == 0 or last:
                 val_loss = _evaluate(evaluate, state, batches, placement)
-                write({"kind": "val", "step": step, "val_loss": val_loss,
-                       "train_time_s": train_time})
-                bar.set_postfix(loss=f"{record['loss']:.3f}", val=f"{val_loss:.3f}",
-                                tok_s=f"{record['tokens_per_s']:,.0f}")
+                write(
+                    {"kind": "val", "step": step, "val_loss": val_loss, "train_time_s": train_time}
+                )
+                bar.set_postfix(
+                    loss=f"{record['loss']:.3f}",
+                    val=f"{val_loss:.3f}",
+                    tok_s=f"{record['tokens_per_s']:,.0f}",
+                )
             checkpoints.save(step, state, {"train_time_s": train_time}, force=last)
             mark = time.perf_counter()
         bar.close()
@@ -312,13 +381,25 @@ def _finish(config: TrainConfig, name: str, extra: dict) -> dict:
     out = Path(config.out)
     records = read_metrics(out / "metrics.jsonl")
     plotting.plot_run(records, out / "training.png", title=name)
-    summary = summarize(config, records, name, {
-        "ffn": config.model.ffn, "capacity_factor": config.model.moe.capacity_factor,
-        "seed": config.seed, **extra, "out": str(out)})
+    summary = summarize(
+        config,
+        records,
+        name,
+        {
+            "ffn": config.model.ffn,
+            "capacity_factor": config.model.moe.capacity_factor,
+            "seed": config.seed,
+            **extra,
+            "out": str(out),
+        },
+    )
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    print(f"[{name}] {summary['steps']} steps | val loss {summary['final_val_loss']:.4f} | "
-          f"train time {summary['train_time_s']:.0f}s | {summary['tokens_per_s']:,.0f} tok/s | "
-          f"dropped {summary['dropped_fraction']:.2%} | {out}", flush=True)
+    print(
+        f"[{name}] {summary['steps']} steps | val loss {summary['final_val_loss']:.4f} | "
+        f"train time {summary['train_time_s']:.0f}s | {summary['tokens_per_s']:,.0f} tok/s | "
+        f"dropped {summary['dropped_fraction']:.2%} | {out}",
+        flush=True,
+    )
     return summary
 
 
@@ -330,29 +411,53 @@ def run_name(preset_name: str, ffn: str, capacity_factor: float, moe_every: int 
 
 
 # MoEConfig routing fields settable from the command line (flag -> type).
-ROUTING_FLAGS = {"--top-k": int, "--load-balancing-loss-weight": float, "--num-expert-groups": int,
-                 "--top-k-groups": int, "--routed-scaling-factor": float,
-                 "--expert-bias-update-rate": float, "--sequence-aux-loss-weight": float}
+ROUTING_FLAGS = {
+    "--top-k": int,
+    "--load-balancing-loss-weight": float,
+    "--num-expert-groups": int,
+    "--top-k-groups": int,
+    "--routed-scaling-factor": float,
+    "--expert-bias-update-rate": float,
+    "--sequence-aux-loss-weight": float,
+}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="python -m experiments.train", description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        prog="python -m experiments.train",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     parser.add_argument("--preset", choices=PRESETS, default="xs", help="model size")
-    parser.add_argument("--ffn", choices=FFN_KINDS, default="dmoe",
-                        help="dropless MoE, token-dropping MoE, or dense MLP")
-    parser.add_argument("--capacity-factor", type=float, default=1.0,
-                        help="expert capacity factor of --ffn moe")
-    parser.add_argument("--moe-every", type=int, choices=(1, 2), default=1,
-                        help="2: MoE in every other block (GLaM)")
-    parser.add_argument("--remat", choices=REMAT_KINDS, default="none",
-                        help="recompute activations in the backward: none, each FFN, each block")
+    parser.add_argument(
+        "--ffn",
+        choices=FFN_KINDS,
+        default="dmoe",
+        help="dropless MoE, token-dropping MoE, or dense MLP",
+    )
+    parser.add_argument(
+        "--capacity-factor", type=float, default=1.0, help="expert capacity factor of --ffn moe"
+    )
+    parser.add_argument(
+        "--moe-every",
+        type=int,
+        choices=(1, 2),
+        default=1,
+        help="2: MoE in every other block (GLaM)",
+    )
+    parser.add_argument(
+        "--remat",
+        choices=REMAT_KINDS,
+        default="none",
+        help="recompute activations in the backward: none, each FFN, each block",
+    )
     parser.add_argument("--steps", type=int, help="optimizer steps (default: per preset)")
     parser.add_argument("--batch-size", type=int, help="sequences per step (default: per preset)")
     parser.add_argument("--lr", type=float, help="peak learning rate (default: per preset)")
     parser.add_argument("--data", help="text file to train on (default: the KJV Bible)")
-    parser.add_argument("--out", help="run directory (default: runs/<run name>, e.g. runs/xs-moe-cf1.5)")
+    parser.add_argument(
+        "--out", help="run directory (default: runs/<run name>, e.g. runs/xs-moe-cf1.5)"
+    )
     parser.add_argument("--cache-dir", help="tokenized corpora (default: <out>/../cache)")
     parser.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
     parser.add_argument("--seed", type=int, default=0)
@@ -365,8 +470,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     for flag, kind in ROUTING_FLAGS.items():
         routing.add_argument(flag, type=kind, help=f"MoEConfig.{flag[2:].replace('-', '_')}")
     routing.add_argument("--score-function", choices=("softmax", "sigmoid"))
-    routing.add_argument("--expert-bias", action="store_true", default=None,
-                         help="aux-loss-free balancing bias (DeepSeek-V3)")
+    routing.add_argument(
+        "--expert-bias",
+        action="store_true",
+        default=None,
+        help="aux-loss-free balancing bias (DeepSeek-V3)",
+    )
     return parser.parse_args(argv)
 
 
@@ -380,18 +489,29 @@ def routing_changes(args: argparse.Namespace) -> dict:
 def config_from_args(args: argparse.Namespace) -> tuple[TrainConfig, str]:
     """``(TrainConfig, run name)`` from parsed command-line arguments."""
     model = preset(args.preset, ffn=args.ffn, capacity_factor=args.capacity_factor).replace(
-        moe_every=args.moe_every, remat=args.remat)
+        moe_every=args.moe_every, remat=args.remat
+    )
     model = model.replace(moe=model.moe.replace(**routing_changes(args)))
     name = run_name(args.preset, args.ffn, args.capacity_factor, args.moe_every)
     out = Path(args.out or Path("runs") / name)
     defaults = PRESET_TRAINING[args.preset]
     pick = lambda key: defaults[key] if getattr(args, key) is None else getattr(args, key)
     config = TrainConfig(
-        model=model, out=str(out), cache_dir=args.cache_dir or str(out.absolute().parent / "cache"),
-        data=args.data, steps=pick("steps"), batch_size=pick("batch_size"), lr=pick("lr"),
-        log_every=args.log_every, eval_every=args.eval_every, eval_batches=args.eval_batches,
-        checkpoint_every=args.checkpoint_every, seed=args.seed, resume=args.resume,
-        mesh=args.mesh)
+        model=model,
+        out=str(out),
+        cache_dir=args.cache_dir or str(out.absolute().parent / "cache"),
+        data=args.data,
+        steps=pick("steps"),
+        batch_size=pick("batch_size"),
+        lr=pick("lr"),
+        log_every=args.log_every,
+        eval_every=args.eval_every,
+        eval_batches=args.eval_batches,
+        checkpoint_every=args.checkpoint_every,
+        seed=args.seed,
+        resume=args.resume,
+        mesh=args.mesh,
+    )
     return config, name
 
 

@@ -54,25 +54,42 @@ class CausalSelfAttention(nnx.Module):
     (RMSNorm per head, Qwen3).
     """
 
-    def __init__(self, d_model: int, num_heads: int, *, rope_base: float, dtype, param_dtype,
-                 rngs: nnx.Rngs, num_kv_heads: int | None = None, head_dim: int | None = None,
-                 qk_norm: str | None = None, norm_eps: float = 1e-6):
+    def __init__(
+        self,
+        d_model: int,
+        num_heads: int,
+        *,
+        rope_base: float,
+        dtype,
+        param_dtype,
+        rngs: nnx.Rngs,
+        num_kv_heads: int | None = None,
+        head_dim: int | None = None,
+        qk_norm: str | None = None,
+        norm_eps: float = 1e-6,
+    ):
         kv_heads = num_kv_heads or num_heads
         head_dim = head_dim or d_model // num_heads
         self.rope_base, self.qk_norm = rope_base, qk_norm
         dtypes = dict(dtype=dtype, param_dtype=param_dtype)
-        linear = lambda shape: nnx.LinearGeneral(d_model, shape, use_bias=False, **dtypes,
-                                                 rngs=rngs)
+        linear = lambda shape: nnx.LinearGeneral(
+            d_model, shape, use_bias=False, **dtypes, rngs=rngs
+        )
         grouped = kv_heads != num_heads
         self.qkv = None if grouped else linear((3, num_heads, head_dim))
         self.q = linear((num_heads, head_dim)) if grouped else None
         self.kv = linear((2, kv_heads, head_dim)) if grouped else None
-        self.out = nnx.LinearGeneral((num_heads, head_dim), d_model, axis=(-2, -1),
-                                     use_bias=False, **dtypes, rngs=rngs)
-        widths = {None: (None, None), "head": (head_dim, head_dim),
-                  "projection": (num_heads * head_dim, kv_heads * head_dim)}[qk_norm]
-        norm = lambda width: (None if width is None else
-                              nnx.RMSNorm(width, epsilon=norm_eps, **dtypes, rngs=rngs))
+        self.out = nnx.LinearGeneral(
+            (num_heads, head_dim), d_model, axis=(-2, -1), use_bias=False, **dtypes, rngs=rngs
+        )
+        widths = {
+            None: (None, None),
+            "head": (head_dim, head_dim),
+            "projection": (num_heads * head_dim, kv_heads * head_dim),
+        }[qk_norm]
+        norm = lambda width: (
+            None if width is None else nnx.RMSNorm(width, epsilon=norm_eps, **dtypes, rngs=rngs)
+        )
         self.q_norm, self.k_norm = norm(widths[0]), norm(widths[1])
 
     def _normed(self, norm, x):
@@ -90,8 +107,11 @@ class CausalSelfAttention(nnx.Module):
             k, v = jnp.unstack(self.kv(x), axis=2)
         if self.qk_norm is not None:
             q, k = self._normed(self.q_norm, q), self._normed(self.k_norm, k)
-        return (rotary_embedding(q, self.rope_base, positions),
-                rotary_embedding(k, self.rope_base, positions), v)
+        return (
+            rotary_embedding(q, self.rope_base, positions),
+            rotary_embedding(k, self.rope_base, positions),
+            v,
+        )
 
     def __call__(self, x: jax.Array) -> jax.Array:
         q, k, v = self.project(x)
@@ -109,9 +129,11 @@ class CausalSelfAttention(nnx.Module):
         positions = position + jnp.arange(seq, dtype=jnp.int32)
         q, k, v = self.project(x, positions)
         write = lambda buf, new: jax.lax.dynamic_update_slice_in_dim(
-            buf, new.astype(buf.dtype), position, axis=1)
+            buf, new.astype(buf.dtype), position, axis=1
+        )
         cache = KVCache(write(cache.k, k), write(cache.v, v))
         mask = jnp.arange(max_len)[None, :] <= positions[:, None]  # [seq, max_len]
-        y = jax.nn.dot_product_attention(q, cache.k.astype(q.dtype), cache.v.astype(q.dtype),
-                                         mask=mask[None, None])
+        y = jax.nn.dot_product_attention(
+            q, cache.k.astype(q.dtype), cache.v.astype(q.dtype), mask=mask[None, None]
+        )
         return self.out(y), cache

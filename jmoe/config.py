@@ -46,8 +46,8 @@ class MoEConfig:
       ep_capacity_factor: `DroplessMoE` under expert parallelism only. None
         (default) sizes each rank's receive buffer for the worst case, so no
         token is dropped; ``c > 0`` bounds it to ``ceil(c * T_local * top_k)``
-        rows (times the hidden splits) to save memory, and assignments past it are dropped and counted
-        in ``aux["dropped_tokens"]`` (see `jmoe.parallel`).
+        rows (times the hidden splits) to save memory, and assignments past it
+        are dropped and counted in ``aux["dropped_tokens"]`` (see `jmoe.parallel`).
       ep_buffer_factor: `DroplessMoE` under expert parallelism only. None
         (default): one exchange with the worst-case buffer (or
         ``ep_capacity_factor``'s). ``f > 0`` bounds each rank's receive buffer
@@ -120,73 +120,117 @@ class MoEConfig:
     def __post_init__(self):
         for name in ("d_model", "d_ff", "num_experts", "top_k"):
             value = getattr(self, name)
-            require(isinstance(value, int) and value >= 1,
-                    f"{name} must be a positive int, got {value!r}")
-        require(self.top_k <= self.num_experts,
-                f"top_k must be <= num_experts={self.num_experts}, got {self.top_k}")
-        require(self.expert_type in EXPERT_TYPES,
-                f"expert_type must be one of {EXPERT_TYPES}, got {self.expert_type!r}")
-        require(self.score_function in SCORE_FUNCTIONS,
-                f"score_function must be one of {SCORE_FUNCTIONS}, got {self.score_function!r}")
-        require(self.normalize_top_k is None or self.normalize_top_k > 0,
-                f"normalize_top_k must be None or a p > 0, got {self.normalize_top_k!r}")
-        require(0.0 <= self.router_jitter_eps < 1.0,
-                f"router_jitter_eps must be in [0, 1), got {self.router_jitter_eps}")
-        require(self.capacity_factor >= 0,
-                f"capacity_factor must be >= 0, got {self.capacity_factor}")
-        require(self.ep_capacity_factor is None or self.ep_capacity_factor > 0,
-                f"ep_capacity_factor must be None or > 0, got {self.ep_capacity_factor!r}")
-        require(self.ep_buffer_factor is None or self.ep_buffer_factor > 0,
-                f"ep_buffer_factor must be None or > 0, got {self.ep_buffer_factor!r}")
-        require(self.ep_buffer_factor is None or self.ep_capacity_factor is None,
-                f"ep_buffer_factor={self.ep_buffer_factor} (bounded buffer, no drop) and "
-                f"ep_capacity_factor={self.ep_capacity_factor} (bounded buffer, drops) are "
-                "exclusive: set at most one of them")
-        require(self.block_size in BLOCK_SIZES,
-                f"block_size must be one of {BLOCK_SIZES}, got {self.block_size}")
+            require(
+                isinstance(value, int) and value >= 1,
+                f"{name} must be a positive int, got {value!r}",
+            )
+        require(
+            self.top_k <= self.num_experts,
+            f"top_k must be <= num_experts={self.num_experts}, got {self.top_k}",
+        )
+        require(
+            self.expert_type in EXPERT_TYPES,
+            f"expert_type must be one of {EXPERT_TYPES}, got {self.expert_type!r}",
+        )
+        require(
+            self.score_function in SCORE_FUNCTIONS,
+            f"score_function must be one of {SCORE_FUNCTIONS}, got {self.score_function!r}",
+        )
+        require(
+            self.normalize_top_k is None or self.normalize_top_k > 0,
+            f"normalize_top_k must be None or a p > 0, got {self.normalize_top_k!r}",
+        )
+        require(
+            0.0 <= self.router_jitter_eps < 1.0,
+            f"router_jitter_eps must be in [0, 1), got {self.router_jitter_eps}",
+        )
+        require(
+            self.capacity_factor >= 0, f"capacity_factor must be >= 0, got {self.capacity_factor}"
+        )
+        require(
+            self.ep_capacity_factor is None or self.ep_capacity_factor > 0,
+            f"ep_capacity_factor must be None or > 0, got {self.ep_capacity_factor!r}",
+        )
+        require(
+            self.ep_buffer_factor is None or self.ep_buffer_factor > 0,
+            f"ep_buffer_factor must be None or > 0, got {self.ep_buffer_factor!r}",
+        )
+        require(
+            self.ep_buffer_factor is None or self.ep_capacity_factor is None,
+            f"ep_buffer_factor={self.ep_buffer_factor} (bounded buffer, no drop) and "
+            f"ep_capacity_factor={self.ep_capacity_factor} (bounded buffer, drops) are "
+            "exclusive: set at most one of them",
+        )
+        require(
+            self.block_size in BLOCK_SIZES,
+            f"block_size must be one of {BLOCK_SIZES}, got {self.block_size}",
+        )
         require(self.impl in IMPLS, f"impl must be one of {IMPLS}, got {self.impl!r}")
         if self.impl != "auto":  # "auto" is checked by the kernel it resolves to
             multiple, rule = size_rule(self.impl, self.block_size)
-            require(self.d_ff % multiple == 0 and self.d_model % multiple == 0,
-                    f"impl={self.impl!r} needs d_ff and d_model to be multiples of {rule}, "
-                    f"got d_ff={self.d_ff}, d_model={self.d_model}")
-        require(self.num_shared_experts >= 0,
-                f"num_shared_experts must be >= 0, got {self.num_shared_experts}")
-        require(self.shared_d_ff is None or self.shared_d_ff >= 1,
-                f"shared_d_ff must be None or positive, got {self.shared_d_ff}")
+            require(
+                self.d_ff % multiple == 0 and self.d_model % multiple == 0,
+                f"impl={self.impl!r} needs d_ff and d_model to be multiples of {rule}, "
+                f"got d_ff={self.d_ff}, d_model={self.d_model}",
+            )
+        require(
+            self.num_shared_experts >= 0,
+            f"num_shared_experts must be >= 0, got {self.num_shared_experts}",
+        )
+        require(
+            self.shared_d_ff is None or self.shared_d_ff >= 1,
+            f"shared_d_ff must be None or positive, got {self.shared_d_ff}",
+        )
         self._check_deepseek_routing()
         for name in ("dtype", "param_dtype"):
             dtype = jnp.dtype(getattr(self, name))
-            require(jnp.issubdtype(dtype, jnp.floating),
-                    f"{name} must be a floating dtype, got {dtype}")
+            require(
+                jnp.issubdtype(dtype, jnp.floating), f"{name} must be a floating dtype, got {dtype}"
+            )
 
     def _check_deepseek_routing(self):
         groups = self.num_expert_groups
-        require(isinstance(groups, int) and groups >= 1,
-                f"num_expert_groups must be a positive int, got {groups!r}")
-        require(self.num_experts % groups == 0,
-                f"num_expert_groups must divide num_experts={self.num_experts}, got {groups}")
+        require(
+            isinstance(groups, int) and groups >= 1,
+            f"num_expert_groups must be a positive int, got {groups!r}",
+        )
+        require(
+            self.num_experts % groups == 0,
+            f"num_expert_groups must divide num_experts={self.num_experts}, got {groups}",
+        )
         per_group = self.num_experts // groups
-        require(groups == 1 or per_group >= 2,
-                f"num_expert_groups={groups} leaves {per_group} expert per group; a group's "
-                f"score sums its top 2, so num_experts / num_expert_groups must be >= 2")
-        require(isinstance(self.top_k_groups, int) and 1 <= self.top_k_groups <= groups,
-                f"top_k_groups must be an int in [1, num_expert_groups={groups}], "
-                f"got {self.top_k_groups!r}")
-        require(self.top_k <= self.top_k_groups * per_group,
-                f"top_k={self.top_k} must be <= top_k_groups * num_experts / num_expert_groups"
-                f" = {self.top_k_groups * per_group} (the experts of the eligible groups)")
-        require(self.routed_scaling_factor > 0,
-                f"routed_scaling_factor must be > 0, got {self.routed_scaling_factor}")
-        require(self.expert_bias_update_rate >= 0,
-                f"expert_bias_update_rate must be >= 0, got {self.expert_bias_update_rate}")
-        require(self.sequence_aux_loss_weight >= 0,
-                f"sequence_aux_loss_weight must be >= 0, got {self.sequence_aux_loss_weight}")
+        require(
+            groups == 1 or per_group >= 2,
+            f"num_expert_groups={groups} leaves {per_group} expert per group; a group's "
+            f"score sums its top 2, so num_experts / num_expert_groups must be >= 2",
+        )
+        require(
+            isinstance(self.top_k_groups, int) and 1 <= self.top_k_groups <= groups,
+            f"top_k_groups must be an int in [1, num_expert_groups={groups}], "
+            f"got {self.top_k_groups!r}",
+        )
+        require(
+            self.top_k <= self.top_k_groups * per_group,
+            f"top_k={self.top_k} must be <= top_k_groups * num_experts / num_expert_groups"
+            f" = {self.top_k_groups * per_group} (the experts of the eligible groups)",
+        )
+        require(
+            self.routed_scaling_factor > 0,
+            f"routed_scaling_factor must be > 0, got {self.routed_scaling_factor}",
+        )
+        require(
+            self.expert_bias_update_rate >= 0,
+            f"expert_bias_update_rate must be >= 0, got {self.expert_bias_update_rate}",
+        )
+        require(
+            self.sequence_aux_loss_weight >= 0,
+            f"sequence_aux_loss_weight must be >= 0, got {self.sequence_aux_loss_weight}",
+        )
 
     @property
     def shared_hidden(self) -> int:
         """Hidden width of the fused shared-expert MLP (0 without one)."""
         return self.num_shared_experts * (self.shared_d_ff or self.d_ff)
 
-    def replace(self, **changes) -> "MoEConfig":
+    def replace(self, **changes) -> MoEConfig:
         return dataclasses.replace(self, **changes)

@@ -10,8 +10,6 @@ dispatch, so nothing is recompiled per token.
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -20,8 +18,13 @@ from jmoe.config import require
 from jmoe.transformer import MoETransformer
 
 
-def sample_logits(logits: jax.Array, key: jax.Array | None, temperature: float,
-                  top_k: int | None, top_p: float | None) -> jax.Array:
+def sample_logits(
+    logits: jax.Array,
+    key: jax.Array | None,
+    temperature: float,
+    top_k: int | None,
+    top_p: float | None,
+) -> jax.Array:
     """Next tokens ``[batch] int32`` from ``logits [batch, vocab]`` float32.
 
     Greedy (argmax) at temperature 0; otherwise, as transformers does:
@@ -40,8 +43,11 @@ def sample_logits(logits: jax.Array, key: jax.Array | None, temperature: float,
         sorted_probs = jnp.take_along_axis(jax.nn.softmax(logits, axis=-1), order, axis=-1)
         before = jnp.cumsum(sorted_probs, axis=-1) - sorted_probs  # mass of better tokens
         drop_sorted = before >= top_p
-        drop = jnp.zeros_like(drop_sorted).at[
-            jnp.arange(logits.shape[0])[:, None], order].set(drop_sorted)
+        drop = (
+            jnp.zeros_like(drop_sorted)
+            .at[jnp.arange(logits.shape[0])[:, None], order]
+            .set(drop_sorted)
+        )
         logits = jnp.where(drop, -jnp.inf, logits)
     return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
 
@@ -69,9 +75,16 @@ def _generate(graphdef, state, prompt, keys, *, max_new_tokens, sampling):
 _generate_jit = jax.jit(_generate, static_argnames=("graphdef", "max_new_tokens", "sampling"))
 
 
-def generate(model: MoETransformer, prompt, max_new_tokens: int, *, temperature: float = 0.0,
-             top_k: int | None = None, top_p: float | None = None,
-             rng: jax.Array | None = None) -> jax.Array:
+def generate(
+    model: MoETransformer,
+    prompt,
+    max_new_tokens: int,
+    *,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    rng: jax.Array | None = None,
+) -> jax.Array:
     """Continues ``prompt [batch, P]`` (token ids) by ``max_new_tokens`` tokens.
 
     Greedy at ``temperature=0`` (the default); sampling otherwise, which needs
@@ -84,25 +97,44 @@ def generate(model: MoETransformer, prompt, max_new_tokens: int, *, temperature:
     """
     prompt = jnp.asarray(prompt)
     config = model.config
-    require(prompt.ndim == 2 and prompt.shape[1] >= 1 and jnp.issubdtype(prompt.dtype, jnp.integer),
-            f"prompt must be an int array [batch, P] with P >= 1, got "
-            f"{prompt.dtype}{list(prompt.shape)}")
-    require(isinstance(max_new_tokens, int) and max_new_tokens >= 1,
-            f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
-    require(prompt.shape[1] + max_new_tokens <= config.max_seq_len,
-            f"prompt length {prompt.shape[1]} + max_new_tokens {max_new_tokens} exceeds "
-            f"max_seq_len={config.max_seq_len}")
+    require(
+        prompt.ndim == 2 and prompt.shape[1] >= 1 and jnp.issubdtype(prompt.dtype, jnp.integer),
+        f"prompt must be an int array [batch, P] with P >= 1, got "
+        f"{prompt.dtype}{list(prompt.shape)}",
+    )
+    require(
+        isinstance(max_new_tokens, int) and max_new_tokens >= 1,
+        f"max_new_tokens must be a positive int, got {max_new_tokens!r}",
+    )
+    require(
+        prompt.shape[1] + max_new_tokens <= config.max_seq_len,
+        f"prompt length {prompt.shape[1]} + max_new_tokens {max_new_tokens} exceeds "
+        f"max_seq_len={config.max_seq_len}",
+    )
     require(temperature >= 0, f"temperature must be >= 0, got {temperature}")
-    require(top_k is None or (isinstance(top_k, int) and 1 <= top_k <= config.vocab_size),
-            f"top_k must be None or in [1, vocab_size={config.vocab_size}], got {top_k!r}")
+    require(
+        top_k is None or (isinstance(top_k, int) and 1 <= top_k <= config.vocab_size),
+        f"top_k must be None or in [1, vocab_size={config.vocab_size}], got {top_k!r}",
+    )
     require(top_p is None or 0 < top_p <= 1, f"top_p must be None or in (0, 1], got {top_p!r}")
     require(temperature == 0 or rng is not None, "rng is required when temperature > 0")
     prompt = prompt.astype(jnp.int32)
-    require(bool(jnp.all((prompt >= 0) & (prompt < config.vocab_size))),
-            f"prompt token ids must be in [0, vocab_size={config.vocab_size})")
-    keys = (jax.random.split(rng, max_new_tokens) if rng is not None
-            else jnp.zeros((max_new_tokens, 2), jnp.uint32))
+    require(
+        bool(jnp.all((prompt >= 0) & (prompt < config.vocab_size))),
+        f"prompt token ids must be in [0, vocab_size={config.vocab_size})",
+    )
+    keys = (
+        jax.random.split(rng, max_new_tokens)
+        if rng is not None
+        else jnp.zeros((max_new_tokens, 2), jnp.uint32)
+    )
     model.eval()
     graphdef, state = nnx.split(model)
-    return _generate_jit(graphdef, state, prompt, keys, max_new_tokens=max_new_tokens,
-                         sampling=(float(temperature), top_k, top_p))
+    return _generate_jit(
+        graphdef,
+        state,
+        prompt,
+        keys,
+        max_new_tokens=max_new_tokens,
+        sampling=(float(temperature), top_k, top_p),
+    )

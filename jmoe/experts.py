@@ -18,8 +18,9 @@ EXPERT_ACTIVATIONS = {"mlp": "gelu", "glu": "swiglu"}
 
 def weight_init():
     """Fan-in scaled truncated normal over the last two axes (any leading expert axis)."""
-    return nnx.initializers.variance_scaling(1.0, "fan_in", "truncated_normal",
-                                             in_axis=-2, out_axis=-1)
+    return nnx.initializers.variance_scaling(
+        1.0, "fan_in", "truncated_normal", in_axis=-2, out_axis=-1
+    )
 
 
 def activate(config: MoEConfig, gate: jax.Array, up: jax.Array | None) -> jax.Array:
@@ -33,12 +34,14 @@ class MLPWeights(nnx.Module):
     ``lead`` is ``(num_experts,)`` for routed experts and ``()`` for dense MLPs.
     """
 
-    def __init__(self, config: MoEConfig, lead: tuple[int, ...], d_ff: int, *,
-                 rngs: nnx.Rngs):
+    def __init__(self, config: MoEConfig, lead: tuple[int, ...], d_ff: int, *, rngs: nnx.Rngs):
         init, dtype = weight_init(), config.param_dtype
         self.w1 = nnx.Param(init(rngs.params(), (*lead, config.d_model, d_ff), dtype))
-        self.w3 = (nnx.Param(init(rngs.params(), (*lead, config.d_model, d_ff), dtype))
-                   if config.expert_type == "glu" else None)
+        self.w3 = (
+            nnx.Param(init(rngs.params(), (*lead, config.d_model, d_ff), dtype))
+            if config.expert_type == "glu"
+            else None
+        )
         self.w2 = nnx.Param(init(rngs.params(), (*lead, d_ff, config.d_model), dtype))
 
     def weights(self, dtype):
@@ -47,8 +50,9 @@ class MLPWeights(nnx.Module):
         return cast(self.w1), cast(self.w3), cast(self.w2)
 
 
-def expert_mlp(config: MoEConfig, x: jax.Array, rows: RowMap | None, topo: Topology,
-               w1, w3, w2) -> jax.Array:
+def expert_mlp(
+    config: MoEConfig, x: jax.Array, rows: RowMap | None, topo: Topology, w1, w3, w2
+) -> jax.Array:
     """The routed experts' MLP with ``config``'s activation and ``impl``.
 
     The one call of the single-device (`jmoe.moe.dropless_ffn`) and the
@@ -57,14 +61,23 @@ def expert_mlp(config: MoEConfig, x: jax.Array, rows: RowMap | None, topo: Topol
     and summed over each token's rows; ``x [P, d_model]`` already in ``topo``'s
     layout with ``rows=None`` -> ``[P, d_model]``.
     """
-    return routed_mlp(x, rows, topo, w1, w3, w2,
-                      activation=EXPERT_ACTIVATIONS[config.expert_type], impl=config.impl)
+    return routed_mlp(
+        x,
+        rows,
+        topo,
+        w1,
+        w3,
+        w2,
+        activation=EXPERT_ACTIVATIONS[config.expert_type],
+        impl=config.impl,
+    )
 
 
 def batched_mlp(config: MoEConfig, slots: jax.Array, w1, w3, w2):
     """Expert MLP on capacity slots: ``[E, capacity, d_model]`` -> same shape."""
-    mm = lambda x, w: jnp.einsum("ecd,edf->ecf", x, w, preferred_element_type=jnp.float32
-                                 ).astype(x.dtype)
+    mm = lambda x, w: jnp.einsum("ecd,edf->ecf", x, w, preferred_element_type=jnp.float32).astype(
+        x.dtype
+    )
     up = None if w3 is None else mm(slots, w3)
     return mm(activate(config, mm(slots, w1), up), w2)
 

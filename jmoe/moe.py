@@ -17,8 +17,9 @@ from jmoe.validation import check_input
 from pallas_kernels.products import layout_block_size
 
 
-def dropless_ffn(config: MoEConfig, x: jax.Array, weights: jax.Array, indices: jax.Array,
-                 w1, w3, w2):
+def dropless_ffn(
+    config: MoEConfig, x: jax.Array, weights: jax.Array, indices: jax.Array, w1, w3, w2
+):
     """Routed experts of a dropless MoE on one device.
 
     Args:
@@ -43,8 +44,9 @@ def capacity(config: MoEConfig, num_tokens: int) -> int:
     return max(1, int(per_expert))
 
 
-def capacity_ffn(config: MoEConfig, x: jax.Array, weights: jax.Array, indices: jax.Array,
-                 w1, w3, w2):
+def capacity_ffn(
+    config: MoEConfig, x: jax.Array, weights: jax.Array, indices: jax.Array, w1, w3, w2
+):
     """Routed experts of a token-dropping MoE (GShard/Switch style).
 
     Same arguments as `dropless_ffn`. Returns ``(y, tokens_per_expert, dropped)``
@@ -53,7 +55,8 @@ def capacity_ffn(config: MoEConfig, x: jax.Array, weights: jax.Array, indices: j
     """
     slots = capacity(config, x.shape[0])
     dispatch, group_sizes, dropped = permutation.capacity_dispatch(
-        indices, config.num_experts, slots)
+        indices, config.num_experts, slots
+    )
     buffer = permutation.permute(x, dispatch).reshape(config.num_experts, slots, -1)
     out = batched_mlp(config, buffer, w1, w3, w2).reshape(config.num_experts * slots, -1)
     return permutation.unpermute(out, dispatch, weights), group_sizes, dropped
@@ -66,11 +69,20 @@ class _MoE(nnx.Module):
         self.config = config
         self.router = Router(config, rngs=rngs)
         self.experts = MLPWeights(config, (config.num_experts,), config.d_ff, rngs=rngs)
-        self.shared = (DenseMLP(config, d_ff=config.shared_hidden, rngs=rngs)
-                       if config.num_shared_experts else None)
-        self.shared_gate = (nnx.Param(nnx.initializers.normal(0.02)(
-            rngs.params(), (config.d_model, 1), config.param_dtype))
-            if self.shared is not None and config.shared_expert_gate else None)
+        self.shared = (
+            DenseMLP(config, d_ff=config.shared_hidden, rngs=rngs)
+            if config.num_shared_experts
+            else None
+        )
+        self.shared_gate = (
+            nnx.Param(
+                nnx.initializers.normal(0.02)(
+                    rngs.params(), (config.d_model, 1), config.param_dtype
+                )
+            )
+            if self.shared is not None and config.shared_expert_gate
+            else None
+        )
 
     def _routed(self, x, weights, indices):
         """``-> (y [tokens, d_model], tokens_per_expert [E], dropped [], ep_rounds)``;
@@ -103,8 +115,16 @@ class _MoE(nnx.Module):
         y, tokens_per_expert, dropped, ep_rounds = self._routed(tokens, weights, indices)
         if self.shared is not None:
             y = y + self._shared(tokens)
-        aux = routing_aux(self.config, logits, probs, tokens_per_expert, dropped, indices,
-                          num_sequences=math.prod(lead[:-1]), ep_rounds=ep_rounds)
+        aux = routing_aux(
+            self.config,
+            logits,
+            probs,
+            tokens_per_expert,
+            dropped,
+            indices,
+            num_sequences=math.prod(lead[:-1]),
+            ep_rounds=ep_rounds,
+        )
         return y.reshape(*lead, self.config.d_model), aux
 
 
@@ -121,7 +141,8 @@ class DroplessMoE(_MoE):
         in_rounds = self.config.ep_buffer_factor is not None
         if parallel.context_mesh() is not None:  # jax.set_mesh mesh with an "expert" axis
             y, tokens_per_expert, dropped, rounds = parallel.expert_parallel_ffn(
-                self.config, x, weights, indices, w1, w3, w2, return_rounds=True)
+                self.config, x, weights, indices, w1, w3, w2, return_rounds=True
+            )
             return y, tokens_per_expert, dropped, rounds if in_rounds else None
         y, tokens_per_expert = dropless_ffn(self.config, x, weights, indices, w1, w3, w2)
         rounds = jnp.ones((), jnp.int32) if in_rounds else None
@@ -133,5 +154,6 @@ class CapacityMoE(_MoE):
     `DroplessMoE`). ``capacity_factor=0`` sizes for the worst case: drops nothing."""
 
     def _routed(self, x, weights, indices):
-        return *capacity_ffn(self.config, x, weights, indices,
-                             *self.experts.weights(self.config.dtype)), None
+        return *capacity_ffn(
+            self.config, x, weights, indices, *self.experts.weights(self.config.dtype)
+        ), None

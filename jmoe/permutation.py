@@ -23,11 +23,12 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels.backend import RowMap
-from pallas_kernels.topology import Topology, make_topology
+from pallas_kernels.topology import make_topology
 
 
-@functools.partial(jax.tree_util.register_dataclass,
-                   data_fields=["assignment_rows", "row_tokens"], meta_fields=[])
+@functools.partial(
+    jax.tree_util.register_dataclass, data_fields=["assignment_rows", "row_tokens"], meta_fields=[]
+)
 @dataclasses.dataclass(frozen=True)
 class Dispatch:
     """Assignment <-> row maps of a layout with ``rows`` rows.
@@ -64,8 +65,11 @@ def rank_within_expert(flat_experts: jax.Array, num_experts: int):
 def _dispatch(assignment_rows: jax.Array, num_rows: int, top_k: int) -> Dispatch:
     tokens_of_assignment = jnp.arange(assignment_rows.shape[0], dtype=jnp.int32) // top_k
     num_tokens = assignment_rows.shape[0] // top_k
-    row_tokens = jnp.full((num_rows,), num_tokens, jnp.int32).at[assignment_rows].set(
-        tokens_of_assignment, mode="drop", unique_indices=True)
+    row_tokens = (
+        jnp.full((num_rows,), num_tokens, jnp.int32)
+        .at[assignment_rows]
+        .set(tokens_of_assignment, mode="drop", unique_indices=True)
+    )
     return Dispatch(assignment_rows=assignment_rows, row_tokens=row_tokens)
 
 
@@ -108,15 +112,21 @@ def permute(x: jax.Array, dispatch: Dispatch) -> jax.Array:
 def row_weights(weights: jax.Array, dispatch: Dispatch) -> jax.Array:
     """Router weights ``[tokens, k]`` moved to the layout: ``[rows]``, 0 in empty rows."""
     rows = dispatch.row_tokens.shape[0]
-    return jnp.zeros((rows,), weights.dtype).at[dispatch.assignment_rows].set(
-        weights.reshape(-1), mode="drop", unique_indices=True)
+    return (
+        jnp.zeros((rows,), weights.dtype)
+        .at[dispatch.assignment_rows]
+        .set(weights.reshape(-1), mode="drop", unique_indices=True)
+    )
 
 
 def row_map(weights: jax.Array, dispatch: Dispatch) -> RowMap:
     """The `RowMap` a routed MLP needs: row tokens, `row_weights` and, for
     each token, its ``k`` rows (``[tokens, k]``)."""
-    return RowMap(row_tokens=dispatch.row_tokens, row_weights=row_weights(weights, dispatch),
-                  token_rows=dispatch.assignment_rows.reshape(weights.shape))
+    return RowMap(
+        row_tokens=dispatch.row_tokens,
+        row_weights=row_weights(weights, dispatch),
+        token_rows=dispatch.assignment_rows.reshape(weights.shape),
+    )
 
 
 def unpermute(y: jax.Array, dispatch: Dispatch, weights: jax.Array) -> jax.Array:
@@ -132,6 +142,7 @@ def unpermute(y: jax.Array, dispatch: Dispatch, weights: jax.Array) -> jax.Array
     tokens, top_k = weights.shape
     chosen = jnp.take(y, dispatch.assignment_rows, axis=0, mode="fill", fill_value=0)
     chosen = chosen.reshape(tokens, top_k, y.shape[-1])
-    out = jnp.einsum("tk,tkd->td", weights.astype(jnp.float32), chosen,
-                     preferred_element_type=jnp.float32)
+    out = jnp.einsum(
+        "tk,tkd->td", weights.astype(jnp.float32), chosen, preferred_element_type=jnp.float32
+    )
     return out.astype(y.dtype)

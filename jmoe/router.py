@@ -112,8 +112,9 @@ def sequence_aux_loss(probs: jax.Array, indices: jax.Array, num_sequences: int =
     tokens, num_experts = probs.shape
     top_k = indices.shape[-1]
     seq_len = tokens // num_sequences
-    by_sequence = lambda a: (a.reshape(num_sequences, seq_len, num_experts)
-                             if num_sequences > 1 else a[None])  # [S, T_seq, E]
+    by_sequence = lambda a: (
+        a.reshape(num_sequences, seq_len, num_experts) if num_sequences > 1 else a[None]
+    )  # [S, T_seq, E]
     counts = jnp.sum(jax.nn.one_hot(indices, num_experts, dtype=jnp.float32), axis=1)
     counts = jnp.sum(by_sequence(counts), axis=1)
     mean_probs = jnp.mean(by_sequence(probs), axis=1)
@@ -121,8 +122,16 @@ def sequence_aux_loss(probs: jax.Array, indices: jax.Array, num_sequences: int =
     return jnp.mean(jnp.sum(f * mean_probs, axis=-1))
 
 
-def routing_aux(config: MoEConfig, logits, probs, tokens_per_expert, dropped_tokens,
-                indices=None, num_sequences: int = 1, ep_rounds=None):
+def routing_aux(
+    config: MoEConfig,
+    logits,
+    probs,
+    tokens_per_expert,
+    dropped_tokens,
+    indices=None,
+    num_sequences: int = 1,
+    ep_rounds=None,
+):
     """The aux dict every MoE layer returns (losses already weighted).
 
     ``indices [tokens, k]`` and ``num_sequences`` (the ``tokens`` rows form
@@ -137,7 +146,8 @@ def routing_aux(config: MoEConfig, logits, probs, tokens_per_expert, dropped_tok
         if indices is None:
             raise ValueError("routing_aux needs indices when sequence_aux_loss_weight > 0")
         sequence_loss = config.sequence_aux_loss_weight * sequence_aux_loss(
-            probs, indices, num_sequences)
+            probs, indices, num_sequences
+        )
     aux = {
         "load_balancing_loss": config.load_balancing_loss_weight
         * load_balancing_loss(probs, tokens_per_expert, config.top_k),
@@ -163,20 +173,24 @@ class Router(nnx.Module):
     def __init__(self, config: MoEConfig, *, rngs: nnx.Rngs):
         self.config = config
         self.kernel = nnx.Param(
-            _router_init()(rngs.params(), (config.d_model, config.num_experts),
-                           config.param_dtype))
+            _router_init()(rngs.params(), (config.d_model, config.num_experts), config.param_dtype)
+        )
         self.deterministic = False
         self.jitter_rngs = rngs.fork() if config.router_jitter_eps > 0 else None
-        self.expert_bias = (ExpertBias(jnp.zeros((config.num_experts,), jnp.float32))
-                            if config.expert_bias else None)
+        self.expert_bias = (
+            ExpertBias(jnp.zeros((config.num_experts,), jnp.float32))
+            if config.expert_bias
+            else None
+        )
 
     def __call__(self, x: jax.Array):
         """``x [tokens, d_model]`` -> ``(weights, indices, probs, logits)``."""
         x = x.astype(jnp.float32)
         eps = self.config.router_jitter_eps
         if eps > 0 and not self.deterministic:
-            noise = jax.random.uniform(self.jitter_rngs.jitter(), x.shape, jnp.float32,
-                                       1.0 - eps, 1.0 + eps)
+            noise = jax.random.uniform(
+                self.jitter_rngs.jitter(), x.shape, jnp.float32, 1.0 - eps, 1.0 + eps
+            )
             x = x * noise
         logits = x @ self.kernel.get_value().astype(jnp.float32)
         bias = None if self.expert_bias is None else self.expert_bias.get_value()
@@ -203,25 +217,32 @@ def update_expert_bias(model: nnx.Module, aux: dict) -> None:
     counts are already summed over the mesh, so every replica applies the same
     update. No-op for a model without expert bias.
     """
-    routers = [m for _, m in nnx.iter_modules(model)
-               if isinstance(m, Router) and m.expert_bias is not None]
+    routers = [
+        m for _, m in nnx.iter_modules(model) if isinstance(m, Router) and m.expert_bias is not None
+    ]
     if not routers:
         return
     counts = jnp.asarray(aux["tokens_per_expert"])
     counts = counts.reshape(-1, counts.shape[-1])
     if counts.shape != (len(routers), routers[0].config.num_experts):
-        raise ValueError(f"aux['tokens_per_expert'] must have one row of "
-                         f"{routers[0].config.num_experts} counts per biased router "
-                         f"({len(routers)}), got shape {tuple(counts.shape)}")
+        raise ValueError(
+            f"aux['tokens_per_expert'] must have one row of "
+            f"{routers[0].config.num_experts} counts per biased router "
+            f"({len(routers)}), got shape {tuple(counts.shape)}"
+        )
     for router, layer_counts in zip(routers, counts):
         bias = router.expert_bias.get_value()
-        router.expert_bias.set_value(expert_bias_update(
-            bias, layer_counts, router.config.expert_bias_update_rate))
+        router.expert_bias.set_value(
+            expert_bias_update(bias, layer_counts, router.config.expert_bias_update_rate)
+        )
 
 
 def expert_biases(model: nnx.Module) -> jax.Array | None:
     """``[L, E]`` float32: the ``router.expert_bias`` of every biased router of
     ``model`` in `nnx.iter_modules` order, or None if it has none."""
-    biases = [m.expert_bias.get_value() for _, m in nnx.iter_modules(model)
-              if isinstance(m, Router) and m.expert_bias is not None]
+    biases = [
+        m.expert_bias.get_value()
+        for _, m in nnx.iter_modules(model)
+        if isinstance(m, Router) and m.expert_bias is not None
+    ]
     return jnp.stack(biases) if biases else None

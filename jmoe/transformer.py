@@ -78,37 +78,56 @@ class TransformerConfig:
     def __post_init__(self):
         for name in ("vocab_size", "d_model", "num_layers", "num_heads", "max_seq_len"):
             value = getattr(self, name)
-            require(isinstance(value, int) and value >= 1,
-                    f"{name} must be a positive int, got {value!r}")
-        require(isinstance(self.moe, MoEConfig),
-                f"moe must be a MoEConfig, got {type(self.moe).__name__}")
-        require(self.moe.d_model == self.d_model,
-                f"moe.d_model must equal d_model={self.d_model}, got {self.moe.d_model}")
+            require(
+                isinstance(value, int) and value >= 1,
+                f"{name} must be a positive int, got {value!r}",
+            )
+        require(
+            isinstance(self.moe, MoEConfig),
+            f"moe must be a MoEConfig, got {type(self.moe).__name__}",
+        )
+        require(
+            self.moe.d_model == self.d_model,
+            f"moe.d_model must equal d_model={self.d_model}, got {self.moe.d_model}",
+        )
         if self.head_dim is None:
-            require(self.d_model % self.num_heads == 0
-                    and (self.d_model // self.num_heads) % 2 == 0,
-                    f"num_heads must split d_model={self.d_model} into even head dims, "
-                    f"got {self.num_heads}")
+            require(
+                self.d_model % self.num_heads == 0 and (self.d_model // self.num_heads) % 2 == 0,
+                f"num_heads must split d_model={self.d_model} into even head dims, "
+                f"got {self.num_heads}",
+            )
         else:
-            require(isinstance(self.head_dim, int) and self.head_dim >= 2
-                    and self.head_dim % 2 == 0,
-                    f"head_dim must be None or an even int >= 2, got {self.head_dim!r}")
-        require(self.num_kv_heads is None or (
-            isinstance(self.num_kv_heads, int) and self.num_kv_heads >= 1
-            and self.num_heads % self.num_kv_heads == 0),
+            require(
+                isinstance(self.head_dim, int) and self.head_dim >= 2 and self.head_dim % 2 == 0,
+                f"head_dim must be None or an even int >= 2, got {self.head_dim!r}",
+            )
+        require(
+            self.num_kv_heads is None
+            or (
+                isinstance(self.num_kv_heads, int)
+                and self.num_kv_heads >= 1
+                and self.num_heads % self.num_kv_heads == 0
+            ),
             f"num_kv_heads must be None or divide num_heads={self.num_heads}, "
-            f"got {self.num_kv_heads!r}")
-        require(self.qk_norm in QK_NORMS,
-                f"qk_norm must be one of {QK_NORMS}, got {self.qk_norm!r}")
+            f"got {self.num_kv_heads!r}",
+        )
+        require(
+            self.qk_norm in QK_NORMS, f"qk_norm must be one of {QK_NORMS}, got {self.qk_norm!r}"
+        )
         require(self.ffn in FFN_KINDS, f"ffn must be one of {FFN_KINDS}, got {self.ffn!r}")
-        require(self.moe_every in MOE_EVERY,
-                f"moe_every must be one of {MOE_EVERY}, got {self.moe_every!r}")
-        require(self.ffn == "dense" or self.num_layers >= self.moe_every,
-                f"num_layers={self.num_layers} leaves no MoE block at moe_every={self.moe_every}")
+        require(
+            self.moe_every in MOE_EVERY,
+            f"moe_every must be one of {MOE_EVERY}, got {self.moe_every!r}",
+        )
+        require(
+            self.ffn == "dense" or self.num_layers >= self.moe_every,
+            f"num_layers={self.num_layers} leaves no MoE block at moe_every={self.moe_every}",
+        )
         require(self.rope_base > 0, f"rope_base must be > 0, got {self.rope_base}")
         require(self.norm_eps > 0, f"norm_eps must be > 0, got {self.norm_eps}")
-        require(self.remat in REMAT_KINDS,
-                f"remat must be one of {REMAT_KINDS}, got {self.remat!r}")
+        require(
+            self.remat in REMAT_KINDS, f"remat must be one of {REMAT_KINDS}, got {self.remat!r}"
+        )
 
     @property
     def moe_layers(self) -> tuple[int, ...]:
@@ -132,7 +151,7 @@ class TransformerConfig:
         """Hidden width of the dense MLPs: ``top_k * d_ff`` (same active FLOPs)."""
         return self.moe.top_k * self.moe.d_ff
 
-    def replace(self, **changes) -> "TransformerConfig":
+    def replace(self, **changes) -> TransformerConfig:
         return dataclasses.replace(self, **changes)
 
 
@@ -151,10 +170,23 @@ def preset(name: str, ffn: str = "dmoe", capacity_factor: float = 1.0) -> Transf
         "xs": (128, 4, 4, 128, 512),
         "s": (256, 6, 8, 256, 1024),
     }[name]
-    moe = MoEConfig(d_model=d_model, d_ff=d_ff, num_experts=8, top_k=1, block_size=64,
-                    capacity_factor=capacity_factor)
-    return TransformerConfig(vocab_size=256, d_model=d_model, num_layers=num_layers,
-                             num_heads=num_heads, max_seq_len=seq, moe=moe, ffn=ffn)
+    moe = MoEConfig(
+        d_model=d_model,
+        d_ff=d_ff,
+        num_experts=8,
+        top_k=1,
+        block_size=64,
+        capacity_factor=capacity_factor,
+    )
+    return TransformerConfig(
+        vocab_size=256,
+        d_model=d_model,
+        num_layers=num_layers,
+        num_heads=num_heads,
+        max_seq_len=seq,
+        moe=moe,
+        ffn=ffn,
+    )
 
 
 def _ffn(config: TransformerConfig, routed: bool, rngs: nnx.Rngs) -> nnx.Module:
@@ -171,9 +203,16 @@ class Block(nnx.Module):
         dtypes = dict(dtype=config.moe.dtype, param_dtype=config.moe.param_dtype)
         self.attn_norm = nnx.RMSNorm(config.d_model, epsilon=config.norm_eps, **dtypes, rngs=rngs)
         self.attn = CausalSelfAttention(
-            config.d_model, config.num_heads, rope_base=config.rope_base, **dtypes, rngs=rngs,
-            num_kv_heads=config.kv_heads, head_dim=config.head_size, qk_norm=config.qk_norm,
-            norm_eps=config.norm_eps)
+            config.d_model,
+            config.num_heads,
+            rope_base=config.rope_base,
+            **dtypes,
+            rngs=rngs,
+            num_kv_heads=config.kv_heads,
+            head_dim=config.head_size,
+            qk_norm=config.qk_norm,
+            norm_eps=config.norm_eps,
+        )
         self.ffn_norm = nnx.RMSNorm(config.d_model, epsilon=config.norm_eps, **dtypes, rngs=rngs)
         self.ffn = _ffn(config, routed, rngs)
         self.remat = config.remat
@@ -226,8 +265,9 @@ def aggregate_aux(layer_aux: list[dict], moe_layers: tuple[int, ...], num_expert
         "load_balancing_loss": balance,
         "router_z_loss": z_loss,
         "sequence_aux_loss": sequence,
-        "tokens_per_expert": (jnp.stack(routed) if routed
-                              else jnp.zeros((0, num_experts), jnp.int32)),
+        "tokens_per_expert": (
+            jnp.stack(routed) if routed else jnp.zeros((0, num_experts), jnp.int32)
+        ),
         "dropped_tokens": sum(aux["dropped_tokens"] for aux in layer_aux),
     }
 
@@ -247,19 +287,29 @@ class MoETransformer(nnx.Module):
         dtypes = dict(dtype=config.moe.dtype, param_dtype=config.moe.param_dtype)
         self.embed = nnx.Embed(config.vocab_size, config.d_model, **dtypes, rngs=rngs)
         routed = set(config.moe_layers)
-        self.blocks = nnx.List([Block(config, i in routed, rngs=rngs)
-                                for i in range(config.num_layers)])
-        self.final_norm = nnx.RMSNorm(config.d_model, epsilon=config.norm_eps, **dtypes,
-                                      rngs=rngs)
-        self.lm_head = None if config.tie_embeddings else nnx.Linear(
-            config.d_model, config.vocab_size, use_bias=False,
-            kernel_init=nnx.initializers.normal(0.02), **dtypes, rngs=rngs)
+        self.blocks = nnx.List(
+            [Block(config, i in routed, rngs=rngs) for i in range(config.num_layers)]
+        )
+        self.final_norm = nnx.RMSNorm(config.d_model, epsilon=config.norm_eps, **dtypes, rngs=rngs)
+        self.lm_head = (
+            None
+            if config.tie_embeddings
+            else nnx.Linear(
+                config.d_model,
+                config.vocab_size,
+                use_bias=False,
+                kernel_init=nnx.initializers.normal(0.02),
+                **dtypes,
+                rngs=rngs,
+            )
+        )
 
     @staticmethod
     def _check_tokens(tokens: jax.Array, limit: int, limit_name: str):
         if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
-            raise ValueError(f"tokens must be an int array [batch, seq], got "
-                             f"{tokens.dtype}{list(tokens.shape)}")
+            raise ValueError(
+                f"tokens must be an int array [batch, seq], got {tokens.dtype}{list(tokens.shape)}"
+            )
         if tokens.shape[1] > limit:
             raise ValueError(f"tokens: seq={tokens.shape[1]} exceeds {limit_name}={limit}")
 
@@ -272,8 +322,10 @@ class MoETransformer(nnx.Module):
         """Zeroed KV caches of every block, ``[batch, max_len, kv_heads, head_dim]``
         in the compute dtype."""
         c = self.config
-        require(1 <= max_len <= c.max_seq_len,
-                f"max_len must be in [1, max_seq_len={c.max_seq_len}], got {max_len}")
+        require(
+            1 <= max_len <= c.max_seq_len,
+            f"max_len must be in [1, max_seq_len={c.max_seq_len}], got {max_len}",
+        )
         zeros = lambda: jnp.zeros((batch, max_len, c.kv_heads, c.head_size), c.moe.dtype)
         return [KVCache(zeros(), zeros()) for _ in range(c.num_layers)]
 
@@ -298,5 +350,6 @@ class MoETransformer(nnx.Module):
         for block in self.blocks:
             x, aux = block(x)
             layer_aux.append(aux)
-        return self._logits(x), aggregate_aux(layer_aux, self.config.moe_layers,
-                                     self.config.moe.num_experts)
+        return self._logits(x), aggregate_aux(
+            layer_aux, self.config.moe_layers, self.config.moe.num_experts
+        )

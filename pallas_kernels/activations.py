@@ -7,13 +7,13 @@ inputs' dtype.
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from collections.abc import Callable
 
 import jax
 
 __all__ = ["ACTIVATIONS", "Activation", "get_activation"]
 
-Activation = Callable[[jax.Array, Optional[jax.Array]], jax.Array]
+Activation = Callable[[jax.Array, jax.Array | None], jax.Array]
 
 
 def gelu(gate: jax.Array, up: jax.Array | None) -> jax.Array:

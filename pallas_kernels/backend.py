@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple, Optional
+from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 
@@ -32,8 +33,10 @@ class RowMap(NamedTuple):
 
 # (x, rows: RowMap or None, topo, w1, w3 or None, w2, activation name) -> y; see
 # `pallas_kernels.expert_mlp.routed_mlp` for the shapes.
-ExpertMLP = Callable[[jax.Array, Optional[RowMap], Topology, jax.Array, Optional[jax.Array],
-                      jax.Array, str], jax.Array]
+ExpertMLP = Callable[
+    [jax.Array, RowMap | None, Topology, jax.Array, jax.Array | None, jax.Array, str],
+    jax.Array,
+]
 
 
 class Backend(NamedTuple):
@@ -58,4 +61,4 @@ class Backend(NamedTuple):
     dsd: GroupedProduct
     dstd: WeightGradProduct
     layout_block_size: Callable[[int], int]
-    expert_mlp: Optional[ExpertMLP] = None
+    expert_mlp: ExpertMLP | None = None

@@ -27,13 +27,21 @@ from pallas_kernels.topology import Topology
 __all__ = ["RowMap", "composed_expert_mlp", "routed_mlp"]
 
 
-def composed_expert_mlp(impl: str, x: jax.Array, rows: RowMap | None, topo: Topology,
-                        w1: jax.Array, w3: jax.Array | None, w2: jax.Array,
-                        activation: str) -> jax.Array:
+def composed_expert_mlp(
+    impl: str,
+    x: jax.Array,
+    rows: RowMap | None,
+    topo: Topology,
+    w1: jax.Array,
+    w3: jax.Array | None,
+    w2: jax.Array,
+    activation: str,
+) -> jax.Array:
     """`routed_mlp` from ``impl``'s products (for backends without a fused one)."""
     act = get_activation(activation)
-    permuted = x if rows is None else jnp.take(x, rows.row_tokens, axis=0, mode="fill",
-                                               fill_value=0)
+    permuted = (
+        x if rows is None else jnp.take(x, rows.row_tokens, axis=0, mode="fill", fill_value=0)
+    )
     gate = products.sdd(permuted, w1, topo, impl=impl)
     up = None if w3 is None else products.sdd(permuted, w3, topo, impl=impl)
     out = products.dsd(act(gate, up), w2, topo, impl=impl)
@@ -41,14 +49,23 @@ def composed_expert_mlp(impl: str, x: jax.Array, rows: RowMap | None, topo: Topo
         return out
     chosen = jnp.take(out, rows.token_rows, axis=0, mode="fill", fill_value=0)  # [T, k, d]
     weights = jnp.take(rows.row_weights, rows.token_rows, mode="fill", fill_value=0)
-    y = jnp.einsum("tk,tkd->td", weights.astype(jnp.float32), chosen,
-                   preferred_element_type=jnp.float32)
+    y = jnp.einsum(
+        "tk,tkd->td", weights.astype(jnp.float32), chosen, preferred_element_type=jnp.float32
+    )
     return y.astype(x.dtype)
 
 
-def routed_mlp(x: jax.Array, rows: RowMap | None, topo: Topology, w1: jax.Array,
-               w3: jax.Array | None, w2: jax.Array, *, activation: str,
-               impl: str = "auto") -> jax.Array:
+def routed_mlp(
+    x: jax.Array,
+    rows: RowMap | None,
+    topo: Topology,
+    w1: jax.Array,
+    w3: jax.Array | None,
+    w2: jax.Array,
+    *,
+    activation: str,
+    impl: str = "auto",
+) -> jax.Array:
     """Routed experts' weighted outputs, summed per token (differentiable).
 
     Args:

@@ -55,9 +55,16 @@ def _dot(a, b, dims):
     return lax.dot_general(a, b, dims, preferred_element_type=jnp.float32)
 
 
-def fused_expert_mlp(x: jax.Array, row_tokens: jax.Array, row_weights: jax.Array,
-                     topo: Topology, w1: jax.Array, w3: jax.Array | None, w2: jax.Array,
-                     activation: str | Activation) -> jax.Array:
+def fused_expert_mlp(
+    x: jax.Array,
+    row_tokens: jax.Array,
+    row_weights: jax.Array,
+    topo: Topology,
+    w1: jax.Array,
+    w3: jax.Array | None,
+    w2: jax.Array,
+    activation: str | Activation,
+) -> jax.Array:
     """Routed experts' weighted outputs, summed per token.
 
     Args:
@@ -81,14 +88,20 @@ def fused_expert_mlp(x: jax.Array, row_tokens: jax.Array, row_weights: jax.Array
     if row_tokens.shape != (topo.padded_rows,) or row_weights.shape != (topo.padded_rows,):
         raise ValueError(
             f"fused_expert_mlp: row_tokens and row_weights must be [padded_rows="
-            f"{topo.padded_rows}], got {row_tokens.shape} and {row_weights.shape}")
+            f"{topo.padded_rows}], got {row_tokens.shape} and {row_weights.shape}"
+        )
     d_model, d_ff = x.shape[1], w1.shape[-1]
-    expected = {"w1": (topo.num_experts, d_model, d_ff), "w3": (topo.num_experts, d_model, d_ff),
-                "w2": (topo.num_experts, d_ff, d_model)}
+    expected = {
+        "w1": (topo.num_experts, d_model, d_ff),
+        "w3": (topo.num_experts, d_model, d_ff),
+        "w2": (topo.num_experts, d_ff, d_model),
+    }
     for name, w in (("w1", w1), ("w3", w3), ("w2", w2)):
         if w is not None and (w.shape != expected[name] or w.dtype != x.dtype):
-            raise ValueError(f"fused_expert_mlp: {name} must be {x.dtype.name}{expected[name]} "
-                             f"(x is {x.dtype.name}{x.shape}), got {w.dtype.name}{w.shape}")
+            raise ValueError(
+                f"fused_expert_mlp: {name} must be {x.dtype.name}{expected[name]} "
+                f"(x is {x.dtype.name}{x.shape}), got {w.dtype.name}{w.shape}"
+            )
     if isinstance(activation, str):
         activation = get_activation(activation)
     return _fused(activation, x, row_tokens, row_weights, topo, w1, w3, w2)
@@ -97,8 +110,11 @@ def fused_expert_mlp(x: jax.Array, row_tokens: jax.Array, row_weights: jax.Array
 def _routed_expert_mlp(x, rows: RowMap | None, topo: Topology, w1, w3, w2, activation: str):
     """`fused_expert_mlp` as the xla `Backend.expert_mlp` (rows None: identity)."""
     if rows is None:
-        rows = RowMap(jnp.arange(topo.padded_rows, dtype=jnp.int32),
-                      jnp.ones((topo.padded_rows,), x.dtype), None)
+        rows = RowMap(
+            jnp.arange(topo.padded_rows, dtype=jnp.int32),
+            jnp.ones((topo.padded_rows,), x.dtype),
+            None,
+        )
     return fused_expert_mlp(x, rows.row_tokens, rows.row_weights, topo, w1, w3, w2, activation)
 
 
@@ -173,9 +189,10 @@ def _fused_bwd(activation, residuals, dy):
             up = lax.dynamic_slice_in_dim(up_buf, row, owned.shape[0]) if glu else None
             hidden, activation_vjp = jax.vjp(activation, gate, up)
             hidden = jnp.where(owned[:, None], hidden, 0)
-            g = _dot(dys, w2e, _NT)                                   # [size, d_ff] f32
+            g = _dot(dys, w2e, _NT)  # [size, d_ff] f32
             d_row_weights = masked_update(
-                d_row_weights, jnp.sum(hidden.astype(jnp.float32) * g, axis=1), row, owned)
+                d_row_weights, jnp.sum(hidden.astype(jnp.float32) * g, axis=1), row, owned
+            )
             d_gate, d_up = activation_vjp((weights[:, None] * g).astype(x.dtype))
             dw2e = dw2e + transposed_lhs_dot(hidden, (weights[:, None] * dys).astype(x.dtype))
             dw1e = dw1e + transposed_lhs_dot(rows, d_gate)
@@ -189,18 +206,25 @@ def _fused_bwd(activation, residuals, dy):
         dx, d_row_weights, dw1, dw3, dw2 = carry
         zeros = lambda w: jnp.zeros(w.shape[1:], jnp.float32)
         dx, d_row_weights, dw1e, dw3e, dw2e = over_chunks(
-            topo, expert, chunk,
-            (dx, d_row_weights, zeros(w1), zeros(w3) if glu else None, zeros(w2)))
+            topo,
+            expert,
+            chunk,
+            (dx, d_row_weights, zeros(w1), zeros(w3) if glu else None, zeros(w2)),
+        )
         dw1 = dw1.at[expert].set(dw1e.astype(dw1.dtype))
         dw3 = dw3.at[expert].set(dw3e.astype(dw3.dtype)) if glu else None
         dw2 = dw2.at[expert].set(dw2e.astype(dw2.dtype))
         return dx, d_row_weights, dw1, dw3, dw2
 
-    init = (jnp.zeros(x.shape, jnp.float32), jnp.zeros(row_weights.shape, jnp.float32),
-            jnp.zeros_like(w1), jnp.zeros_like(w3) if glu else None, jnp.zeros_like(w2))
+    init = (
+        jnp.zeros(x.shape, jnp.float32),
+        jnp.zeros(row_weights.shape, jnp.float32),
+        jnp.zeros_like(w1),
+        jnp.zeros_like(w3) if glu else None,
+        jnp.zeros_like(w2),
+    )
     dx, d_row_weights, dw1, dw3, dw2 = lax.fori_loop(0, topo.num_experts, per_expert, init)
-    return (dx.astype(x.dtype), None, d_row_weights.astype(row_weights.dtype), None,
-            dw1, dw3, dw2)
+    return (dx.astype(x.dtype), None, d_row_weights.astype(row_weights.dtype), None, dw1, dw3, dw2)
 
 
 _fused.defvjp(_fused_fwd, _fused_bwd)

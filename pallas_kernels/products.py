@@ -43,8 +43,17 @@ import jax.numpy as jnp
 from pallas_kernels.backend import Backend
 from pallas_kernels.topology import Topology
 
-__all__ = ["IMPLS", "backend", "dsd", "dstd", "impl_for_device", "layout_block_size",
-           "resolve_impl", "sdd", "size_rule"]
+__all__ = [
+    "IMPLS",
+    "backend",
+    "dsd",
+    "dstd",
+    "impl_for_device",
+    "layout_block_size",
+    "resolve_impl",
+    "sdd",
+    "size_rule",
+]
 
 # impl name -> module exposing BACKEND; imported lazily so that, e.g., a CPU
 # machine never imports the Mosaic GPU kernels unless asked to. The xla
@@ -113,13 +122,17 @@ def resolve_impl(impl: str, dtype=None) -> str:
         return impl
     device = _default_device()
     chosen = impl_for_device(device)
-    if (dtype is not None and _nvidia_capability(device) is not None
-            and jnp.dtype(dtype) not in GPU_AUTO_DTYPES):
+    if (
+        dtype is not None
+        and _nvidia_capability(device) is not None
+        and jnp.dtype(dtype) not in GPU_AUTO_DTYPES
+    ):
         raise ValueError(
             f"impl='auto' on {device.device_kind} picks {chosen!r}, whose kernels take "
             f"bfloat16 or float16 inputs (float32 accumulation), got compute dtype "
             f"{jnp.dtype(dtype).name}: set MoEConfig(dtype=jnp.bfloat16), or name the impl "
-            f"(e.g. impl='xla') to compute in {jnp.dtype(dtype).name} on a slower path")
+            f"(e.g. impl='xla') to compute in {jnp.dtype(dtype).name} on a slower path"
+        )
     return chosen
 
 
@@ -130,6 +143,7 @@ def size_rule(impl: str, block_size: int) -> tuple[int, str]:
         return block_size, f"block_size={block_size}"
     if impl == "mosaic":  # imported only when asked: it loads Mosaic GPU
         from pallas_kernels.mosaic.common import FEATURE_MULTIPLE
+
         return FEATURE_MULTIPLE, f"{FEATURE_MULTIPLE} (the Mosaic GPU kernels' TMA tiles)"
     return 1, "1"
 
@@ -156,21 +170,30 @@ def layout_block_size(impl: str, block_size: int) -> int:
 def _check_operands(name: str, lhs, rhs, topo: Topology, transpose_rhs: bool):
     if lhs.ndim != 2 or lhs.shape[0] != topo.padded_rows:
         raise ValueError(
-            f"{name}: lhs must be [padded_rows={topo.padded_rows}, k], got shape {lhs.shape}")
+            f"{name}: lhs must be [padded_rows={topo.padded_rows}, k], got shape {lhs.shape}"
+        )
     if rhs.ndim != 3 or rhs.shape[0] != topo.num_experts:
         raise ValueError(
-            f"{name}: rhs must be [num_experts={topo.num_experts}, k, n], got shape {rhs.shape}")
+            f"{name}: rhs must be [num_experts={topo.num_experts}, k, n], got shape {rhs.shape}"
+        )
     k = rhs.shape[2] if transpose_rhs else rhs.shape[1]
     if lhs.shape[1] != k:
         layout = "[E, n, k] (transpose_rhs=True)" if transpose_rhs else "[E, k, n]"
         raise ValueError(
-            f"{name}: contraction mismatch, lhs is {lhs.shape} and rhs {layout} is {rhs.shape}")
+            f"{name}: contraction mismatch, lhs is {lhs.shape} and rhs {layout} is {rhs.shape}"
+        )
     if lhs.dtype != rhs.dtype:
         raise ValueError(f"{name}: lhs and rhs dtypes differ ({lhs.dtype} vs {rhs.dtype})")
 
 
-def sdd(lhs: jax.Array, rhs: jax.Array, topo: Topology, *, transpose_rhs: bool = False,
-        impl: str = "auto") -> jax.Array:
+def sdd(
+    lhs: jax.Array,
+    rhs: jax.Array,
+    topo: Topology,
+    *,
+    transpose_rhs: bool = False,
+    impl: str = "auto",
+) -> jax.Array:
     """Dense ``[P, k]`` x ``rhs[e]`` -> block-sparse ``[P, n]``, row-wise by expert.
 
     ``rhs`` is ``[E, k, n]``, or ``[E, n, k]`` with ``transpose_rhs``.
@@ -179,8 +202,14 @@ def sdd(lhs: jax.Array, rhs: jax.Array, topo: Topology, *, transpose_rhs: bool =
     return _sdd(resolve_impl(impl, lhs.dtype), transpose_rhs, lhs, rhs, topo)
 
 
-def dsd(lhs: jax.Array, rhs: jax.Array, topo: Topology, *, transpose_rhs: bool = False,
-        impl: str = "auto") -> jax.Array:
+def dsd(
+    lhs: jax.Array,
+    rhs: jax.Array,
+    topo: Topology,
+    *,
+    transpose_rhs: bool = False,
+    impl: str = "auto",
+) -> jax.Array:
     """Block-sparse ``[P, k]`` x ``rhs[e]`` -> dense ``[P, n]``, row-wise by expert.
 
     ``rhs`` is ``[E, k, n]``, or ``[E, n, k]`` with ``transpose_rhs``.
@@ -189,8 +218,9 @@ def dsd(lhs: jax.Array, rhs: jax.Array, topo: Topology, *, transpose_rhs: bool =
     return _dsd(resolve_impl(impl, lhs.dtype), transpose_rhs, lhs, rhs, topo)
 
 
-def dstd(lhs: jax.Array, rhs: jax.Array, topo: Topology, *, out_dtype=None,
-         impl: str = "auto") -> jax.Array:
+def dstd(
+    lhs: jax.Array, rhs: jax.Array, topo: Topology, *, out_dtype=None, impl: str = "auto"
+) -> jax.Array:
     """Per-expert ``lhs[rows_e]ᵀ @ rhs[rows_e]``: ``[P, k]``, ``[P, n]`` -> ``[E, k, n]``.
 
     Experts with no rows get exact zeros. ``out_dtype`` defaults to lhs's.
@@ -198,7 +228,8 @@ def dstd(lhs: jax.Array, rhs: jax.Array, topo: Topology, *, out_dtype=None,
     for arg, x in (("lhs", lhs), ("rhs", rhs)):
         if x.ndim != 2 or x.shape[0] != topo.padded_rows:
             raise ValueError(
-                f"dstd: {arg} must be [padded_rows={topo.padded_rows}, _], got shape {x.shape}")
+                f"dstd: {arg} must be [padded_rows={topo.padded_rows}, _], got shape {x.shape}"
+            )
     if lhs.dtype != rhs.dtype:
         raise ValueError(f"dstd: lhs and rhs dtypes differ ({lhs.dtype} vs {rhs.dtype})")
     out_dtype = jnp.dtype(out_dtype or lhs.dtype)
@@ -262,7 +293,7 @@ def _dstd_fwd(impl, out_dtype, lhs, rhs, topo):
 def _dstd_bwd(impl, out_dtype, residuals, grad):
     lhs, rhs, topo = residuals
     grad = grad.astype(lhs.dtype)
-    dlhs = _sdd(impl, True, rhs, grad, topo)   # rhs[rows_e] @ grad[e]ᵀ
+    dlhs = _sdd(impl, True, rhs, grad, topo)  # rhs[rows_e] @ grad[e]ᵀ
     drhs = _dsd(impl, False, lhs, grad, topo)  # lhs[rows_e] @ grad[e]
     return dlhs, drhs, None
 

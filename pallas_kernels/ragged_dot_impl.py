@@ -26,8 +26,9 @@ def grouped_matmul(lhs: jax.Array, rhs: jax.Array, topo: Topology, transpose_rhs
     """``out[rows_e] = lhs[rows_e] @ rhs[e]`` via ``ragged_dot``; ``[P, n]``."""
     if transpose_rhs:
         rhs = jnp.swapaxes(rhs, 1, 2)
-    out = lax.ragged_dot(_masked(lhs, topo), rhs, topo.padded_group_sizes,
-                         preferred_element_type=jnp.float32)
+    out = lax.ragged_dot(
+        _masked(lhs, topo), rhs, topo.padded_group_sizes, preferred_element_type=jnp.float32
+    )
     return out.astype(lhs.dtype)
 
 
@@ -38,9 +39,13 @@ def grouped_weight_grad(lhs: jax.Array, rhs: jax.Array, topo: Topology, out_dtyp
         lhs_ragged_dimensions=[0],
         rhs_group_dimensions=[],
     )
-    out = lax.ragged_dot_general(_masked(lhs, topo), _masked(rhs, topo),
-                                 topo.padded_group_sizes, dims,
-                                 preferred_element_type=jnp.float32)
+    out = lax.ragged_dot_general(
+        _masked(lhs, topo),
+        _masked(rhs, topo),
+        topo.padded_group_sizes,
+        dims,
+        preferred_element_type=jnp.float32,
+    )
     return out.astype(out_dtype)
 
 

@@ -20,8 +20,12 @@ def grouped_matmul(lhs, rhs, topo: Topology, transpose_rhs: bool = False):
     if transpose_rhs:
         rhs = jnp.swapaxes(rhs, 1, 2)
     rows = jnp.where(topo.row_is_valid()[:, None], lhs, 0).astype(jnp.float32)
-    out = jnp.einsum("pk,pkn->pn", rows, _row_weights(rhs.astype(jnp.float32), topo),
-                     precision=jax.lax.Precision.HIGHEST)
+    out = jnp.einsum(
+        "pk,pkn->pn",
+        rows,
+        _row_weights(rhs.astype(jnp.float32), topo),
+        precision=jax.lax.Precision.HIGHEST,
+    )
     return out.astype(lhs.dtype)
 
 
@@ -29,5 +33,10 @@ def grouped_weight_grad(lhs, rhs, topo: Topology):
     """Reference of ``dstd``: ``[P, k]``, ``[P, n]`` -> ``[E, k, n]`` (float32)."""
     valid = topo.row_is_valid()
     one_hot = (topo.row_expert()[:, None] == jnp.arange(topo.num_experts)) & valid[:, None]
-    return jnp.einsum("pe,pk,pn->ekn", one_hot.astype(jnp.float32), lhs.astype(jnp.float32),
-                      rhs.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST)
+    return jnp.einsum(
+        "pe,pk,pn->ekn",
+        one_hot.astype(jnp.float32),
+        lhs.astype(jnp.float32),
+        rhs.astype(jnp.float32),
+        precision=jax.lax.Precision.HIGHEST,
+    )

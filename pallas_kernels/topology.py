@@ -108,8 +108,9 @@ class Topology:
 
     def row_expert(self) -> jax.Array:
         """``[padded_rows] int32`` expert of every row (``E`` for padding bins)."""
-        return jnp.repeat(self.block_row_expert, self.block_size,
-                          total_repeat_length=self.padded_rows)
+        return jnp.repeat(
+            self.block_row_expert, self.block_size, total_repeat_length=self.padded_rows
+        )
 
     def row_is_valid(self) -> jax.Array:
         """``[padded_rows] bool``: True where a row holds a real assignment.
@@ -149,14 +150,16 @@ def make_topology(group_sizes: jax.Array, num_rows: int, block_size: int) -> Top
     group_sizes = group_sizes.astype(jnp.int32)
     blocks_per_expert = _cdiv(group_sizes, block_size)
     expert_block_offsets = jnp.concatenate(
-        [jnp.zeros((1,), jnp.int32), jnp.cumsum(blocks_per_expert, dtype=jnp.int32)])
+        [jnp.zeros((1,), jnp.int32), jnp.cumsum(blocks_per_expert, dtype=jnp.int32)]
+    )
     num_used = expert_block_offsets[-1]
     num_block_rows = max_block_rows(num_rows, num_experts, block_size)
     block_rows = jnp.arange(num_block_rows, dtype=jnp.int32)
     # Expert e owns block rows [offsets[e], offsets[e+1]); searchsorted on the
     # bin ends gives it, and lands on E past the last used block row.
-    block_row_expert = jnp.searchsorted(
-        expert_block_offsets[1:], block_rows, side="right").astype(jnp.int32)
+    block_row_expert = jnp.searchsorted(expert_block_offsets[1:], block_rows, side="right").astype(
+        jnp.int32
+    )
     return Topology(
         group_sizes=group_sizes,
         expert_block_offsets=expert_block_offsets,

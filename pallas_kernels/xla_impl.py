@@ -19,7 +19,7 @@ the other rows as they were.
 from __future__ import annotations
 
 import functools
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -78,15 +78,16 @@ def over_chunks(topo: Topology, expert, body: Callable, carry):
         return body(carry, row, (rows >= first) & (rows < end))
 
     if rows_total > MAX_LAST_TILES * TILE_ROWS:  # otherwise num_full is always 0
-        carry = lax.fori_loop(0, num_full, lambda i, carry: run(
-            carry, start + i * full_rows, full_rows), carry)
+        carry = lax.fori_loop(
+            0, num_full, lambda i, carry: run(carry, start + i * full_rows, full_rows), carry
+        )
     last_first = start + num_full * full_rows
     # Sizes past the layout's rows collapse into one (tiny layouts): dedupe.
-    sizes = sorted({min(tiles * TILE_ROWS, rows_total)
-                    for tiles in range(1, MAX_LAST_TILES + 1)})
+    sizes = sorted({min(tiles * TILE_ROWS, rows_total) for tiles in range(1, MAX_LAST_TILES + 1)})
     branches = [lambda carry: carry] + [
         functools.partial(lambda carry, size: run(carry, last_first, size), size=size)
-        for size in sizes]
+        for size in sizes
+    ]
     return lax.switch(jnp.minimum(last_tiles, len(sizes)), branches, carry)
 
 
@@ -111,8 +112,12 @@ def transposed_lhs_dot(a: jax.Array, b: jax.Array) -> jax.Array:
     transpose, whose copy of one chunk costs less than the difference (about
     7% of a dMoE layer's forward + backward at E=64).
     """
-    return lax.dot_general(lax.optimization_barrier(a.T), b, (((1,), (0,)), ((), ())),
-                           preferred_element_type=jnp.float32)
+    return lax.dot_general(
+        lax.optimization_barrier(a.T),
+        b,
+        (((1,), (0,)), ((), ())),
+        preferred_element_type=jnp.float32,
+    )
 
 
 def grouped_matmul(lhs: jax.Array, rhs: jax.Array, topo: Topology, transpose_rhs: bool):
@@ -125,8 +130,9 @@ def grouped_matmul(lhs: jax.Array, rhs: jax.Array, topo: Topology, transpose_rhs
         weight = rhs[expert]
 
         def chunk(out, row, owned):
-            prod = lax.dot_general(owned_rows(lhs, row, owned), weight, contract,
-                                   preferred_element_type=jnp.float32)
+            prod = lax.dot_general(
+                owned_rows(lhs, row, owned), weight, contract, preferred_element_type=jnp.float32
+            )
             return masked_update(out, prod.astype(out.dtype), row, owned)
 
         return over_chunks(topo, expert, chunk, out)
@@ -141,8 +147,9 @@ def grouped_weight_grad(lhs: jax.Array, rhs: jax.Array, topo: Topology, out_dtyp
 
     def per_expert(expert):
         def chunk(acc, row, owned):  # mask both: 0 * inf garbage is nan
-            return acc + transposed_lhs_dot(owned_rows(lhs, row, owned),
-                                            owned_rows(rhs, row, owned))
+            return acc + transposed_lhs_dot(
+                owned_rows(lhs, row, owned), owned_rows(rhs, row, owned)
+            )
 
         return over_chunks(topo, expert, chunk, jnp.zeros(shape, jnp.float32)).astype(out_dtype)
 

@@ -18,7 +18,6 @@ with scales large enough that routing is far from uniform (printed).
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
@@ -30,20 +29,49 @@ from safetensors.torch import save_file
 OUT = Path(__file__).resolve().parent.parent / "tests" / "fixtures" / "hf"
 LOGITS_SHAPE, PROMPT_LEN, NEW_TOKENS = (2, 12), 6, 10
 
-COMMON = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-              max_position_embeddings=64, num_experts_per_tok=2, rms_norm_eps=1e-5,
-              hidden_act="silu", eos_token_id=None)
+COMMON = dict(
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    max_position_embeddings=64,
+    num_experts_per_tok=2,
+    rms_norm_eps=1e-5,
+    hidden_act="silu",
+    eos_token_id=None,
+)
 MODELS = {
     "mixtral": transformers.MixtralConfig(
-        **COMMON, vocab_size=96, num_key_value_heads=2, head_dim=8, intermediate_size=32,
-        num_local_experts=8, rope_theta=1e6, tie_word_embeddings=False),
+        **COMMON,
+        vocab_size=96,
+        num_key_value_heads=2,
+        head_dim=8,
+        intermediate_size=32,
+        num_local_experts=8,
+        rope_theta=1e6,
+        tie_word_embeddings=False,
+    ),
     "qwen3_moe": transformers.Qwen3MoeConfig(
-        **COMMON, vocab_size=100, num_key_value_heads=2, head_dim=16, moe_intermediate_size=24,
-        intermediate_size=48, num_experts=8, norm_topk_prob=True, rope_theta=10_000.0,
-        tie_word_embeddings=True),
+        **COMMON,
+        vocab_size=100,
+        num_key_value_heads=2,
+        head_dim=16,
+        moe_intermediate_size=24,
+        intermediate_size=48,
+        num_experts=8,
+        norm_topk_prob=True,
+        rope_theta=10_000.0,
+        tie_word_embeddings=True,
+    ),
     "olmoe": transformers.OlmoeConfig(
-        **COMMON, vocab_size=80, num_key_value_heads=4, intermediate_size=32, num_experts=8,
-        norm_topk_prob=False, rope_theta=10_000.0, tie_word_embeddings=False),
+        **COMMON,
+        vocab_size=80,
+        num_key_value_heads=4,
+        intermediate_size=32,
+        num_experts=8,
+        norm_topk_prob=False,
+        rope_theta=10_000.0,
+        tie_word_embeddings=False,
+    ),
 }
 SHARD = {"qwen3_moe": "150KB"}
 
@@ -75,7 +103,7 @@ def routing_sharpness(model, tokens) -> float:
 
 def greedy_margin(model, sequence, prompt_len) -> float:
     """Smallest gap between the best and second-best logit at the generated positions."""
-    logits = model(sequence).logits[:, prompt_len - 1:-1]
+    logits = model(sequence).logits[:, prompt_len - 1 : -1]
     top2 = logits.topk(2, dim=-1).values
     return float((top2[..., 0] - top2[..., 1]).min())
 
@@ -84,7 +112,8 @@ def make(name: str, config, seed: int):
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(
-        config, attn_implementation="eager", dtype=torch.float32).eval()
+        config, attn_implementation="eager", dtype=torch.float32
+    ).eval()
     randomize(model, generator)
     model.generation_config.eos_token_id = None
     model.generation_config.pad_token_id = 0
@@ -93,8 +122,12 @@ def make(name: str, config, seed: int):
     prompt = torch.tensor(rng.integers(0, config.vocab_size, (2, PROMPT_LEN)))
     with torch.no_grad():
         logits = model(logits_tokens).logits
-        generated = model.generate(prompt, attention_mask=torch.ones_like(prompt),
-                                   do_sample=False, max_new_tokens=NEW_TOKENS)
+        generated = model.generate(
+            prompt,
+            attention_mask=torch.ones_like(prompt),
+            do_sample=False,
+            max_new_tokens=NEW_TOKENS,
+        )
         assert generated.shape == (2, PROMPT_LEN + NEW_TOKENS), generated.shape
         margin = greedy_margin(model, generated, PROMPT_LEN)
         sharpness = routing_sharpness(model, logits_tokens)
@@ -102,12 +135,18 @@ def make(name: str, config, seed: int):
     shutil.rmtree(folder, ignore_errors=True)
     model.save_pretrained(folder, max_shard_size=SHARD.get(name, "10GB"))
     (folder / "generation_config.json").unlink(missing_ok=True)
-    np.savez(folder / "expected.npz", logits_tokens=logits_tokens.numpy().astype(np.int32),
-             logits=logits.numpy().astype(np.float32), generate_prompt=prompt.numpy().astype(np.int32),
-             generated=generated.numpy().astype(np.int32))
-    print(f"{name}: files {sorted(p.name for p in folder.iterdir())}, "
-          f"mean top router prob {sharpness:.2f} (uniform {1 / 8:.3f}), "
-          f"smallest greedy logit margin {margin:.3f}, max |logit| {logits.abs().max():.2f}")
+    np.savez(
+        folder / "expected.npz",
+        logits_tokens=logits_tokens.numpy().astype(np.int32),
+        logits=logits.numpy().astype(np.float32),
+        generate_prompt=prompt.numpy().astype(np.int32),
+        generated=generated.numpy().astype(np.int32),
+    )
+    print(
+        f"{name}: files {sorted(p.name for p in folder.iterdir())}, "
+        f"mean top router prob {sharpness:.2f} (uniform {1 / 8:.3f}), "
+        f"smallest greedy logit margin {margin:.3f}, max |logit| {logits.abs().max():.2f}"
+    )
     return model, folder
 
 
@@ -130,8 +169,10 @@ def main():
         if name == "mixtral":
             write_fused(model, folder, "mixtral_fused")
     total = sum(p.stat().st_size for p in OUT.rglob("*") if p.is_file())
-    print(f"transformers {transformers.__version__}, torch {torch.__version__}: "
-          f"{total / 1e6:.2f} MB in {OUT}")
+    print(
+        f"transformers {transformers.__version__}, torch {torch.__version__}: "
+        f"{total / 1e6:.2f} MB in {OUT}"
+    )
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Creates .venv with Python 3.12 and installs jmoe with its dev extras (tests, experiments,
-# notebook, Triton PTX checks), pinned to the tested versions in constraints.txt.
+# Creates .venv with Python 3.12 and installs jmoe with its dev extra (= test, which pulls in
+# experiments and gpu: pytest, ruff, the corpus, plots, notebook, Triton PTX checks), pinned to the tested versions in constraints.txt.
 # On a machine with no package registry (the GPU image) use instead:
 #   pip install -e . --no-deps --no-build-isolation
 set -euo pipefail

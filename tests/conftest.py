@@ -8,16 +8,30 @@ tests are unaffected: they run on device 0 exactly as before. Tests marked
 """
 
 import os
+from pathlib import Path
+
+import numpy as np
+import pytest
 
 _FLAG = "--xla_force_host_platform_device_count"
 if _FLAG not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {_FLAG}=8".strip()
 
 
+@pytest.fixture(scope="session")
+def text_file(tmp_path_factory) -> Path:
+    """~40 kB of varied text: pseudo-random words with line breaks."""
+    rng = np.random.default_rng(0)
+    words = ["the", "of", "and", "unto", "lord", "said", "king", "land", "his", "them"]
+    lines = [" ".join(rng.choice(words, size=rng.integers(4, 12))) for _ in range(800)]
+    path = tmp_path_factory.mktemp("corpus") / "words.txt"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
 def pytest_collection_modifyitems(config, items):
     """Tests marked ``gpu`` skip without a GPU (``pytest -m gpu`` selects only them)."""
     import jax
-    import pytest
 
     if jax.default_backend() == "gpu":
         return

@@ -24,8 +24,7 @@ def expected(name: str) -> dict[str, np.ndarray]:
 def random_model(config: TransformerConfig, seed: int = 0) -> MoETransformer:
     """A model of ``config`` with numpy-random parameters (std 0.3, norm scales
     around 1): built without jax's initialisers, so it costs no compilation."""
-    graphdef, abstract = nnx.split(nnx.eval_shape(lambda: MoETransformer(config,
-                                                                         rngs=nnx.Rngs(0))))
+    graphdef, abstract = nnx.split(nnx.eval_shape(lambda: MoETransformer(config, rngs=nnx.Rngs(0))))
     rng = np.random.default_rng(seed)
     leaves = []
     for path, variable in abstract.flat_state():

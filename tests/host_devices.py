@@ -8,5 +8,6 @@ def host_cpus() -> list:
     devices = jax.devices("cpu")
     assert len(devices) >= 8, (
         "needs 8 host CPU devices: run under pytest (tests/conftest.py sets "
-        "XLA_FLAGS=--xla_force_host_platform_device_count=8 before jax is imported)")
+        "XLA_FLAGS=--xla_force_host_platform_device_count=8 before jax is imported)"
+    )
     return devices

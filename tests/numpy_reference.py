@@ -32,8 +32,8 @@ def layout(group_sizes, block_size: int, num_rows: int):
     row_expert = np.full(num_rows, num_experts, np.int64)
     valid = np.zeros(num_rows, bool)
     for expert, start, padded in bins(group_sizes, block_size):
-        row_expert[start:start + padded] = expert
-        valid[start:start + int(group_sizes[expert])] = True
+        row_expert[start : start + padded] = expert
+        valid[start : start + int(group_sizes[expert])] = True
     return row_expert, valid
 
 
@@ -114,7 +114,7 @@ def _sigmoid(x):
 def _gelu_tanh(x):
     """``(gelu(x), gelu'(x))`` of the tanh approximation."""
     c = np.sqrt(2.0 / np.pi)
-    t = np.tanh(c * (x + 0.044715 * x ** 3))
+    t = np.tanh(c * (x + 0.044715 * x**3))
     return 0.5 * x * (1 + t), 0.5 * (1 + t) + 0.5 * x * (1 - t * t) * c * (1 + 3 * 0.044715 * x * x)
 
 
@@ -170,13 +170,13 @@ def _route_token(logits, token: int, config):
         chosen = list(np.argsort(-scores, kind="stable")[:top_k])
     raw = scores[chosen]
     p = config.normalize_top_k
-    norm = 1.0 if p is None else np.sum(raw ** p) ** (1.0 / p)
+    norm = 1.0 if p is None else np.sum(raw**p) ** (1.0 / p)
     weights = raw / norm
 
     def dscores(dweights):
         draw = dweights / norm
         if p is not None:  # d norm / d raw_i = raw_i^(p-1) norm^(1-p)
-            draw -= np.dot(dweights, raw) / norm ** 2 * raw ** (p - 1) * norm ** (1 - p)
+            draw -= np.dot(dweights, raw) / norm**2 * raw ** (p - 1) * norm ** (1 - p)
         out = np.zeros(num_experts)
         np.add.at(out, chosen, draw)
         return out
@@ -225,15 +225,19 @@ def moe(params: dict, x, config, dy):
     lse = np.array([np.log(np.sum(np.exp(x[t] @ kernel))) for t in range(tokens)])
     aux = {
         "load_balancing_loss": lb_scale * np.dot(counts, mean_probs),
-        "router_z_loss": config.router_z_loss_weight * np.mean(lse ** 2),
+        "router_z_loss": config.router_z_loss_weight * np.mean(lse**2),
         "tokens_per_expert": counts,
         "indices": np.array([r[2] for r in routes]),
         "weights": np.array([r[3] for r in routes]),
     }
 
-    grads = {"x": np.zeros_like(x), "router": {"kernel": np.zeros_like(kernel)},
-             "experts": {k: np.zeros_like(v) for k, v in (("w1", w1), ("w3", w3), ("w2", w2))
-                         if v is not None}}
+    grads = {
+        "x": np.zeros_like(x),
+        "router": {"kernel": np.zeros_like(kernel)},
+        "experts": {
+            k: np.zeros_like(v) for k, v in (("w1", w1), ("w3", w3), ("w2", w2)) if v is not None
+        },
+    }
     shared = params.get("shared")
     if shared is not None:
         sw = {k: f64(v) for k, v in shared["mlp"].items()}
@@ -308,12 +312,15 @@ def deepseek_route(logits, config, bias=None):
     chosen, norms = [], []
     for t in range(tokens):
         choice = scores[t] + bias
-        group_scores = [sum(sorted(choice[g * per_group:(g + 1) * per_group])[-2:])
-                        for g in range(groups)] if groups > 1 else [0.0]
-        best = np.argsort(-np.array(group_scores), kind="stable")[:config.top_k_groups]
+        group_scores = (
+            [sum(sorted(choice[g * per_group : (g + 1) * per_group])[-2:]) for g in range(groups)]
+            if groups > 1
+            else [0.0]
+        )
+        best = np.argsort(-np.array(group_scores), kind="stable")[: config.top_k_groups]
         eligible = [e for e in range(num_experts) if e // per_group in best]
         ranked = sorted(eligible, key=lambda e: (-choice[e], e))
-        chosen.append(ranked[:config.top_k])
+        chosen.append(ranked[: config.top_k])
         norms.append(scores[t, chosen[-1]].sum() if config.normalize_top_k else 1.0)
     chosen, norms = np.array(chosen), np.array(norms)
     scale = config.routed_scaling_factor
@@ -348,27 +355,39 @@ def deepseek_moe(params: dict, x, config, dy, bias=None, num_sequences: int = 1)
     counts = np.bincount(chosen.reshape(-1), minlength=num_experts)
     lb_scale = config.load_balancing_loss_weight * num_experts / (tokens * top_k)
     seq_len = tokens // num_sequences
-    seq_counts = np.array([np.bincount(chosen[s * seq_len:(s + 1) * seq_len].reshape(-1),
-                                       minlength=num_experts) for s in range(num_sequences)])
+    seq_counts = np.array(
+        [
+            np.bincount(chosen[s * seq_len : (s + 1) * seq_len].reshape(-1), minlength=num_experts)
+            for s in range(num_sequences)
+        ]
+    )
     f = num_experts / (top_k * seq_len) * seq_counts  # [S, E]
     seq_probs = probs.reshape(num_sequences, seq_len, num_experts).mean(1)
     lse = np.log(np.exp(logits).sum(-1))
-    aux = {"load_balancing_loss": lb_scale * np.dot(counts, probs.mean(0)),
-           "router_z_loss": config.router_z_loss_weight * np.mean(lse ** 2),
-           "sequence_aux_loss": config.sequence_aux_loss_weight
-           * np.mean(np.sum(f * seq_probs, -1)),
-           "tokens_per_expert": counts, "indices": chosen, "weights": weights}
+    aux = {
+        "load_balancing_loss": lb_scale * np.dot(counts, probs.mean(0)),
+        "router_z_loss": config.router_z_loss_weight * np.mean(lse**2),
+        "sequence_aux_loss": config.sequence_aux_loss_weight * np.mean(np.sum(f * seq_probs, -1)),
+        "tokens_per_expert": counts,
+        "indices": chosen,
+        "weights": weights,
+    }
 
     ex = {k: f64(v) for k, v in params["experts"].items()}
     shared = {k: f64(v) for k, v in params["shared"]["mlp"].items()} if "shared" in params else None
-    grads = {"x": np.zeros_like(x), "router": {"kernel": np.zeros_like(kernel)},
-             "experts": {k: np.zeros_like(v) for k, v in ex.items()}}
+    grads = {
+        "x": np.zeros_like(x),
+        "router": {"kernel": np.zeros_like(kernel)},
+        "experts": {k: np.zeros_like(v) for k, v in ex.items()},
+    }
     if shared is not None:
         grads["shared"] = {"mlp": {k: np.zeros_like(v) for k, v in shared.items()}}
     y = np.zeros_like(x)
     for t in range(tokens):
-        blocks = [(weights[t, j], {k: v[e] for k, v in ex.items()}, grads["experts"], e)
-                  for j, e in enumerate(chosen[t])]
+        blocks = [
+            (weights[t, j], {k: v[e] for k, v in ex.items()}, grads["experts"], e)
+            for j, e in enumerate(chosen[t])
+        ]
         if shared is not None:
             blocks.append((1.0, shared, grads["shared"]["mlp"], None))
         dweights = np.zeros(top_k)
@@ -384,8 +403,10 @@ def deepseek_moe(params: dict, x, config, dy, bias=None, num_sequences: int = 1)
                     g_out[name] += value
                 else:
                     g_out[name][e] += value
-        dprobs = (lb_scale * counts / tokens + config.sequence_aux_loss_weight / num_sequences
-                  * f[t // seq_len] / seq_len)
+        dprobs = (
+            lb_scale * counts / tokens
+            + config.sequence_aux_loss_weight / num_sequences * f[t // seq_len] / seq_len
+        )
         dlogits = _dlogits(logits[t], scores[t], probs[t], dscores(t, dweights), dprobs, config)
         dlogits += config.router_z_loss_weight * 2 * lse[t] / tokens * np.exp(logits[t] - lse[t])
         grads["router"]["kernel"] += np.outer(x[t], dlogits)
@@ -397,5 +418,9 @@ def expert_bias_update(bias, tokens_per_expert, rate: float):
     """``b_e + rate`` for experts below the mean load, ``- rate`` above, unchanged at it."""
     load = np.asarray(tokens_per_expert, np.float64)
     mean = load.sum() / len(load)
-    return np.array([b + rate * (1 if l < mean else -1 if l > mean else 0)
-                     for b, l in zip(np.asarray(bias, np.float64), load)])
+    return np.array(
+        [
+            b + rate * (1 if n < mean else -1 if n > mean else 0)
+            for b, n in zip(np.asarray(bias, np.float64), load)
+        ]
+    )

@@ -15,8 +15,9 @@ SEQ = 16
 def tiny_model(ffn: str = "dmoe") -> TransformerConfig:
     """2 blocks of width 16, 8 experts (so a 2 x 4 mesh splits them), top-1."""
     moe = MoEConfig(d_model=16, d_ff=32, num_experts=8, top_k=1, block_size=32, impl="xla")
-    return TransformerConfig(vocab_size=256, d_model=16, num_layers=2, num_heads=2,
-                             max_seq_len=SEQ, moe=moe, ffn=ffn)
+    return TransformerConfig(
+        vocab_size=256, d_model=16, num_layers=2, num_heads=2, max_seq_len=SEQ, moe=moe, ffn=ffn
+    )
 
 
 def main(argv=None):

@@ -33,9 +33,9 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+import numpy_reference as ref
 import pytest
 
-import numpy_reference as ref
 from jmoe import permutation
 from pallas_kernels import products
 from pallas_kernels.fused_mlp import fused_expert_mlp
@@ -52,7 +52,7 @@ def _bf16(a) -> np.ndarray:
 def _bound_ratio(got, exact, abs_sum, n: int) -> float:
     """Largest ``|got - exact|`` over the bound of the module docstring."""
     got = np.asarray(jnp.asarray(got).astype(jnp.float32), np.float64)
-    bound = 2.0 ** -8 * np.abs(exact) + n * 2.0 ** -23 * abs_sum + 1e-30
+    bound = 2.0**-8 * np.abs(exact) + n * 2.0**-23 * abs_sum + 1e-30
     return float(np.max(np.abs(got - exact) / bound))
 
 
@@ -86,8 +86,7 @@ def test_unpermute_sums_k8_choices_in_float32():
     tokens, num_experts, top_k, width = 256, 16, 8, 32
     rng = np.random.default_rng(0)
     indices = np.argsort(rng.random((tokens, num_experts)), axis=1)[:, :top_k]
-    dispatch, topo = permutation.dropless_dispatch(jnp.asarray(indices, jnp.int32),
-                                                   num_experts, 1)
+    dispatch, topo = permutation.dropless_dispatch(jnp.asarray(indices, jnp.int32), num_experts, 1)
     y = _normal_bf16(rng, topo.padded_rows, width)
     weights = rng.uniform(0.1, 1.0, (tokens, top_k)).astype(np.float32)
     got = permutation.unpermute(jnp.asarray(y, jnp.bfloat16), dispatch, jnp.asarray(weights))
@@ -101,18 +100,22 @@ def test_unpermute_sums_k8_choices_in_float32():
 
 GROUP_SIZES = (300, 0, 180, 20)  # rows per expert: hundreds into one dstd entry
 NUM_ROWS, BLOCK = 512, 32
-D_FF, WIDTH = 512, 32            # the sdd / dsd contraction is d_ff long
-MOSAIC_WIDTH = 64                # mosaic needs feature sizes that are multiples of 64
+D_FF, WIDTH = 512, 32  # the sdd / dsd contraction is d_ff long
+MOSAIC_WIDTH = 64  # mosaic needs feature sizes that are multiples of 64
 
 
 @functools.partial(jax.jit, static_argnames="impl")
 def _products(lhs, rhs, rows_a, rows_b, topo, *, impl):
-    return (products.sdd(lhs, rhs, topo, impl=impl), products.dsd(lhs, rhs, topo, impl=impl),
-            products.dstd(rows_a, rows_b, topo, impl=impl))
+    return (
+        products.sdd(lhs, rhs, topo, impl=impl),
+        products.dsd(lhs, rhs, topo, impl=impl),
+        products.dstd(rows_a, rows_b, topo, impl=impl),
+    )
 
 
-@pytest.mark.parametrize("impl", ["xla", "ragged_dot", "triton",
-                                  pytest.param("mosaic", marks=pytest.mark.gpu)])
+@pytest.mark.parametrize(
+    "impl", ["xla", "ragged_dot", "triton", pytest.param("mosaic", marks=pytest.mark.gpu)]
+)
 def test_products_accumulate_in_float32(impl):
     """sdd / dsd over a 512-long contraction and dstd over up to 300 rows per
     expert, bf16 in and out, against exact sums. Catches a kernel that keeps
@@ -125,8 +128,9 @@ def test_products_accumulate_in_float32(impl):
     lhs, rows_a, rows_b = rows(D_FF), rows(width), rows(width)
     rhs = _normal_bf16(rng, len(GROUP_SIZES), D_FF, width)
     as_bf16 = lambda a: jnp.asarray(a, jnp.bfloat16)
-    sdd, dsd, dstd = _products(as_bf16(lhs), as_bf16(rhs), as_bf16(rows_a), as_bf16(rows_b),
-                               topo, impl=impl)
+    sdd, dsd, dstd = _products(
+        as_bf16(lhs), as_bf16(rhs), as_bf16(rows_a), as_bf16(rows_b), topo, impl=impl
+    )
 
     mm = functools.partial(ref.grouped_matmul, group_sizes=GROUP_SIZES, block_size=BLOCK)
     columns = [slice(c, c + CHUNK) for c in range(0, D_FF, CHUNK)]
@@ -136,10 +140,10 @@ def test_products_accumulate_in_float32(impl):
 
     wg = functools.partial(ref.weight_grad, group_sizes=GROUP_SIZES, block_size=BLOCK)
     chunk_mask = lambda r: (np.arange(topo.padded_rows) // CHUNK == r)[:, None]
-    partials = [wg(rows_a * chunk_mask(r), rows_b * chunk_mask(r))
-                for r in range(topo.padded_rows // CHUNK)]
-    _check(dstd, wg(rows_a, rows_b), wg(np.abs(rows_a), np.abs(rows_b)), max(GROUP_SIZES),
-           partials)
+    partials = [
+        wg(rows_a * chunk_mask(r), rows_b * chunk_mask(r)) for r in range(topo.padded_rows // CHUNK)
+    ]
+    _check(dstd, wg(rows_a, rows_b), wg(np.abs(rows_a), np.abs(rows_b)), max(GROUP_SIZES), partials)
 
 
 # ------------------------------------------------------------------ the fused CPU path
@@ -150,8 +154,9 @@ def _fused_and_dw2(num_experts, x, w1, w2, indices, weights, dy):
     """`fused_expert_mlp` with an identity activation: ``(y, dw2)``, bf16."""
     dispatch, topo = permutation.dropless_dispatch(indices, num_experts, 1)
     row_weights = permutation.row_weights(weights, dispatch)
-    fused = lambda w2: fused_expert_mlp(x, dispatch.row_tokens, row_weights, topo, w1, None,
-                                        w2, lambda gate, up: gate)
+    fused = lambda w2: fused_expert_mlp(
+        x, dispatch.row_tokens, row_weights, topo, w1, None, w2, lambda gate, up: gate
+    )
     y, vjp = jax.vjp(fused, w2)
     return y, vjp(dy)[0]
 
@@ -170,31 +175,42 @@ def test_fused_mlp_sums_in_float32():
     tokens, num_experts, d_model, d_ff = 256, 8, 8, 16
     rng = np.random.default_rng(2)
     small = lambda *shape: rng.integers(-1, 2, shape).astype(np.float64)
-    x, w1, w2 = small(tokens, d_model), small(num_experts, d_model, d_ff), small(
-        num_experts, d_ff, d_model)
+    x, w1, w2 = (
+        small(tokens, d_model),
+        small(num_experts, d_model, d_ff),
+        small(num_experts, d_ff, d_model),
+    )
     indices = np.argsort(rng.random((tokens, num_experts)), axis=1)  # k = E = 8
     dy = _normal_bf16(rng, tokens, d_model)
     bf16 = lambda a: jnp.asarray(a, jnp.bfloat16)
-    run = lambda weights: _fused_and_dw2(num_experts, bf16(x), bf16(w1), bf16(w2),
-                                         jnp.asarray(indices, jnp.int32),
-                                         jnp.asarray(weights, jnp.float32), bf16(dy))
+    run = lambda weights: _fused_and_dw2(
+        num_experts,
+        bf16(x),
+        bf16(w1),
+        bf16(w2),
+        jnp.asarray(indices, jnp.int32),
+        jnp.asarray(weights, jnp.float32),
+        bf16(dy),
+    )
 
     weights = rng.uniform(0.1, 1.0, (tokens, num_experts)).astype(np.float32)
     y, _ = run(weights)
     assert y.dtype == jnp.bfloat16
-    out = np.einsum("td,edf,efo->teo", x, w1, w2)        # [T, E, d] exact integers
-    assert np.abs(out).max() < 256                        # so bf16-exact
-    terms = [weights[:, j, None].astype(np.float64) * out[np.arange(tokens), indices[:, j]]
-             for j in range(num_experts)]
+    out = np.einsum("td,edf,efo->teo", x, w1, w2)  # [T, E, d] exact integers
+    assert np.abs(out).max() < 256  # so bf16-exact
+    terms = [
+        weights[:, j, None].astype(np.float64) * out[np.arange(tokens), indices[:, j]]
+        for j in range(num_experts)
+    ]
     _check(y, sum(terms), sum(np.abs(t) for t in terms), num_experts, terms)
 
     weights = 2.0 ** rng.integers(-2, 2, (tokens, num_experts))
     _, dw2 = run(weights)
     assert dw2.dtype == jnp.bfloat16
-    hidden = np.einsum("td,edf->tef", x, w1)              # [T, E, d_ff]
+    hidden = np.einsum("td,edf->tef", x, w1)  # [T, E, d_ff]
     by_expert = np.empty((tokens, num_experts))
     by_expert[np.arange(tokens)[:, None], indices] = weights
-    scaled = by_expert[:, :, None] * dy[:, None, :]       # [T, E, d] exact in bf16
+    scaled = by_expert[:, :, None] * dy[:, None, :]  # [T, E, d] exact in bf16
     dw2_of = lambda t: np.einsum("tef,ted->efd", hidden[t], scaled[t])
     abs_sum = np.einsum("tef,ted->efd", np.abs(hidden), np.abs(scaled))
     partials = [dw2_of(slice(c, c + CHUNK)) for c in range(0, tokens, CHUNK)]

@@ -40,7 +40,8 @@ def test_comm_table_bytes(ep):
     gathered = tokens * (d + 2 * k) * f32
     scattered = tokens * ep * d * f32
     assert got["allgather"] == pytest.approx(
-        (gathered * (ep - 1) + scattered * (ep - 1) / ep) / mib)
+        (gathered * (ep - 1) + scattered * (ep - 1) / ep) / mib
+    )
     # All-gather the [E] counts; two all_to_alls of [ep, slots, d] buckets,
     # slots = min(T k, worst-case capacity).
     slots = min(tokens * k, ep * tokens * min(k, experts // ep))
@@ -59,14 +60,17 @@ def test_buffer_table_rows_and_rounds(tmp_path):
     # Hidden sharding at EP 64: s = 8 splits of d_ff; f=1: T * k * s rows of width d_ff / 8.
     assert comm_table.buffer_rows(mixtral, 4096, 64, 1.0) == 4096 * 2 * 8
     assert comm_table.buffer_gib(mixtral, 1024, 64) == pytest.approx(
-        1024 * (2 * 4096 + 3 * 14336 // 8) * 2 / 2**30)
+        1024 * (2 * 4096 + 3 * 14336 // 8) * 2 / 2**30
+    )
     small = MoEConfig(d_model=16, d_ff=32, num_experts=8, top_k=2)
     hot = np.eye(8)[0]  # every assignment on expert 0: rank 0 gets 4 * 8 * 2 = 64 rows
     assert comm_table.expected_rounds(small, hot, 8, 4, 0.5) == 64 / 8
     assert comm_table.expected_rounds(small, np.full(8, 1 / 8), 8, 4, 100.0) == 1
     metrics = tmp_path / "metrics.jsonl"
-    records = [{"kind": "train", "expert_load": [[1.0, 0.0], [0.5, 0.5]]},
-               {"kind": "val", "val_loss": 1.0}]
+    records = [
+        {"kind": "train", "expert_load": [[1.0, 0.0], [0.5, 0.5]]},
+        {"kind": "val", "val_loss": 1.0},
+    ]
     metrics.write_text("".join(json.dumps(r) + "\n" for r in records))
     loads = comm_table.measured_loads(str(metrics))
     np.testing.assert_array_equal(np.stack(loads), [[1.0, 0.0], [0.5, 0.5]])

@@ -8,10 +8,14 @@ from experiments import compare
 
 def _run(final: float, losses: list[float], dropped: float = 0.0):
     """A summary and metrics: val losses at steps 0, 10, 20, ... (1 s per step)."""
-    val = [{"kind": "val", "step": 10 * i, "train_time_s": 10.0 * i, "val_loss": v}
-           for i, v in enumerate(losses)]
-    return ({"final_val_loss": final, "tokens_per_step": 100, "dropped_fraction": dropped},
-            [{"kind": "train", "step": 1}, *val])
+    val = [
+        {"kind": "val", "step": 10 * i, "train_time_s": 10.0 * i, "val_loss": v}
+        for i, v in enumerate(losses)
+    ]
+    return (
+        {"final_val_loss": final, "tokens_per_step": 100, "dropped_fraction": dropped},
+        [{"kind": "train", "step": 1}, *val],
+    )
 
 
 def test_seeds_table():
@@ -23,7 +27,8 @@ def test_seeds_table():
     }
     rows, target_name, target = compare.seeds_table(
         {n: [s for s, _ in r] for n, r in runs.items()},
-        {n: [m for _, m in r] for n, r in runs.items()})
+        {n: [m for _, m in r] for n, r in runs.items()},
+    )
     assert target_name == "moe-cf2.0" and target == pytest.approx(2.3)
     by_run = {r["run"]: r for r in rows}
     assert by_run["dense"]["val_mean"] == pytest.approx(2.1)

@@ -29,19 +29,22 @@ def _device(platform="gpu", kind="NVIDIA H100 80GB HBM3", capability="9.0"):
     return stub
 
 
-@pytest.mark.parametrize("device,impl", [
-    (_device("cpu", "cpu", None), "xla"),
-    (_device("tpu", "TPU v5 lite", None), "xla"),
-    (_device("gpu", "AMD Instinct MI300X", None), "xla"),
-    (_device(kind="NVIDIA H100 80GB HBM3", capability="9.0"), "mosaic"),
-    (_device(kind="NVIDIA H200", capability="9.0"), "mosaic"),
-    (_device(kind="NVIDIA B200", capability="10.0"), "triton"),     # no wgmma on sm_100
-    (_device(kind="NVIDIA GeForce RTX 5090", capability="12.0"), "triton"),
-    (_device(kind="NVIDIA A100-SXM4-80GB", capability="8.0"), "triton"),
-    (_device(kind="NVIDIA L4", capability="8.9"), "triton"),
-    (_device(kind="Tesla V100-SXM2-16GB", capability="7.0"), "ragged_dot"),
-    (_device(kind="NVIDIA unknown", capability=None), "ragged_dot"),
-])
+@pytest.mark.parametrize(
+    "device,impl",
+    [
+        (_device("cpu", "cpu", None), "xla"),
+        (_device("tpu", "TPU v5 lite", None), "xla"),
+        (_device("gpu", "AMD Instinct MI300X", None), "xla"),
+        (_device(kind="NVIDIA H100 80GB HBM3", capability="9.0"), "mosaic"),
+        (_device(kind="NVIDIA H200", capability="9.0"), "mosaic"),
+        (_device(kind="NVIDIA B200", capability="10.0"), "triton"),  # no wgmma on sm_100
+        (_device(kind="NVIDIA GeForce RTX 5090", capability="12.0"), "triton"),
+        (_device(kind="NVIDIA A100-SXM4-80GB", capability="8.0"), "triton"),
+        (_device(kind="NVIDIA L4", capability="8.9"), "triton"),
+        (_device(kind="Tesla V100-SXM2-16GB", capability="7.0"), "ragged_dot"),
+        (_device(kind="NVIDIA unknown", capability=None), "ragged_dot"),
+    ],
+)
 def test_impl_for_device(device, impl):
     assert products.impl_for_device(device) == impl
 
@@ -49,8 +52,10 @@ def test_impl_for_device(device, impl):
 @pytest.fixture
 def stub_device(monkeypatch):
     """Makes ``impl="auto"`` choose for a stubbed default device."""
+
     def install(device):
         monkeypatch.setattr(products, "_default_device", lambda: device)
+
     return install
 
 
@@ -68,8 +73,11 @@ def test_auto_follows_the_default_device(stub_device):
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
 def test_auto_refuses_32_bit_compute_on_nvidia(stub_device, dtype):
     stub_device(_device(kind="NVIDIA H200", capability="9.0"))
-    with pytest.raises(ValueError, match=r"impl='auto' on NVIDIA H200 picks 'mosaic'.*"
-                                         r"set MoEConfig\(dtype=jnp.bfloat16\).*impl='xla'"):
+    with pytest.raises(
+        ValueError,
+        match=r"impl='auto' on NVIDIA H200 picks 'mosaic'.*"
+        r"set MoEConfig\(dtype=jnp.bfloat16\).*impl='xla'",
+    ):
         products.resolve_impl("auto", dtype)
     assert products.resolve_impl("xla", dtype) == "xla"  # an explicit impl is kept
 
@@ -78,8 +86,11 @@ def test_layer_refuses_float32_auto_on_a_stubbed_gpu(stub_device):
     stub_device(_device(kind="Tesla V100-SXM2-16GB", capability="7.0"))
     config = MoEConfig(d_model=8, d_ff=16, num_experts=4, top_k=2, impl="auto")
     layer = DroplessMoE(config, rngs=nnx.Rngs(0))
-    with pytest.raises(ValueError, match=r"picks 'ragged_dot'.*compute dtype float32: set "
-                                         r"MoEConfig\(dtype="):
+    with pytest.raises(
+        ValueError,
+        match=r"picks 'ragged_dot'.*compute dtype float32: set "
+        r"MoEConfig\(dtype=",
+    ):
         jax.eval_shape(layer, jax.ShapeDtypeStruct((4, 8), jnp.float32))
 
 
@@ -90,10 +101,16 @@ def _routed_case(glu: bool, seed=0):
     indices = np.stack([rng.choice([0, 2, 3], 2, replace=False) for _ in range(tokens)])
     dispatch, topo = permutation.dropless_dispatch(jnp.asarray(indices, jnp.int32), e, 1)
     weights = jnp.asarray(rng.uniform(0.1, 1.0, (tokens, k)), jnp.float32)
-    normal = lambda *shape: jnp.asarray(rng.standard_normal(shape) / np.sqrt(shape[-2]
-                                        if len(shape) > 2 else 1), jnp.float32)
-    ops = dict(x=normal(tokens, d), weights=weights, w1=normal(e, d, f),
-               w3=normal(e, d, f) if glu else None, w2=normal(e, f, d))
+    normal = lambda *shape: jnp.asarray(
+        rng.standard_normal(shape) / np.sqrt(shape[-2] if len(shape) > 2 else 1), jnp.float32
+    )
+    ops = dict(
+        x=normal(tokens, d),
+        weights=weights,
+        w1=normal(e, d, f),
+        w3=normal(e, d, f) if glu else None,
+        w2=normal(e, f, d),
+    )
     return dispatch, topo, ops
 
 
@@ -143,13 +160,15 @@ def test_routed_mlp_dispatches_to_the_backends_expert_mlp(monkeypatch):
     monkeypatch.setattr(products, "backend", lambda impl: fake)
     dispatch, topo, ops = _routed_case(False)
     rows = RowMap(dispatch.row_tokens, jnp.ones(topo.padded_rows), dispatch.assignment_rows)
-    expert_mlp.routed_mlp(ops["x"], rows, topo, ops["w1"], None, ops["w2"],
-                          activation="gelu", impl="xla")
+    expert_mlp.routed_mlp(
+        ops["x"], rows, topo, ops["w1"], None, ops["w2"], activation="gelu", impl="xla"
+    )
     assert calls == ["gelu"]
 
 
 def test_bad_activation_name():
     dispatch, topo, ops = _routed_case(False)
     with pytest.raises(ValueError, match=r"activation must be one of \('gelu', 'swiglu'\)"):
-        expert_mlp.routed_mlp(ops["x"], None, topo, ops["w1"], None, ops["w2"],
-                              activation="relu", impl="xla")
+        expert_mlp.routed_mlp(
+            ops["x"], None, topo, ops["w1"], None, ops["w2"], activation="relu", impl="xla"
+        )

@@ -58,9 +58,11 @@ def loss_fn(model, tokens):
 }
 # file -> (placeholder, replacement) pairs applied to its blocks
 SUBSTITUTIONS = {
-    "docs/hf.md": [('"path/to/OLMoE-1B-7B"', repr(str(FIXTURES / "olmoe"))),
-                   ('"out/"', "str(__import__('tempfile').mkdtemp())"),
-                   ("(model, prompt, 64", "(model, prompt, 16")],  # the fixture's max_seq_len is 64
+    "docs/hf.md": [
+        ('"path/to/OLMoE-1B-7B"', repr(str(FIXTURES / "olmoe"))),
+        ('"out/"', "str(__import__('tempfile').mkdtemp())"),
+        ("(model, prompt, 64", "(model, prompt, 16"),
+    ],  # the fixture's max_seq_len is 64
 }
 # file -> code run after its blocks (exercises what the blocks only define)
 EPILOGUES = {
@@ -100,7 +102,7 @@ def test_python_blocks_run(document):
         for placeholder, replacement in SUBSTITUTIONS.get(document, []):
             assert placeholder in code or placeholder not in text, placeholder
             code = code.replace(placeholder, replacement)
-        line = text[:match.start()].count("\n") + 2
+        line = text[: match.start()].count("\n") + 2
         # pad so that tracebacks give the Markdown file's own line numbers
         exec(compile("\n" * (line - 1) + code, document, "exec"), namespace)
     exec(compile(EPILOGUES.get(document, ""), f"{document}:epilogue", "exec"), namespace)

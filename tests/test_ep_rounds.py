@@ -19,16 +19,22 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from jax.sharding import AxisType
-
 from host_devices import host_cpus
+from jax.sharding import AxisType
+from test_expert_parallel import (
+    TOL,
+    _config,
+    _emulated_ragged_all_to_all,
+    _expert_parallel,
+    _problem,
+    _single_device,
+)
+from test_parallel_layer import _abstract_gpu_mesh, _train_grad_fn
+
 from jmoe import DroplessMoE, MoEConfig
 from jmoe.parallel import expert_parallel_ffn, make_mesh
 from jmoe.parallel.plan import make_plan, num_rounds
 from jmoe.transformer import aggregate_aux
-from test_expert_parallel import (TOL, _config, _emulated_ragged_all_to_all,
-                                  _expert_parallel, _problem, _single_device)
-from test_parallel_layer import _abstract_gpu_mesh, _train_grad_fn
 
 TOKENS_PER_DEVICE = 8
 
@@ -40,9 +46,15 @@ def _owner_streams(counts: np.ndarray, num_local: int) -> list[list[tuple[int, i
     """Per owner rank, its incoming assignments as ``(source, expert, i)`` in the
     documented fill order: local expert, then source, then position in the chunk."""
     num_ranks = counts.shape[0]
-    return [[(src, e, i) for e in range(owner * num_local, (owner + 1) * num_local)
-             for src in range(num_ranks) for i in range(counts[src, e])]
-            for owner in range(num_ranks)]
+    return [
+        [
+            (src, e, i)
+            for e in range(owner * num_local, (owner + 1) * num_local)
+            for src in range(num_ranks)
+            for i in range(counts[src, e])
+        ]
+        for owner in range(num_ranks)
+    ]
 
 
 def _served_by_round(counts: np.ndarray, num_local: int, buffer_rows: int) -> list[np.ndarray]:
@@ -60,8 +72,9 @@ def _served_by_round(counts: np.ndarray, num_local: int, buffer_rows: int) -> li
     return rounds
 
 
-def _rounds_by_model(indices: np.ndarray, data: int, expert: int, num_experts: int,
-                     buffer_factor: float) -> int:
+def _rounds_by_model(
+    indices: np.ndarray, data: int, expert: int, num_experts: int, buffer_factor: float
+) -> int:
     """Rounds the layer needs (the most over the data replicas), hidden sharding
     included: with ``s = ep / E`` splits, a token's choice ``e`` goes to every
     virtual expert ``e*s + h``."""
@@ -76,8 +89,8 @@ def _rounds_by_model(indices: np.ndarray, data: int, expert: int, num_experts: i
         counts = np.zeros((expert, virtual), np.int64)
         for src in range(expert):
             first = (replica * expert + src) * local_tokens
-            for e in indices[first:first + local_tokens].reshape(-1):
-                counts[src, e * splits:(e + 1) * splits] += 1
+            for e in indices[first : first + local_tokens].reshape(-1):
+                counts[src, e * splits : (e + 1) * splits] += 1
         most = max(most, len(_served_by_round(counts, virtual // expert, buffer_rows)))
     return most
 
@@ -89,7 +102,7 @@ def test_plan_rounds_match_numpy_model():
     num_ranks, num_local, block = 4, 2, 32
     cases = [rng.integers(0, 9, (num_ranks, num_ranks * num_local)) for _ in range(3)]
     cases.append(np.zeros((num_ranks, num_ranks * num_local), np.int64))
-    cases[-1][:, 0] = 13                                    # every source -> expert 0
+    cases[-1][:, 0] = 13  # every source -> expert 0
     plan_of = jax.jit(make_plan, static_argnums=(2, 3, 4))
     for counts in cases:
         for capacity in (5, 16, 100):
@@ -99,8 +112,9 @@ def test_plan_rounds_match_numpy_model():
             for r, kept in enumerate(want):
                 sent = sum(want[:r], np.zeros_like(counts))
                 for rank in range(num_ranks):
-                    plan = plan_of(jnp.asarray(counts), jnp.int32(rank), num_local, capacity,
-                                   block, r)
+                    plan = plan_of(
+                        jnp.asarray(counts), jnp.int32(rank), num_local, capacity, block, r
+                    )
                     np.testing.assert_array_equal(plan.kept, kept)
                     np.testing.assert_array_equal(plan.send_offsets, chunk_starts + sent)
                     groups = kept.sum(0).reshape(num_ranks, num_local)[rank]
@@ -128,10 +142,11 @@ def _check_rounds(num_experts, top_k, data, expert, kind, factors, expert_type="
     got_rounds = []
     for factor in factors:
         y, (counts, dropped, rounds), grads = _expert_parallel(
-            config, indices, args, dy, data, expert, buffer_factor=factor, return_rounds=True,
-            **kw)
-        assert int(rounds) == _rounds_by_model(np.asarray(indices), data, expert,
-                                               num_experts, factor)
+            config, indices, args, dy, data, expert, buffer_factor=factor, return_rounds=True, **kw
+        )
+        assert int(rounds) == _rounds_by_model(
+            np.asarray(indices), data, expert, num_experts, factor
+        )
         assert int(dropped) == 0
         chex.assert_trees_all_equal(counts, want_counts)
         chex.assert_trees_all_close(y, want_y, **TOL)
@@ -147,11 +162,14 @@ def test_all_to_one_expert_in_eight_rounds():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind,factors,want", [
-    ("balanced", (1.0, 0.25), [1, 4]),
-    ("sparse", (2.0, 0.25), None),
-    ("one_expert", (1.25, 0.25), [4, 16]),
-])
+@pytest.mark.parametrize(
+    "kind,factors,want",
+    [
+        ("balanced", (1.0, 0.25), [1, 4]),
+        ("sparse", (2.0, 0.25), None),
+        ("one_expert", (1.25, 0.25), [4, 16]),
+    ],
+)
 def test_rounds_match_single_device(kind, factors, want):
     """2 x 4 mesh, E 8, k 2 (worst case 4x the balanced rows)."""
     rounds = _check_rounds(8, 2, 2, 4, kind, factors)
@@ -191,8 +209,9 @@ def test_rounds_lower_for_cuda_with_ragged_exchange():
         text = grad.trace(state, x).lower(lowering_platforms=("cuda",)).as_text()
     assert "stablehlo.while" in text
     assert text.count("@ragged_all_to_all") >= 5
-    assert not [line for line in text.splitlines()
-                if "stablehlo.all_to_all" in line and "xf32>" in line]
+    assert not [
+        line for line in text.splitlines() if "stablehlo.all_to_all" in line and "xf32>" in line
+    ]
 
 
 # ------------------------------------------------------------------ the layer
@@ -218,8 +237,7 @@ def test_layer_in_rounds_matches_single_device():
     gradient (router kernel included); ``ep_rounds`` > 1 on the mesh, 1 without;
     without ``ep_buffer_factor`` the aux keys are unchanged (no ``ep_rounds``)."""
     config = _config(8, 2, "glu").replace(ep_buffer_factor=0.5, num_shared_experts=1)
-    x = jnp.asarray(np.random.default_rng(1).standard_normal((64, config.d_model)),
-                    jnp.float32)
+    x = jnp.asarray(np.random.default_rng(1).standard_normal((64, config.d_model)), jnp.float32)
 
     def model():
         layer = DroplessMoE(config, rngs=nnx.Rngs(0))
@@ -242,9 +260,13 @@ def test_layer_in_rounds_matches_single_device():
 def test_transformer_aux_reports_the_most_rounds():
     """`aggregate_aux`: ``ep_rounds`` is the most of any block, and absent when no
     block reports it (dense blocks never do)."""
-    base = {"load_balancing_loss": jnp.zeros(()), "router_z_loss": jnp.zeros(()),
-            "sequence_aux_loss": jnp.zeros(()), "tokens_per_expert": jnp.zeros((8,), jnp.int32),
-            "dropped_tokens": jnp.zeros((), jnp.int32)}
+    base = {
+        "load_balancing_loss": jnp.zeros(()),
+        "router_z_loss": jnp.zeros(()),
+        "sequence_aux_loss": jnp.zeros(()),
+        "tokens_per_expert": jnp.zeros((8,), jnp.int32),
+        "dropped_tokens": jnp.zeros((), jnp.int32),
+    }
     layers = [{**base, "ep_rounds": jnp.int32(3)}, base, {**base, "ep_rounds": jnp.int32(5)}]
     assert int(aggregate_aux(layers, (0, 2), 8)["ep_rounds"]) == 5
     assert "ep_rounds" not in aggregate_aux([base, base], (0,), 8)
@@ -258,19 +280,26 @@ def test_buffer_factor_bounds_temporary_memory():
     """EP 8, E 16, k 2: the worst case (every token of 8 ranks on one rank's two
     experts) is 8x the balanced rows. With ep_buffer_factor=1.0 the compiled
     forward+backward needs <= 0.4x the worst-case-buffer layer's temp memory."""
-    config = MoEConfig(d_model=16, d_ff=128, num_experts=16, top_k=2, expert_type="glu",
-                       block_size=32, impl="xla")
+    config = MoEConfig(
+        d_model=16, d_ff=128, num_experts=16, top_k=2, expert_type="glu", block_size=32, impl="xla"
+    )
     mesh = make_mesh(1, 8, devices=host_cpus())
     tokens, (d, f, e) = 32 * 8, (config.d_model, config.d_ff, config.num_experts)
     spec = jax.ShapeDtypeStruct
-    args = (spec((tokens, d), jnp.float32), spec((tokens, 2), jnp.float32),
-            spec((tokens, 2), jnp.int32), spec((e, d, f), jnp.float32),
-            spec((e, d, f), jnp.float32), spec((e, f, d), jnp.float32))
+    args = (
+        spec((tokens, d), jnp.float32),
+        spec((tokens, 2), jnp.float32),
+        spec((tokens, 2), jnp.int32),
+        spec((e, d, f), jnp.float32),
+        spec((e, d, f), jnp.float32),
+        spec((e, f, d), jnp.float32),
+    )
 
     def temp_bytes(buffer_factor):
         def loss(x, weights, indices, w1, w3, w2):
-            y = expert_parallel_ffn(config, x, weights, indices, w1, w3, w2, mesh=mesh,
-                                    buffer_factor=buffer_factor)[0]
+            y = expert_parallel_ffn(
+                config, x, weights, indices, w1, w3, w2, mesh=mesh, buffer_factor=buffer_factor
+            )[0]
             return jnp.sum(y * y)
 
         grad = jax.jit(jax.grad(loss, argnums=(0, 1, 3, 4, 5)))
@@ -285,17 +314,15 @@ def test_buffer_factor_bounds_temporary_memory():
 def test_bad_buffer_factors_raise():
     with pytest.raises(ValueError, match="ep_buffer_factor must be None or > 0"):
         MoEConfig(d_model=8, d_ff=16, ep_buffer_factor=0.0)
-    with pytest.raises(ValueError, match="ep_buffer_factor=1.0 .* ep_capacity_factor=2.0 .* "
-                                         "exclusive"):
+    with pytest.raises(
+        ValueError, match="ep_buffer_factor=1.0 .* ep_capacity_factor=2.0 .* exclusive"
+    ):
         MoEConfig(d_model=8, d_ff=16, ep_buffer_factor=1.0, ep_capacity_factor=2.0)
     config = _config(8, 2).replace(ep_buffer_factor=1.0)
     args, indices, _ = _problem(config, 64, "random")
     x, weights, w1, w3, w2 = args
     mesh = make_mesh(2, 4, devices=host_cpus())
-    with pytest.raises(ValueError, match="capacity_factor=0.5 .* buffer_factor=1.0 .* "
-                                         "exclusive"):
-        expert_parallel_ffn(config, x, weights, indices, w1, w3, w2, mesh=mesh,
-                            capacity_factor=0.5)
+    with pytest.raises(ValueError, match="capacity_factor=0.5 .* buffer_factor=1.0 .* exclusive"):
+        expert_parallel_ffn(config, x, weights, indices, w1, w3, w2, mesh=mesh, capacity_factor=0.5)
     with pytest.raises(ValueError, match="buffer_factor must be None or > 0, got -1"):
-        expert_parallel_ffn(config, x, weights, indices, w1, w3, w2, mesh=mesh,
-                            buffer_factor=-1)
+        expert_parallel_ffn(config, x, weights, indices, w1, w3, w2, mesh=mesh, buffer_factor=-1)

@@ -24,15 +24,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from host_devices import host_cpus
 from jax import lax
 from jax.extend import core as jex_core
 from jax.sharding import PartitionSpec as P
+from test_expert_parallel import _emulated_ragged_all_to_all as emulated_ragged_all_to_all
 
-from host_devices import host_cpus
 from jmoe.parallel import EXPERT, make_mesh
 from jmoe.parallel.exchange import combine, dispatch
 from jmoe.parallel.plan import make_plan
-from test_expert_parallel import _emulated_ragged_all_to_all as emulated_ragged_all_to_all
 
 ROWS, D, E, BLOCK = 12, 4, 8, 8  # rows per rank, width, experts, layout block
 
@@ -96,8 +96,11 @@ def _exchange_grads(mesh, sizes: np.ndarray, capacity: int, method: str, run=Non
         return sent, back, d_x, d_layout
 
     spec = P(EXPERT)
-    return jax.jit(jax.shard_map(body, mesh=mesh, in_specs=(spec, spec), out_specs=(spec,) * 4,
-                                 check_vma=False))(x, jnp.asarray(sizes))
+    return jax.jit(
+        jax.shard_map(
+            body, mesh=mesh, in_specs=(spec, spec), out_specs=(spec,) * 4, check_vma=False
+        )
+    )(x, jnp.asarray(sizes))
 
 
 def _via_jax_transpose(fn, *args):
@@ -107,8 +110,13 @@ def _via_jax_transpose(fn, *args):
 
 
 _slow = pytest.mark.slow
-CASES = [("random", None), ("sparse", None), ("one_expert", ROWS),
-         pytest.param("one_expert", None, marks=_slow), pytest.param("random", ROWS // 2, marks=_slow)]
+CASES = [
+    ("random", None),
+    ("sparse", None),
+    ("one_expert", ROWS),
+    pytest.param("one_expert", None, marks=_slow),
+    pytest.param("random", ROWS // 2, marks=_slow),
+]
 
 
 @pytest.mark.parametrize("kind,capacity", CASES)

@@ -22,10 +22,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from host_devices import host_cpus
 from jax import lax
 from jax.sharding import PartitionSpec as P
 
-from host_devices import host_cpus
 from jmoe import MoEConfig
 from jmoe.moe import dropless_ffn
 from jmoe.parallel import context_mesh, expert_parallel_ffn, make_mesh
@@ -36,8 +36,15 @@ TOL = dict(rtol=1e-5, atol=1e-5)
 
 
 def _config(num_experts, top_k, expert_type="mlp", d_ff=F):
-    return MoEConfig(d_model=D, d_ff=d_ff, num_experts=num_experts, top_k=top_k,
-                     expert_type=expert_type, block_size=32, impl="xla")
+    return MoEConfig(
+        d_model=D,
+        d_ff=d_ff,
+        num_experts=num_experts,
+        top_k=top_k,
+        expert_type=expert_type,
+        block_size=32,
+        impl="xla",
+    )
 
 
 def _routing(kind: str, tokens: int, num_experts: int, top_k: int, rng) -> np.ndarray:
@@ -64,8 +71,11 @@ def _problem(config, tokens, kind, seed=0):
     weights = f32(rng.random((tokens, k)) + 0.1)
     indices = jnp.asarray(_routing(kind, tokens, e, k, rng), jnp.int32)
     w1 = f32(rng.standard_normal((e, d, config.d_ff)) / math.sqrt(d))
-    w3 = (f32(rng.standard_normal((e, d, config.d_ff)) / math.sqrt(d))
-          if config.expert_type == "glu" else None)
+    w3 = (
+        f32(rng.standard_normal((e, d, config.d_ff)) / math.sqrt(d))
+        if config.expert_type == "glu"
+        else None
+    )
     w2 = f32(rng.standard_normal((e, config.d_ff, d)) / math.sqrt(config.d_ff))
     dy = f32(rng.standard_normal((tokens, d)))
     return (x, weights, w1, w3, w2), indices, dy
@@ -92,13 +102,15 @@ def _single_device(config, indices, args, dy):
 
 def _expert_parallel(config, indices, args, dy, data, expert, **kw):
     mesh = make_mesh(data, expert, devices=host_cpus())
-    ffn = lambda x, w, w1, w3, w2: expert_parallel_ffn(config, x, w, indices, w1, w3, w2,
-                                                       mesh=mesh, **kw)
+    ffn = lambda x, w, w1, w3, w2: expert_parallel_ffn(
+        config, x, w, indices, w1, w3, w2, mesh=mesh, **kw
+    )
     return _value_and_grads(ffn, args, dy)
 
 
-def _check_matches_single_device(num_experts, top_k, expert, kind, expert_type="mlp",
-                                 data=None, **kw):
+def _check_matches_single_device(
+    num_experts, top_k, expert, kind, expert_type="mlp", data=None, **kw
+):
     data = data or (2 if expert < 8 else 1)
     config = _config(num_experts, top_k, expert_type)
     tokens = TOKENS_PER_DEVICE * data * expert
@@ -123,8 +135,11 @@ FAST_CASES = [  # (E, k, expert-axis size, routing, expert type)
 ]
 
 
-@pytest.mark.parametrize("num_experts,top_k,expert,kind,expert_type", FAST_CASES,
-                         ids=["-".join(map(str, c)) for c in FAST_CASES])
+@pytest.mark.parametrize(
+    "num_experts,top_k,expert,kind,expert_type",
+    FAST_CASES,
+    ids=["-".join(map(str, c)) for c in FAST_CASES],
+)
 def test_matches_single_device(num_experts, top_k, expert, kind, expert_type):
     counts = _check_matches_single_device(num_experts, top_k, expert, kind, expert_type)
     if kind == "one_expert":  # the case the worst-case buffers exist for
@@ -140,8 +155,9 @@ def test_matches_single_device_sweep(num_experts, top_k, expert, kind):
     _check_matches_single_device(num_experts, top_k, expert, kind)
 
 
-@pytest.mark.parametrize("num_experts,data,expert", [
-    (4, 1, 8), pytest.param(2, 2, 4, marks=pytest.mark.slow)])
+@pytest.mark.parametrize(
+    "num_experts,data,expert", [(4, 1, 8), pytest.param(2, 2, 4, marks=pytest.mark.slow)]
+)
 def test_hidden_sharding_matches_single_device(num_experts, data, expert):
     """Fewer experts than ranks: each expert's d_ff is split over ep / E ranks."""
     _check_matches_single_device(num_experts, 2, expert, "random", "glu", data=data)
@@ -155,12 +171,14 @@ def test_triton_block_layout_matches_single_device_xla():
 
     Catches an exchange plan whose receive offsets ignore the block padding
     (planted by hand: bin starts of an unpadded layout in `make_plan` fail it)."""
-    config = MoEConfig(d_model=32, d_ff=32, num_experts=8, top_k=2, expert_type="glu",
-                       block_size=32, impl="triton")
+    config = MoEConfig(
+        d_model=32, d_ff=32, num_experts=8, top_k=2, expert_type="glu", block_size=32, impl="triton"
+    )
     data, expert = 2, 4
     args, indices, dy = _problem(config, TOKENS_PER_DEVICE * data * expert, "random")
-    want_y, (want_counts,), want_grads = _single_device(config.replace(impl="xla"), indices,
-                                                        args, dy)
+    want_y, (want_counts,), want_grads = _single_device(
+        config.replace(impl="xla"), indices, args, dy
+    )
     y, (counts, dropped), grads = _expert_parallel(config, indices, args, dy, data, expert)
     chex.assert_trees_all_equal(counts, want_counts)
     assert int(dropped) == 0
@@ -170,8 +188,17 @@ def test_triton_block_layout_matches_single_device_xla():
 # ------------------------------------------------------------------ ragged exchange
 
 
-def _emulated_ragged_all_to_all(operand, output, input_offsets, send_sizes, output_offsets,
-                                recv_sizes, *, axis_name, axis_index_groups=None):
+def _emulated_ragged_all_to_all(
+    operand,
+    output,
+    input_offsets,
+    send_sizes,
+    output_offsets,
+    recv_sizes,
+    *,
+    axis_name,
+    axis_index_groups=None,
+):
     """``lax.ragged_all_to_all`` as its docstring specifies it, from all-gathers.
 
     Slice ``i`` of the sender goes to rank ``i // slices_per_rank`` at the
@@ -179,8 +206,9 @@ def _emulated_ragged_all_to_all(operand, output, input_offsets, send_sizes, outp
     Rows become NaN where a send size disagrees with the matching receive size.
     """
     assert axis_index_groups is None
-    everything = [lax.all_gather(a, axis_name) for a in
-                  (operand, input_offsets, send_sizes, output_offsets)]
+    everything = [
+        lax.all_gather(a, axis_name) for a in (operand, input_offsets, send_sizes, output_offsets)
+    ]
     operands, in_offsets, sizes, out_offsets = everything
     ranks, num_slices = in_offsets.shape
     per_rank = num_slices // ranks
@@ -192,8 +220,9 @@ def _emulated_ragged_all_to_all(operand, output, input_offsets, send_sizes, outp
             sent = me * per_rank + j
             start, size = out_offsets[src, sent], recv_sizes[src * per_rank + j]
             inside = (rows >= start) & (rows < start + size)
-            source_row = jnp.clip(in_offsets[src, sent] + rows[:, 0] - start, 0,
-                                  operand.shape[0] - 1)
+            source_row = jnp.clip(
+                in_offsets[src, sent] + rows[:, 0] - start, 0, operand.shape[0] - 1
+            )
             value = jnp.where(size == sizes[src, sent], operands[src][source_row], jnp.nan)
             result = jnp.where(inside, value, result)
     return result
@@ -208,17 +237,19 @@ def _receiving_ranks(indices: np.ndarray, expert: int, num_experts: int) -> set:
 
 
 RAGGED_CASES = [  # (E, k, data, expert, routing)
-    (8, 2, 2, 4, "sparse"),      # every row to rank 0
-    (8, 2, 2, 4, "random"),      # every rank receives from every rank
+    (8, 2, 2, 4, "sparse"),  # every row to rank 0
+    (8, 2, 2, 4, "random"),  # every rank receives from every rank
     (8, 2, 2, 4, "one_expert"),  # skewed: all rows to the last rank
-    (4, 2, 1, 8, "random"),      # hidden sharding: 2 ranks per expert
+    (4, 2, 1, 8, "random"),  # hidden sharding: 2 ranks per expert
 ]
 
 
-@pytest.mark.parametrize("num_experts,top_k,data,expert,kind", RAGGED_CASES,
-                         ids=["-".join(map(str, c)) for c in RAGGED_CASES])
-def test_ragged_exchange_matches_single_device(monkeypatch, num_experts, top_k, data, expert,
-                                               kind):
+@pytest.mark.parametrize(
+    "num_experts,top_k,data,expert,kind",
+    RAGGED_CASES,
+    ids=["-".join(map(str, c)) for c in RAGGED_CASES],
+)
+def test_ragged_exchange_matches_single_device(monkeypatch, num_experts, top_k, data, expert, kind):
     """The ragged exchange (emulated) gives the single-device result.
 
     Catches wrong per-rank send sizes or offsets of the ragged all-to-all: the
@@ -230,15 +261,17 @@ def test_ragged_exchange_matches_single_device(monkeypatch, num_experts, top_k, 
     _, indices, _ = _problem(config, TOKENS_PER_DEVICE * data * expert, kind)
     receivers = _receiving_ranks(np.asarray(indices), expert, num_experts)
     assert (receivers == {0}) == (kind == "sparse"), receivers
-    _check_matches_single_device(num_experts, top_k, expert, kind, config.expert_type,
-                                 data=data, exchange="ragged")
+    _check_matches_single_device(
+        num_experts, top_k, expert, kind, config.expert_type, data=data, exchange="ragged"
+    )
 
 
 # ------------------------------------------------------------------ capacity bound
 
 
-def _kept_by_policy(indices: np.ndarray, data: int, expert: int, num_experts: int,
-                    capacity: int) -> np.ndarray:
+def _kept_by_policy(
+    indices: np.ndarray, data: int, expert: int, num_experts: int, capacity: int
+) -> np.ndarray:
     """NumPy model of the documented drop policy: each owner rank fills its
     ``capacity`` rows in (local expert, source rank, token, choice) order."""
     tokens, top_k = indices.shape
@@ -258,9 +291,14 @@ def _kept_by_policy(indices: np.ndarray, data: int, expert: int, num_experts: in
     return kept
 
 
-@pytest.mark.parametrize("capacity_factor,exchange,kind", [
-    (0.5, "padded", "sparse"), (0.5, "ragged", "random"),
-    pytest.param(1.25, "padded", "sparse", marks=pytest.mark.slow)])
+@pytest.mark.parametrize(
+    "capacity_factor,exchange,kind",
+    [
+        (0.5, "padded", "sparse"),
+        (0.5, "ragged", "random"),
+        pytest.param(1.25, "padded", "sparse", marks=pytest.mark.slow),
+    ],
+)
 def test_capacity_factor_drops_and_counts(monkeypatch, capacity_factor, exchange, kind):
     """Against a NumPy model of the drop policy. With ``exchange="ragged"``
     (emulated; random routing, so every rank receives and drops) it catches
@@ -277,9 +315,9 @@ def test_capacity_factor_drops_and_counts(monkeypatch, capacity_factor, exchange
     assert 0 < (~kept).sum() < kept.size  # the case drops some, not all
     masked = (args[0], args[1] * jnp.asarray(kept, jnp.float32), *args[2:])
     want_y, (want_counts,), want_grads = _single_device(config, indices, masked, dy)
-    y, (counts, dropped), grads = _expert_parallel(config, indices, args, dy, data, expert,
-                                                   capacity_factor=capacity_factor,
-                                                   exchange=exchange)
+    y, (counts, dropped), grads = _expert_parallel(
+        config, indices, args, dy, data, expert, capacity_factor=capacity_factor, exchange=exchange
+    )
     assert int(dropped) == int((~kept).sum())
     chex.assert_trees_all_equal(counts, want_counts)  # counted before dropping
     chex.assert_trees_all_close(y, want_y, **TOL)
@@ -303,13 +341,17 @@ def _call(config, tokens=64, data=2, expert=4, mesh=None, **kw):
     return expert_parallel_ffn(config, x, weights, indices, w1, w3, w2, mesh=mesh, **kw)
 
 
-@pytest.mark.parametrize("config,kw,match", [
-    (_config(6, 2), {}, "num_experts=6 must be a multiple of the 'expert' mesh axis size 4"),
-    (_config(4, 2, d_ff=15), dict(data=1, expert=8), "d_ff=15 over 2 ranks"),
-    (_config(8, 2), dict(tokens=60), "60 tokens, not divisible by the 8 devices"),
-    (_config(8, 2), dict(capacity_factor=0.0), "capacity_factor must be None or > 0"),
-    (_config(8, 2), dict(exchange="nccl"), "exchange must be one of"),
-], ids=["experts-not-divisible", "hidden-d_ff", "tokens", "capacity", "exchange"])
+@pytest.mark.parametrize(
+    "config,kw,match",
+    [
+        (_config(6, 2), {}, "num_experts=6 must be a multiple of the 'expert' mesh axis size 4"),
+        (_config(4, 2, d_ff=15), dict(data=1, expert=8), "d_ff=15 over 2 ranks"),
+        (_config(8, 2), dict(tokens=60), "60 tokens, not divisible by the 8 devices"),
+        (_config(8, 2), dict(capacity_factor=0.0), "capacity_factor must be None or > 0"),
+        (_config(8, 2), dict(exchange="nccl"), "exchange must be one of"),
+    ],
+    ids=["experts-not-divisible", "hidden-d_ff", "tokens", "capacity", "exchange"],
+)
 def test_bad_configs_raise(config, kw, match):
     with pytest.raises(ValueError, match=match):
         _call(config, **kw)
@@ -321,8 +363,9 @@ def test_bad_meshes_raise():
     with pytest.raises(ValueError, match="mesh must have axes named 'data' and 'expert'"):
         _call(config, mesh=no_data)
     auto, explicit = jax.sharding.AxisType.Auto, jax.sharding.AxisType.Explicit
-    mixed = jax.make_mesh((2, 4), ("data", "expert"), axis_types=(auto, explicit),
-                          devices=host_cpus())
+    mixed = jax.make_mesh(
+        (2, 4), ("data", "expert"), axis_types=(auto, explicit), devices=host_cpus()
+    )
     with pytest.raises(ValueError, match="must have the same AxisType"):
         _call(config, mesh=mixed)
     with pytest.raises(ValueError, match="needs 16 devices, 8 are available"):

@@ -24,8 +24,8 @@ import pytest
 from jax.test_util import check_grads
 
 from jmoe import permutation
-from jmoe.experts import activate
 from jmoe.config import MoEConfig
+from jmoe.experts import activate
 from pallas_kernels import reference
 from pallas_kernels.fused_mlp import fused_expert_mlp
 from pallas_kernels.xla_impl import chunk_rows
@@ -56,9 +56,10 @@ def _case(indices, num_experts, block_size, *, glu=True, dtype=jnp.float32, seed
     operands = dict(
         x=normal(tokens, D),
         row_weights=jnp.asarray(row_weights, jnp.float32),
-        w1=normal(num_experts, D, F, scale=D ** -0.5),
-        w3=normal(num_experts, D, F, scale=D ** -0.5) if glu else None,
-        w2=normal(num_experts, F, D, scale=F ** -0.5))
+        w1=normal(num_experts, D, F, scale=D**-0.5),
+        w3=normal(num_experts, D, F, scale=D**-0.5) if glu else None,
+        w2=normal(num_experts, F, D, scale=F**-0.5),
+    )
     return topo, jnp.asarray(row_tokens, jnp.int32), operands, normal(tokens, D)
 
 
@@ -80,8 +81,16 @@ def _value_and_vjp(fn, activation, topo, row_tokens, operands, dy):
     """``(y, {x, row_weights, w1, w3, w2: gradient})`` of ``sum(y * dy)``."""
 
     def f(ops):
-        return fn(ops["x"], row_tokens, ops["row_weights"], topo, ops["w1"], ops["w3"],
-                  ops["w2"], activation)
+        return fn(
+            ops["x"],
+            row_tokens,
+            ops["row_weights"],
+            topo,
+            ops["w1"],
+            ops["w3"],
+            ops["w2"],
+            activation,
+        )
 
     y, vjp = jax.vjp(f, operands)
     return y, vjp(dy)[0]
@@ -112,8 +121,9 @@ def _random_indices(tokens, num_experts, top_k, seed=0):
 @pytest.mark.parametrize("expert_type", ["glu", "mlp"])
 def test_random_routing_matches_reference(block_size, expert_type):
     """37 tokens x top-2 over 4 experts: groups of ~18 rows, none a multiple of a tile."""
-    topo, row_tokens, operands, dy = _case(_random_indices(37, 4, 2), 4, block_size,
-                                           glu=expert_type == "glu")
+    topo, row_tokens, operands, dy = _case(
+        _random_indices(37, 4, 2), 4, block_size, glu=expert_type == "glu"
+    )
     _compare(topo, row_tokens, operands, dy, _activation(expert_type))
 
 
@@ -131,8 +141,10 @@ def test_one_expert_takes_a_group_of_several_chunks():
 
 
 def test_many_empty_experts_and_a_single_token():
-    for indices, num_experts in ((_random_indices(1, 8, 2, seed=1), 8),
-                                 (np.array([[5, 2]] * 13), 8)):
+    for indices, num_experts in (
+        (_random_indices(1, 8, 2, seed=1), 8),
+        (np.array([[5, 2]] * 13), 8),
+    ):
         topo, row_tokens, operands, dy = _case(indices, num_experts, 1, seed=2)
         _, grads = _compare(topo, row_tokens, operands, dy, _activation("glu"))
         used = set(np.unique(indices))
@@ -142,10 +154,18 @@ def test_many_empty_experts_and_a_single_token():
 
 
 def test_bfloat16():
-    topo, row_tokens, operands, dy = _case(_random_indices(29, 4, 2, seed=3), 4, 1,
-                                           dtype=jnp.bfloat16, seed=3)
-    _compare(topo, row_tokens, operands, dy, _activation("glu"),
-             tol=dict(rtol=5e-2, atol=5e-2), grad_tol=dict(rtol=1e-1, atol=1e-1))
+    topo, row_tokens, operands, dy = _case(
+        _random_indices(29, 4, 2, seed=3), 4, 1, dtype=jnp.bfloat16, seed=3
+    )
+    _compare(
+        topo,
+        row_tokens,
+        operands,
+        dy,
+        _activation("glu"),
+        tol=dict(rtol=5e-2, atol=5e-2),
+        grad_tol=dict(rtol=1e-1, atol=1e-1),
+    )
 
 
 def test_finite_differences():
@@ -163,10 +183,23 @@ def test_finite_differences():
 def test_checks_operands():
     topo, row_tokens, ops, _ = _case(_random_indices(5, 4, 2), 4, 1)
     act = _activation("glu")
-    call = lambda **kw: fused_expert_mlp(*({**dict(x=ops["x"], row_tokens=row_tokens,
-                                                   row_weights=ops["row_weights"], topo=topo,
-                                                   w1=ops["w1"], w3=ops["w3"], w2=ops["w2"],
-                                                   activation=act), **kw}).values())
+    call = lambda **kw: fused_expert_mlp(
+        *(
+            {
+                **dict(
+                    x=ops["x"],
+                    row_tokens=row_tokens,
+                    row_weights=ops["row_weights"],
+                    topo=topo,
+                    w1=ops["w1"],
+                    w3=ops["w3"],
+                    w2=ops["w2"],
+                    activation=act,
+                ),
+                **kw,
+            }
+        ).values()
+    )
     with pytest.raises(ValueError, match=r"row_tokens and row_weights must be \[padded_rows=10\]"):
         call(row_tokens=row_tokens[:-1])
     with pytest.raises(ValueError, match=r"w2 must be float32\(4, 16, 8\)"):

@@ -9,11 +9,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from hf_fixtures import FIXTURES, expected, random_model
+from jaxpr_tools import all_eqns
 
 import jmoe
 import jmoe.hf
-from hf_fixtures import FIXTURES, expected, random_model
-from jaxpr_tools import all_eqns
 from jmoe import MoEConfig
 from jmoe.decoding import sample_logits
 from jmoe.transformer import MoETransformer, TransformerConfig
@@ -22,10 +22,30 @@ VOCAB = 40
 
 
 def _config(ffn="dmoe", **kw):
-    moe = MoEConfig(d_model=32, d_ff=16, num_experts=4, top_k=2, expert_type="glu",
-                    normalize_top_k=1.0, impl="xla")
-    return TransformerConfig(**{**dict(vocab_size=VOCAB, d_model=32, num_layers=2, num_heads=4,
-                                       num_kv_heads=2, max_seq_len=16, moe=moe, ffn=ffn), **kw})
+    moe = MoEConfig(
+        d_model=32,
+        d_ff=16,
+        num_experts=4,
+        top_k=2,
+        expert_type="glu",
+        normalize_top_k=1.0,
+        impl="xla",
+    )
+    return TransformerConfig(
+        **{
+            **dict(
+                vocab_size=VOCAB,
+                d_model=32,
+                num_layers=2,
+                num_heads=4,
+                num_kv_heads=2,
+                max_seq_len=16,
+                moe=moe,
+                ffn=ffn,
+            ),
+            **kw,
+        }
+    )
 
 
 def _prompt(batch=3, length=5, seed=0, vocab=VOCAB):
@@ -96,19 +116,27 @@ def test_greedy_matches_transformers_other_architectures(name):
     want = expected(name)
     model = jmoe.hf.load(FIXTURES / name)
     new = want["generated"].shape[1] - want["generate_prompt"].shape[1]
-    np.testing.assert_array_equal(np.asarray(jmoe.generate(model, want["generate_prompt"], new)),
-                                  want["generated"])
+    np.testing.assert_array_equal(
+        np.asarray(jmoe.generate(model, want["generate_prompt"], new)), want["generated"]
+    )
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kw", [dict(), dict(ffn="dense"),
-                                dict(qk_norm="projection", num_kv_heads=None, head_dim=6,
-                                     tie_embeddings=True)])
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(),
+        dict(ffn="dense"),
+        dict(qk_norm="projection", num_kv_heads=None, head_dim=6, tie_embeddings=True),
+    ],
+)
 def test_greedy_equals_recomputation(kw):
     config = _config(**kw)
     prompt = _prompt()
-    np.testing.assert_array_equal(np.asarray(jmoe.generate(random_model(config), prompt, 7)),
-                                  _greedy_by_recomputation(_reference_model(config), prompt, 7))
+    np.testing.assert_array_equal(
+        np.asarray(jmoe.generate(random_model(config), prompt, 7)),
+        _greedy_by_recomputation(_reference_model(config), prompt, 7),
+    )
 
 
 @pytest.mark.slow
@@ -122,7 +150,7 @@ def test_cached_forward_equals_full_forward():
     logits, caches = cached(model, tokens[:, :5], caches, jnp.int32(0))
     steps = [logits]
     for p in range(5, 8):
-        logits, caches = cached(model, tokens[:, p:p + 1], caches, jnp.int32(p))
+        logits, caches = cached(model, tokens[:, p : p + 1], caches, jnp.int32(p))
         steps.append(logits)
     np.testing.assert_allclose(np.concatenate(steps, axis=1), full, atol=1e-5, rtol=1e-5)
 
@@ -130,18 +158,30 @@ def test_cached_forward_equals_full_forward():
 def test_decode_expert_gemms_scale_with_assignments():
     """The decode step's expert GEMMs (``x @ w[e]``) have at most ``batch * k``
     rows: the dropless layout of a few tokens is not padded to blocks."""
-    config = _config(moe=MoEConfig(d_model=32, d_ff=16, num_experts=8, top_k=2,
-                                   expert_type="glu", block_size=128, impl="xla"))
+    config = _config(
+        moe=MoEConfig(
+            d_model=32,
+            d_ff=16,
+            num_experts=8,
+            top_k=2,
+            expert_type="glu",
+            block_size=128,
+            impl="xla",
+        )
+    )
     model = random_model(config)
     batch = 3
     caches = model.init_cache(batch, 8)
     graphdef, state = nnx.split(model)
-    step = lambda state, token, caches: nnx.merge(graphdef, state).cached(token, caches,
-                                                                          jnp.int32(4))
+    step = lambda state, token, caches: nnx.merge(graphdef, state).cached(
+        token, caches, jnp.int32(4)
+    )
     jaxpr = jax.make_jaxpr(step)(state, jnp.zeros((batch, 1), jnp.int32), caches)
-    expert_rows = [eqn.invars[0].aval.shape[0] for eqn in all_eqns(jaxpr)
-                   if eqn.primitive.name == "dot_general"
-                   and eqn.invars[1].aval.shape in ((32, 16), (16, 32))]
+    expert_rows = [
+        eqn.invars[0].aval.shape[0]
+        for eqn in all_eqns(jaxpr)
+        if eqn.primitive.name == "dot_general" and eqn.invars[1].aval.shape in ((32, 16), (16, 32))
+    ]
     assert expert_rows and max(expert_rows) <= batch * 2, expert_rows
 
 
@@ -164,23 +204,28 @@ def test_sampling_is_reproducible_and_top_k_one_is_greedy():
     greedy = jmoe.generate(model, prompt, 6)
     one = jmoe.generate(model, prompt, 6, temperature=0.7, top_k=1, rng=jax.random.key(3))
     np.testing.assert_array_equal(one, greedy)
-    a, b, c = (jmoe.generate(model, prompt, 6, temperature=1.5, rng=jax.random.key(seed))
-               for seed in (1, 1, 2))
+    a, b, c = (
+        jmoe.generate(model, prompt, 6, temperature=1.5, rng=jax.random.key(seed))
+        for seed in (1, 1, 2)
+    )
     np.testing.assert_array_equal(a, b)
     assert not np.array_equal(a, c)
 
 
-@pytest.mark.parametrize("args, kw, match", [
-    ((np.zeros((2, 3), np.float32), 4), {}, "prompt must be an int array"),
-    ((np.zeros((3,), np.int32), 4), {}, "prompt must be an int array"),
-    ((np.zeros((2, 3), np.int32), 0), {}, "max_new_tokens must be a positive int"),
-    ((np.zeros((2, 10), np.int32), 7), {}, "exceeds max_seq_len=16"),
-    ((np.full((2, 3), VOCAB, np.int32), 4), {}, "prompt token ids must be in"),
-    ((np.zeros((2, 3), np.int32), 4), dict(temperature=1.0), "rng is required"),
-    ((np.zeros((2, 3), np.int32), 4), dict(temperature=-1.0), "temperature must be >= 0"),
-    ((np.zeros((2, 3), np.int32), 4), dict(top_k=0), "top_k must be None or in"),
-    ((np.zeros((2, 3), np.int32), 4), dict(top_p=1.5), "top_p must be None or in"),
-])
+@pytest.mark.parametrize(
+    "args, kw, match",
+    [
+        ((np.zeros((2, 3), np.float32), 4), {}, "prompt must be an int array"),
+        ((np.zeros((3,), np.int32), 4), {}, "prompt must be an int array"),
+        ((np.zeros((2, 3), np.int32), 0), {}, "max_new_tokens must be a positive int"),
+        ((np.zeros((2, 10), np.int32), 7), {}, "exceeds max_seq_len=16"),
+        ((np.full((2, 3), VOCAB, np.int32), 4), {}, "prompt token ids must be in"),
+        ((np.zeros((2, 3), np.int32), 4), dict(temperature=1.0), "rng is required"),
+        ((np.zeros((2, 3), np.int32), 4), dict(temperature=-1.0), "temperature must be >= 0"),
+        ((np.zeros((2, 3), np.int32), 4), dict(top_k=0), "top_k must be None or in"),
+        ((np.zeros((2, 3), np.int32), 4), dict(top_p=1.5), "top_p must be None or in"),
+    ],
+)
 def test_generate_validates_input(args, kw, match):
     model = nnx.eval_shape(lambda: MoETransformer(_config(), rngs=nnx.Rngs(0)))
     with pytest.raises(ValueError, match=match):

@@ -6,9 +6,9 @@ import json
 
 import numpy as np
 import pytest
+from hf_fixtures import FIXTURES, expected
 
 from experiments import generate
-from hf_fixtures import FIXTURES, expected
 
 
 def _args(**kw):
@@ -16,11 +16,14 @@ def _args(**kw):
     return argparse.Namespace(**{**base, **kw})
 
 
-@pytest.mark.parametrize("name, want", [
-    ("xs-dmoe", dict(preset="xs", ffn="dmoe", capacity_factor=1.0, moe_every=1)),
-    ("s-moe-cf1.5", dict(preset="s", ffn="moe", capacity_factor=1.5, moe_every=1)),
-    ("xs-dmoe-every2", dict(preset="xs", ffn="dmoe", capacity_factor=1.0, moe_every=2)),
-])
+@pytest.mark.parametrize(
+    "name, want",
+    [
+        ("xs-dmoe", dict(preset="xs", ffn="dmoe", capacity_factor=1.0, moe_every=1)),
+        ("s-moe-cf1.5", dict(preset="s", ffn="moe", capacity_factor=1.5, moe_every=1)),
+        ("xs-dmoe-every2", dict(preset="xs", ffn="dmoe", capacity_factor=1.0, moe_every=2)),
+    ],
+)
 def test_model_from_run_name(tmp_path, name, want):
     run = tmp_path / "some-dir"
     run.mkdir()
@@ -38,7 +41,8 @@ def test_unknown_run_name_asks_for_flags(tmp_path):
 def test_hf_token_ids_in_and_out(capsys):
     want = expected("mixtral")
     prompt = " ".join(map(str, want["generate_prompt"][0]))
-    generate.main(["--hf", str(FIXTURES / "mixtral"), "--prompt-ids", prompt,
-                   "--max-new-tokens", "10"])
+    generate.main(
+        ["--hf", str(FIXTURES / "mixtral"), "--prompt-ids", prompt, "--max-new-tokens", "10"]
+    )
     printed = [int(t) for t in capsys.readouterr().out.split()]
     np.testing.assert_array_equal(printed, want["generated"][0, 6:])

@@ -35,8 +35,11 @@ pytestmark = [
     pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU (pytest -m gpu)"),
 ]
 
-TOLERANCE = {jnp.dtype(jnp.float32): 1e-2, jnp.dtype(jnp.bfloat16): 2e-2,
-             jnp.dtype(jnp.float16): 5e-3}
+TOLERANCE = {
+    jnp.dtype(jnp.float32): 1e-2,
+    jnp.dtype(jnp.bfloat16): 2e-2,
+    jnp.dtype(jnp.float16): 5e-3,
+}
 NUM_EXPERTS = 4
 
 
@@ -57,17 +60,24 @@ def _case(impl, group_sizes, dtype, *, block_size=64, k=128, n=192, slack=5, see
     """Topology of ``group_sizes`` (+ ``slack`` unrouted rows) and operands:
     ``clean`` (zeros outside the groups) and ``poisoned`` (NaN there)."""
     group_sizes = jnp.asarray(group_sizes, jnp.int32)
-    topo = make_topology(group_sizes, int(group_sizes.sum()) + slack,
-                         products.layout_block_size(impl, block_size))
+    topo = make_topology(
+        group_sizes, int(group_sizes.sum()) + slack, products.layout_block_size(impl, block_size)
+    )
     valid = topo.row_is_valid()[:, None]
     keys = iter(jax.random.split(jax.random.key(seed), 8))
     normal = lambda *shape: jax.random.normal(next(keys), shape, jnp.float32)
-    rows = dict(x=normal(topo.padded_rows, k), h=normal(topo.padded_rows, n),
-                dy=normal(topo.padded_rows, n), dx=normal(topo.padded_rows, k))
+    rows = dict(
+        x=normal(topo.padded_rows, k),
+        h=normal(topo.padded_rows, n),
+        dy=normal(topo.padded_rows, n),
+        dx=normal(topo.padded_rows, k),
+    )
     clean = {name: jnp.where(valid, v, 0).astype(dtype) for name, v in rows.items()}
     poisoned = {name: jnp.where(valid, v, jnp.nan).astype(dtype) for name, v in rows.items()}
-    weights = dict(w=(normal(NUM_EXPERTS, k, n) / np.sqrt(k)).astype(dtype),
-                   g=normal(NUM_EXPERTS, k, n).astype(dtype))
+    weights = dict(
+        w=(normal(NUM_EXPERTS, k, n) / np.sqrt(k)).astype(dtype),
+        g=normal(NUM_EXPERTS, k, n).astype(dtype),
+    )
     return topo, {**clean, **weights}, {**poisoned, **weights}
 
 
@@ -83,9 +93,11 @@ def _vjps(topo, a, *, impl=None):
         dsd_t = lambda h, w: products.dsd(h, w, topo, transpose_rhs=True, impl=impl)
         dstd = lambda x, dy: products.dstd(x, dy, topo, out_dtype=jnp.float32, impl=impl)
     out = {}
-    for name, fn, args, cotangent in (("sdd", sdd, (a["x"], a["w"]), a["dy"]),
-                                      ("dsd_t", dsd_t, (a["h"], a["w"]), a["dx"]),
-                                      ("dstd", dstd, (a["x"], a["dy"]), a["g"])):
+    for name, fn, args, cotangent in (
+        ("sdd", sdd, (a["x"], a["w"]), a["dy"]),
+        ("dsd_t", dsd_t, (a["h"], a["w"]), a["dx"]),
+        ("dstd", dstd, (a["x"], a["dy"]), a["g"]),
+    ):
         y, vjp = jax.vjp(fn, *args)
         out[name] = (y, *vjp(cotangent.astype(y.dtype)))
     return out
@@ -106,7 +118,7 @@ def _check_products(impl, group_sizes, dtype, **case):
             np.testing.assert_allclose(g, w, atol=tol, rtol=0, err_msg=f"{impl} {name} {part}")
             if g.shape[0] == topo.padded_rows:  # row outputs: zero outside the groups
                 assert np.all(g[invalid] == 0), f"{name} {part}: nonzero padding rows"
-            else:                               # [E, ...]: empty experts exactly zero
+            else:  # [E, ...]: empty experts exactly zero
                 assert np.all(g[empty] == 0), f"{name} {part}: nonzero empty-expert rows"
 
 
@@ -156,8 +168,16 @@ def test_layer_matches_xla_on_this_gpu(impl):
     """The whole dMoE (glu, E 8, top-2, 200 tokens) forward and backward, bf16."""
     if impl != "auto":
         _needs(impl)
-    config = MoEConfig(d_model=128, d_ff=256, num_experts=8, top_k=2, expert_type="glu",
-                       dtype=jnp.bfloat16, param_dtype=jnp.float32, impl=impl)
+    config = MoEConfig(
+        d_model=128,
+        d_ff=256,
+        num_experts=8,
+        top_k=2,
+        expert_type="glu",
+        dtype=jnp.bfloat16,
+        param_dtype=jnp.float32,
+        impl=impl,
+    )
     x = jax.random.normal(jax.random.key(1), (200, 128), jnp.bfloat16)
     got = jax.tree.leaves(_layer_grads(config, x))
     want = jax.tree.leaves(_layer_grads(config.replace(impl="xla"), x))
@@ -188,8 +208,10 @@ def test_xs_lm_loss_falls_in_20_steps():
         def loss_fn(model):
             logits, aux = model(tokens[:, :-1])
             ce = optax.softmax_cross_entropy_with_integer_labels(
-                logits.astype(jnp.float32), tokens[:, 1:]).mean()
+                logits.astype(jnp.float32), tokens[:, 1:]
+            ).mean()
             return ce + aux["aux_loss"]
+
         loss, grads = nnx.value_and_grad(loss_fn)(model)
         opt.update(model, grads)
         return loss
@@ -216,16 +238,25 @@ def test_mosaic_kernels_do_not_spill_or_serialize_wgmma(tmp_path):
     switches, read at compile time, hence a fresh process): no spills, no
     serialized wgmma warning, and the SASS holds HGMMA (wgmma) instructions."""
     _needs("mosaic")
-    env = {**os.environ, "MOSAIC_GPU_DUMP_PTXAS": "1", "MOSAIC_GPU_DUMP_SASS": "1",
-           "MOSAIC_GPU_DUMP_TO": str(tmp_path),
-           "PYTHONPATH": os.pathsep.join(filter(None, [os.getcwd(),
-                                                        os.environ.get("PYTHONPATH")]))}
-    run = subprocess.run([sys.executable, "-c", _DUMP_SCRIPT], env=env, capture_output=True,
-                         text=True, timeout=300)
+    env = {
+        **os.environ,
+        "MOSAIC_GPU_DUMP_PTXAS": "1",
+        "MOSAIC_GPU_DUMP_SASS": "1",
+        "MOSAIC_GPU_DUMP_TO": str(tmp_path),
+        "PYTHONPATH": os.pathsep.join(filter(None, [os.getcwd(), os.environ.get("PYTHONPATH")])),
+    }
+    run = subprocess.run(
+        [sys.executable, "-c", _DUMP_SCRIPT], env=env, capture_output=True, text=True, timeout=300
+    )
     assert run.returncode == 0, (run.stdout + run.stderr)[-3000:]
     # The dumps go to stdout or to files under MOSAIC_GPU_DUMP_TO: read both.
-    log = run.stdout + run.stderr + "".join(
-        path.read_text(errors="replace") for path in tmp_path.rglob("*") if path.is_file())
+    log = (
+        run.stdout
+        + run.stderr
+        + "".join(
+            path.read_text(errors="replace") for path in tmp_path.rglob("*") if path.is_file()
+        )
+    )
     registers = re.findall(r"Used (\d+) registers", log)
     assert registers, "no ptxas report in the output:\n" + log[-3000:]
     spills = [int(s) for s in re.findall(r"(\d+) bytes spill (?:stores|loads)", log)]

@@ -14,17 +14,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from hf_fixtures import FIXTURES, MODEL_TYPES, expected, random_model
 
 import jmoe.hf
 from jmoe import MoEConfig
 from jmoe.hf.files import read_tensors, write_tensors
 from jmoe.transformer import MoETransformer, TransformerConfig
-from hf_fixtures import FIXTURES, MODEL_TYPES, expected, random_model
 
 
 def _params(model):
-    return {path: np.asarray(v.get_value())
-            for path, v in nnx.state(model, nnx.Param).flat_state()}
+    return {path: np.asarray(v.get_value()) for path, v in nnx.state(model, nnx.Param).flat_state()}
 
 
 def _assert_same_params(a, b):
@@ -49,23 +48,33 @@ def test_logits_match_transformers(loaded):
     scale = np.abs(want["logits"]).max()
     np.testing.assert_array_less(np.abs(np.asarray(logits) - want["logits"]).max(), 1e-4 * scale)
     counts = np.asarray(aux["tokens_per_expert"])  # [layers, E]
-    np.testing.assert_array_equal(counts.sum(1), want["logits_tokens"].size * model.config.moe.top_k)
+    np.testing.assert_array_equal(
+        counts.sum(1), want["logits_tokens"].size * model.config.moe.top_k
+    )
 
 
 def test_config_of_each_architecture(loaded):
     name, model = loaded
     c = model.config
     qk, kv, head, tied, renorm = {
-        "mixtral": (None, 2, 8, False, 1.0), "qwen3_moe": ("head", 2, 16, True, 1.0),
-        "olmoe": ("projection", 4, 8, False, None)}[name]
+        "mixtral": (None, 2, 8, False, 1.0),
+        "qwen3_moe": ("head", 2, 16, True, 1.0),
+        "olmoe": ("projection", 4, 8, False, None),
+    }[name]
     assert (c.qk_norm, c.kv_heads, c.head_size, c.tie_embeddings, c.moe.normalize_top_k) == (
-        qk, kv, head, tied, renorm)
+        qk,
+        kv,
+        head,
+        tied,
+        renorm,
+    )
     assert model.lm_head is None if tied else model.lm_head.kernel.shape == (32, c.vocab_size)
 
 
 def test_fused_layout_loads_the_same_weights():
-    _assert_same_params(jmoe.hf.load(FIXTURES / "mixtral_fused"),
-                        jmoe.hf.load(FIXTURES / "mixtral"))
+    _assert_same_params(
+        jmoe.hf.load(FIXTURES / "mixtral_fused"), jmoe.hf.load(FIXTURES / "mixtral")
+    )
 
 
 @pytest.mark.parametrize("name", MODEL_TYPES)
@@ -95,11 +104,21 @@ def test_fused_sharded_save_round_trips(tmp_path):
 
 
 def test_save_of_a_jmoe_model_round_trips(tmp_path):
-    moe = MoEConfig(d_model=16, d_ff=8, num_experts=4, top_k=2, expert_type="glu",
-                    normalize_top_k=1.0)
-    config = TransformerConfig(vocab_size=37, d_model=16, num_layers=1, num_heads=4,
-                               num_kv_heads=1, head_dim=6, max_seq_len=8, moe=moe,
-                               qk_norm="head", tie_embeddings=True)
+    moe = MoEConfig(
+        d_model=16, d_ff=8, num_experts=4, top_k=2, expert_type="glu", normalize_top_k=1.0
+    )
+    config = TransformerConfig(
+        vocab_size=37,
+        d_model=16,
+        num_layers=1,
+        num_heads=4,
+        num_kv_heads=1,
+        head_dim=6,
+        max_seq_len=8,
+        moe=moe,
+        qk_norm="head",
+        tie_embeddings=True,
+    )
     model = random_model(config)
     jmoe.hf.save(model, tmp_path)
     again = jmoe.hf.load(tmp_path)
@@ -108,6 +127,7 @@ def test_save_of_a_jmoe_model_round_trips(tmp_path):
 
 
 # --- refusals ---------------------------------------------------------------
+
 
 def _variant(tmp_path, name="mixtral", *, config=None, tensors=None):
     """A copy of fixture ``name`` with ``config(dict)`` / ``tensors(dict)`` edits applied."""
@@ -129,17 +149,30 @@ def _variant(tmp_path, name="mixtral", *, config=None, tensors=None):
 LAYER0 = "model.layers.0.block_sparse_moe"
 
 
-@pytest.mark.parametrize("edit, match", [
-    (lambda t: t.pop(f"{LAYER0}.experts.3.w2.weight"), rf"{LAYER0}.experts.3.w2.weight: missing"),
-    (lambda t: t.pop("lm_head.weight"), "lm_head.weight: missing"),
-    (lambda t: t.update({"model.layers.0.self_attn.q_proj.bias": np.zeros(32, np.float32)}),
-     r"model.layers.0.self_attn.q_proj.bias: unexpected"),
-    (lambda t: t.update({f"{LAYER0}.experts.8.w1.weight": np.zeros((32, 32), np.float32)}),
-     rf"{LAYER0}.experts.8.w1.weight: unexpected"),
-    (lambda t: t.update({"model.layers.1.self_attn.k_proj.weight": np.zeros((32, 32),
-                                                                             np.float32)}),
-     r"model.layers.1.self_attn.k_proj.weight: expected shape \[16, 32\], got \[32, 32\]"),
-])
+@pytest.mark.parametrize(
+    "edit, match",
+    [
+        (
+            lambda t: t.pop(f"{LAYER0}.experts.3.w2.weight"),
+            rf"{LAYER0}.experts.3.w2.weight: missing",
+        ),
+        (lambda t: t.pop("lm_head.weight"), "lm_head.weight: missing"),
+        (
+            lambda t: t.update({"model.layers.0.self_attn.q_proj.bias": np.zeros(32, np.float32)}),
+            r"model.layers.0.self_attn.q_proj.bias: unexpected",
+        ),
+        (
+            lambda t: t.update({f"{LAYER0}.experts.8.w1.weight": np.zeros((32, 32), np.float32)}),
+            rf"{LAYER0}.experts.8.w1.weight: unexpected",
+        ),
+        (
+            lambda t: t.update(
+                {"model.layers.1.self_attn.k_proj.weight": np.zeros((32, 32), np.float32)}
+            ),
+            r"model.layers.1.self_attn.k_proj.weight: expected shape \[16, 32\], got \[32, 32\]",
+        ),
+    ],
+)
 def test_refuses_bad_tensors(tmp_path, edit, match):
     with pytest.raises(ValueError, match=match):
         jmoe.hf.load(_variant(tmp_path, tensors=edit))
@@ -147,8 +180,9 @@ def test_refuses_bad_tensors(tmp_path, edit, match):
 
 def test_refuses_misshapen_fused_tensor(tmp_path):
     name = "model.layers.1.mlp.experts.gate_up_proj"
-    folder = _variant(tmp_path, "mixtral_fused",
-                      tensors=lambda t: t.update({name: t[name][:, :40]}))
+    folder = _variant(
+        tmp_path, "mixtral_fused", tensors=lambda t: t.update({name: t[name][:, :40]})
+    )
     with pytest.raises(ValueError, match=rf"{name}: the fused layout needs .*\[8, 40, 32\]"):
         jmoe.hf.load(folder)
 
@@ -162,43 +196,68 @@ def test_refuses_index_naming_a_missing_tensor(tmp_path):
         jmoe.hf.load(folder)
 
 
-@pytest.mark.parametrize("name, edit, match", [
-    ("mixtral", lambda c: c.update(model_type="llama"), r"model_type must be one of .*'llama'"),
-    ("mixtral", lambda c: c.update(hidden_act="gelu"), "hidden_act must be 'silu'"),
-    ("mixtral", lambda c: c.update(sliding_window=16), "sliding_window"),
-    ("mixtral", lambda c: c["rope_parameters"].update(rope_type="yarn"),
-     "rope_parameters.rope_type must be 'default'"),
-    ("mixtral", lambda c: c.update(rope_scaling={"type": "linear", "factor": 2.0}),
-     "rope_scaling.rope_type must be 'default'"),
-    ("mixtral", lambda c: c.pop("num_local_experts"), r"missing keys \['num_local_experts'\]"),
-    ("qwen3_moe", lambda c: c.update(attention_bias=True), "attention_bias"),
-    ("qwen3_moe", lambda c: c.update(mlp_only_layers=[1]), "mlp_only_layers"),
-    ("qwen3_moe", lambda c: c.update(decoder_sparse_step=2), "decoder_sparse_step"),
-    ("qwen3_moe", lambda c: c.update(use_sliding_window=True, sliding_window=8),
-     "sliding_window"),
-    ("olmoe", lambda c: c.update(clip_qkv=8.0), "clip_qkv must be null"),
-    ("olmoe", lambda c: c.update(head_dim=16), "head_dim of olmoe"),
-])
+@pytest.mark.parametrize(
+    "name, edit, match",
+    [
+        ("mixtral", lambda c: c.update(model_type="llama"), r"model_type must be one of .*'llama'"),
+        ("mixtral", lambda c: c.update(hidden_act="gelu"), "hidden_act must be 'silu'"),
+        ("mixtral", lambda c: c.update(sliding_window=16), "sliding_window"),
+        (
+            "mixtral",
+            lambda c: c["rope_parameters"].update(rope_type="yarn"),
+            "rope_parameters.rope_type must be 'default'",
+        ),
+        (
+            "mixtral",
+            lambda c: c.update(rope_scaling={"type": "linear", "factor": 2.0}),
+            "rope_scaling.rope_type must be 'default'",
+        ),
+        ("mixtral", lambda c: c.pop("num_local_experts"), r"missing keys \['num_local_experts'\]"),
+        ("qwen3_moe", lambda c: c.update(attention_bias=True), "attention_bias"),
+        ("qwen3_moe", lambda c: c.update(mlp_only_layers=[1]), "mlp_only_layers"),
+        ("qwen3_moe", lambda c: c.update(decoder_sparse_step=2), "decoder_sparse_step"),
+        (
+            "qwen3_moe",
+            lambda c: c.update(use_sliding_window=True, sliding_window=8),
+            "sliding_window",
+        ),
+        ("olmoe", lambda c: c.update(clip_qkv=8.0), "clip_qkv must be null"),
+        ("olmoe", lambda c: c.update(head_dim=16), "head_dim of olmoe"),
+    ],
+)
 def test_refuses_unsupported_configs(tmp_path, name, edit, match):
     with pytest.raises(ValueError, match=f"config.json: {match}"):
         jmoe.hf.load(_variant(tmp_path, name, config=edit))
 
 
-@pytest.mark.parametrize("change, match", [
-    (dict(ffn="dense"), "ffn must be 'dmoe'"),
-    (dict(moe_every=2), "moe_every must be 1"),
-    (dict(moe=dict(expert_type="mlp")), "moe.expert_type must be 'glu'"),
-    (dict(moe=dict(score_function="sigmoid")), "moe.score_function"),
-    (dict(moe=dict(num_shared_experts=1)), "moe.num_shared_experts"),
-    (dict(moe=dict(normalize_top_k=None)), "moe.normalize_top_k must be 1.0 to save as mixtral"),
-    (dict(qk_norm="projection", head_dim=8), "head_dim must be 4 to save as olmoe"),
-])
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        (dict(ffn="dense"), "ffn must be 'dmoe'"),
+        (dict(moe_every=2), "moe_every must be 1"),
+        (dict(moe=dict(expert_type="mlp")), "moe.expert_type must be 'glu'"),
+        (dict(moe=dict(score_function="sigmoid")), "moe.score_function"),
+        (dict(moe=dict(num_shared_experts=1)), "moe.num_shared_experts"),
+        (
+            dict(moe=dict(normalize_top_k=None)),
+            "moe.normalize_top_k must be 1.0 to save as mixtral",
+        ),
+        (dict(qk_norm="projection", head_dim=8), "head_dim must be 4 to save as olmoe"),
+    ],
+)
 def test_save_refuses_what_the_format_cannot_express(tmp_path, change, match):
     change = dict(change)
-    moe = MoEConfig(**{**dict(d_model=16, d_ff=8, num_experts=4, top_k=2, expert_type="glu",
-                              normalize_top_k=1.0), **change.pop("moe", {})})
-    config = TransformerConfig(vocab_size=20, d_model=16, num_layers=2, num_heads=4,
-                               max_seq_len=8, moe=moe, **change)
+    moe = MoEConfig(
+        **{
+            **dict(
+                d_model=16, d_ff=8, num_experts=4, top_k=2, expert_type="glu", normalize_top_k=1.0
+            ),
+            **change.pop("moe", {}),
+        }
+    )
+    config = TransformerConfig(
+        vocab_size=20, d_model=16, num_layers=2, num_heads=4, max_seq_len=8, moe=moe, **change
+    )
     model = nnx.eval_shape(lambda: MoETransformer(config, rngs=nnx.Rngs(0)))
     with pytest.raises(ValueError, match=match):
         jmoe.hf.save(model, tmp_path)
@@ -206,10 +265,17 @@ def test_save_refuses_what_the_format_cannot_express(tmp_path, change, match):
 
 @pytest.mark.slow
 def test_import_jmoe_needs_no_safetensors():
-    code = ("import sys; sys.modules['safetensors'] = None; import jmoe, jmoe.hf\n"
-            "try:\n    jmoe.hf.load(sys.argv[1])\nexcept ImportError as e:\n    print(e)")
-    out = subprocess.run([sys.executable, "-c", code, str(FIXTURES / "mixtral")],
-                         capture_output=True, text=True, check=True, timeout=120)
+    code = (
+        "import sys; sys.modules['safetensors'] = None; import jmoe, jmoe.hf\n"
+        "try:\n    jmoe.hf.load(sys.argv[1])\nexcept ImportError as e:\n    print(e)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(FIXTURES / "mixtral")],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=120,
+    )
     assert "jmoe.hf needs the safetensors package" in out.stdout
 
 

@@ -16,11 +16,11 @@ import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
+import numpy_reference as ref
 import pytest
 from flax import nnx
-
-import numpy_reference as ref
 from jaxpr_tools import host_primitives, layer_jaxpr
+
 from jmoe import CapacityMoE, DenseMLP, DroplessMoE, MoEConfig
 
 D, F = 8, 16
@@ -28,8 +28,16 @@ F32_TOL = dict(rtol=2e-5, atol=2e-5)
 
 
 def _config(**kw):
-    base = dict(d_model=D, d_ff=F, num_experts=4, top_k=2, block_size=32, impl="xla",
-                load_balancing_loss_weight=0.1, router_z_loss_weight=0.01)
+    base = dict(
+        d_model=D,
+        d_ff=F,
+        num_experts=4,
+        top_k=2,
+        block_size=32,
+        impl="xla",
+        load_balancing_loss_weight=0.1,
+        router_z_loss_weight=0.01,
+    )
     return MoEConfig(**{**base, **kw})
 
 
@@ -51,9 +59,13 @@ def _build(layer, config, seed):
     """
     model = nnx.eval_shape(lambda: layer(config, rngs=nnx.Rngs(0)))
     rng = np.random.default_rng(seed)
-    _set_params(model, jax.tree.map(
-        lambda a: np.asarray(rng.standard_normal(a.shape) / np.sqrt(a.shape[-2]), a.dtype),
-        _params(model)))
+    _set_params(
+        model,
+        jax.tree.map(
+            lambda a: np.asarray(rng.standard_normal(a.shape) / np.sqrt(a.shape[-2]), a.dtype),
+            _params(model),
+        ),
+    )
     return model
 
 
@@ -109,14 +121,18 @@ def _compare_to_reference(model, x, dy, *, tol=F32_TOL, grad_tol=None):
     params = jax.tree.map(lambda a: np.asarray(a.astype(jnp.float32)), _params(model))
     tokens = lambda a: np.asarray(a.astype(jnp.float32)).reshape(-1, d)
     want_y, want_aux, want_grads = ref.moe(params, tokens(x), config, tokens(dy))
-    chex.assert_trees_all_equal(aux["tokens_per_expert"],
-                                want_aux["tokens_per_expert"].astype(np.int32))
+    chex.assert_trees_all_equal(
+        aux["tokens_per_expert"], want_aux["tokens_per_expert"].astype(np.int32)
+    )
     assert int(aux["dropped_tokens"]) == 0
     as_f32 = lambda tree: jax.tree.map(lambda a: jnp.asarray(a).astype(jnp.float32), tree)
     chex.assert_trees_all_close(as_f32(y), want_y, **tol)
     chex.assert_trees_all_close(
         (aux["load_balancing_loss"], aux["router_z_loss"]),
-        (want_aux["load_balancing_loss"], want_aux["router_z_loss"]), rtol=1e-4, atol=1e-6)
+        (want_aux["load_balancing_loss"], want_aux["router_z_loss"]),
+        rtol=1e-4,
+        atol=1e-6,
+    )
     chex.assert_trees_all_close(as_f32(grads), want_grads, **(grad_tol or tol))
     return y, grads, want_aux
 
@@ -125,8 +141,13 @@ def _compare_to_reference(model, x, dy, *, tol=F32_TOL, grad_tol=None):
 
 
 def test_parameter_names_and_shapes():
-    config = _config(num_experts=5, expert_type="glu", num_shared_experts=2, shared_d_ff=4,
-                     shared_expert_gate=True)
+    config = _config(
+        num_experts=5,
+        expert_type="glu",
+        num_shared_experts=2,
+        shared_d_ff=4,
+        shared_expert_gate=True,
+    )
     shapes = jax.tree.map(jnp.shape, _params(_build(DroplessMoE, config, 0)))
     assert shapes == {
         "router": {"kernel": (D, 5)},
@@ -147,19 +168,37 @@ def test_parameter_names_and_shapes():
 # name -> (config changes, leading dims of x). 21 tokens is no multiple of any block.
 REFERENCE_CONFIGS = {
     "mlp-softmax": (dict(expert_type="mlp", score_function="softmax"), 21),
-    "glu-softmax-p1-shared": (dict(expert_type="glu", normalize_top_k=1.0,
-                                   num_shared_experts=1), (3, 7)),
-    "mlp-sigmoid-p1-gated-shared": (dict(expert_type="mlp", score_function="sigmoid",
-                                         normalize_top_k=1.0, num_shared_experts=2,
-                                         shared_d_ff=4, shared_expert_gate=True), 21),
-    "glu-sigmoid-gated-shared-single-token": (dict(expert_type="glu", score_function="sigmoid",
-                                                   num_shared_experts=1,
-                                                   shared_expert_gate=True), ()),
+    "glu-softmax-p1-shared": (
+        dict(expert_type="glu", normalize_top_k=1.0, num_shared_experts=1),
+        (3, 7),
+    ),
+    "mlp-sigmoid-p1-gated-shared": (
+        dict(
+            expert_type="mlp",
+            score_function="sigmoid",
+            normalize_top_k=1.0,
+            num_shared_experts=2,
+            shared_d_ff=4,
+            shared_expert_gate=True,
+        ),
+        21,
+    ),
+    "glu-sigmoid-gated-shared-single-token": (
+        dict(
+            expert_type="glu",
+            score_function="sigmoid",
+            num_shared_experts=1,
+            shared_expert_gate=True,
+        ),
+        (),
+    ),
     "mlp-single-token": (dict(expert_type="mlp"), 1),
     # xla forces layout block 1: block_size=64 changes nothing here (the padded
     # layout is reached by test_triton_padded_blocks_match_numpy_loop).
-    "glu-top3-p2-block64": (dict(expert_type="glu", top_k=3, normalize_top_k=2.0,
-                                 block_size=64), 21),
+    "glu-top3-p2-block64": (
+        dict(expert_type="glu", top_k=3, normalize_top_k=2.0, block_size=64),
+        21,
+    ),
     "ragged_dot-glu-p1": (dict(expert_type="glu", normalize_top_k=1.0, impl="ragged_dot"), 21),
 }
 
@@ -173,8 +212,10 @@ def test_dropless_matches_numpy_loop(name):
     _compare_to_reference(model, x, dy)
 
 
-@pytest.mark.parametrize("block_size", [32, pytest.param(64, marks=pytest.mark.slow),
-                                        pytest.param(128, marks=pytest.mark.slow)])
+@pytest.mark.parametrize(
+    "block_size",
+    [32, pytest.param(64, marks=pytest.mark.slow), pytest.param(128, marks=pytest.mark.slow)],
+)
 def test_triton_padded_blocks_match_numpy_loop(block_size):
     """impl="triton" (Pallas interpret mode on CPU) computes on the padded
     block layout itself (the other CPU impls force layout block 1), so this is
@@ -185,8 +226,14 @@ def test_triton_padded_blocks_match_numpy_loop(block_size):
     Catches block-layout errors the block-1 impls cannot show, e.g. a kernel
     that walks only a group's full blocks (planted by hand: the Triton dstd
     looping ``count // depth`` instead of ``ceil(count / depth)`` times fails it)."""
-    config = _config(d_model=block_size, d_ff=block_size, block_size=block_size,
-                     expert_type="glu", normalize_top_k=1.0, impl="triton")
+    config = _config(
+        d_model=block_size,
+        d_ff=block_size,
+        block_size=block_size,
+        expert_type="glu",
+        normalize_top_k=1.0,
+        impl="triton",
+    )
     model = _build(DroplessMoE, config, 13)
     _route_to(model, [0, 2], seed=13)
     x, dy = _inputs(config, 45, seed=13, positive=True)
@@ -243,15 +290,22 @@ def test_many_empty_experts_have_exactly_zero_weight_gradients():
 
 
 def test_bfloat16_matches_numpy_loop():
-    config = _config(dtype=jnp.bfloat16, expert_type="glu", normalize_top_k=1.0,
-                     num_shared_experts=1, shared_expert_gate=True)
+    config = _config(
+        dtype=jnp.bfloat16,
+        expert_type="glu",
+        normalize_top_k=1.0,
+        num_shared_experts=1,
+        shared_expert_gate=True,
+    )
     model = _build(DroplessMoE, config, 7)
     # Weights representable in bf16, so the reference sees what the layer computes with.
-    _set_params(model, jax.tree.map(lambda a: a.astype(jnp.bfloat16).astype(jnp.float32),
-                                    _params(model)))
+    _set_params(
+        model, jax.tree.map(lambda a: a.astype(jnp.bfloat16).astype(jnp.float32), _params(model))
+    )
     x, dy = _inputs(config, 21, seed=7)
-    y, grads, _ = _compare_to_reference(model, x, dy, tol=dict(rtol=5e-2, atol=5e-2),
-                                        grad_tol=dict(rtol=1e-1, atol=1e-1))
+    y, grads, _ = _compare_to_reference(
+        model, x, dy, tol=dict(rtol=5e-2, atol=5e-2), grad_tol=dict(rtol=1e-1, atol=1e-1)
+    )
     assert y.dtype == jnp.bfloat16 and grads["x"].dtype == jnp.bfloat16
 
 
@@ -275,23 +329,22 @@ def test_dropless_equals_capacity_factor_zero(impl):
     are checked independently: the capacity layer itself against the NumPy
     loop at the end (routed, shared, aux and every gradient), and the dMoE in
     test_dropless_matches_numpy_loop."""
-    config = _config(expert_type="glu", num_experts=4, top_k=2, num_shared_experts=1,
-                     impl=impl)
+    config = _config(expert_type="glu", num_experts=4, top_k=2, num_shared_experts=1, impl=impl)
     dropless = _build(DroplessMoE, config, 8)
     capacity = _build(CapacityMoE, config.replace(capacity_factor=0), 9)
     x, dy = _inputs(config, 37, seed=8)
     positive, _ = _inputs(config, 37, seed=8, positive=True)
-    for x, route in ((x, None), (positive, [1, 3])):  # random, then every token to 1 and 3
+    for inputs, route in ((x, None), (positive, [1, 3])):  # random, then every token to 1 and 3
         if route:
             _route_to(dropless, route, seed=8)
         _set_params(capacity, _params(dropless))
-        y_d, aux_d, g_d = _run(dropless, x, dy)
-        y_c, aux_c, g_c = _run(capacity, x, dy)
+        y_d, aux_d, g_d = _run(dropless, inputs, dy)
+        y_c, aux_c, g_c = _run(capacity, inputs, dy)
         chex.assert_trees_all_equal((aux_d, g_d.pop("shared")), (aux_c, g_c.pop("shared")))
         chex.assert_trees_all_close((y_d, g_d), (y_c, g_c), rtol=1e-5, atol=2e-6)
     chex.assert_trees_all_equal(aux_c["tokens_per_expert"], np.array([0, 37, 0, 37], np.int32))
     if impl == "xla":  # the capacity layer does not depend on impl
-        _compare_to_reference(capacity, x, dy)
+        _compare_to_reference(capacity, inputs, dy)
 
 
 def test_capacity_drops_and_reports():
@@ -323,12 +376,24 @@ def test_one_expert_top1_equals_dense_mlp(expert_type):
 
 # ------------------------------------------------------------------ jit, no host sync
 
-@pytest.mark.parametrize("layer,kw", [
-    (DroplessMoE, dict(expert_type="glu", num_shared_experts=1, shared_expert_gate=True,
-                       router_jitter_eps=0.1, normalize_top_k=1.0)),
-    (DroplessMoE, dict(impl="ragged_dot", score_function="sigmoid")),
-    (CapacityMoE, dict(capacity_factor=1.25)),
-])
+
+@pytest.mark.parametrize(
+    "layer,kw",
+    [
+        (
+            DroplessMoE,
+            dict(
+                expert_type="glu",
+                num_shared_experts=1,
+                shared_expert_gate=True,
+                router_jitter_eps=0.1,
+                normalize_top_k=1.0,
+            ),
+        ),
+        (DroplessMoE, dict(impl="ragged_dot", score_function="sigmoid")),
+        (CapacityMoE, dict(capacity_factor=1.25)),
+    ],
+)
 def test_traces_on_abstract_shapes_without_host_sync(layer, kw):
     """Router jitter, shared experts and the capacity layer; the other impls
     and expert parallelism: test_permutation.py::test_no_token_by_expert_..."""

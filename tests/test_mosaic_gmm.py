@@ -19,14 +19,14 @@ import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
+import numpy_reference as ref
 import pytest
 from flax import nnx
 from jax._src.pallas.mosaic_gpu.interpret import interpret_pallas_call  # races state (no API)
 from jax.experimental.pallas import mosaic_gpu as plgpu
-
-import numpy_reference as ref
 from jaxpr_tools import all_eqns
 from product_harness import products_and_vjps
+
 from jmoe import DroplessMoE, MoEConfig
 from pallas_kernels import products, reference
 from pallas_kernels.mosaic import BACKEND, TileConfig, gmm, tgmm
@@ -36,33 +36,46 @@ from pallas_kernels.topology import make_topology
 
 # Small tiles so that tiny problems span several row, column, K and epilogue
 # tiles: 64x64 per consumer warpgroup, the CTA tile split by rows or columns.
-SPLIT_M = TileConfig(block_m=128, block_n=64, block_k=64, stages=2, band=2, split="m",
-                     epilogue_rows=32)
-SPLIT_N = TileConfig(block_m=64, block_n=128, block_k=64, stages=3, band=2, split="n",
-                     epilogue_rows=16)
+SPLIT_M = TileConfig(
+    block_m=128, block_n=64, block_k=64, stages=2, band=2, split="m", epilogue_rows=32
+)
+SPLIT_N = TileConfig(
+    block_m=64, block_n=128, block_k=64, stages=3, band=2, split="n", epilogue_rows=16
+)
 GMM_TILES = SPLIT_M
 TGMM_TILES = dataclasses.replace(SPLIT_M, stages=3)
 F32_TOL = dict(rtol=1e-5, atol=1e-4)
 # name -> (m, group sizes); k = 128, n = 128 unless the test says otherwise.
 CASES = {
-    "random_with_tail": (200, [37, 0, 64, 5, 70, 4]),    # 20 rows past the last group
+    "random_with_tail": (200, [37, 0, 64, 5, 70, 4]),  # 20 rows past the last group
     "one_group_all_rows": (200, [0, 0, 200, 0]),
     "all_empty": (64, [0, 0, 0, 0]),
     "many_groups_per_tile": (64, [1, 2, 0, 3, 5, 7, 0, 11]),  # 8 groups in one row tile
-    "rows_not_multiple_of_8": (203, [100, 3, 0, 99]),   # padded to 208 rows inside
+    "rows_not_multiple_of_8": (203, [100, 3, 0, 99]),  # padded to 208 rows inside
     "one_row": (1, [0, 1, 0]),
 }
 # Cases run by the fast suite (interpret mode takes seconds per kernel call);
 # the others are marked slow.
-FAST_CASES = (("random_with_tail", "rhs-m"), ("many_groups_per_tile", "rhs_t-n"),
-              ("random_with_tail", "m"), ("many_groups_per_tile", "n"))
+FAST_CASES = (
+    ("random_with_tail", "rhs-m"),
+    ("many_groups_per_tile", "rhs_t-n"),
+    ("random_with_tail", "m"),
+    ("many_groups_per_tile", "n"),
+)
 
 
 def _cases(variants):
     """``(case, variant)`` params; those not in `FAST_CASES` are marked slow."""
-    return [pytest.param(case, variant, id=f"{case}-{variant}",
-                         marks=() if (case, variant) in FAST_CASES else pytest.mark.slow)
-            for case in CASES for variant in variants]
+    return [
+        pytest.param(
+            case,
+            variant,
+            id=f"{case}-{variant}",
+            marks=() if (case, variant) in FAST_CASES else pytest.mark.slow,
+        )
+        for case in CASES
+        for variant in variants
+    ]
 
 
 def _operands(m, sizes, k, n, dtype, *, transpose_rhs=False, seed=0):
@@ -104,18 +117,29 @@ def test_gmm_matches_ragged_dot_and_numpy(case, variant):
     m, sizes = CASES[case]
     lhs, rhs, valid = _operands(m, sizes, 128, 128, jnp.bfloat16, transpose_rhs=transpose_rhs)
     group_sizes = jnp.array(sizes, jnp.int32)
-    out = jax.jit(functools.partial(gmm, transpose_rhs=transpose_rhs, out_dtype=jnp.float32,
-                                    config=SPLIT_M if split == "m" else SPLIT_N))(
-        lhs, rhs, group_sizes)
+    out = jax.jit(
+        functools.partial(
+            gmm,
+            transpose_rhs=transpose_rhs,
+            out_dtype=jnp.float32,
+            config=SPLIT_M if split == "m" else SPLIT_N,
+        )
+    )(lhs, rhs, group_sizes)
     chex.assert_shape(out, (m, 128))
     assert out.dtype == jnp.float32
     assert not np.any(np.asarray(out)[~valid]), "rows in no group must be exactly zero"
-    expected = ref.grouped_matmul(_numpy(jnp.where(valid[:, None], lhs, 0)), _numpy(rhs), sizes,
-                                  block_size=1, transpose_rhs=transpose_rhs)
+    expected = ref.grouped_matmul(
+        _numpy(jnp.where(valid[:, None], lhs, 0)),
+        _numpy(rhs),
+        sizes,
+        block_size=1,
+        transpose_rhs=transpose_rhs,
+    )
     chex.assert_trees_all_close(np.asarray(out, np.float64), expected, **F32_TOL)
     weights = jnp.swapaxes(rhs, 1, 2) if transpose_rhs else rhs
-    ragged = jax.lax.ragged_dot(jnp.where(valid[:, None], lhs, 0), weights, group_sizes,
-                                preferred_element_type=jnp.float32)
+    ragged = jax.lax.ragged_dot(
+        jnp.where(valid[:, None], lhs, 0), weights, group_sizes, preferred_element_type=jnp.float32
+    )
     chex.assert_trees_all_close(out, ragged, **F32_TOL)
 
 
@@ -126,7 +150,8 @@ def test_tgmm_matches_ragged_dot_general_and_numpy(case, split):
     group_sizes = jnp.array(sizes, jnp.int32)
     config = TGMM_TILES if split == "m" else SPLIT_N
     out = jax.jit(functools.partial(tgmm, out_dtype=jnp.float32, config=config))(
-        lhs, grad, group_sizes)
+        lhs, grad, group_sizes
+    )
     chex.assert_shape(out, (len(sizes), 128, 192))
     for e, size in enumerate(sizes):
         if size == 0:
@@ -135,10 +160,13 @@ def test_tgmm_matches_ragged_dot_general_and_numpy(case, split):
     expected = ref.weight_grad(*map(_numpy, masked), sizes, block_size=1)
     chex.assert_trees_all_close(np.asarray(out, np.float64), expected, **F32_TOL)
     dims = jax.lax.RaggedDotDimensionNumbers(
-        dot_dimension_numbers=(((0,), (0,)), ((), ())), lhs_ragged_dimensions=[0],
-        rhs_group_dimensions=[])
-    ragged = jax.lax.ragged_dot_general(*masked, group_sizes, dims,
-                                        preferred_element_type=jnp.float32)
+        dot_dimension_numbers=(((0,), (0,)), ((), ())),
+        lhs_ragged_dimensions=[0],
+        rhs_group_dimensions=[],
+    )
+    ragged = jax.lax.ragged_dot_general(
+        *masked, group_sizes, dims, preferred_element_type=jnp.float32
+    )
     chex.assert_trees_all_close(out, ragged, **F32_TOL)
 
 
@@ -155,12 +183,19 @@ def test_work_items_cover_every_row_once(gaps):
         starts = np.cumsum(skips + np.concatenate([[0], sizes[:-1]]))
         if starts[-1] + sizes[-1] > num_rows:
             continue
-        items = np.asarray(work_items(jnp.asarray(starts, jnp.int32), jnp.asarray(sizes, jnp.int32),
-                                      num_rows, block_m, gaps=gaps))
+        items = np.asarray(
+            work_items(
+                jnp.asarray(starts, jnp.int32),
+                jnp.asarray(sizes, jnp.int32),
+                num_rows,
+                block_m,
+                gaps=gaps,
+            )
+        )
         assert items.shape == (4, -(-num_rows // block_m) + 6 * (2 if gaps else 1))
         owner = np.full(num_rows, ZERO_ITEM)
         for e, (s, z) in enumerate(zip(starts, sizes)):
-            owner[s:s + z] = e
+            owner[s : s + z] = e
         seen = np.zeros(num_rows, int)
         used = items[:, items[1] != NO_ITEM]
         assert np.all(np.diff(used[2]) >= 0), "items in row order"
@@ -171,8 +206,9 @@ def test_work_items_cover_every_row_once(gaps):
         np.testing.assert_array_equal(seen, 1)
 
 
-@pytest.mark.parametrize("dtype", [jnp.bfloat16, pytest.param(jnp.float16, marks=pytest.mark.slow)],
-                         ids=["bf16", "f16"])
+@pytest.mark.parametrize(
+    "dtype", [jnp.bfloat16, pytest.param(jnp.float16, marks=pytest.mark.slow)], ids=["bf16", "f16"]
+)
 def test_low_precision_outputs_and_default_tiles(dtype):
     """Default tile configs, outputs in the input dtype: one final rounding."""
     m, sizes = CASES["random_with_tail"]
@@ -180,16 +216,24 @@ def test_low_precision_outputs_and_default_tiles(dtype):
     group_sizes = jnp.array(sizes, jnp.int32)
     out = gmm(lhs, rhs, group_sizes)
     assert out.dtype == dtype
-    expected = ref.grouped_matmul(_numpy(jnp.where(valid[:, None], lhs, 0)), _numpy(rhs), sizes,
-                                  block_size=1)
+    expected = ref.grouped_matmul(
+        _numpy(jnp.where(valid[:, None], lhs, 0)), _numpy(rhs), sizes, block_size=1
+    )
     chex.assert_trees_all_close(_numpy(out), expected, rtol=1e-2, atol=1e-2)
     grad = jnp.where(valid[:, None], jax.random.normal(jax.random.key(2), (m, 64)), 0)
     dw = tgmm(jnp.where(valid[:, None], lhs, 0), grad.astype(dtype), group_sizes)
     assert dw.dtype == dtype
     chex.assert_trees_all_close(
-        _numpy(dw), ref.weight_grad(_numpy(jnp.where(valid[:, None], lhs, 0)),
-                                    _numpy(grad.astype(dtype)), sizes, block_size=1),
-        rtol=1e-2, atol=1e-2)
+        _numpy(dw),
+        ref.weight_grad(
+            _numpy(jnp.where(valid[:, None], lhs, 0)),
+            _numpy(grad.astype(dtype)),
+            sizes,
+            block_size=1,
+        ),
+        rtol=1e-2,
+        atol=1e-2,
+    )
 
 
 def test_explicit_group_starts_leave_gaps_zero():
@@ -198,13 +242,11 @@ def test_explicit_group_starts_leave_gaps_zero():
     m = 176
     valid = np.zeros(m, bool)
     for s, z in zip(starts, sizes):
-        valid[s:s + z] = True
+        valid[s : s + z] = True
     rng = np.random.default_rng(3)
-    lhs = jnp.asarray(np.where(valid[:, None], rng.standard_normal((m, 64)), np.nan),
-                      jnp.bfloat16)
+    lhs = jnp.asarray(np.where(valid[:, None], rng.standard_normal((m, 64)), np.nan), jnp.bfloat16)
     rhs = jnp.asarray(rng.standard_normal((4, 64, 64)), jnp.bfloat16)
-    grad = jnp.asarray(np.where(valid[:, None], rng.standard_normal((m, 64)), np.inf),
-                       jnp.bfloat16)
+    grad = jnp.asarray(np.where(valid[:, None], rng.standard_normal((m, 64)), np.inf), jnp.bfloat16)
     kw = dict(group_starts=jnp.array(starts), out_dtype=jnp.float32)
     out = gmm(lhs, rhs, jnp.array(sizes), config=GMM_TILES, **kw)
     dw = tgmm(lhs, grad, jnp.array(sizes), config=TGMM_TILES, **kw)
@@ -212,8 +254,8 @@ def test_explicit_group_starts_leave_gaps_zero():
     expected = np.zeros((m, 64))
     expected_dw = np.zeros((4, 64, 64))
     for e, (s, z) in enumerate(zip(starts, sizes)):
-        expected[s:s + z] = lhs_f[s:s + z] @ rhs_f[e]
-        expected_dw[e] = lhs_f[s:s + z].T @ grad_f[s:s + z]
+        expected[s : s + z] = lhs_f[s : s + z] @ rhs_f[e]
+        expected_dw[e] = lhs_f[s : s + z].T @ grad_f[s : s + z]
     assert not np.any(np.asarray(out)[~valid])
     chex.assert_trees_all_close(np.asarray(out, np.float64), expected, **F32_TOL)
     chex.assert_trees_all_close(np.asarray(dw, np.float64), expected_dw, **F32_TOL)
@@ -272,9 +314,14 @@ def _mosaic_kernels(fn, *args) -> list[str]:
 _products_and_vjps = jax.jit(products_and_vjps, static_argnames=("impl", "transpose_rhs"))
 
 
-@pytest.mark.parametrize("block_size,transpose_rhs", [
-    (1, False), pytest.param(1, True, marks=pytest.mark.slow),
-    pytest.param(16, False, marks=pytest.mark.slow)])
+@pytest.mark.parametrize(
+    "block_size,transpose_rhs",
+    [
+        (1, False),
+        pytest.param(1, True, marks=pytest.mark.slow),
+        pytest.param(16, False, marks=pytest.mark.slow),
+    ],
+)
 def test_products_and_gradients_match_xla(block_size, transpose_rhs):
     """Block size 1 is the layout jmoe hands impl="mosaic"; 16 a hand-built padded
     one (rows between groups are ignored / zero). Rows outside groups hold garbage."""
@@ -290,9 +337,14 @@ def test_products_and_gradients_match_xla(block_size, transpose_rhs):
         return jnp.asarray(x, jnp.bfloat16)
 
     w_shape = (4, n, k) if transpose_rhs else (4, k, n)
-    a = dict(x=rows(k), h=rows(k), b=rows(n), dy=rows(n),
-             w=jnp.asarray(rng.standard_normal(w_shape) / 8, jnp.bfloat16),
-             g=jnp.asarray(rng.standard_normal((4, k, n)) / 8, jnp.bfloat16))
+    a = dict(
+        x=rows(k),
+        h=rows(k),
+        b=rows(n),
+        dy=rows(n),
+        w=jnp.asarray(rng.standard_normal(w_shape) / 8, jnp.bfloat16),
+        g=jnp.asarray(rng.standard_normal((4, k, n)) / 8, jnp.bfloat16),
+    )
     got = _products_and_vjps(topo, a, impl="mosaic", transpose_rhs=transpose_rhs)
     want = _products_and_vjps(topo, a, impl="xla", transpose_rhs=transpose_rhs)
     for name in got:
@@ -308,8 +360,9 @@ def test_products_and_gradients_match_xla(block_size, transpose_rhs):
         assert not np.any(_numpy(got[name][index])[~valid]), (name, index)
     for name, index in (("sdd", 2), ("dsd", 2), ("dstd", 0)):
         assert not np.any(_numpy(got[name][index])[1]), f"{name}: empty expert not zero"
-    kernels = _mosaic_kernels(functools.partial(_products_and_vjps, impl="mosaic",
-                                                transpose_rhs=transpose_rhs), topo, a)
+    kernels = _mosaic_kernels(
+        functools.partial(_products_and_vjps, impl="mosaic", transpose_rhs=transpose_rhs), topo, a
+    )
     assert sorted(set(kernels)) == ["jmoe_gmm", "jmoe_gmm_t", "jmoe_tgmm"]
 
 
@@ -323,16 +376,20 @@ def test_float32_products_fall_back_to_xla():
     topo = make_topology(jnp.array([10, 0, 20, 2]), 40, 1)
     x = jax.random.normal(jax.random.key(0), (topo.padded_rows, 64))
     w = jax.random.normal(jax.random.key(1), (4, 64, 64))
-    fn = lambda impl: lambda x, w: (products.sdd(x, w, topo, impl=impl),
-                                    products.dstd(x, x, topo, impl=impl))
+    fn = lambda impl: (
+        lambda x, w: (products.sdd(x, w, topo, impl=impl), products.dstd(x, x, topo, impl=impl))
+    )
     got = jax.jit(fn("mosaic"))(x, w)
     chex.assert_trees_all_equal(got, jax.jit(fn("xla"))(x, w))
     assert _mosaic_kernels(fn("mosaic"), x, w) == []
     x64, w64 = np.asarray(x, np.float64), np.asarray(w, np.float64)
     sizes = (10, 0, 20, 2)
-    chex.assert_trees_all_close(got, (ref.grouped_matmul(x64, w64, sizes, 1),
-                                      ref.weight_grad(x64, x64, sizes, 1)),
-                                rtol=1e-5, atol=1e-4)
+    chex.assert_trees_all_close(
+        got,
+        (ref.grouped_matmul(x64, w64, sizes, 1), ref.weight_grad(x64, x64, sizes, 1)),
+        rtol=1e-5,
+        atol=1e-4,
+    )
 
 
 # --------------------------------------------------------------------------- layer
@@ -341,8 +398,15 @@ def test_float32_products_fall_back_to_xla():
 def _layer_step(impl, x):
     """``(y, grads of (params, x), Mosaic kernels launched)`` of a bf16 GeLU dMoE
     layer with ``impl`` (tests/test_mosaic_lowering.py lowers the SwiGLU one)."""
-    cfg = MoEConfig(d_model=64, d_ff=128, num_experts=4, top_k=2, expert_type="mlp",
-                    impl=impl, dtype=jnp.bfloat16)
+    cfg = MoEConfig(
+        d_model=64,
+        d_ff=128,
+        num_experts=4,
+        top_k=2,
+        expert_type="mlp",
+        impl=impl,
+        dtype=jnp.bfloat16,
+    )
     graphdef, params = nnx.split(DroplessMoE(cfg, rngs=nnx.Rngs(0)))
 
     def loss(params, x):
@@ -363,8 +427,11 @@ def test_dropless_layer_forward_backward_matches_xla():
     assert sorted(kernels) == ["jmoe_gmm"] * 2 + ["jmoe_gmm_t"] * 2 + ["jmoe_tgmm"] * 2
     assert no_kernels == []
     assert _rel_err(_numpy(y), _numpy(y_xla)) < 1e-2
-    for path, g, g_xla in zip(jax.tree_util.tree_leaves_with_path(grads),
-                              jax.tree.leaves(grads), jax.tree.leaves(grads_xla)):
+    for path, g, g_xla in zip(
+        jax.tree_util.tree_leaves_with_path(grads),
+        jax.tree.leaves(grads),
+        jax.tree.leaves(grads_xla),
+    ):
         assert np.all(np.isfinite(_numpy(g))), path[0]
         assert _rel_err(_numpy(g), _numpy(g_xla)) < 1e-2, path[0]
 
@@ -376,16 +443,21 @@ def test_production_tiles_match_numpy():
     boundary inside a row tile, an empty group and NaN/Inf rows past the groups."""
     sizes, m, k, n = [300, 0, 190, 10], 520, 256, 256
     lhs, rhs, valid = _operands(m, sizes, k, n, jnp.bfloat16, seed=9)
-    grad = jnp.asarray(np.where(valid[:, None], np.random.default_rng(9).standard_normal((m, n)),
-                                np.inf), jnp.bfloat16)
+    grad = jnp.asarray(
+        np.where(valid[:, None], np.random.default_rng(9).standard_normal((m, n)), np.inf),
+        jnp.bfloat16,
+    )
     out = gmm(lhs, rhs, jnp.array(sizes), out_dtype=jnp.float32, config=GMM_LARGE_GROUPS)
     dw = tgmm(lhs, grad, jnp.array(sizes), out_dtype=jnp.float32, config=TGMM_DEFAULT)
     masked = [_numpy(jnp.where(valid[:, None], x, 0)) for x in (lhs, grad)]
     chex.assert_trees_all_close(
         np.asarray(out, np.float64),
-        ref.grouped_matmul(masked[0], _numpy(rhs), sizes, block_size=1), **F32_TOL)
-    chex.assert_trees_all_close(np.asarray(dw, np.float64),
-                                ref.weight_grad(*masked, sizes, block_size=1), **F32_TOL)
+        ref.grouped_matmul(masked[0], _numpy(rhs), sizes, block_size=1),
+        **F32_TOL,
+    )
+    chex.assert_trees_all_close(
+        np.asarray(dw, np.float64), ref.weight_grad(*masked, sizes, block_size=1), **F32_TOL
+    )
     assert not np.any(np.asarray(dw[1])), "empty group must give exact zeros"
 
 
@@ -397,16 +469,27 @@ def test_random_sweep_default_tiles(seed):
     num_groups, m, k, n = 8, 1000, 256, 384
     cuts = np.sort(rng.integers(0, m - 17, num_groups - 1))
     sizes = np.diff(np.concatenate([[0], cuts, [m - 17]])).tolist()
-    lhs, rhs, valid = _operands(m, sizes, k, n, jnp.bfloat16, transpose_rhs=bool(seed % 2),
-                                seed=seed)
+    lhs, rhs, valid = _operands(
+        m, sizes, k, n, jnp.bfloat16, transpose_rhs=bool(seed % 2), seed=seed
+    )
     out = gmm(lhs, rhs, jnp.array(sizes), transpose_rhs=bool(seed % 2), out_dtype=jnp.float32)
     chex.assert_trees_all_close(
         np.asarray(out, np.float64),
-        ref.grouped_matmul(_numpy(jnp.where(valid[:, None], lhs, 0)), _numpy(rhs), sizes,
-                           block_size=1, transpose_rhs=bool(seed % 2)), **F32_TOL)
+        ref.grouped_matmul(
+            _numpy(jnp.where(valid[:, None], lhs, 0)),
+            _numpy(rhs),
+            sizes,
+            block_size=1,
+            transpose_rhs=bool(seed % 2),
+        ),
+        **F32_TOL,
+    )
     grad = jnp.where(valid[:, None], jnp.asarray(rng.standard_normal((m, n)), jnp.bfloat16), 0)
     dw = tgmm(jnp.where(valid[:, None], lhs, 0), grad, jnp.array(sizes), out_dtype=jnp.float32)
     chex.assert_trees_all_close(
         np.asarray(dw, np.float64),
-        ref.weight_grad(_numpy(jnp.where(valid[:, None], lhs, 0)), _numpy(grad), sizes,
-                        block_size=1), **F32_TOL)
+        ref.weight_grad(
+            _numpy(jnp.where(valid[:, None], lhs, 0)), _numpy(grad), sizes, block_size=1
+        ),
+        **F32_TOL,
+    )

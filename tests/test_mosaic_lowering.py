@@ -44,7 +44,8 @@ def _lower_product(shape, product, out_dtype):
         return lower_for_cuda(fn, _abstract(m, k), rhs, sizes), config
     fn = lambda a, b, g: tgmm(a, b, g, out_dtype=out_dtype)
     return lower_for_cuda(fn, _abstract(m, k), _abstract(m, n), sizes), tgmm_config(
-        k, n, BF16, out_dtype)
+        k, n, BF16, out_dtype
+    )
 
 
 @pytest.mark.parametrize("product", PRODUCTS)
@@ -68,11 +69,16 @@ def test_float16_lowers(kind):
     f16 = jnp.float16
     sizes = _abstract(shape.num_experts, dtype=jnp.int32)
     if kind == "gmm":
-        lowered = lower_for_cuda(gmm, _abstract(m, d, dtype=f16),
-                                 _abstract(shape.num_experts, d, f, dtype=f16), sizes)
+        lowered = lower_for_cuda(
+            gmm, _abstract(m, d, dtype=f16), _abstract(shape.num_experts, d, f, dtype=f16), sizes
+        )
     else:
-        lowered = lower_for_cuda(functools.partial(tgmm, out_dtype=jnp.float32),
-                                 _abstract(m, d, dtype=f16), _abstract(m, f, dtype=f16), sizes)
+        lowered = lower_for_cuda(
+            functools.partial(tgmm, out_dtype=jnp.float32),
+            _abstract(m, d, dtype=f16),
+            _abstract(m, f, dtype=f16),
+            sizes,
+        )
     assert kernel_names(lowered) == [f"jmoe_{kind}"]
 
 
@@ -98,16 +104,18 @@ def test_over_budget_config_fails_to_lower():
     assert config.smem_bytes(BF16, BF16) > SMEM_BUDGET
     fn = lambda a, b, g: gmm(a, b, g, config=config)
     with pytest.raises(ValueError, match="exceeds available shared memory"):
-        lower_for_cuda(fn, _abstract(1024, 512), _abstract(4, 512, 512),
-                       _abstract(4, dtype=jnp.int32))
+        lower_for_cuda(
+            fn, _abstract(1024, 512), _abstract(4, 512, 512), _abstract(4, dtype=jnp.int32)
+        )
 
 
 def test_dropless_layer_step_lowers_to_mosaic_kernels():
     """Forward + backward of a SwiGLU dMoE layer with impl="mosaic": 3 forward
     gmm (x@W1, x@W3, act@W2), 3 backward gmm with transposed weights (dy@W2ᵀ,
     dh@W1ᵀ, du@W3ᵀ) and 3 tgmm, all Mosaic GPU custom calls, none interpreted."""
-    cfg = MoEConfig(d_model=128, d_ff=256, num_experts=4, top_k=2, expert_type="glu",
-                    impl="mosaic", dtype=BF16)
+    cfg = MoEConfig(
+        d_model=128, d_ff=256, num_experts=4, top_k=2, expert_type="glu", impl="mosaic", dtype=BF16
+    )
     graphdef, params = nnx.split(DroplessMoE(cfg, rngs=nnx.Rngs(0)))
 
     def loss(params, x):
@@ -116,6 +124,7 @@ def test_dropless_layer_step_lowers_to_mosaic_kernels():
 
     # 63 tokens x top-2 = 126 rows: the kernels' wrappers pad them to 128.
     lowered = lower_for_cuda(jax.grad(loss, argnums=(0, 1)), params, _abstract(63, 128))
-    assert sorted(kernel_names(lowered)) == ["jmoe_gmm"] * 3 + ["jmoe_gmm_t"] * 3 + [
-        "jmoe_tgmm"] * 3
+    assert (
+        sorted(kernel_names(lowered)) == ["jmoe_gmm"] * 3 + ["jmoe_gmm_t"] * 3 + ["jmoe_tgmm"] * 3
+    )
     assert "io_callback" not in lowered.as_text() and "callback" not in lowered.as_text()

@@ -17,11 +17,11 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
+from host_devices import host_cpus
 from jax.sharding import AbstractDevice, AbstractMesh, AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
-
 from jaxpr_tools import all_eqns
-from host_devices import host_cpus
+
 from jmoe import DroplessMoE, MoEConfig
 from jmoe.parallel import context_mesh, make_mesh, param_spec, state_shardings
 from jmoe.transformer import MoETransformer, preset
@@ -31,9 +31,18 @@ TOL = dict(rtol=1e-5, atol=1e-5)
 
 
 def _config(**kw):
-    base = dict(d_model=D, d_ff=32, num_experts=8, top_k=2, expert_type="glu", block_size=32,
-                impl="xla", num_shared_experts=1, shared_expert_gate=True,
-                router_z_loss_weight=0.01)
+    base = dict(
+        d_model=D,
+        d_ff=32,
+        num_experts=8,
+        top_k=2,
+        expert_type="glu",
+        block_size=32,
+        impl="xla",
+        num_shared_experts=1,
+        shared_expert_gate=True,
+        router_z_loss_weight=0.01,
+    )
     return MoEConfig(**{**base, **kw})
 
 
@@ -87,8 +96,9 @@ def test_ep_capacity_factor_drops_are_counted_in_aux():
             outputs[ep_capacity_factor] = nnx.jit(lambda m, x: m(x))(model, x)
     assert int(outputs[None][1]["dropped_tokens"]) == 0
     assert int(outputs[0.5][1]["dropped_tokens"]) == 32 * 2 - 2 * 4
-    chex.assert_trees_all_equal(outputs[0.5][1]["tokens_per_expert"],
-                                jnp.array([32, 32, 0, 0, 0, 0, 0, 0]))
+    chex.assert_trees_all_equal(
+        outputs[0.5][1]["tokens_per_expert"], jnp.array([32, 32, 0, 0, 0, 0, 0, 0])
+    )
 
 
 def _has_shard_map(fn, *args) -> bool:
@@ -112,15 +122,18 @@ def test_state_shardings():
     mesh = make_mesh(2, 4, devices=host_cpus())
     state = nnx.state(DroplessMoE(_config(num_experts=8), rngs=nnx.Rngs(0)))
     specs = nnx.to_pure_dict(jax.tree.map(lambda s: s.spec, state_shardings(state, mesh)))
-    assert specs["experts"] == {"w1": P("expert", None, None), "w3": P("expert", None, None),
-                                "w2": P("expert", None, None)}
+    assert specs["experts"] == {
+        "w1": P("expert", None, None),
+        "w3": P("expert", None, None),
+        "w2": P("expert", None, None),
+    }
     assert specs["router"]["kernel"] == P(None, None)
-    fsdp = nnx.to_pure_dict(jax.tree.map(lambda s: s.spec,
-                                         state_shardings(state, mesh, fsdp=True)))
+    fsdp = nnx.to_pure_dict(jax.tree.map(lambda s: s.spec, state_shardings(state, mesh, fsdp=True)))
     assert fsdp["experts"]["w1"] == P("expert", None, "data")  # [E, d=16, d_ff=32]
-    assert fsdp["router"]["kernel"] == P("data", None)         # [d=16, E=8]
-    hidden = param_spec((jax.tree_util.DictKey("experts"),), (4, 16, 32),
-                        make_mesh(1, 8, devices=host_cpus()))
+    assert fsdp["router"]["kernel"] == P("data", None)  # [d=16, E=8]
+    hidden = param_spec(
+        (jax.tree_util.DictKey("experts"),), (4, 16, 32), make_mesh(1, 8, devices=host_cpus())
+    )
     assert hidden == P(None, None, None)  # E=4 < 8 ranks: each rank slices its d_ff part
     explicit = make_mesh(2, 4, axis_type=AxisType.Explicit, devices=host_cpus())
     with pytest.raises(ValueError, match="fsdp=True needs a mesh with AxisType.Auto"):
@@ -137,8 +150,9 @@ def _collectives(text: str) -> set[str]:
 
 def _abstract_gpu_mesh(data: int, expert: int, axis_type: AxisType) -> AbstractMesh:
     device = AbstractDevice(device_kind="NVIDIA H100", num_cores=None, platform="cuda")
-    return AbstractMesh((data, expert), ("data", "expert"), axis_types=(axis_type,) * 2,
-                        abstract_device=device)
+    return AbstractMesh(
+        (data, expert), ("data", "expert"), axis_types=(axis_type,) * 2, abstract_device=device
+    )
 
 
 def _train_grad_fn(model):
@@ -146,27 +160,29 @@ def _train_grad_fn(model):
 
     def loss(state, x):
         y, aux = nnx.merge(graphdef, state)(x)
-        return jnp.sum(y ** 2) + aux["load_balancing_loss"]
+        return jnp.sum(y**2) + aux["load_balancing_loss"]
 
     abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), state)
     return jax.jit(jax.grad(loss, argnums=(0, 1))), abstract
 
 
-@pytest.mark.parametrize("num_experts,data,expert,axis_type", [
-    (8, 2, 4, AxisType.Auto), (8, 2, 4, AxisType.Explicit), (4, 1, 8, AxisType.Auto)],
-    ids=["2x4-auto", "2x4-explicit", "1x8-hidden"])
+@pytest.mark.parametrize(
+    "num_experts,data,expert,axis_type",
+    [(8, 2, 4, AxisType.Auto), (8, 2, 4, AxisType.Explicit), (4, 1, 8, AxisType.Auto)],
+    ids=["2x4-auto", "2x4-explicit", "1x8-hidden"],
+)
 def test_ragged_exchange_lowers_for_cuda(num_experts, data, expert, axis_type):
     """On a GPU mesh the layer uses ragged_all_to_all (forward: dispatch and
     combine; backward: their transposes) and moves no token rows through a
     padded all_to_all (the ragged op's own lowering all_to_all's int32 offsets)."""
-    grad, state = _train_grad_fn(DroplessMoE(_config(num_experts=num_experts),
-                                             rngs=nnx.Rngs(0)))
+    grad, state = _train_grad_fn(DroplessMoE(_config(num_experts=num_experts), rngs=nnx.Rngs(0)))
     x = jax.ShapeDtypeStruct((64, D), jnp.float32)
     with jax.sharding.use_abstract_mesh(_abstract_gpu_mesh(data, expert, axis_type)):
         text = grad.trace(state, x).lower(lowering_platforms=("cuda",)).as_text()
     assert text.count("@ragged_all_to_all") == 4
-    padded = [line for line in text.splitlines()
-              if "stablehlo.all_to_all" in line and "xf32>" in line]
+    padded = [
+        line for line in text.splitlines() if "stablehlo.all_to_all" in line and "xf32>" in line
+    ]
     assert not padded
 
 

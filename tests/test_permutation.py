@@ -8,13 +8,13 @@ import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
+import numpy_reference as ref
 import pytest
 from flax import nnx
-from jax.test_util import check_grads
-
-import numpy_reference as ref
 from host_devices import host_cpus
+from jax.test_util import check_grads
 from jaxpr_tools import host_primitives, layer_jaxpr, token_expert_shapes
+
 from jmoe import CapacityMoE, DroplessMoE, MoEConfig, permutation
 from jmoe.parallel import make_mesh
 from jmoe.router import Router, routing_aux
@@ -39,8 +39,9 @@ def test_dropless_dispatch_permute_unpermute_vs_numpy(block_size):
     dispatch, topo = _dropless(jnp.asarray(indices), E, block_size)
     rows = ref.dropless_rows(indices, E, block_size)
     chex.assert_trees_all_equal(dispatch.assignment_rows, rows.astype(np.int32))
-    chex.assert_trees_all_equal(topo.group_sizes,
-                                np.bincount(indices.ravel(), minlength=E).astype(np.int32))
+    chex.assert_trees_all_equal(
+        topo.group_sizes, np.bincount(indices.ravel(), minlength=E).astype(np.int32)
+    )
     row_tokens = np.full(topo.padded_rows, T)
     row_tokens[rows] = np.arange(T * K) // K
     chex.assert_trees_all_equal(dispatch.row_tokens, row_tokens.astype(np.int32))
@@ -104,15 +105,21 @@ def test_gradients_vs_numpy_and_finite_differences():
 
     # Finite differences through both, with a per-row nonlinearity in between.
     scale = jnp.asarray(rng.standard_normal((topo.padded_rows, 1)), jnp.float32)
-    f = jax.jit(lambda x, w: permutation.unpermute(
-        jnp.tanh(permutation.permute(x, dispatch) * scale), dispatch, w))
+    f = jax.jit(
+        lambda x, w: permutation.unpermute(
+            jnp.tanh(permutation.permute(x, dispatch) * scale), dispatch, w
+        )
+    )
     check_grads(f, (x, weights), order=1, modes=["fwd", "rev"], eps=1e-2, atol=1e-2, rtol=1e-2)
 
 
 @pytest.mark.parametrize("block_size", [1, 32])
 def test_dropless_never_drops_even_all_to_one_expert(block_size):
-    for indices in (np.zeros((T, 1), np.int32), _indices(4, top_k=E),
-                    np.stack([np.full(T, 3), np.arange(T) % 3], 1).astype(np.int32)):
+    for indices in (
+        np.zeros((T, 1), np.int32),
+        _indices(4, top_k=E),
+        np.stack([np.full(T, 3), np.arange(T) % 3], 1).astype(np.int32),
+    ):
         dispatch, topo = _dropless(jnp.asarray(indices), E, block_size)
         rows = np.asarray(dispatch.assignment_rows)
         assert len(set(rows.tolist())) == indices.size and rows.max() < topo.padded_rows
@@ -124,13 +131,15 @@ def test_dropless_never_drops_even_all_to_one_expert(block_size):
 def test_capacity_dispatch_drops_later_tokens_first_and_counts():
     indices = _indices(5)
     capacity = 9  # < the busiest expert's count, so some assignments drop
-    dispatch, group_sizes, dropped = jax.jit(
-        permutation.capacity_dispatch, static_argnums=(1, 2))(jnp.asarray(indices), E, capacity)
+    dispatch, group_sizes, dropped = jax.jit(permutation.capacity_dispatch, static_argnums=(1, 2))(
+        jnp.asarray(indices), E, capacity
+    )
     kept = ref.capacity_kept(indices, E, capacity)
     assert 0 < (~kept).sum()
     assert int(dropped) == (~kept).sum()
-    chex.assert_trees_all_equal(group_sizes,
-                                np.bincount(indices.ravel(), minlength=E).astype(np.int32))
+    chex.assert_trees_all_equal(
+        group_sizes, np.bincount(indices.ravel(), minlength=E).astype(np.int32)
+    )
     flat = indices.ravel()
     rows = np.asarray(dispatch.assignment_rows)
     assert np.all(rows[~kept] == E * capacity)  # dropped: out of range
@@ -151,10 +160,9 @@ def test_capacity_all_to_one_expert_keeps_first_tokens():
     dispatch, group_sizes, dropped = permutation.capacity_dispatch(jnp.asarray(indices), 3, 4)
     chex.assert_trees_all_equal(
         (dispatch.assignment_rows, group_sizes, dropped),
-        (np.array([0, 1, 2, 3] + [12] * 6, np.int32), np.array([10, 0, 0], np.int32),
-         np.int32(6)))
-    chex.assert_trees_all_equal(dispatch.row_tokens,
-                                np.array([0, 1, 2, 3] + [10] * 8, np.int32))
+        (np.array([0, 1, 2, 3] + [12] * 6, np.int32), np.array([10, 0, 0], np.int32), np.int32(6)),
+    )
+    chex.assert_trees_all_equal(dispatch.row_tokens, np.array([0, 1, 2, 3] + [10] * 8, np.int32))
 
 
 # ----------------------------------------------------------------- no one-hot dispatch
@@ -162,8 +170,16 @@ def test_capacity_all_to_one_expert_keeps_first_tokens():
 # Distinct sizes so a shape reveals what it is built from: tokens, assignments,
 # experts; none equals d_model, d_ff, top_k, padded rows or block rows.
 OH_T, OH_K, OH_E = 40, 2, 6
-OH_CONFIG = MoEConfig(d_model=20, d_ff=36, num_experts=OH_E, top_k=OH_K, block_size=32,
-                      impl="xla", expert_type="glu", router_z_loss_weight=1e-3)
+OH_CONFIG = MoEConfig(
+    d_model=20,
+    d_ff=36,
+    num_experts=OH_E,
+    top_k=OH_K,
+    block_size=32,
+    impl="xla",
+    expert_type="glu",
+    router_z_loss_weight=1e-3,
+)
 # Layer variants: impl -> config changes (triton: widths a multiple of its
 # block; mosaic: bf16, since float32 falls back to the xla kernels), and the
 # expert-parallel path on a 2 x 4 mesh (8 experts over 4 ranks, 48 tokens:
@@ -172,8 +188,11 @@ OH_LAYERS = {
     "xla": (OH_CONFIG, OH_T, None),
     "ragged_dot": (OH_CONFIG.replace(impl="ragged_dot"), OH_T, None),
     "triton": (OH_CONFIG.replace(impl="triton", d_model=64, d_ff=96), OH_T, None),
-    "mosaic": (OH_CONFIG.replace(impl="mosaic", d_model=64, d_ff=128, dtype=jnp.bfloat16),
-               OH_T, None),
+    "mosaic": (
+        OH_CONFIG.replace(impl="mosaic", d_model=64, d_ff=128, dtype=jnp.bfloat16),
+        OH_T,
+        None,
+    ),
     "expert_parallel": (OH_CONFIG.replace(num_experts=8), 48, (2, 4)),
 }
 
@@ -250,10 +269,13 @@ def test_token_expert_check_catches_dense_dispatch():
     (``[E, capacity=T, d]`` slots at capacity_factor 0) are both flagged."""
     shapes = lambda jaxpr: token_expert_shapes(jaxpr, OH_E, {OH_T, OH_T * OH_K})
     one_hot = jax.make_jaxpr(lambda i: jax.nn.one_hot(i.reshape(-1), OH_E))(
-        jax.ShapeDtypeStruct((OH_T, OH_K), jnp.int32))
+        jax.ShapeDtypeStruct((OH_T, OH_K), jnp.int32)
+    )
     assert (OH_T * OH_K, OH_E) in {s for _, s, _ in shapes(one_hot)}
     capacity = nnx.eval_shape(
-        lambda: CapacityMoE(OH_CONFIG.replace(capacity_factor=0), rngs=nnx.Rngs(0)))
-    found = shapes(layer_jaxpr(
-        capacity, jax.ShapeDtypeStruct((OH_T, OH_CONFIG.d_model), jnp.float32)))
+        lambda: CapacityMoE(OH_CONFIG.replace(capacity_factor=0), rngs=nnx.Rngs(0))
+    )
+    found = shapes(
+        layer_jaxpr(capacity, jax.ShapeDtypeStruct((OH_T, OH_CONFIG.d_model), jnp.float32))
+    )
     assert any(len(s) == 3 for _, s, _ in found), found

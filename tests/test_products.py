@@ -15,11 +15,11 @@ import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
+import numpy_reference as ref
 import pytest
 from jax.test_util import check_grads
-
-import numpy_reference as ref
 from product_harness import products_and_vjps
+
 from pallas_kernels import products, reference
 from pallas_kernels.topology import make_topology
 
@@ -41,9 +41,14 @@ def _case(block_size, dtype, transpose_rhs, seed=0):
         return jnp.asarray(x, dtype)
 
     w_shape = (len(GROUP_SIZES), N, K) if transpose_rhs else (len(GROUP_SIZES), K, N)
-    arrays = dict(x=rows(K), h=rows(K), b=rows(N), dy=rows(N),
-                  w=jnp.asarray(rng.standard_normal(w_shape), dtype),
-                  g=jnp.asarray(rng.standard_normal((len(GROUP_SIZES), K, N)), dtype))
+    arrays = dict(
+        x=rows(K),
+        h=rows(K),
+        b=rows(N),
+        dy=rows(N),
+        w=jnp.asarray(rng.standard_normal(w_shape), dtype),
+        g=jnp.asarray(rng.standard_normal((len(GROUP_SIZES), K, N)), dtype),
+    )
     return topo, valid, arrays
 
 
@@ -77,16 +82,28 @@ def _numpy_expected(arrays, block_size, transpose_rhs):
     expected = {}
     for name, lhs in (("sdd", a["x"]), ("dsd", a["h"])):
         dw = wg(a["dy"], lhs) if transpose_rhs else wg(lhs, a["dy"])
-        expected[name] = (mm(lhs, a["w"], transpose_rhs=transpose_rhs),
-                          mm(a["dy"], a["w"], transpose_rhs=not transpose_rhs), dw)
-    expected["dstd"] = (wg(a["h"], a["b"]), mm(a["b"], a["g"], transpose_rhs=True),
-                        mm(a["h"], a["g"]))
+        expected[name] = (
+            mm(lhs, a["w"], transpose_rhs=transpose_rhs),
+            mm(a["dy"], a["w"], transpose_rhs=not transpose_rhs),
+            dw,
+        )
+    expected["dstd"] = (
+        wg(a["h"], a["b"]),
+        mm(a["b"], a["g"], transpose_rhs=True),
+        mm(a["h"], a["g"]),
+    )
     return expected
 
 
 # Each impl sees every block size (1 = ragged) and both transpose_rhs.
-CASES = [(1, False, jnp.float32), (32, True, jnp.float32), (64, False, jnp.float32),
-         (128, True, jnp.float32), (1, True, jnp.bfloat16), (32, False, jnp.bfloat16)]
+CASES = [
+    (1, False, jnp.float32),
+    (32, True, jnp.float32),
+    (64, False, jnp.float32),
+    (128, True, jnp.float32),
+    (1, True, jnp.bfloat16),
+    (32, False, jnp.bfloat16),
+]
 
 
 @pytest.mark.parametrize("block_size,transpose_rhs,dtype", CASES)
@@ -96,17 +113,29 @@ def test_products_match_references(block_size, transpose_rhs, dtype):
     from_reference = _run_reference(topo, arrays, transpose_rhs=transpose_rhs)
     tol = TOL[dtype]
     for name in ("sdd", "dsd", "dstd"):
-        chex.assert_trees_all_close(tuple(x.astype(jnp.float32) for x in from_reference[name]),
-                                    expected[name], **tol, custom_message="reference.py")
+        chex.assert_trees_all_close(
+            tuple(x.astype(jnp.float32) for x in from_reference[name]),
+            expected[name],
+            **tol,
+            custom_message="reference.py",
+        )
     for impl in ("xla", "ragged_dot"):
         got = _run(topo, arrays, impl=impl, transpose_rhs=transpose_rhs)
         for name in ("sdd", "dsd", "dstd"):
             # output, d lhs, d rhs: dtypes follow the operands.
             chex.assert_trees_all_equal_dtypes(got[name], tuple(arrays["x"] for _ in range(3)))
-            chex.assert_trees_all_close(tuple(x.astype(jnp.float32) for x in got[name]),
-                                        expected[name], **tol, custom_message=f"{impl} {name}")
-            chex.assert_trees_all_close(got[name], from_reference[name], **tol,
-                                        custom_message=f"{impl} {name} vs reference.py")
+            chex.assert_trees_all_close(
+                tuple(x.astype(jnp.float32) for x in got[name]),
+                expected[name],
+                **tol,
+                custom_message=f"{impl} {name}",
+            )
+            chex.assert_trees_all_close(
+                got[name],
+                from_reference[name],
+                **tol,
+                custom_message=f"{impl} {name} vs reference.py",
+            )
         chex.assert_trees_all_close(got["dstd_f32"], expected["dstd"][0], rtol=1e-5, atol=1e-4)
         assert got["dstd_f32"].dtype == jnp.float32
         # Padding contract: every [P, _] result is exactly zero on invalid rows ...
@@ -118,10 +147,13 @@ def test_products_match_references(block_size, transpose_rhs, dtype):
         assert not np.any(np.asarray(got["dstd_f32"])[1])
         # Ignored means ignored: inf / nan garbage changes nothing (0 * inf would be nan).
         poison = np.where(np.arange(topo.padded_rows) % 2, np.inf, np.nan)[:, None]
-        poisoned = {k: jnp.where(valid[:, None], v, poison.astype(v.dtype)) if v.ndim == 2 else v
-                    for k, v in arrays.items()}
+        poisoned = {
+            k: jnp.where(valid[:, None], v, poison.astype(v.dtype)) if v.ndim == 2 else v
+            for k, v in arrays.items()
+        }
         chex.assert_trees_all_equal(
-            _run(topo, poisoned, impl=impl, transpose_rhs=transpose_rhs), got)
+            _run(topo, poisoned, impl=impl, transpose_rhs=transpose_rhs), got
+        )
 
 
 @pytest.mark.parametrize("impl", ["xla", "ragged_dot"])
@@ -132,9 +164,11 @@ def test_check_grads(impl):
 
     @jax.jit
     def f(x, h, w, wt, b):
-        return (products.sdd(x, w, topo, impl=impl),
-                products.dsd(h, wt, topo, transpose_rhs=True, impl=impl),
-                products.dstd(h, b, topo, impl=impl))
+        return (
+            products.sdd(x, w, topo, impl=impl),
+            products.dsd(h, wt, topo, transpose_rhs=True, impl=impl),
+            products.dstd(h, b, topo, impl=impl),
+        )
 
     args = (a["x"], a["h"], a["w"], jnp.swapaxes(a["w"], 1, 2), a["b"])
     check_grads(f, args, order=1, modes=["rev"], eps=1e-2, atol=1e-2, rtol=2e-3)

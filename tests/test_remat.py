@@ -7,8 +7,8 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
-
 from jaxpr_tools import all_eqns
+
 from jmoe import MoEConfig
 from jmoe.transformer import REMAT_KINDS, MoETransformer, TransformerConfig
 
@@ -17,8 +17,15 @@ LAYERS = 2
 
 def _config(remat: str) -> TransformerConfig:
     moe = MoEConfig(d_model=16, d_ff=32, num_experts=4, top_k=2, block_size=32, impl="xla")
-    return TransformerConfig(vocab_size=256, d_model=16, num_layers=LAYERS, num_heads=2,
-                             max_seq_len=16, moe=moe, remat=remat)
+    return TransformerConfig(
+        vocab_size=256,
+        d_model=16,
+        num_layers=LAYERS,
+        num_heads=2,
+        max_seq_len=16,
+        moe=moe,
+        remat=remat,
+    )
 
 
 def _loss_and_grads(remat: str, tokens):

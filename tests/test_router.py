@@ -36,7 +36,8 @@ def _np_top_k(scores, k):
 def test_scores_and_top_k(score_function, top_k):
     logits = _logits(top_k)
     weights, indices, probs = select_experts(
-        logits, _config(score_function=score_function, top_k=top_k))
+        logits, _config(score_function=score_function, top_k=top_k)
+    )
     x = np.asarray(logits, np.float64)
     scores = _np_softmax(x) if score_function == "softmax" else 1 / (1 + np.exp(-x))
     want_w, want_i = _np_top_k(scores, top_k)
@@ -60,13 +61,15 @@ def test_sigmoid_scores_are_not_softmax():
 def test_p_norm_renormalisation(score_function, p):
     logits = _logits(1)
     weights, _, _ = select_experts(
-        logits, _config(score_function=score_function, top_k=3, normalize_top_k=p))
+        logits, _config(score_function=score_function, top_k=3, normalize_top_k=p)
+    )
     raw, _, _ = select_experts(logits, _config(score_function=score_function, top_k=3))
     raw = np.asarray(raw, np.float64)
-    want = raw / (np.sum(raw ** p, -1, keepdims=True) ** (1 / p))
+    want = raw / (np.sum(raw**p, -1, keepdims=True) ** (1 / p))
     chex.assert_trees_all_close(weights, want, rtol=1e-6)
-    chex.assert_trees_all_close(np.sum(np.asarray(weights, np.float64) ** p, -1), np.ones(T),
-                                rtol=1e-6)
+    chex.assert_trees_all_close(
+        np.sum(np.asarray(weights, np.float64) ** p, -1), np.ones(T), rtol=1e-6
+    )
 
 
 def test_p1_reproduces_mixtral():
@@ -86,7 +89,8 @@ def test_p1_reproduces_mixtral():
 def test_uniform_expert_assignment(top_k):
     logits = _logits(3)
     weights, indices, probs = select_experts(
-        logits, _config(top_k=top_k, uniform_expert_assignment=True))
+        logits, _config(top_k=top_k, uniform_expert_assignment=True)
+    )
     want = (np.arange(T * top_k) % E).reshape(T, top_k)  # flattened [T, k] -> i mod E
     chex.assert_trees_all_equal(indices, want.astype(np.int32))
     scores = _np_softmax(np.asarray(logits, np.float64))
@@ -112,8 +116,9 @@ def test_load_balancing_loss_formula():
     uniform = load_balancing_loss(jnp.full((T, E), 1 / E), jnp.full((E,), T * 2 // E), 2)
     chex.assert_trees_all_close(uniform, 1.0, rtol=1e-6)
     # Collapse onto one expert with all the probability: E.
-    collapsed = load_balancing_loss(jax.nn.one_hot(jnp.zeros(T, int), E),
-                                    jnp.array([T * 2] + [0] * (E - 1)), 2)
+    collapsed = load_balancing_loss(
+        jax.nn.one_hot(jnp.zeros(T, int), E), jnp.array([T * 2] + [0] * (E - 1)), 2
+    )
     chex.assert_trees_all_close(collapsed, float(E), rtol=1e-6)
 
 
@@ -121,7 +126,7 @@ def test_router_z_loss_formula():
     logits = _logits(5)
     x = np.asarray(logits, np.float64)
     lse = np.log(np.exp(x).sum(-1))
-    chex.assert_trees_all_close(router_z_loss(logits), np.mean(lse ** 2), rtol=1e-6)
+    chex.assert_trees_all_close(router_z_loss(logits), np.mean(lse**2), rtol=1e-6)
 
 
 def test_routing_aux_weights_the_losses():
@@ -133,10 +138,16 @@ def test_routing_aux_weights_the_losses():
     x = np.asarray(logits, np.float64)
     chex.assert_trees_all_close(
         (aux["load_balancing_loss"], aux["router_z_loss"]),
-        (0.3 * _np_lb_loss(_np_softmax(x), indices, E, 2),
-         0.02 * np.mean(np.log(np.exp(x).sum(-1)) ** 2)), rtol=1e-5)
-    chex.assert_trees_all_equal((aux["tokens_per_expert"], aux["dropped_tokens"]),
-                                (np.asarray(counts, np.int32), np.int32(5)))
+        (
+            0.3 * _np_lb_loss(_np_softmax(x), indices, E, 2),
+            0.02 * np.mean(np.log(np.exp(x).sum(-1)) ** 2),
+        ),
+        rtol=1e-5,
+    )
+    chex.assert_trees_all_equal(
+        (aux["tokens_per_expert"], aux["dropped_tokens"]),
+        (np.asarray(counts, np.int32), np.int32(5)),
+    )
 
 
 def test_uniform_routing_layer_loss_is_one():
@@ -174,8 +185,8 @@ def test_jitter_only_in_training_and_drawn_from_rngs():
     router = make(1)
     clean = np.asarray(x, np.float64) @ np.asarray(router.kernel.get_value(), np.float64)
     first, second = router(x)[3], router(x)[3]
-    assert not np.allclose(first, clean, atol=1e-4)      # noise applied in training
-    assert not np.allclose(first, second, atol=1e-4)     # fresh noise each call
+    assert not np.allclose(first, clean, atol=1e-4)  # noise applied in training
+    assert not np.allclose(first, second, atol=1e-4)  # fresh noise each call
     # |x * u - x| <= eps |x| elementwise, so the logits move by at most eps |x| @ |W|.
     bound = eps * np.abs(np.asarray(x)) @ np.abs(np.asarray(router.kernel.get_value()))
     assert np.all(np.abs(np.asarray(first) - clean) <= bound + 1e-5)

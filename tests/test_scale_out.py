@@ -18,11 +18,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from scale_out_worker import tiny_model
 
 from experiments import distributed, launch_local
 from experiments.train import TrainConfig, read_metrics, train
-from scale_out_worker import tiny_model
-from test_train import text_file  # noqa: F401 (the corpus fixture)
 
 REPO = Path(__file__).resolve().parents[1]
 LOSS_TOL = 2e-4  # the issue's bound on the logged loss
@@ -38,11 +37,14 @@ def test_bad_mesh_flag(text):
     assert distributed.parse_mesh("2X4") == (2, 4)
 
 
-@pytest.mark.parametrize("mesh,num_experts,batch_size,match", [
-    ((4, 4), 8, 16, r"--mesh 4x4 needs 16 devices, but 1 process\(es\) have 8"),
-    ((2, 4), 6, 16, r"--mesh 2x4: the 6 experts are not divisible by the expert axis 4"),
-    ((2, 4), 8, 12, r"--batch-size 12 is not divisible by data x expert = 8"),
-])
+@pytest.mark.parametrize(
+    "mesh,num_experts,batch_size,match",
+    [
+        ((4, 4), 8, 16, r"--mesh 4x4 needs 16 devices, but 1 process\(es\) have 8"),
+        ((2, 4), 6, 16, r"--mesh 2x4: the 6 experts are not divisible by the expert axis 4"),
+        ((2, 4), 8, 12, r"--batch-size 12 is not divisible by data x expert = 8"),
+    ],
+)
 def test_placement_rejects_bad_meshes(mesh, num_experts, batch_size, match):
     with pytest.raises(ValueError, match=match):
         distributed.Placement(mesh, num_experts=num_experts, batch_size=batch_size)
@@ -59,11 +61,14 @@ def test_host_devices_after_jax_started():
         distributed.set_host_devices(4)
 
 
-@pytest.mark.parametrize("address,num,pid,match", [
-    ("localhost", 2, 1, "--coordinator must be HOST:PORT"),
-    (None, 2, 0, "--num-processes 2 needs --coordinator"),
-    ("127.0.0.1:1234", 2, 2, r"--process-id must be in \[0, 2\)"),
-])
+@pytest.mark.parametrize(
+    "address,num,pid,match",
+    [
+        ("localhost", 2, 1, "--coordinator must be HOST:PORT"),
+        (None, 2, 0, "--num-processes 2 needs --coordinator"),
+        ("127.0.0.1:1234", 2, 2, r"--process-id must be in \[0, 2\)"),
+    ],
+)
 def test_bad_distributed_flags(address, num, pid, match):
     with pytest.raises(ValueError, match=match):
         distributed.initialize(address, num, pid, timeout=1)
@@ -83,7 +88,8 @@ def test_launch_local_fails_fast_and_stops_the_rest(tmp_path, monkeypatch, capfd
         "import sys, time\n"
         "pid = int(sys.argv[sys.argv.index('--process-id') + 1])\n"
         "print('hello from', pid, sys.argv[1], flush=True)\n"
-        "sys.exit(3) if pid == 1 else time.sleep(60)\n")
+        "sys.exit(3) if pid == 1 else time.sleep(60)\n"
+    )
     monkeypatch.setenv("PYTHONPATH", str(tmp_path))
     start = time.monotonic()
     assert launch_local.main(["--processes", "2", "--", "flaky", "--flag"]) == 3
@@ -95,35 +101,61 @@ def test_launch_local_fails_fast_and_stops_the_rest(tmp_path, monkeypatch, capfd
 # ------------------------------------------------------------------ equal losses (slow)
 
 
-FLAGS = dict(steps=4, batch_size=8, lr=1e-2, log_every=1, eval_every=2, eval_batches=1,
-             checkpoint_every=2)
+FLAGS = dict(
+    steps=4, batch_size=8, lr=1e-2, log_every=1, eval_every=2, eval_batches=1, checkpoint_every=2
+)
 
 
 def _launch(out: Path, corpus: Path, *extra: str):
     """``launch_local --processes 2 -- scale_out_worker ... --mesh 2x4 --host-devices 4``."""
     flags = [f"--{k.replace('_', '-')}={v}" for k, v in FLAGS.items()]
-    command = [sys.executable, "-m", "experiments.launch_local", "--processes", "2", "--",
-               "scale_out_worker", *flags, "--data", str(corpus), "--out", str(out),
-               "--cache-dir", str(out.parent / "cache"), "--mesh", "2x4",
-               "--host-devices", "4", *extra]
+    command = [
+        sys.executable,
+        "-m",
+        "experiments.launch_local",
+        "--processes",
+        "2",
+        "--",
+        "scale_out_worker",
+        *flags,
+        "--data",
+        str(corpus),
+        "--out",
+        str(out),
+        "--cache-dir",
+        str(out.parent / "cache"),
+        "--mesh",
+        "2x4",
+        "--host-devices",
+        "4",
+        *extra,
+    ]
     env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{REPO / 'tests'}", "XLA_FLAGS": ""}
-    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True,
-                            timeout=1800)
+    result = subprocess.run(
+        command, cwd=REPO, env=env, capture_output=True, text=True, timeout=1800
+    )
     assert result.returncode == 0, result.stdout[-4000:]
     return result.stdout
 
 
 def _logged(out: Path) -> dict:
     """``{(kind, step): logged loss}`` of a run (train loss and validation loss)."""
-    return {(r["kind"], r["step"]): r.get("loss", r.get("val_loss"))
-            for r in read_metrics(out / "metrics.jsonl")}
+    return {
+        (r["kind"], r["step"]): r.get("loss", r.get("val_loss"))
+        for r in read_metrics(out / "metrics.jsonl")
+    }
 
 
 @pytest.mark.slow
 def test_mesh_and_processes_log_single_device_losses(tmp_path, text_file):
     corpus = text_file
-    config = TrainConfig(model=tiny_model(), out=str(tmp_path / "one"),
-                         cache_dir=str(tmp_path / "cache"), data=str(corpus), **FLAGS)
+    config = TrainConfig(
+        model=tiny_model(),
+        out=str(tmp_path / "one"),
+        cache_dir=str(tmp_path / "cache"),
+        data=str(corpus),
+        **FLAGS,
+    )
     train(config)
     train(dataclasses.replace(config, out=str(tmp_path / "mesh"), mesh=(2, 4)))
     stdout = _launch(tmp_path / "procs", corpus)
@@ -133,8 +165,9 @@ def test_mesh_and_processes_log_single_device_losses(tmp_path, text_file):
     for run in ("mesh", "procs"):
         got = _logged(tmp_path / run)
         assert got.keys() == want.keys()
-        np.testing.assert_allclose([got[k] for k in want], list(want.values()),
-                                   rtol=0, atol=LOSS_TOL, err_msg=run)
+        np.testing.assert_allclose(
+            [got[k] for k in want], list(want.values()), rtol=0, atol=LOSS_TOL, err_msg=run
+        )
     assert want[("train", 4)] < want[("train", 1)] - 0.1  # it trains
     # Only process 0 prints the summary and writes the run's files.
     assert "[0] [xs-dmoe] 4 steps" in stdout and "[1] [xs-dmoe]" not in stdout
@@ -145,8 +178,9 @@ def test_mesh_and_processes_log_single_device_losses(tmp_path, text_file):
     shutil.copytree(tmp_path / "procs", tmp_path / "resumed")
     shutil.rmtree(tmp_path / "resumed" / "checkpoints" / "4")
     metrics = tmp_path / "resumed" / "metrics.jsonl"
-    metrics.write_text("".join(json.dumps(r) + "\n" for r in read_metrics(metrics)
-                               if r["step"] <= 3))
+    metrics.write_text(
+        "".join(json.dumps(r) + "\n" for r in read_metrics(metrics) if r["step"] <= 3)
+    )
     (tmp_path / "resumed" / "summary.json").unlink()
     _launch(tmp_path / "resumed", corpus, "--resume")
     assert _logged(tmp_path / "resumed") == _logged(tmp_path / "procs")

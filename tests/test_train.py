@@ -21,8 +21,7 @@ from flax import nnx
 
 from experiments import compare, data
 from experiments.checkpoint import Checkpoints
-from experiments.train import (TrainConfig, learning_rate, optimizer, read_metrics, train,
-                               train_step)
+from experiments.train import TrainConfig, learning_rate, optimizer, read_metrics, train, train_step
 from jmoe import MoEConfig
 from jmoe.transformer import MoETransformer, TransformerConfig
 
@@ -32,25 +31,25 @@ SEQ = 16
 
 def _model(ffn="dmoe") -> TransformerConfig:
     moe = MoEConfig(d_model=16, d_ff=32, num_experts=4, top_k=1, block_size=32, impl="xla")
-    return TransformerConfig(vocab_size=256, d_model=16, num_layers=2, num_heads=2,
-                             max_seq_len=SEQ, moe=moe, ffn=ffn)
-
-
-@pytest.fixture(scope="module")
-def text_file(tmp_path_factory) -> Path:
-    """~40 kB of varied text: pseudo-random words with line breaks."""
-    rng = np.random.default_rng(0)
-    words = ["the", "of", "and", "unto", "lord", "said", "king", "land", "his", "them"]
-    lines = [" ".join(rng.choice(words, size=rng.integers(4, 12))) for _ in range(800)]
-    path = tmp_path_factory.mktemp("corpus") / "words.txt"
-    path.write_text("\n".join(lines) + "\n")
-    return path
+    return TransformerConfig(
+        vocab_size=256, d_model=16, num_layers=2, num_heads=2, max_seq_len=SEQ, moe=moe, ffn=ffn
+    )
 
 
 def _config(tmp_path, text_file, **kw) -> TrainConfig:
-    base = dict(model=_model(), out=str(tmp_path / "run"), cache_dir=str(tmp_path / "cache"),
-                data=str(text_file), steps=8, batch_size=4, lr=1e-2, log_every=1,
-                eval_every=2, eval_batches=2, checkpoint_every=4)
+    base = dict(
+        model=_model(),
+        out=str(tmp_path / "run"),
+        cache_dir=str(tmp_path / "cache"),
+        data=str(text_file),
+        steps=8,
+        batch_size=4,
+        lr=1e-2,
+        log_every=1,
+        eval_every=2,
+        eval_batches=2,
+        checkpoint_every=4,
+    )
     return TrainConfig(**{**base, **kw})
 
 
@@ -87,8 +86,11 @@ def _router_and_expert_grads(model, tokens):
         return optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]).mean()
 
     grads = nnx.to_pure_dict(jax.jit(jax.grad(ce))(params))
-    return [(layer["ffn"]["router"]["kernel"], layer["ffn"]["experts"])
-            for layer in grads["blocks"].values() if "router" in layer.get("ffn", {})]
+    return [
+        (layer["ffn"]["router"]["kernel"], layer["ffn"]["experts"])
+        for layer in grads["blocks"].values()
+        if "router" in layer.get("ffn", {})
+    ]
 
 
 def test_moe_learns_beyond_unigram(tmp_path, text_file):
@@ -111,7 +113,7 @@ def test_moe_learns_beyond_unigram(tmp_path, text_file):
     store = data.tokenized_corpus(str(text_file), tmp_path)
     batches = data.Batches(store, seq_len=SEQ, batch_size=8, seed=0, eval_batches=4)
     assert config.steps < batches.train_windows // 8  # no window is seen twice
-    unigram = _unigram_entropy(text_file.read_bytes()[:batches.train_tokens])
+    unigram = _unigram_entropy(text_file.read_bytes()[: batches.train_tokens])
     model = MoETransformer(config.model, rngs=nnx.Rngs(0))
     for router, experts in _router_and_expert_grads(model, batches.train_batch(0)):
         assert np.abs(np.asarray(router)).sum() > 0
@@ -128,8 +130,9 @@ def test_moe_learns_beyond_unigram(tmp_path, text_file):
 
 
 def test_learning_rate_schedule(tmp_path, text_file):
-    schedule = learning_rate(_config(tmp_path, text_file, steps=100, lr=1.0,
-                                     warmup_fraction=0.1, min_lr_ratio=0.1))
+    schedule = learning_rate(
+        _config(tmp_path, text_file, steps=100, lr=1.0, warmup_fraction=0.1, min_lr_ratio=0.1)
+    )
     expected = {0: 0.1, 5: 0.55, 10: 1.0, 55: 0.1 + 0.9 * 0.5, 100: 0.1}
     for step, lr in expected.items():
         assert float(schedule(step)) == pytest.approx(lr, abs=1e-5), step
@@ -143,8 +146,9 @@ def test_corpus_cache_and_bible(tmp_path, text_file):
     again = data.tokenized_corpus(str(text_file), tmp_path)
     assert os.path.getmtime(cached[0]) == mtime and again.shape == store.shape
     raw = text_file.read_bytes()
-    np.testing.assert_array_equal(store[100:164].read().result(),
-                                  np.frombuffer(raw[100:164], np.uint8))
+    np.testing.assert_array_equal(
+        store[100:164].read().result(), np.frombuffer(raw[100:164], np.uint8)
+    )
     assert data.decode(data.encode("Amen. ✝")) == "Amen. ✝"
     bible = data.bible_text()
     assert bible.startswith("In the beginning God created the heaven and the earth.\n")
@@ -156,8 +160,7 @@ def test_corpus_cache_and_bible(tmp_path, text_file):
 def test_batches_are_deterministic_and_split(tmp_path, text_file):
     store = data.tokenized_corpus(str(text_file), tmp_path)
     raw = np.frombuffer(text_file.read_bytes(), np.uint8)
-    make = lambda seed: data.Batches(store, seq_len=SEQ, batch_size=8, seed=seed,
-                                     eval_batches=2)
+    make = lambda seed: data.Batches(store, seq_len=SEQ, batch_size=8, seed=seed, eval_batches=2)
     a, b, other = make(0), make(0), make(1)
     np.testing.assert_array_equal(a.train_batch(5), b.train_batch(5))
     assert not np.array_equal(a.train_batch(5), other.train_batch(5))
@@ -171,15 +174,17 @@ def test_batches_are_deterministic_and_split(tmp_path, text_file):
     assert epoch.max() + SEQ + 1 <= a.train_tokens
     val = np.concatenate(list(a.val_batches()))
     chex.assert_shape(val, (16, SEQ + 1))
-    val_text = raw[a.train_tokens:].tobytes()
+    val_text = raw[a.train_tokens :].tobytes()
     assert all(row.astype(np.uint8).tobytes() in val_text for row in val)
     with pytest.raises(ValueError, match="too few"):
         data.Batches(store, seq_len=SEQ, batch_size=8, seed=0, eval_batches=1000)
 
 
 def _losses(out: Path) -> list:
-    return [(r["kind"], r["step"], r.get("loss"), r.get("ce"), r.get("val_loss"))
-            for r in read_metrics(out / "metrics.jsonl")]
+    return [
+        (r["kind"], r["step"], r.get("loss"), r.get("ce"), r.get("val_loss"))
+        for r in read_metrics(out / "metrics.jsonl")
+    ]
 
 
 def test_resume_is_exact(tmp_path, text_file):
@@ -213,10 +218,31 @@ def test_resume_is_exact(tmp_path, text_file):
 def test_cli_end_to_end(tmp_path):
     """``python -m experiments.train`` on the default corpus (KJV) with the xs preset."""
     out = tmp_path / "xs"
-    command = [sys.executable, "-m", "experiments.train", "--preset", "xs", "--ffn", "moe",
-               "--capacity-factor", "1.5", "--steps", "4", "--batch-size", "2",
-               "--log-every", "2", "--eval-every", "2", "--checkpoint-every", "2",
-               "--eval-batches", "1", "--out", str(out)]
+    command = [
+        sys.executable,
+        "-m",
+        "experiments.train",
+        "--preset",
+        "xs",
+        "--ffn",
+        "moe",
+        "--capacity-factor",
+        "1.5",
+        "--steps",
+        "4",
+        "--batch-size",
+        "2",
+        "--log-every",
+        "2",
+        "--eval-every",
+        "2",
+        "--checkpoint-every",
+        "2",
+        "--eval-batches",
+        "1",
+        "--out",
+        str(out),
+    ]
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "[xs-moe-cf1.5] 4 steps | val loss" in result.stdout
@@ -241,16 +267,24 @@ def test_cli_end_to_end(tmp_path):
 
 
 def test_compare_time_to_reach_and_table():
-    val = [{"kind": "val", "step": s, "train_time_s": t, "val_loss": v}
-           for s, t, v in [(0, 0.0, 5.5), (10, 10.0, 3.0), (20, 30.0, 2.0), (30, 50.0, 1.5)]]
+    val = [
+        {"kind": "val", "step": s, "train_time_s": t, "val_loss": v}
+        for s, t, v in [(0, 0.0, 5.5), (10, 10.0, 3.0), (20, 30.0, 2.0), (30, 50.0, 1.5)]
+    ]
     assert compare.time_to_reach(val, 2.5) == pytest.approx(20.0)  # halfway from 3.0 to 2.0
     assert compare.time_to_reach(val, 6.0) == 0.0
     assert compare.time_to_reach(val, 1.0) is None
-    summary = dict(final_val_loss=2.0, train_time_s=30.0, tokens_per_s=100.0,
-                   median_step_s=0.5, dropped_fraction=0.0)
+    summary = dict(
+        final_val_loss=2.0,
+        train_time_s=30.0,
+        tokens_per_s=100.0,
+        median_step_s=0.5,
+        dropped_fraction=0.0,
+    )
     rows = compare.results_table(
         {"dense": summary, "dmoe": {**summary, "final_val_loss": 1.5, "train_time_s": 50.0}},
-        {"dense": val[:3], "dmoe": val})
+        {"dense": val[:3], "dmoe": val},
+    )
     assert rows[0]["speedup_vs_dense"] == pytest.approx(1.0)
     assert rows[1]["time_to_dense_loss_s"] == pytest.approx(30.0)
     table = compare.markdown(rows)

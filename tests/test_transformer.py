@@ -19,10 +19,19 @@ VOCAB, D, HEADS, SEQ = 256, 16, 2, 8
 
 
 def _config(**kw) -> TransformerConfig:
-    moe = MoEConfig(d_model=D, d_ff=32, num_experts=4, top_k=2, block_size=32, impl="xla",
-                    router_z_loss_weight=0.01, capacity_factor=kw.pop("capacity_factor", 1.0))
-    base = dict(vocab_size=VOCAB, d_model=D, num_layers=4, num_heads=HEADS, max_seq_len=SEQ,
-                moe=moe)
+    moe = MoEConfig(
+        d_model=D,
+        d_ff=32,
+        num_experts=4,
+        top_k=2,
+        block_size=32,
+        impl="xla",
+        router_z_loss_weight=0.01,
+        capacity_factor=kw.pop("capacity_factor", 1.0),
+    )
+    base = dict(
+        vocab_size=VOCAB, d_model=D, num_layers=4, num_heads=HEADS, max_seq_len=SEQ, moe=moe
+    )
     return TransformerConfig(**{**base, **kw})
 
 
@@ -70,17 +79,21 @@ def test_rope_scores_depend_on_relative_position_only():
     for offset in (-3, 0, 2):
         diagonal = np.diagonal(scores, offset)
         np.testing.assert_allclose(diagonal, diagonal[0], rtol=1e-4, atol=1e-5)
-    np.testing.assert_allclose(np.linalg.norm(np.asarray(rq), axis=-1),
-                               np.linalg.norm(q, axis=-1), rtol=1e-5)
+    np.testing.assert_allclose(
+        np.linalg.norm(np.asarray(rq), axis=-1), np.linalg.norm(q, axis=-1), rtol=1e-5
+    )
     np.testing.assert_allclose(np.asarray(rq)[0, 0], q[0, 0], rtol=1e-6)  # position 0: identity
 
 
-@pytest.mark.parametrize("ffn,moe_every,routed,expected_layer", [
-    ("dmoe", 2, (1, 3), DroplessMoE),
-    ("moe", 2, (1, 3), CapacityMoE),
-    ("dmoe", 1, (0, 1, 2, 3), DroplessMoE),
-    ("dense", 1, (), None),
-])
+@pytest.mark.parametrize(
+    "ffn,moe_every,routed,expected_layer",
+    [
+        ("dmoe", 2, (1, 3), DroplessMoE),
+        ("moe", 2, (1, 3), CapacityMoE),
+        ("dmoe", 1, (0, 1, 2, 3), DroplessMoE),
+        ("dense", 1, (), None),
+    ],
+)
 def test_layer_structure(ffn, moe_every, routed, expected_layer):
     config = _config(ffn=ffn, moe_every=moe_every)
     assert config.moe_layers == routed
@@ -118,15 +131,14 @@ def test_aux_aggregation(ffn, moe_every):
     ref_logits, layer_aux = by_block(model, tokens)
     chex.assert_trees_all_close(logits, ref_logits, atol=1e-5)
     routed = [layer_aux[i] for i in config.moe_layers]
-    expected_loss = sum(float(a["load_balancing_loss"]) + float(a["router_z_loss"])
-                        for a in routed)
+    expected_loss = sum(float(a["load_balancing_loss"]) + float(a["router_z_loss"]) for a in routed)
     np.testing.assert_allclose(float(aux["aux_loss"]), expected_loss, rtol=1e-5)
     assert float(aux["router_z_loss"]) > 0 and float(aux["load_balancing_loss"]) > 0
-    np.testing.assert_array_equal(aux["tokens_per_expert"],
-                                  np.stack([a["tokens_per_expert"] for a in routed]))
+    np.testing.assert_array_equal(
+        aux["tokens_per_expert"], np.stack([a["tokens_per_expert"] for a in routed])
+    )
     # Every routed layer sees all batch * seq tokens top_k times.
-    np.testing.assert_array_equal(np.asarray(aux["tokens_per_expert"]).sum(-1),
-                                  3 * SEQ * 2)
+    np.testing.assert_array_equal(np.asarray(aux["tokens_per_expert"]).sum(-1), 3 * SEQ * 2)
     assert int(aux["dropped_tokens"]) == sum(int(a["dropped_tokens"]) for a in routed)
     if ffn == "moe":  # capacity int(0.5 * 2 * 24 / 4) = 6 of 48 per expert: must drop
         assert int(aux["dropped_tokens"]) > 0
@@ -158,17 +170,20 @@ def test_presets_have_equal_active_ffn_flops(name):
     assert dense_ffn == moe.moe.top_k * per_expert
 
 
-@pytest.mark.parametrize("change,argument", [
-    (dict(ffn="sparse"), "ffn"),
-    (dict(moe_every=3), "moe_every"),
-    (dict(num_heads=3), "num_heads"),
-    (dict(d_model=32), "moe.d_model"),
-    (dict(vocab_size=0), "vocab_size"),
-    (dict(num_layers=1, moe_every=2), "num_layers"),
-    (dict(num_kv_heads=3), "num_kv_heads"),
-    (dict(head_dim=5), "head_dim"),
-    (dict(qk_norm="layer"), "qk_norm"),
-])
+@pytest.mark.parametrize(
+    "change,argument",
+    [
+        (dict(ffn="sparse"), "ffn"),
+        (dict(moe_every=3), "moe_every"),
+        (dict(num_heads=3), "num_heads"),
+        (dict(d_model=32), "moe.d_model"),
+        (dict(vocab_size=0), "vocab_size"),
+        (dict(num_layers=1, moe_every=2), "num_layers"),
+        (dict(num_kv_heads=3), "num_kv_heads"),
+        (dict(head_dim=5), "head_dim"),
+        (dict(qk_norm="layer"), "qk_norm"),
+    ],
+)
 def test_config_validation(change, argument):
     with pytest.raises(ValueError, match=argument):
         _config(**change)

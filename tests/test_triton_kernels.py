@@ -52,8 +52,9 @@ def _operands(topo, variant, dtype, k=64, n=96, seed=0):
     ``rhs``: ``[P, n]`` for dstd, else ``[E, k, n]`` (``[E, n, k]`` for ``*_t``).
     """
     keys = jax.random.split(jax.random.PRNGKey(seed), 4)
-    lhs = _with_garbage(jax.random.normal(keys[0], (topo.padded_rows, k)).astype(dtype),
-                        topo, keys[1])
+    lhs = _with_garbage(
+        jax.random.normal(keys[0], (topo.padded_rows, k)).astype(dtype), topo, keys[1]
+    )
     if variant == "dstd":
         rhs = jax.random.normal(keys[2], (topo.padded_rows, n)).astype(dtype)
         return lhs, _with_garbage(rhs, topo, keys[3])
@@ -78,8 +79,9 @@ def _check(variant, out, expected, topo, dtype):
     chex.assert_trees_all_equal_shapes_and_dtypes(out, expected)
     out32, expected32 = np.asarray(out, np.float32), np.asarray(expected, np.float32)
     scale = max(1.0, float(np.abs(expected32).max()))
-    np.testing.assert_allclose(out32, expected32, rtol=TOLERANCE[dtype],
-                               atol=TOLERANCE[dtype] * scale)
+    np.testing.assert_allclose(
+        out32, expected32, rtol=TOLERANCE[dtype], atol=TOLERANCE[dtype] * scale
+    )
     if variant == "dstd":  # experts with no rows: exact zeros
         empty = np.asarray(topo.group_sizes) == 0
         np.testing.assert_array_equal(out32[empty], 0.0)
@@ -93,8 +95,7 @@ def _check(variant, out, expected, topo, dtype):
 def test_kernel_matches_reference(variant, block_size, dtype):
     topo = _mixed_topology(block_size)
     lhs, rhs = _operands(topo, variant, dtype)
-    _check(variant, _run(variant, lhs, rhs, topo), _expected(variant, lhs, rhs, topo),
-           topo, dtype)
+    _check(variant, _run(variant, lhs, rhs, topo), _expected(variant, lhs, rhs, topo), topo, dtype)
 
 
 @pytest.mark.parametrize("topology", EDGE_TOPOLOGIES)
@@ -103,8 +104,13 @@ def test_kernel_edge_topologies(variant, topology):
     topo = _topology(32, EDGE_TOPOLOGIES[topology])
     # k = 9 * 16: dstd's 16-wide k tiles form a full and a partial tile group.
     lhs, rhs = _operands(topo, variant, jnp.float32, k=144, n=96, seed=1)
-    _check(variant, _run(variant, lhs, rhs, topo), _expected(variant, lhs, rhs, topo),
-           topo, jnp.float32)
+    _check(
+        variant,
+        _run(variant, lhs, rhs, topo),
+        _expected(variant, lhs, rhs, topo),
+        topo,
+        jnp.float32,
+    )
 
 
 @pytest.mark.parametrize("variant", ["sdd", "dsd_t", "dstd"])
@@ -124,8 +130,13 @@ def test_dstd_out_dtype():
     lhs, rhs = _operands(topo, "dstd", jnp.bfloat16)
     out = BACKEND.dstd(lhs, rhs, topo, jnp.bfloat16)
     chex.assert_type(out, jnp.bfloat16)
-    _check("dstd", out, reference.grouped_weight_grad(lhs, rhs, topo).astype(jnp.bfloat16),
-           topo, jnp.bfloat16)
+    _check(
+        "dstd",
+        out,
+        reference.grouped_weight_grad(lhs, rhs, topo).astype(jnp.bfloat16),
+        topo,
+        jnp.bfloat16,
+    )
 
 
 @pytest.mark.parametrize("transpose_rhs", [False, True])
@@ -137,10 +148,12 @@ def test_product_gradients_match_reference_autodiff(product, transpose_rhs):
     lhs, rhs = _operands(topo, variant, jnp.float32, seed=3)
     cotangent = jax.random.normal(jax.random.PRNGKey(4), (topo.padded_rows, 96))
     fn = getattr(products, product)
-    out, vjp = jax.vjp(lambda a, b: fn(a, b, topo, transpose_rhs=transpose_rhs,
-                                       impl="triton"), lhs, rhs)
+    out, vjp = jax.vjp(
+        lambda a, b: fn(a, b, topo, transpose_rhs=transpose_rhs, impl="triton"), lhs, rhs
+    )
     expected, vjp_ref = jax.vjp(
-        lambda a, b: reference.grouped_matmul(a, b, topo, transpose_rhs), lhs, rhs)
+        lambda a, b: reference.grouped_matmul(a, b, topo, transpose_rhs), lhs, rhs
+    )
     _check(variant, out, expected, topo, jnp.float32)
     for got, want in zip(vjp(cotangent), vjp_ref(cotangent)):
         chex.assert_trees_all_close(got, want, rtol=1e-4, atol=1e-3)
@@ -160,8 +173,15 @@ def test_dstd_gradients_match_reference_autodiff():
 def test_dropless_layer_matches_xla(expert_type):
     """A whole dMoE layer, forward and backward (parameters and input), with
     impl="triton" vs impl="xla"."""
-    cfg = MoEConfig(d_model=64, d_ff=64, num_experts=4, top_k=2, block_size=32,
-                    expert_type=expert_type, impl="triton")
+    cfg = MoEConfig(
+        d_model=64,
+        d_ff=64,
+        num_experts=4,
+        top_k=2,
+        block_size=32,
+        expert_type=expert_type,
+        impl="triton",
+    )
     graphdef, params = nnx.split(DroplessMoE(cfg, rngs=nnx.Rngs(0)))
     x = jax.random.normal(jax.random.PRNGKey(7), (2, 20, 64))
 
@@ -180,11 +200,14 @@ def test_dropless_layer_matches_xla(expert_type):
     assert float(jnp.abs(g_triton[0]["experts"]["w1"].get_value()).sum()) > 0
 
 
-@pytest.mark.parametrize("k, n, dtype, message", [
-    (40, 64, jnp.float32, "k must be a positive multiple of 16"),
-    (64, 8, jnp.float32, "n must be a positive multiple of 16"),
-    (64, 64, jnp.int32, "dtype must be one of"),
-])
+@pytest.mark.parametrize(
+    "k, n, dtype, message",
+    [
+        (40, 64, jnp.float32, "k must be a positive multiple of 16"),
+        (64, 8, jnp.float32, "n must be a positive multiple of 16"),
+        (64, 64, jnp.int32, "dtype must be one of"),
+    ],
+)
 def test_unsupported_operands_raise(k, n, dtype, message):
     topo = _mixed_topology(32)
     lhs = jnp.zeros((topo.padded_rows, k), dtype)
@@ -195,5 +218,9 @@ def test_unsupported_operands_raise(k, n, dtype, message):
 def test_unsupported_block_size_raises():
     topo = _topology(16, [3, 0, 0, 0])
     with pytest.raises(ValueError, match="block_size must be one of"):
-        products.dstd(jnp.zeros((topo.padded_rows, 32)), jnp.zeros((topo.padded_rows, 32)),
-                      topo, impl="triton")
+        products.dstd(
+            jnp.zeros((topo.padded_rows, 32)),
+            jnp.zeros((topo.padded_rows, 32)),
+            topo,
+            impl="triton",
+        )

@@ -9,11 +9,22 @@ from flax import nnx
 from jmoe import DroplessMoE, MoEConfig
 from pallas_kernels.topology import max_block_rows
 from pallas_kernels.triton import config
-from pallas_kernels.triton.lowering import (DEFAULT_K as K, DEFAULT_N as N, VARIANTS,
-                                           lower_for_cuda, lower_variant, triton_calls)
+from pallas_kernels.triton.lowering import (
+    DEFAULT_K as K,
+)
+from pallas_kernels.triton.lowering import (
+    DEFAULT_N as N,
+)
+from pallas_kernels.triton.lowering import (
+    VARIANTS,
+    lower_for_cuda,
+    lower_variant,
+    triton_calls,
+)
 
 pytestmark = pytest.mark.filterwarnings(
-    "ignore:The Pallas Triton backend is deprecated:DeprecationWarning")
+    "ignore:The Pallas Triton backend is deprecated:DeprecationWarning"
+)
 TARGET = "__gpu$xla.gpu.triton"
 EXPERTS, ROWS = 8, 2048
 
@@ -46,8 +57,9 @@ def test_lowering_targets_sm80_too():
 def test_dropless_layer_step_lowers_to_triton_calls():
     """Forward + backward (parameters and input) of a dMoE layer with impl="triton":
     the 2 forward and 4 backward products of a GeLU MLP are all Triton calls."""
-    cfg = MoEConfig(d_model=128, d_ff=256, num_experts=4, top_k=2, impl="triton",
-                    dtype=jnp.bfloat16)
+    cfg = MoEConfig(
+        d_model=128, d_ff=256, num_experts=4, top_k=2, impl="triton", dtype=jnp.bfloat16
+    )
     graphdef, params = nnx.split(DroplessMoE(cfg, rngs=nnx.Rngs(0)))
 
     def loss(params, x):
@@ -57,5 +69,4 @@ def test_dropless_layer_step_lowers_to_triton_calls():
     x = jnp.zeros((64, 128), jnp.bfloat16)
     lowered = lower_for_cuda(jax.grad(loss, argnums=(0, 1)), params, x)
     names = sorted(call.name for call in triton_calls(lowered))
-    assert names == ["jmoe_dsd", "jmoe_dsd_t", "jmoe_dstd", "jmoe_dstd", "jmoe_sdd",
-                     "jmoe_sdd_t"]
+    assert names == ["jmoe_dsd", "jmoe_dsd_t", "jmoe_dstd", "jmoe_dstd", "jmoe_sdd", "jmoe_sdd_t"]

@@ -13,7 +13,8 @@ from pallas_kernels.triton.lowering import DEFAULT_K, DEFAULT_N, VARIANTS  # noq
 from pallas_kernels.triton.ptx import compile_variant  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings(
-    "ignore:The Pallas Triton backend is deprecated:DeprecationWarning")
+    "ignore:The Pallas Triton backend is deprecated:DeprecationWarning"
+)
 # float16 shares bfloat16's tiles; its sweep runs with -m slow.
 DTYPES = [jnp.bfloat16, jnp.float32, pytest.param(jnp.float16, marks=pytest.mark.slow)]
 
@@ -35,8 +36,19 @@ def test_default_config_compiles_without_spills(variant, block_size, dtype, capa
 
 
 def test_report_script_prints_a_row_per_config(capsys):
-    status = triton_ptx_report.main(["--capabilities", "90", "--block-sizes", "64",
-                                     "--dtypes", "bfloat16", "--variants", "sdd", "dstd"])
+    status = triton_ptx_report.main(
+        [
+            "--capabilities",
+            "90",
+            "--block-sizes",
+            "64",
+            "--dtypes",
+            "bfloat16",
+            "--variants",
+            "sdd",
+            "dstd",
+        ]
+    )
     lines = capsys.readouterr().out.splitlines()
     assert status == 0 and lines[-1] == "no register spills"
     rows = [line.split(" | ") for line in lines[2:-1]]

@@ -34,16 +34,20 @@ def _checked_tensors(tensors: dict, maps: list) -> None:
     expected = {name: shape for m in maps for name, shape in zip(m.names, m.shapes)}
     missing = [n for n in expected if n not in tensors]
     if missing:
-        raise ValueError(f"{missing[0]}: missing from the checkpoint "
-                         f"({len(missing)} tensors missing)")
+        raise ValueError(
+            f"{missing[0]}: missing from the checkpoint ({len(missing)} tensors missing)"
+        )
     extra = sorted(n for n in tensors if n not in expected)
     if extra:
-        raise ValueError(f"{extra[0]}: unexpected tensor in the checkpoint "
-                         f"({len(extra)} unexpected); the model has no such parameter")
+        raise ValueError(
+            f"{extra[0]}: unexpected tensor in the checkpoint "
+            f"({len(extra)} unexpected); the model has no such parameter"
+        )
     for name, shape in expected.items():
         if tuple(tensors[name].shape) != shape:
-            raise ValueError(f"{name}: expected shape {list(shape)}, got "
-                             f"{list(tensors[name].shape)}")
+            raise ValueError(
+                f"{name}: expected shape {list(shape)}, got {list(tensors[name].shape)}"
+            )
 
 
 def load(path, *, dtype=jnp.float32, impl: str = "auto") -> MoETransformer:
@@ -62,27 +66,25 @@ def load(path, *, dtype=jnp.float32, impl: str = "auto") -> MoETransformer:
     hf = json.loads((folder / "config.json").read_text())
     config = hf_config.from_hf(hf, dtype=dtype, impl=impl)
     arch = hf_config.architecture(hf)
-    tensors = {n: t for n, t in read_tensors(folder).items()
-               if not n.endswith(_IGNORED_SUFFIXES)}
+    tensors = {n: t for n, t in read_tensors(folder).items() if not n.endswith(_IGNORED_SUFFIXES)}
     if hf_tensors.is_fused(tensors):
         tensors = hf_tensors.unfuse(tensors, config, arch)
     maps = hf_tensors.mappings(config, arch)
     _checked_tensors(tensors, maps)
 
-    graphdef, abstract = nnx.split(nnx.eval_shape(lambda: MoETransformer(config,
-                                                                         rngs=nnx.Rngs(0))))
+    graphdef, abstract = nnx.split(nnx.eval_shape(lambda: MoETransformer(config, rngs=nnx.Rngs(0))))
     by_path = {m.path: m for m in maps}
     leaves = []
     for path, variable in abstract.flat_state():
         mapping = by_path[path]
-        value = hf_tensors.to_param(mapping, [tensors[n] for n in mapping.names],
-                                    variable.shape)
+        value = hf_tensors.to_param(mapping, [tensors[n] for n in mapping.names], variable.shape)
         leaves.append((path, variable.replace(jnp.asarray(value, dtype))))
     return nnx.merge(graphdef, nnx.from_flat_state(leaves))
 
 
-def save(model: MoETransformer, path, *, fused: bool = False,
-         max_shard_bytes: int | None = None) -> None:
+def save(
+    model: MoETransformer, path, *, fused: bool = False, max_shard_bytes: int | None = None
+) -> None:
     """Writes ``model`` as a Hugging Face folder that `load` (and transformers)
     reads back: ``config.json`` and safetensors weights in the parameters' dtype.
 
@@ -96,8 +98,9 @@ def save(model: MoETransformer, path, *, fused: bool = False,
     """
     hf = hf_config.to_hf(model.config)
     arch = hf_config.architecture(hf)
-    params = {path: np.asarray(v.get_value())
-              for path, v in nnx.state(model, nnx.Param).flat_state()}
+    params = {
+        path: np.asarray(v.get_value()) for path, v in nnx.state(model, nnx.Param).flat_state()
+    }
     tensors = {}
     for mapping in hf_tensors.mappings(model.config, arch):
         tensors.update(zip(mapping.names, hf_tensors.from_param(mapping, params[mapping.path])))

@@ -41,14 +41,44 @@ class Architecture:
 
 
 ARCHITECTURES = {
-    arch.model_type: arch for arch in (
-        Architecture("mixtral", "MixtralForCausalLM", "block_sparse_moe", ("w1", "w3", "w2"),
-                     None, "intermediate_size", ("num_local_experts",), True, True, 1e6),
-        Architecture("qwen3_moe", "Qwen3MoeForCausalLM", "mlp",
-                     ("gate_proj", "up_proj", "down_proj"), "head", "moe_intermediate_size",
-                     ("num_experts", "num_local_experts"), False, True, 10_000.0),
-        Architecture("olmoe", "OlmoeForCausalLM", "mlp", ("gate_proj", "up_proj", "down_proj"),
-                     "projection", "intermediate_size", ("num_experts",), False, False, 10_000.0),
+    arch.model_type: arch
+    for arch in (
+        Architecture(
+            "mixtral",
+            "MixtralForCausalLM",
+            "block_sparse_moe",
+            ("w1", "w3", "w2"),
+            None,
+            "intermediate_size",
+            ("num_local_experts",),
+            True,
+            True,
+            1e6,
+        ),
+        Architecture(
+            "qwen3_moe",
+            "Qwen3MoeForCausalLM",
+            "mlp",
+            ("gate_proj", "up_proj", "down_proj"),
+            "head",
+            "moe_intermediate_size",
+            ("num_experts", "num_local_experts"),
+            False,
+            True,
+            10_000.0,
+        ),
+        Architecture(
+            "olmoe",
+            "OlmoeForCausalLM",
+            "mlp",
+            ("gate_proj", "up_proj", "down_proj"),
+            "projection",
+            "intermediate_size",
+            ("num_experts",),
+            False,
+            False,
+            10_000.0,
+        ),
     )
 }
 MODEL_TYPES = tuple(ARCHITECTURES)

@@ -17,8 +17,9 @@ def _safetensors():
         import safetensors
         import safetensors.numpy
     except ImportError as error:  # an optional dependency of `import jmoe`
-        raise ImportError("jmoe.hf needs the safetensors package: "
-                          "pip install safetensors") from error
+        raise ImportError(
+            "jmoe.hf needs the safetensors package: pip install safetensors"
+        ) from error
     return safetensors
 
 
@@ -38,8 +39,9 @@ def read_tensors(folder: Path) -> dict[str, np.ndarray]:
         with safetensors.safe_open(folder / file, framework="np") as f:
             for name in f.keys():
                 if weight_map is not None and weight_map.get(name) != file:
-                    raise ValueError(f"{name}: stored in {file} but {INDEX} maps it to "
-                                     f"{weight_map.get(name)!r}")
+                    raise ValueError(
+                        f"{name}: stored in {file} but {INDEX} maps it to {weight_map.get(name)!r}"
+                    )
                 tensors[name] = f.get_tensor(name)
     if weight_map is not None and set(weight_map) != set(tensors):
         missing = sorted(set(weight_map) - set(tensors))
@@ -47,8 +49,7 @@ def read_tensors(folder: Path) -> dict[str, np.ndarray]:
     return tensors
 
 
-def write_tensors(folder: Path, tensors: dict[str, np.ndarray],
-                  max_shard_bytes: int | None = None):
+def write_tensors(folder: Path, tensors: dict[str, np.ndarray], max_shard_bytes: int | None = None):
     """Writes ``tensors`` as ``model.safetensors``, or, when they exceed
     ``max_shard_bytes``, as ``model-0000i-of-0000n.safetensors`` shards
     (names in order, each shard up to that size unless one tensor is larger)
@@ -72,5 +73,6 @@ def write_tensors(folder: Path, tensors: dict[str, np.ndarray],
         safetensors.numpy.save_file({n: tensors[n] for n in names}, folder / file, metadata=meta)
         weight_map.update(dict.fromkeys(names, file))
     total = sum(t.nbytes for t in tensors.values())
-    (folder / INDEX).write_text(json.dumps(
-        {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n")
+    (folder / INDEX).write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n"
+    )

@@ -41,8 +41,9 @@ def _norm(path, name, width):
 
 def _linear(path, names, out_width, in_width, stack_axis=None):
     names = tuple(names)
-    return Mapping(path, names, ((out_width, in_width),) * len(names), linear=True,
-                   stack_axis=stack_axis)
+    return Mapping(
+        path, names, ((out_width, in_width),) * len(names), linear=True, stack_axis=stack_axis
+    )
 
 
 def _attention(config: TransformerConfig, layer: int, prefix: str) -> list[Mapping]:
@@ -51,18 +52,29 @@ def _attention(config: TransformerConfig, layer: int, prefix: str) -> list[Mappi
     path = ("blocks", layer, "attn")
     proj = lambda name: f"{prefix}.self_attn.{name}.weight"
     if config.kv_heads == config.num_heads:
-        maps = [_linear((*path, "qkv", "kernel"), map(proj, ("q_proj", "k_proj", "v_proj")),
-                        q_width, d, stack_axis=1)]
+        maps = [
+            _linear(
+                (*path, "qkv", "kernel"),
+                map(proj, ("q_proj", "k_proj", "v_proj")),
+                q_width,
+                d,
+                stack_axis=1,
+            )
+        ]
     else:
-        maps = [_linear((*path, "q", "kernel"), [proj("q_proj")], q_width, d),
-                _linear((*path, "kv", "kernel"), map(proj, ("k_proj", "v_proj")), kv_width, d,
-                        stack_axis=1)]
-    maps.append(Mapping((*path, "out", "kernel"), (proj("o_proj"),), ((d, q_width),),
-                        linear=True))
+        maps = [
+            _linear((*path, "q", "kernel"), [proj("q_proj")], q_width, d),
+            _linear(
+                (*path, "kv", "kernel"), map(proj, ("k_proj", "v_proj")), kv_width, d, stack_axis=1
+            ),
+        ]
+    maps.append(Mapping((*path, "out", "kernel"), (proj("o_proj"),), ((d, q_width),), linear=True))
     if config.qk_norm is not None:
         per_head = config.qk_norm == "head"
-        maps += [_norm((*path, "q_norm", "scale"), proj("q_norm"), hd if per_head else q_width),
-                 _norm((*path, "k_norm", "scale"), proj("k_norm"), hd if per_head else kv_width)]
+        maps += [
+            _norm((*path, "q_norm", "scale"), proj("q_norm"), hd if per_head else q_width),
+            _norm((*path, "k_norm", "scale"), proj("k_norm"), hd if per_head else kv_width),
+        ]
     return maps
 
 
@@ -84,26 +96,40 @@ def mappings(config: TransformerConfig, arch: Architecture) -> list[Mapping]:
     """Every jmoe parameter of a model of ``config`` with its Hugging Face
     tensors (per-expert layout)."""
     d = config.d_model
-    maps = [Mapping(("embed", "embedding"), ("model.embed_tokens.weight",),
-                    ((config.vocab_size, d),), linear=False),
-            _norm(("final_norm", "scale"), "model.norm.weight", d)]
+    maps = [
+        Mapping(
+            ("embed", "embedding"),
+            ("model.embed_tokens.weight",),
+            ((config.vocab_size, d),),
+            linear=False,
+        ),
+        _norm(("final_norm", "scale"), "model.norm.weight", d),
+    ]
     if not config.tie_embeddings:
         maps.append(_linear(("lm_head", "kernel"), ["lm_head.weight"], config.vocab_size, d))
     for layer in range(config.num_layers):
         prefix = f"model.layers.{layer}"
-        maps += [_norm(("blocks", layer, "attn_norm", "scale"),
-                       f"{prefix}.input_layernorm.weight", d),
-                 _norm(("blocks", layer, "ffn_norm", "scale"),
-                       f"{prefix}.post_attention_layernorm.weight", d),
-                 *_attention(config, layer, prefix), *_moe(config, arch, layer, prefix)]
+        maps += [
+            _norm(("blocks", layer, "attn_norm", "scale"), f"{prefix}.input_layernorm.weight", d),
+            _norm(
+                ("blocks", layer, "ffn_norm", "scale"),
+                f"{prefix}.post_attention_layernorm.weight",
+                d,
+            ),
+            *_attention(config, layer, prefix),
+            *_moe(config, arch, layer, prefix),
+        ]
     return maps
 
 
 def to_param(mapping: Mapping, tensors: list[np.ndarray], shape: tuple[int, ...]) -> np.ndarray:
     """The jmoe parameter of ``shape`` made of ``tensors`` (checked shapes)."""
     if mapping.linear:
-        slice_shape = shape if mapping.stack_axis is None else (
-            shape[:mapping.stack_axis] + shape[mapping.stack_axis + 1:])
+        slice_shape = (
+            shape
+            if mapping.stack_axis is None
+            else (shape[: mapping.stack_axis] + shape[mapping.stack_axis + 1 :])
+        )
         tensors = [t.T.reshape(slice_shape) for t in tensors]
     if mapping.stack_axis is None:
         return tensors[0]
@@ -112,8 +138,9 @@ def to_param(mapping: Mapping, tensors: list[np.ndarray], shape: tuple[int, ...]
 
 def from_param(mapping: Mapping, param: np.ndarray) -> list[np.ndarray]:
     """The Hugging Face tensors of a jmoe parameter (inverse of `to_param`)."""
-    pieces = ([param] if mapping.stack_axis is None
-              else list(np.moveaxis(param, mapping.stack_axis, 0)))
+    pieces = (
+        [param] if mapping.stack_axis is None else list(np.moveaxis(param, mapping.stack_axis, 0))
+    )
     if mapping.linear:
         pieces = [p.reshape(shape[::-1]).T for p, shape in zip(pieces, mapping.shapes)]
     return [np.ascontiguousarray(p) for p in pieces]
@@ -142,9 +169,11 @@ def unfuse(tensors: dict, config: TransformerConfig, arch: Architecture) -> dict
         for name, rows in ((gate_up_name, 2 * f), (down_name, config.d_model)):
             tensor = out.get(name)
             if tensor is None or tensor.ndim != 3 or tensor.shape[1] != rows:
-                raise ValueError(f"{name}: the fused layout needs this tensor as "
-                                 f"[E, {rows}, ...], got "
-                                 f"{'nothing' if tensor is None else list(tensor.shape)}")
+                raise ValueError(
+                    f"{name}: the fused layout needs this tensor as "
+                    f"[E, {rows}, ...], got "
+                    f"{'nothing' if tensor is None else list(tensor.shape)}"
+                )
         gate_up, down_proj = out.pop(gate_up_name), out.pop(down_name)
         for i in range(gate_up.shape[0]):
             out[f"{block}.experts.{i}.{gate}.weight"] = gate_up[i, :f]
@@ -162,8 +191,9 @@ def fuse(tensors: dict, config: TransformerConfig, arch: Architecture) -> dict:
     gate, up, down = arch.expert_names
     for layer in range(config.num_layers):
         block = f"model.layers.{layer}.{arch.moe_prefix}"
-        pop = lambda name: np.stack([out.pop(f"{block}.experts.{i}.{name}.weight")
-                                     for i in range(config.moe.num_experts)])
+        pop = lambda name, block=block: np.stack(
+            [out.pop(f"{block}.experts.{i}.{name}.weight") for i in range(config.moe.num_experts)]
+        )
         gate_up_name, down_name = _fused_names(layer)
         out[gate_up_name] = np.concatenate([pop(gate), pop(up)], axis=1)
         out[down_name] = pop(down)

@@ -65,7 +65,7 @@ def _bucket_of_sent_rows(plan: ExchangePlan, num_rows: int) -> jax.Array:
 def _layout_of_received_slots(plan: ExchangePlan, num_rows: int) -> jax.Array:
     """``[ep * slots]``: layout row of each received bucket slot; out of range if empty."""
     slots, num_local = _slots(plan, num_rows), plan.num_local_experts
-    kept = plan.local(plan.kept)                      # [ep, L] chunks from each source
+    kept = plan.local(plan.kept)  # [ep, L] chunks from each source
     ends = jnp.cumsum(kept, axis=1)
     slot = jnp.arange(slots, dtype=jnp.int32)
     expert = jax.vmap(lambda e: jnp.searchsorted(e, slot, side="right"))(ends)
@@ -81,24 +81,34 @@ def dispatch(x_sorted: jax.Array, plan: ExchangePlan, method: str) -> jax.Array:
     layout_rows = plan.topology.padded_rows
     if method == "ragged":
         return lax.ragged_all_to_all(
-            x_sorted, jnp.zeros((layout_rows, width), x_sorted.dtype),
-            plan.own(plan.send_offsets), plan.own(plan.kept), plan.own(plan.recv_offsets),
-            plan.local(plan.kept).reshape(-1), axis_name=EXPERT)
+            x_sorted,
+            jnp.zeros((layout_rows, width), x_sorted.dtype),
+            plan.own(plan.send_offsets),
+            plan.own(plan.kept),
+            plan.own(plan.recv_offsets),
+            plan.local(plan.kept).reshape(-1),
+            axis_name=EXPERT,
+        )
     bucket_rows = plan.num_ranks * _slots(plan, num_rows)
-    buckets = _take(x_sorted, _invert(_bucket_of_sent_rows(plan, num_rows), bucket_rows,
-                                      num_rows))
+    buckets = _take(x_sorted, _invert(_bucket_of_sent_rows(plan, num_rows), bucket_rows, num_rows))
     received = lax.all_to_all(buckets, EXPERT, 0, 0, tiled=True)
-    return _take(received, _invert(_layout_of_received_slots(plan, num_rows), layout_rows,
-                                   bucket_rows))
+    return _take(
+        received, _invert(_layout_of_received_slots(plan, num_rows), layout_rows, bucket_rows)
+    )
 
 
 def combine(rows: jax.Array, plan: ExchangePlan, method: str, num_rows: int) -> jax.Array:
     """``[padded_rows, d]`` expert outputs -> ``[num_rows, d]`` in this rank's send order."""
     if method == "ragged":
         return lax.ragged_all_to_all(
-            rows, jnp.zeros((num_rows, rows.shape[1]), rows.dtype),
-            plan.local(plan.recv_offsets).reshape(-1), plan.local(plan.kept).reshape(-1),
-            plan.local(plan.send_offsets).reshape(-1), plan.own(plan.kept), axis_name=EXPERT)
+            rows,
+            jnp.zeros((num_rows, rows.shape[1]), rows.dtype),
+            plan.local(plan.recv_offsets).reshape(-1),
+            plan.local(plan.kept).reshape(-1),
+            plan.local(plan.send_offsets).reshape(-1),
+            plan.own(plan.kept),
+            axis_name=EXPERT,
+        )
     buckets = _take(rows, _layout_of_received_slots(plan, num_rows))
     returned = lax.all_to_all(buckets, EXPERT, 0, 0, tiled=True)
     return _take(returned, _bucket_of_sent_rows(plan, num_rows))

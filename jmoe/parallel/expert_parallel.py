@@ -17,8 +17,8 @@ Static shapes: a rank can receive up to ``ep * T_local * min(k, L)`` rows
 (every token of every rank choosing its experts), so by default the receive
 buffer and the local layout are sized for that worst case and no token is
 ever dropped. A ``capacity_factor`` ``c`` bounds the buffer to
-``ceil(c * T_local * k)`` rows, times the hidden splits (``c = 1`` holds perfectly balanced routing);
-assignments past it are dropped, counted, and returned as ``dropped``.
+``ceil(c * T_local * k)`` rows, times the hidden splits (``c = 1`` holds
+perfectly balanced routing); assignments past it are dropped, counted, and returned as ``dropped``.
 A ``buffer_factor`` ``f`` bounds it the same way without dropping: steps 3-5
 repeat in rounds (`rounds.sum_over_rounds`, a ``while_loop`` with its own
 backward), each sending the next buffer's worth of every rank's rows, until
@@ -42,14 +42,14 @@ import functools
 import jax
 import jax.numpy as jnp
 from jax import lax
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from jmoe import permutation
 from jmoe.config import MoEConfig
 from jmoe.experts import expert_mlp
 from jmoe.parallel import exchange as exchange_lib
-from jmoe.parallel.mesh import (DATA, EXPERT, TOKEN_SPEC, check_mesh, context_mesh,
-                                is_explicit)
+from jmoe.parallel.mesh import DATA, EXPERT, TOKEN_SPEC, check_mesh, context_mesh, is_explicit
 from jmoe.parallel.placement import ExpertSharding
 from jmoe.parallel.plan import ExchangePlan, make_plan, num_rounds
 from jmoe.parallel.rounds import sum_over_rounds
@@ -79,16 +79,43 @@ def _exchange_round(config: MoEConfig, method: str, plan: ExchangePlan, x_sorted
     return exchange_lib.combine(out, plan, method, x_sorted.shape[0])
 
 
-def _planned_round(config: MoEConfig, method: str, num_local: int, capacity: int,
-                   round_index, counts, x_sorted, w1, w3, w2):
+def _planned_round(
+    config: MoEConfig,
+    method: str,
+    num_local: int,
+    capacity: int,
+    round_index,
+    counts,
+    x_sorted,
+    w1,
+    w3,
+    w2,
+):
     """Round ``round_index`` of the multi-round exchange (`rounds.sum_over_rounds`)."""
-    plan = make_plan(counts, lax.axis_index(EXPERT), num_local, capacity,
-                     layout_block_size(config.impl, config.block_size), round_index)
+    plan = make_plan(
+        counts,
+        lax.axis_index(EXPERT),
+        num_local,
+        capacity,
+        layout_block_size(config.impl, config.block_size),
+        round_index,
+    )
     return _exchange_round(config, method, plan, x_sorted, w1, w3, w2)
 
 
-def _local_ffn(config: MoEConfig, sharding: ExpertSharding, capacity: int, in_rounds: bool,
-               method: str, x, weights, indices, w1, w3, w2):
+def _local_ffn(
+    config: MoEConfig,
+    sharding: ExpertSharding,
+    capacity: int,
+    in_rounds: bool,
+    method: str,
+    x,
+    weights,
+    indices,
+    w1,
+    w3,
+    w2,
+):
     """One device's part: ``x [T_local, d]``, ``weights/indices [T_local, k]``,
     ``w* [L, ...]`` -> ``(y [T_local, d], tokens_per_expert [E], dropped [],
     rounds [])``.
@@ -102,8 +129,7 @@ def _local_ffn(config: MoEConfig, sharding: ExpertSharding, capacity: int, in_ro
     counts = lax.all_gather(send_topo.group_sizes, EXPERT)
     if in_rounds:
         rounds = num_rounds(counts, sharding.num_local, capacity)
-        round_fn = functools.partial(_planned_round, config, method, sharding.num_local,
-                                     capacity)
+        round_fn = functools.partial(_planned_round, config, method, sharding.num_local, capacity)
         y_sorted = sum_over_rounds(round_fn, rounds, (counts, x_sorted, w1, w3, w2))
         dropped = jnp.zeros((), jnp.int32)
         rounds = lax.pmax(rounds, DATA)  # the replicas may differ; each "expert" group agrees
@@ -119,11 +145,21 @@ def _local_ffn(config: MoEConfig, sharding: ExpertSharding, capacity: int, in_ro
     return y, tokens_per_expert, dropped, rounds
 
 
-def expert_parallel_ffn(config: MoEConfig, x: jax.Array, weights: jax.Array,
-                        indices: jax.Array, w1, w3, w2, *, mesh=None,
-                        capacity_factor: float | None = None,
-                        buffer_factor: float | None = None, exchange: str = "auto",
-                        return_rounds: bool = False):
+def expert_parallel_ffn(
+    config: MoEConfig,
+    x: jax.Array,
+    weights: jax.Array,
+    indices: jax.Array,
+    w1,
+    w3,
+    w2,
+    *,
+    mesh=None,
+    capacity_factor: float | None = None,
+    buffer_factor: float | None = None,
+    exchange: str = "auto",
+    return_rounds: bool = False,
+):
     """Routed experts of a dropless MoE, expert-parallel over ``mesh``.
 
     Same contract as `jmoe.moe.dropless_ffn`, on global arrays.
@@ -164,23 +200,31 @@ def expert_parallel_ffn(config: MoEConfig, x: jax.Array, weights: jax.Array,
         if value is not None and not value > 0:
             raise ValueError(f"{name} must be None or > 0, got {value!r}")
     if capacity_factor is not None and buffer_factor is not None:
-        raise ValueError(f"capacity_factor={capacity_factor} (ep_capacity_factor: bound and "
-                         f"drop) and buffer_factor={buffer_factor} (ep_buffer_factor: bound "
-                         "and exchange in rounds) are exclusive: set at most one of them")
+        raise ValueError(
+            f"capacity_factor={capacity_factor} (ep_capacity_factor: bound and "
+            f"drop) and buffer_factor={buffer_factor} (ep_buffer_factor: bound "
+            "and exchange in rounds) are exclusive: set at most one of them"
+        )
     method = exchange_method(exchange, mesh)
     sharding = ExpertSharding.create(config, mesh.shape[EXPERT])
     devices = mesh.shape[DATA] * mesh.shape[EXPERT]
     if x.shape[0] % devices:
-        raise ValueError(f"x has {x.shape[0]} tokens, not divisible by the {devices} devices "
-                         f"of the mesh's 'data' x 'expert' axes "
-                         f"({mesh.shape[DATA]} x {mesh.shape[EXPERT]})")
+        raise ValueError(
+            f"x has {x.shape[0]} tokens, not divisible by the {devices} devices "
+            f"of the mesh's 'data' x 'expert' axes "
+            f"({mesh.shape[DATA]} x {mesh.shape[EXPERT]})"
+        )
     bound = capacity_factor if buffer_factor is None else buffer_factor
     capacity = sharding.capacity(x.shape[0] // devices, indices.shape[1], bound)
-    body = functools.partial(_local_ffn, config, sharding, capacity, buffer_factor is not None,
-                             method)
+    body = functools.partial(
+        _local_ffn, config, sharding, capacity, buffer_factor is not None, method
+    )
     y, tokens_per_expert, dropped, rounds = jax.shard_map(
-        body, mesh=mesh, in_specs=(TOKEN_SPEC,) * 3 + (_EXPERT_SPEC,) * 3,
-        out_specs=(TOKEN_SPEC, P(), P(), P()), check_vma=False,
+        body,
+        mesh=mesh,
+        in_specs=(TOKEN_SPEC,) * 3 + (_EXPERT_SPEC,) * 3,
+        out_specs=(TOKEN_SPEC, P(), P(), P()),
+        check_vma=False,
     )(*_operands(mesh, sharding, x, weights, indices, (w1, w3, w2)))
     if is_explicit(mesh) and not jax.typeof(x).sharding.mesh.empty:
         y = jax.reshard(y, jax.typeof(x).sharding)  # y has x's type
@@ -201,8 +245,10 @@ def _operands(mesh, sharding: ExpertSharding, x, weights, indices, expert_weight
     if sharding.hidden_splits > 1:
         expert_weights = _reshard(expert_weights, mesh, P())
     expert_weights = sharding.split_weights(*expert_weights)
-    return (*_reshard((x, weights, indices), mesh, TOKEN_SPEC),
-            *_reshard(expert_weights, mesh, _EXPERT_SPEC))
+    return (
+        *_reshard((x, weights, indices), mesh, TOKEN_SPEC),
+        *_reshard(expert_weights, mesh, _EXPERT_SPEC),
+    )
 
 
 def _reshard(arrays, mesh, spec: P):

@@ -14,15 +14,17 @@ mesh has an ``"expert"`` axis; without one, plain data parallelism.
 from __future__ import annotations
 
 import jax
-from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+from jax.sharding import AxisType, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 DATA = "data"
 EXPERT = "expert"
 TOKEN_SPEC = P((DATA, EXPERT), None)  # [tokens, ...] split over every device
 
 
-def make_mesh(data: int, expert: int, *, axis_type: AxisType = AxisType.Auto,
-              devices=None) -> jax.sharding.Mesh:
+def make_mesh(
+    data: int, expert: int, *, axis_type: AxisType = AxisType.Auto, devices=None
+) -> jax.sharding.Mesh:
     """A ``[data, expert]`` mesh over the first ``data * expert`` devices.
 
     ``axis_type``: `AxisType.Auto` (the default; XLA propagates shardings
@@ -34,10 +36,15 @@ def make_mesh(data: int, expert: int, *, axis_type: AxisType = AxisType.Auto,
             raise ValueError(f"{name} must be a positive int, got {size!r}")
     devices = jax.devices() if devices is None else list(devices)
     if data * expert > len(devices):
-        raise ValueError(f"a {data} x {expert} mesh needs {data * expert} devices, "
-                         f"{len(devices)} are available")
-    return jax.make_mesh((data, expert), (DATA, EXPERT), axis_types=(axis_type, axis_type),
-                         devices=devices[:data * expert])
+        raise ValueError(
+            f"a {data} x {expert} mesh needs {data * expert} devices, {len(devices)} are available"
+        )
+    return jax.make_mesh(
+        (data, expert),
+        (DATA, EXPERT),
+        axis_types=(axis_type, axis_type),
+        devices=devices[: data * expert],
+    )
 
 
 def context_mesh():
@@ -58,15 +65,20 @@ def check_mesh(mesh):
     """Raises ValueError unless ``mesh`` (concrete or abstract) suits expert parallelism."""
     names = tuple(mesh.axis_names)
     if DATA not in names or EXPERT not in names:
-        raise ValueError(f"mesh must have axes named {DATA!r} and {EXPERT!r} "
-                         f"(use jmoe.parallel.make_mesh), got axes {names}")
+        raise ValueError(
+            f"mesh must have axes named {DATA!r} and {EXPERT!r} "
+            f"(use jmoe.parallel.make_mesh), got axes {names}"
+        )
     manual = set(getattr(mesh, "manual_axes", ())) & {DATA, EXPERT}
     if manual:
-        raise ValueError(f"mesh axes {sorted(manual)} are already manual (inside a "
-                         "shard_map): call the MoE layer outside shard_map")
+        raise ValueError(
+            f"mesh axes {sorted(manual)} are already manual (inside a "
+            "shard_map): call the MoE layer outside shard_map"
+        )
     if _axis_type(mesh, DATA) != _axis_type(mesh, EXPERT):
-        raise ValueError(f"mesh axes {DATA!r} and {EXPERT!r} must have the same AxisType, "
-                         f"got {mesh.axis_types}")
+        raise ValueError(
+            f"mesh axes {DATA!r} and {EXPERT!r} must have the same AxisType, got {mesh.axis_types}"
+        )
 
 
 def _axis_type(mesh, name: str) -> AxisType:
@@ -121,8 +133,13 @@ def state_shardings(state, mesh, *, fsdp: bool = False):
     """
     check_mesh(mesh)
     if fsdp and is_explicit(mesh):
-        raise ValueError("fsdp=True needs a mesh with AxisType.Auto axes "
-                         "(jmoe.parallel.make_mesh's default), got Explicit axes")
+        raise ValueError(
+            "fsdp=True needs a mesh with AxisType.Auto axes "
+            "(jmoe.parallel.make_mesh's default), got Explicit axes"
+        )
     return jax.tree_util.tree_map_with_path(
-        lambda path, leaf: NamedSharding(mesh, param_spec(path, jax.numpy.shape(leaf), mesh,
-                                                          fsdp=fsdp)), state)
+        lambda path, leaf: NamedSharding(
+            mesh, param_spec(path, jax.numpy.shape(leaf), mesh, fsdp=fsdp)
+        ),
+        state,
+    )

@@ -32,20 +32,22 @@ class ExpertSharding:
     hidden_splits: int
 
     @classmethod
-    def create(cls, config: MoEConfig, num_ranks: int) -> "ExpertSharding":
+    def create(cls, config: MoEConfig, num_ranks: int) -> ExpertSharding:
         experts = config.num_experts
         if experts % num_ranks == 0:
             return cls(experts, num_ranks, 1)
         if num_ranks % experts:
             raise ValueError(
                 f"num_experts={experts} must be a multiple of the 'expert' mesh axis size "
-                f"{num_ranks}, or divide it (hidden sharding)")
+                f"{num_ranks}, or divide it (hidden sharding)"
+            )
         splits = num_ranks // experts
         if config.d_ff % splits:
             raise ValueError(
                 f"hidden sharding splits each expert's d_ff={config.d_ff} over {splits} "
                 f"ranks ('expert' axis {num_ranks} / num_experts {experts}): d_ff must be "
-                f"divisible by {splits}")
+                f"divisible by {splits}"
+            )
         try:
             config.replace(d_ff=config.d_ff // splits)
         except ValueError as error:
@@ -73,8 +75,11 @@ class ExpertSharding:
             return w.reshape(experts * s, d_model, d_ff // s)
 
         experts, d_ff, d_model = w2.shape
-        return (split_columns(w1), None if w3 is None else split_columns(w3),
-                w2.reshape(experts * s, d_ff // s, d_model))
+        return (
+            split_columns(w1),
+            None if w3 is None else split_columns(w3),
+            w2.reshape(experts * s, d_ff // s, d_model),
+        )
 
     def split_routing(self, weights: jax.Array, indices: jax.Array):
         """``[T, k]`` -> ``[T, k*s]``: assignment ``(t, e)`` becomes every

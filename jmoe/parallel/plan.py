@@ -39,10 +39,11 @@ from jax import lax
 from pallas_kernels.topology import Topology, make_topology
 
 
-@functools.partial(jax.tree_util.register_dataclass,
-                   data_fields=["counts", "kept", "send_offsets", "recv_offsets", "topology",
-                                "rank"],
-                   meta_fields=["num_local_experts", "capacity"])
+@functools.partial(
+    jax.tree_util.register_dataclass,
+    data_fields=["counts", "kept", "send_offsets", "recv_offsets", "topology", "rank"],
+    meta_fields=["num_local_experts", "capacity"],
+)
 @dataclasses.dataclass(frozen=True)
 class ExchangePlan:
     """The exchange of one rank (see the module docstring).
@@ -104,8 +105,14 @@ def num_rounds(counts: jax.Array, num_local_experts: int, capacity: int) -> jax.
     return jnp.maximum(1, jnp.max((incoming + capacity - 1) // capacity)).astype(jnp.int32)
 
 
-def make_plan(counts: jax.Array, rank: jax.Array, num_local_experts: int, capacity: int,
-              block_size: int, round_index: jax.Array | int = 0) -> ExchangePlan:
+def make_plan(
+    counts: jax.Array,
+    rank: jax.Array,
+    num_local_experts: int,
+    capacity: int,
+    block_size: int,
+    round_index: jax.Array | int = 0,
+) -> ExchangePlan:
     """Plans (round ``round_index`` of) the exchange from the all-gathered counts.
 
     Args:
@@ -126,12 +133,20 @@ def make_plan(counts: jax.Array, rank: jax.Array, num_local_experts: int, capaci
     to_source_major = lambda m: m.reshape(num_experts, num_ranks).T
     kept, sent = to_source_major(kept), to_source_major(sent)
     owner_groups = jnp.sum(kept, axis=0).reshape(num_ranks, num_local_experts)
-    bin_starts = jax.vmap(
-        lambda groups: make_topology(groups, capacity, block_size).bin_starts)(owner_groups)
+    bin_starts = jax.vmap(lambda groups: make_topology(groups, capacity, block_size).bin_starts)(
+        owner_groups
+    )
     recv_offsets = bin_starts.reshape(1, num_experts) + _exclusive_cumsum(kept, axis=0)
-    topology = make_topology(lax.dynamic_index_in_dim(owner_groups, rank, keepdims=False),
-                             capacity, block_size)
-    return ExchangePlan(counts=counts, kept=kept,
-                        send_offsets=_exclusive_cumsum(counts, axis=1) + sent,
-                        recv_offsets=recv_offsets, topology=topology, rank=rank,
-                        num_local_experts=num_local_experts, capacity=capacity)
+    topology = make_topology(
+        lax.dynamic_index_in_dim(owner_groups, rank, keepdims=False), capacity, block_size
+    )
+    return ExchangePlan(
+        counts=counts,
+        kept=kept,
+        send_offsets=_exclusive_cumsum(counts, axis=1) + sent,
+        recv_offsets=recv_offsets,
+        topology=topology,
+        rank=rank,
+        num_local_experts=num_local_experts,
+        capacity=capacity,
+    )

@@ -34,12 +34,14 @@ def _zeros_like_shape(tree):
 
 def _loop(num_rounds: jax.Array, body, init):
     """``body(r, carry) -> carry`` for ``r = 0 .. num_rounds - 1``."""
+
     def step(state):
         r, carry = state
         return r + 1, body(r, carry)
 
-    return lax.while_loop(lambda state: state[0] < num_rounds, step,
-                          (jnp.zeros((), jnp.int32), init))[1]
+    return lax.while_loop(
+        lambda state: state[0] < num_rounds, step, (jnp.zeros((), jnp.int32), init)
+    )[1]
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -56,8 +58,7 @@ def sum_over_rounds(round_fn, num_rounds: jax.Array, operands: tuple):
       The sum, shaped like one round's output.
     """
     out = jax.eval_shape(round_fn, 0, *operands)
-    return _loop(num_rounds, lambda r, acc: acc + round_fn(r, *operands),
-                 _zeros_like_shape(out))
+    return _loop(num_rounds, lambda r, acc: acc + round_fn(r, *operands), _zeros_like_shape(out))
 
 
 def _forward(round_fn, num_rounds, operands):

@@ -40,8 +40,9 @@ def grouped_matmul(lhs: jax.Array, rhs: jax.Array, topo: Topology, transpose_rhs
     """``[P, k]`` x ``rhs[e]`` (``[E, k, n]`` or ``[E, n, k]``) -> ``[P, n]`` in lhs's dtype."""
     if lhs.dtype not in KERNEL_DTYPES:
         return xla_impl.grouped_matmul(lhs, rhs, topo, transpose_rhs)
-    return gmm(lhs, rhs, topo.group_sizes, group_starts=topo.bin_starts,
-               transpose_rhs=transpose_rhs)
+    return gmm(
+        lhs, rhs, topo.group_sizes, group_starts=topo.bin_starts, transpose_rhs=transpose_rhs
+    )
 
 
 def grouped_weight_grad(lhs: jax.Array, rhs: jax.Array, topo: Topology, out_dtype):

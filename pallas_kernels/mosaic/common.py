@@ -17,16 +17,33 @@ one producer warpgroup (index 2) that only issues TMA loads and keeps
 from __future__ import annotations
 
 import functools
+
 import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-__all__ = ["COMPUTE_WGS", "KERNEL_DTYPES", "FEATURE_MULTIPLE", "H100_SMS", "ROW_MULTIPLE",
-           "check_dtypes", "check_features", "default_interpret", "group_starts_or_cumsum",
-           "epilogue_cols", "epilogue_smem", "launch", "num_programs", "pad_rows", "pipeline",
-           "pipeline_allocations", "store_rows", "swizzled"]
+__all__ = [
+    "COMPUTE_WGS",
+    "KERNEL_DTYPES",
+    "FEATURE_MULTIPLE",
+    "H100_SMS",
+    "ROW_MULTIPLE",
+    "check_dtypes",
+    "check_features",
+    "default_interpret",
+    "group_starts_or_cumsum",
+    "epilogue_cols",
+    "epilogue_smem",
+    "launch",
+    "num_programs",
+    "pad_rows",
+    "pipeline",
+    "pipeline_allocations",
+    "store_rows",
+    "swizzled",
+]
 
 # wgmma takes these with float32 accumulation (float32 operands would need tf32).
 KERNEL_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
@@ -68,12 +85,16 @@ def launch(body, out_type, *, name: str, interpret: bool | None):
     lowering semantics; GPU interpret mode unless compiling for a GPU."""
     interpret = default_interpret() if interpret is None else interpret
     return plgpu.kernel(
-        body, out_type=out_type, grid=(num_programs(interpret),), grid_names=("sm",),
-        num_threads=NUM_THREADS, thread_name="wg",
-        compiler_params=plgpu.CompilerParams(
-            lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
+        body,
+        out_type=out_type,
+        grid=(num_programs(interpret),),
+        grid_names=("sm",),
+        num_threads=NUM_THREADS,
+        thread_name="wg",
+        compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
         interpret=plgpu.InterpretGPUParams() if interpret else None,
-        kernel_name=name)
+        kernel_name=name,
+    )
 
 
 def pipeline(body, *, steps, in_specs, stages: int, compute_context=None):
@@ -83,17 +104,24 @@ def pipeline(body, *, steps, in_specs, stages: int, compute_context=None):
     ``delay_release``: JAX 0.11.2's warp-specialized pipeline never releases
     the last delayed slots, so the next work item's loads would race)."""
     return plgpu.emit_pipeline_warp_specialized(
-        body, grid=(steps,), memory_registers=PRODUCER_REGISTERS, in_specs=in_specs,
-        wg_axis="wg", num_compute_wgs=COMPUTE_WGS, max_concurrent_steps=stages,
-        compute_context=compute_context)
+        body,
+        grid=(steps,),
+        memory_registers=PRODUCER_REGISTERS,
+        in_specs=in_specs,
+        wg_axis="wg",
+        num_compute_wgs=COMPUTE_WGS,
+        max_concurrent_steps=stages,
+        compute_context=compute_context,
+    )
 
 
 def pipeline_allocations(in_specs, stages: int, *refs):
     """SMEM slots and barriers of `pipeline`, allocated once for the whole
     persistent loop so that work items do not re-allocate (and resynchronise)."""
     ignore = lambda *_, **__: None
-    return pipeline(ignore, steps=stages, in_specs=in_specs, stages=stages,
-                    compute_context=ignore).get_allocations(*refs)
+    return pipeline(
+        ignore, steps=stages, in_specs=in_specs, stages=stages, compute_context=ignore
+    ).get_allocations(*refs)
 
 
 def swizzled(minor: int, dtype) -> tuple:
@@ -122,7 +150,8 @@ def _wait_reads_but(pending):
     ``wait_smem_to_gmem`` takes a static count."""
     for count in range(8):
         pl.when(pending == count)(
-            functools.partial(plgpu.wait_smem_to_gmem, count, wait_read_only=True))
+            functools.partial(plgpu.wait_smem_to_gmem, count, wait_read_only=True)
+        )
 
 
 def store_rows(out_smem, acc, out_gmem, row0, col0, lo, hi):
@@ -143,14 +172,15 @@ def store_rows(out_smem, acc, out_gmem, row0, col0, lo, hi):
     tile_rows, tile_cols = out_smem.shape[2:]
     total_cols = out_gmem.shape[1]
     pending = None  # stores issued for the previous tile (the other slot)
-    for index, (r0, c0) in enumerate((r, c) for r in range(0, rows, tile_rows)
-                                     for c in range(0, cols, tile_cols)):
+    for index, (r0, c0) in enumerate(
+        (r, c) for r in range(0, rows, tile_rows) for c in range(0, cols, tile_cols)
+    ):
         slot = out_smem.at[wg, index % 2]
         if pending is None:
             plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous work item's
         else:
             _wait_reads_but(pending)
-        slot[...] = acc[r0:r0 + tile_rows, c0:c0 + tile_cols]
+        slot[...] = acc[r0 : r0 + tile_rows, c0 : c0 + tile_cols]
         plgpu.commit_smem()
         top = row0 + r0
         first = jnp.clip(lo - top, 0, tile_rows)
@@ -161,10 +191,11 @@ def store_rows(out_smem, acc, out_gmem, row0, col0, lo, hi):
             height = 1 << bit
 
             @pl.when(count & height != 0)
-            def _(first=first, height=height):
+            def _(first=first, height=height, slot=slot, top=top, c0=c0):
                 plgpu.copy_smem_to_gmem(
                     slot.at[pl.ds(first, height)],
-                    out_gmem.at[pl.ds(top + first, height), pl.ds(col0 + c0, tile_cols)])
+                    out_gmem.at[pl.ds(top + first, height), pl.ds(col0 + c0, tile_cols)],
+                )
 
             first = first + (count & height)
             pending = pending + jnp.minimum(count & height, 1)
@@ -172,8 +203,10 @@ def store_rows(out_smem, acc, out_gmem, row0, col0, lo, hi):
 
 def check_dtypes(name: str, *arrays):
     if arrays[0].dtype not in KERNEL_DTYPES:
-        raise ValueError(f"{name}: operands must be bfloat16 or float16 (wgmma with float32 "
-                         f"accumulation), got {arrays[0].dtype}")
+        raise ValueError(
+            f"{name}: operands must be bfloat16 or float16 (wgmma with float32 "
+            f"accumulation), got {arrays[0].dtype}"
+        )
     if any(a.dtype != arrays[0].dtype for a in arrays):
         raise ValueError(f"{name}: operand dtypes differ: {[str(a.dtype) for a in arrays]}")
 
@@ -181,8 +214,10 @@ def check_dtypes(name: str, *arrays):
 def check_features(name: str, **sizes: int):
     for arg, size in sizes.items():
         if size <= 0 or size % FEATURE_MULTIPLE:
-            raise ValueError(f"{name}: {arg}={size} must be a positive multiple of "
-                             f"{FEATURE_MULTIPLE} (128-byte swizzled TMA tiles)")
+            raise ValueError(
+                f"{name}: {arg}={size} must be a positive multiple of "
+                f"{FEATURE_MULTIPLE} (128-byte swizzled TMA tiles)"
+            )
 
 
 def pad_rows(x: jax.Array) -> jax.Array:
@@ -195,12 +230,16 @@ def group_starts_or_cumsum(group_sizes: jax.Array, group_starts: jax.Array | Non
     """``(starts [E], sizes [E])`` int32; ``starts`` defaults to the ragged layout's
     exclusive cumulative sum of ``group_sizes``."""
     if group_sizes.ndim != 1 or not jnp.issubdtype(group_sizes.dtype, jnp.integer):
-        raise ValueError(f"group_sizes must be a 1-D integer array, got {group_sizes.dtype}"
-                         f"{list(group_sizes.shape)}")
+        raise ValueError(
+            f"group_sizes must be a 1-D integer array, got {group_sizes.dtype}"
+            f"{list(group_sizes.shape)}"
+        )
     sizes = group_sizes.astype(jnp.int32)
     if group_starts is None:
         return jnp.cumsum(sizes) - sizes, sizes
     if group_starts.shape != group_sizes.shape:
-        raise ValueError(f"group_starts must have the shape of group_sizes {group_sizes.shape}, "
-                         f"got {group_starts.shape}")
+        raise ValueError(
+            f"group_starts must have the shape of group_sizes {group_sizes.shape}, "
+            f"got {group_starts.shape}"
+        )
     return group_starts.astype(jnp.int32), sizes

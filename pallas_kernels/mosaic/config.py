@@ -48,9 +48,18 @@ from typing import NamedTuple
 
 import jax.numpy as jnp
 
-__all__ = ["BENCHMARK_SHAPES", "GMM_LARGE_GROUPS", "GMM_SMALL_GROUPS", "LARGE_GROUP_ROWS",
-           "SMEM_BUDGET", "TGMM_DEFAULT", "LayerShape", "TileConfig", "gmm_config",
-           "tgmm_config"]
+__all__ = [
+    "BENCHMARK_SHAPES",
+    "GMM_LARGE_GROUPS",
+    "GMM_SMALL_GROUPS",
+    "LARGE_GROUP_ROWS",
+    "SMEM_BUDGET",
+    "TGMM_DEFAULT",
+    "LayerShape",
+    "TileConfig",
+    "gmm_config",
+    "tgmm_config",
+]
 
 SMEM_BUDGET = 227 * 1024  # bytes a CTA may opt into on H100 / H200
 MAX_ACC_ELEMENTS = 128 * 128  # 128 float32 registers per thread of one warpgroup
@@ -93,13 +102,17 @@ class TileConfig:
                 raise ValueError(f"{name} must be a positive multiple of 64, got {size}")
         wg_m, wg_n = self.warpgroup_tile
         if wg_m % 64 or wg_n % 64:
-            raise ValueError(f"block_m x block_n = {self.block_m}x{self.block_n} split along "
-                             f"{self.split} gives {wg_m}x{wg_n} per warpgroup; both must be "
-                             "multiples of 64")
+            raise ValueError(
+                f"block_m x block_n = {self.block_m}x{self.block_n} split along "
+                f"{self.split} gives {wg_m}x{wg_n} per warpgroup; both must be "
+                "multiples of 64"
+            )
         if wg_m * wg_n > MAX_ACC_ELEMENTS or wg_n > 256:
-            raise ValueError(f"block_m x block_n = {self.block_m}x{self.block_n} gives "
-                             f"{wg_m}x{wg_n} per warpgroup; at most {MAX_ACC_ELEMENTS} float32 "
-                             "accumulators (128 registers per thread) and 256 columns")
+            raise ValueError(
+                f"block_m x block_n = {self.block_m}x{self.block_n} gives "
+                f"{wg_m}x{wg_n} per warpgroup; at most {MAX_ACC_ELEMENTS} float32 "
+                "accumulators (128 registers per thread) and 256 columns"
+            )
         if self.block_k not in (64, 128):
             raise ValueError(f"block_k must be 64 or 128, got {self.block_k}")
         if self.stages < 2:
@@ -108,8 +121,10 @@ class TileConfig:
             raise ValueError(f"band must be >= 1, got {self.band}")
         rows = self.epilogue_rows
         if rows < 8 or rows & (rows - 1) or wg_m % rows:
-            raise ValueError(f"epilogue_rows must be a power of two >= 8 dividing the "
-                             f"warpgroup's {wg_m} rows, got {rows}")
+            raise ValueError(
+                f"epilogue_rows must be a power of two >= 8 dividing the "
+                f"warpgroup's {wg_m} rows, got {rows}"
+            )
 
     @property
     def warpgroup_tile(self) -> tuple[int, int]:
@@ -159,8 +174,11 @@ def _fit(config: TileConfig, in_dtype, out_dtype, *, m_extent: int, n_extent: in
     block_m = min(config.block_m, _round_up(m_extent, 128 if split_m else 64))
     block_n = min(config.block_n, _round_up(n_extent, 64 if split_m else 128))
     config = dataclasses.replace(
-        config, block_m=block_m, block_n=block_n,
-        epilogue_rows=min(config.epilogue_rows, block_m // 2 if split_m else block_m))
+        config,
+        block_m=block_m,
+        block_n=block_n,
+        epilogue_rows=min(config.epilogue_rows, block_m // 2 if split_m else block_m),
+    )
     while config.smem_bytes(in_dtype, out_dtype) > SMEM_BUDGET and config.stages > 2:
         config = dataclasses.replace(config, stages=config.stages - 1)
     return config

@@ -50,8 +50,9 @@ ZERO_ITEM = -1  # the group field of an item whose rows belong to no group
 NO_ITEM = -2  # the group field of an unused list entry
 
 
-def work_items(starts: jax.Array, sizes: jax.Array, num_rows: int, block_m: int, *,
-               gaps: bool) -> jax.Array:
+def work_items(
+    starts: jax.Array, sizes: jax.Array, num_rows: int, block_m: int, *, gaps: bool
+) -> jax.Array:
     """The (row tile, segment) work list of ``gmm`` over rows ``[0, num_rows)``.
 
     Groups must be ordered by start and disjoint (true of every jmoe layout).
@@ -72,17 +73,27 @@ def work_items(starts: jax.Array, sizes: jax.Array, num_rows: int, block_m: int,
     if gaps:
         prev_end = jnp.concatenate([jnp.zeros(1, jnp.int32), ends[:-1]])
         seg_lo = jnp.concatenate([jnp.stack([prev_end, starts], 1).reshape(-1), tail[None]])
-        seg_hi = jnp.concatenate([jnp.stack([starts, ends], 1).reshape(-1),
-                                  jnp.full((1,), num_rows, jnp.int32)])
-        seg_group = jnp.concatenate([
-            jnp.stack([jnp.full((num_groups,), ZERO_ITEM, jnp.int32),
-                       jnp.arange(num_groups, dtype=jnp.int32)], 1).reshape(-1),
-            jnp.full((1,), ZERO_ITEM, jnp.int32)])
+        seg_hi = jnp.concatenate(
+            [jnp.stack([starts, ends], 1).reshape(-1), jnp.full((1,), num_rows, jnp.int32)]
+        )
+        seg_group = jnp.concatenate(
+            [
+                jnp.stack(
+                    [
+                        jnp.full((num_groups,), ZERO_ITEM, jnp.int32),
+                        jnp.arange(num_groups, dtype=jnp.int32),
+                    ],
+                    1,
+                ).reshape(-1),
+                jnp.full((1,), ZERO_ITEM, jnp.int32),
+            ]
+        )
     else:
         seg_lo = jnp.concatenate([starts, tail[None]])
         seg_hi = jnp.concatenate([ends, jnp.full((1,), num_rows, jnp.int32)])
-        seg_group = jnp.concatenate([jnp.arange(num_groups, dtype=jnp.int32),
-                                     jnp.full((1,), ZERO_ITEM, jnp.int32)])
+        seg_group = jnp.concatenate(
+            [jnp.arange(num_groups, dtype=jnp.int32), jnp.full((1,), ZERO_ITEM, jnp.int32)]
+        )
     first_tile = seg_lo // block_m
     tiles = jnp.where(seg_hi > seg_lo, (seg_hi - 1) // block_m - first_tile + 1, 0)
     items_end = jnp.cumsum(tiles)
@@ -94,8 +105,14 @@ def work_items(starts: jax.Array, sizes: jax.Array, num_rows: int, block_m: int,
     tile = first_tile[segment] + item - (items_end[segment] - tiles[segment])
     lo = jnp.maximum(seg_lo[segment], tile * block_m)
     hi = jnp.minimum(seg_hi[segment], tile * block_m + block_m)
-    return jnp.stack([jnp.where(used, tile, 0), jnp.where(used, seg_group[segment], NO_ITEM),
-                      jnp.where(used, lo, 0), jnp.where(used, hi, 0)])
+    return jnp.stack(
+        [
+            jnp.where(used, tile, 0),
+            jnp.where(used, seg_group[segment], NO_ITEM),
+            jnp.where(used, lo, 0),
+            jnp.where(used, hi, 0),
+        ]
+    )
 
 
 def _kernel(config: TileConfig, transpose_rhs: bool, items_ref, lhs_ref, rhs_ref, out_ref):
@@ -103,16 +120,20 @@ def _kernel(config: TileConfig, transpose_rhs: bool, items_ref, lhs_ref, rhs_ref
     ``rhs``, ``out [m, n]``."""
     bm, bn, bk = config.block_m, config.block_n, config.block_k
     wg_m, wg_n = config.warpgroup_tile
-    (m, n), k = out_ref.shape, lhs_ref.shape[1]
+    (_, n), k = out_ref.shape, lhs_ref.shape[1]
     num_items, grid_n = items_ref.shape[1], pl.cdiv(n, bn)
     rhs_block = (bn, bk) if transpose_rhs else (bk, bn)
 
     def in_specs(t, j):
         return [
-            plgpu.BlockSpec((bm, bk), lambda s: (t, s),
-                            transforms=common.swizzled(bk, lhs_ref.dtype)),
-            plgpu.BlockSpec(rhs_block, (lambda s: (j, s)) if transpose_rhs else (lambda s: (s, j)),
-                            transforms=common.swizzled(rhs_block[1], rhs_ref.dtype)),
+            plgpu.BlockSpec(
+                (bm, bk), lambda s: (t, s), transforms=common.swizzled(bk, lhs_ref.dtype)
+            ),
+            plgpu.BlockSpec(
+                rhs_block,
+                (lambda s: (j, s)) if transpose_rhs else (lambda s: (s, j)),
+                transforms=common.swizzled(rhs_block[1], rhs_ref.dtype),
+            ),
         ]
 
     def mma(wg, _, lhs_smem, rhs_smem, acc_ref):
@@ -132,7 +153,8 @@ def _kernel(config: TileConfig, transpose_rhs: bool, items_ref, lhs_ref, rhs_ref
         pl.run_scoped,
         allocations=common.pipeline_allocations(in_specs(0, 0), stages, lhs_ref, rhs_ref.at[0]),
         out_smem=common.epilogue_smem(config.epilogue_rows, out_ref.dtype),
-        collective_axes="wg")
+        collective_axes="wg",
+    )
     def _scope(allocations, out_smem):
         wg = lax.axis_index("wg")
 
@@ -142,8 +164,9 @@ def _kernel(config: TileConfig, transpose_rhs: bool, items_ref, lhs_ref, rhs_ref
             t, group, lo, hi = (items_ref[field, item] for field in range(4))
             row0 = t * bm + (wg * wg_m if config.split == "m" else 0)
             col0 = j * bn + (wg * wg_n if config.split == "n" else 0)
-            store = functools.partial(common.store_rows, out_smem, out_gmem=out_ref, row0=row0,
-                                      col0=col0, lo=lo, hi=hi)
+            store = functools.partial(
+                common.store_rows, out_smem, out_gmem=out_ref, row0=row0, col0=col0, lo=lo, hi=hi
+            )
 
             def compute_context(eval_pipeline):
                 def acc_scope(acc_ref):
@@ -154,10 +177,13 @@ def _kernel(config: TileConfig, transpose_rhs: bool, items_ref, lhs_ref, rhs_ref
 
             @pl.when(group >= 0)
             def _():
-                common.pipeline(functools.partial(mma, wg), steps=pl.cdiv(k, bk),
-                                in_specs=in_specs(t, j), stages=stages,
-                                compute_context=compute_context)(
-                    lhs_ref, rhs_ref.at[group], allocations=allocations)
+                common.pipeline(
+                    functools.partial(mma, wg),
+                    steps=pl.cdiv(k, bk),
+                    in_specs=in_specs(t, j),
+                    stages=stages,
+                    compute_context=compute_context,
+                )(lhs_ref, rhs_ref.at[group], allocations=allocations)
 
             @pl.when((group == ZERO_ITEM) & (wg < common.COMPUTE_WGS))
             def _():
@@ -166,9 +192,17 @@ def _kernel(config: TileConfig, transpose_rhs: bool, items_ref, lhs_ref, rhs_ref
         plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
 
-def gmm(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *,
-        group_starts: jax.Array | None = None, transpose_rhs: bool = False, out_dtype=None,
-        config: TileConfig | None = None, interpret: bool | None = None) -> jax.Array:
+def gmm(
+    lhs: jax.Array,
+    rhs: jax.Array,
+    group_sizes: jax.Array,
+    *,
+    group_starts: jax.Array | None = None,
+    transpose_rhs: bool = False,
+    out_dtype=None,
+    config: TileConfig | None = None,
+    interpret: bool | None = None,
+) -> jax.Array:
     """Grouped matmul: rows of group ``e`` of ``lhs`` times ``rhs[e]``.
 
     Args:
@@ -194,8 +228,10 @@ def gmm(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *,
     if transpose_rhs:
         rhs_k, n = n, rhs_k
     if rhs_k != k:
-        raise ValueError(f"gmm: contraction mismatch: lhs {lhs.shape}, rhs {rhs.shape} "
-                         f"(transpose_rhs={transpose_rhs})")
+        raise ValueError(
+            f"gmm: contraction mismatch: lhs {lhs.shape}, rhs {rhs.shape} "
+            f"(transpose_rhs={transpose_rhs})"
+        )
     if group_sizes.shape != (num_groups,):
         raise ValueError(f"gmm: group_sizes must be [E={num_groups}], got {group_sizes.shape}")
     common.check_features("gmm", k=k, n=n)
@@ -205,9 +241,13 @@ def gmm(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *,
     starts, sizes = common.group_starts_or_cumsum(group_sizes, group_starts)
     config = config or gmm_config(m, n, num_groups, lhs.dtype, out_dtype)
     lhs_padded = common.pad_rows(lhs)
-    call = common.launch(functools.partial(_kernel, config, transpose_rhs),
-                         jax.ShapeDtypeStruct((lhs_padded.shape[0], n), out_dtype),
-                         name="jmoe_gmm_t" if transpose_rhs else "jmoe_gmm", interpret=interpret)
-    items = work_items(starts, sizes, lhs_padded.shape[0], config.block_m,
-                       gaps=group_starts is not None)
+    call = common.launch(
+        functools.partial(_kernel, config, transpose_rhs),
+        jax.ShapeDtypeStruct((lhs_padded.shape[0], n), out_dtype),
+        name="jmoe_gmm_t" if transpose_rhs else "jmoe_gmm",
+        interpret=interpret,
+    )
+    items = work_items(
+        starts, sizes, lhs_padded.shape[0], config.block_m, gaps=group_starts is not None
+    )
     return call(items, lhs_padded, rhs)[:m]

@@ -12,7 +12,7 @@ compile for the GPU, not the interpreter, on a CPU machine.
 from __future__ import annotations
 
 import re
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 from jax._src.lib.mlir import ir
@@ -28,10 +28,12 @@ _KERNEL_SYMBOL = re.compile(rb"(jmoe_\w+?)_mosaic_gpu")
 def lower_for_cuda(fn: Callable, *args) -> jax.stages.Lowered:
     """``jax.jit(fn)`` traced on ``args`` (arrays or ``jax.ShapeDtypeStruct``s)
     and lowered for CUDA, as on an H100."""
-    device = jax.sharding.AbstractDevice(device_kind="NVIDIA H100", num_cores=H100_SMS,
-                                         platform="gpu")
-    mesh = jax.sharding.AbstractMesh((1,), ("x",), (jax.sharding.AxisType.Auto,),
-                                     abstract_device=device)
+    device = jax.sharding.AbstractDevice(
+        device_kind="NVIDIA H100", num_cores=H100_SMS, platform="gpu"
+    )
+    mesh = jax.sharding.AbstractMesh(
+        (1,), ("x",), (jax.sharding.AxisType.Auto,), abstract_device=device
+    )
     with jax.sharding.use_abstract_mesh(mesh):
         return jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",))
 
@@ -41,8 +43,10 @@ def kernel_names(lowered: jax.stages.Lowered) -> list[str]:
     names = []
 
     def visit(op):
-        if (op.name == "stablehlo.custom_call" and ir.StringAttr(
-                op.attributes["call_target_name"]).value == CUSTOM_CALL_TARGET):
+        if (
+            op.name == "stablehlo.custom_call"
+            and ir.StringAttr(op.attributes["call_target_name"]).value == CUSTOM_CALL_TARGET
+        ):
             config = ir.DictAttr(op.attributes["mhlo.backend_config"])
             module = ir.StringAttr(config["module"]).value_bytes
             names.append(_KERNEL_SYMBOL.search(module).group(1).decode())

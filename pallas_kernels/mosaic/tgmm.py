@@ -43,8 +43,9 @@ def _zero_foreign_rows(tile_smem, row0, start, end):
     """Zeroes the rows of ``tile_smem [block_k, ·]`` outside ``[start, end)``;
     its first row is global row ``row0``."""
     tile = tile_smem[...]
-    rows = plgpu.layout_cast(lax.broadcasted_iota(jnp.int32, tile.shape, 0),
-                             plgpu.Layout.WGMMA) + row0
+    rows = (
+        plgpu.layout_cast(lax.broadcasted_iota(jnp.int32, tile.shape, 0), plgpu.Layout.WGMMA) + row0
+    )
     tile_smem[...] = jnp.where((rows >= start) & (rows < end), tile, jnp.zeros_like(tile))
     plgpu.commit_smem()  # visible to the wgmma (async proxy)
 
@@ -60,10 +61,16 @@ def _kernel(config: TileConfig, starts_ref, sizes_ref, lhs_ref, grad_ref, out_re
 
     def in_specs(first_block, ki, ni):
         return [
-            plgpu.BlockSpec((bk, bm), lambda s: (first_block + s, ki),
-                            transforms=common.swizzled(bm, lhs_ref.dtype)),
-            plgpu.BlockSpec((bk, bn), lambda s: (first_block + s, ni),
-                            transforms=common.swizzled(bn, grad_ref.dtype)),
+            plgpu.BlockSpec(
+                (bk, bm),
+                lambda s: (first_block + s, ki),
+                transforms=common.swizzled(bm, lhs_ref.dtype),
+            ),
+            plgpu.BlockSpec(
+                (bk, bn),
+                lambda s: (first_block + s, ni),
+                transforms=common.swizzled(bn, grad_ref.dtype),
+            ),
         ]
 
     def _loop(allocations, out_smem, masked):
@@ -72,15 +79,23 @@ def _kernel(config: TileConfig, starts_ref, sizes_ref, lhs_ref, grad_ref, out_re
         @plgpu.nd_loop((num_groups * tiles_per_group,), collective_axes="sm")
         def _work_item(info):
             group = info.index[0] // tiles_per_group
-            ki, ni = plgpu.planar_snake(info.index[0] % tiles_per_group, (grid_k, grid_n), 1,
-                                        config.band)
+            ki, ni = plgpu.planar_snake(
+                info.index[0] % tiles_per_group, (grid_k, grid_n), 1, config.band
+            )
             start = starts_ref[group]
             end = start + sizes_ref[group]
             first_block = start // bk
             row0 = ki * bm + (wg * wg_m if config.split == "m" else 0)
             col0 = ni * bn + (wg * wg_n if config.split == "n" else 0)
-            store = functools.partial(common.store_rows, out_smem, out_gmem=out_ref.at[group],
-                                      row0=row0, col0=col0, lo=0, hi=k)
+            store = functools.partial(
+                common.store_rows,
+                out_smem,
+                out_gmem=out_ref.at[group],
+                row0=row0,
+                col0=col0,
+                lo=0,
+                hi=k,
+            )
 
             def mma(index, lhs_smem, grad_smem, acc_ref):
                 block_row0 = (first_block + index[0]) * bk
@@ -88,8 +103,7 @@ def _kernel(config: TileConfig, starts_ref, sizes_ref, lhs_ref, grad_ref, out_re
                 @pl.when((block_row0 < start) | (block_row0 + bk > end))
                 def _():
                     pl.when(wg == 0)(lambda: _zero_foreign_rows(lhs_smem, block_row0, start, end))
-                    pl.when(wg == 1)(lambda: _zero_foreign_rows(grad_smem, block_row0, start,
-                                                                end))
+                    pl.when(wg == 1)(lambda: _zero_foreign_rows(grad_smem, block_row0, start, end))
                     plgpu.barrier_arrive(masked)
                     plgpu.barrier_wait(masked)
 
@@ -110,10 +124,13 @@ def _kernel(config: TileConfig, starts_ref, sizes_ref, lhs_ref, grad_ref, out_re
 
             @pl.when(end > start)
             def _():
-                common.pipeline(mma, steps=pl.cdiv(end, bk) - first_block,
-                                in_specs=in_specs(first_block, ki, ni), stages=config.stages,
-                                compute_context=compute_context)(
-                    lhs_ref, grad_ref, allocations=allocations)
+                common.pipeline(
+                    mma,
+                    steps=pl.cdiv(end, bk) - first_block,
+                    in_specs=in_specs(first_block, ki, ni),
+                    stages=config.stages,
+                    compute_context=compute_context,
+                )(lhs_ref, grad_ref, allocations=allocations)
 
             @pl.when((end <= start) & (wg < common.COMPUTE_WGS))  # empty group: exact zeros
             def _():
@@ -124,17 +141,26 @@ def _kernel(config: TileConfig, starts_ref, sizes_ref, lhs_ref, grad_ref, out_re
     def _scope(masked):
         pl.run_scoped(
             functools.partial(_loop, masked=masked),
-            allocations=common.pipeline_allocations(in_specs(0, 0, 0), config.stages, lhs_ref,
-                                                    grad_ref),
+            allocations=common.pipeline_allocations(
+                in_specs(0, 0, 0), config.stages, lhs_ref, grad_ref
+            ),
             out_smem=common.epilogue_smem(config.epilogue_rows, out_ref.dtype),
-            collective_axes="wg")
+            collective_axes="wg",
+        )
 
     pl.run_scoped(_scope, plgpu.Barrier(num_arrivals=common.COMPUTE_WGS), collective_axes="wg")
 
 
-def tgmm(lhs: jax.Array, grad: jax.Array, group_sizes: jax.Array, *,
-         group_starts: jax.Array | None = None, out_dtype=None,
-         config: TileConfig | None = None, interpret: bool | None = None) -> jax.Array:
+def tgmm(
+    lhs: jax.Array,
+    grad: jax.Array,
+    group_sizes: jax.Array,
+    *,
+    group_starts: jax.Array | None = None,
+    out_dtype=None,
+    config: TileConfig | None = None,
+    interpret: bool | None = None,
+) -> jax.Array:
     """Per-group ``lhs[rows]ᵀ @ grad[rows]``: the weight gradient of `gmm`.
 
     Args:
@@ -153,8 +179,7 @@ def tgmm(lhs: jax.Array, grad: jax.Array, group_sizes: jax.Array, *,
       zeros.
     """
     if lhs.ndim != 2 or grad.ndim != 2 or lhs.shape[0] != grad.shape[0]:
-        raise ValueError(f"tgmm: lhs must be [m, k] and grad [m, n], got {lhs.shape}, "
-                         f"{grad.shape}")
+        raise ValueError(f"tgmm: lhs must be [m, k] and grad [m, n], got {lhs.shape}, {grad.shape}")
     common.check_dtypes("tgmm", lhs, grad)
     (m, k), n = lhs.shape, grad.shape[1]
     common.check_features("tgmm", k=k, n=n)
@@ -164,7 +189,10 @@ def tgmm(lhs: jax.Array, grad: jax.Array, group_sizes: jax.Array, *,
     if m == 0:
         return jnp.zeros((num_groups, k, n), out_dtype)
     config = config or tgmm_config(k, n, lhs.dtype, out_dtype)
-    call = common.launch(functools.partial(_kernel, config),
-                         jax.ShapeDtypeStruct((num_groups, k, n), out_dtype),
-                         name="jmoe_tgmm", interpret=interpret)
+    call = common.launch(
+        functools.partial(_kernel, config),
+        jax.ShapeDtypeStruct((num_groups, k, n), out_dtype),
+        name="jmoe_tgmm",
+        interpret=interpret,
+    )
     return call(starts, sizes, common.pad_rows(lhs), common.pad_rows(grad))

@@ -93,16 +93,19 @@ def tile_config(kind: str, block_size: int, dtype, k: int, n: int) -> TileConfig
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
     if block_size not in BLOCK_SIZES:
-        raise ValueError(f"block_size must be one of {BLOCK_SIZES} for impl='triton', "
-                         f"got {block_size}")
+        raise ValueError(
+            f"block_size must be one of {BLOCK_SIZES} for impl='triton', got {block_size}"
+        )
     dtype = jnp.dtype(dtype)
     if dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {[str(d) for d in DTYPES]} for "
-                         f"impl='triton', got {dtype}")
+        raise ValueError(
+            f"dtype must be one of {[str(d) for d in DTYPES]} for impl='triton', got {dtype}"
+        )
     for name, size in (("k", k), ("n", n)):
         if size < 16 or size % 16:
-            raise ValueError(f"{kind}: {name} must be a positive multiple of 16 for "
-                             f"impl='triton', got {size}")
+            raise ValueError(
+                f"{kind}: {name} must be a positive multiple of 16 for impl='triton', got {size}"
+            )
     rows, cols, depth16, depth32, warps, stages = _TABLE[kind, block_size]
     depth = depth32 if dtype.itemsize == 4 else depth16
     if kind == "dstd":  # out tile spans k x n; depth walks token rows

@@ -45,8 +45,9 @@ def _default_interpret() -> bool:
 
 def _dot(a, b, contract_a: int, contract_b: int) -> jax.Array:
     """2-D ``a`` x ``b`` contracting the given axes, accumulated in float32."""
-    return lax.dot_general(a, b, (((contract_a,), (contract_b,)), ((), ())),
-                           preferred_element_type=jnp.float32)
+    return lax.dot_general(
+        a, b, (((contract_a,), (contract_b,)), ((), ())), preferred_element_type=jnp.float32
+    )
 
 
 def _compiler_params(tiles: TileConfig) -> plt.CompilerParams:
@@ -67,9 +68,19 @@ def _grouped_order(index, num_rows: int, num_cols: int):
     return first_row + lax.rem(local, rows_in_group), lax.div(local, rows_in_group)
 
 
-def _grouped_matmul_kernel(block_row_expert_ref, group_sizes_ref, block_offsets_ref,
-                           lhs_ref, rhs_ref, out_ref, *, block_size: int, tiles: TileConfig,
-                           num_col_tiles: int, transpose_rhs: bool):
+def _grouped_matmul_kernel(
+    block_row_expert_ref,
+    group_sizes_ref,
+    block_offsets_ref,
+    lhs_ref,
+    rhs_ref,
+    out_ref,
+    *,
+    block_size: int,
+    tiles: TileConfig,
+    num_col_tiles: int,
+    transpose_rhs: bool,
+):
     """One ``[block_size, tiles.cols]`` tile of ``out = lhs[rows_e] @ rhs[e]``.
 
     Refs: ``block_row_expert [R]``, ``group_sizes [E]``, ``block_offsets [E+1]``
@@ -77,8 +88,9 @@ def _grouped_matmul_kernel(block_row_expert_ref, group_sizes_ref, block_offsets_
     ``out [P, n]``. Programs map to (block row, column tile) in `_grouped_order`.
     """
     num_experts = group_sizes_ref.shape[0]
-    block_row, col_tile = _grouped_order(pl.program_id(0), block_row_expert_ref.shape[0],
-                                         num_col_tiles)
+    block_row, col_tile = _grouped_order(
+        pl.program_id(0), block_row_expert_ref.shape[0], num_col_tiles
+    )
     rows = pl.ds(block_row * block_size, block_size)
     cols = pl.ds(col_tile * tiles.cols, tiles.cols)
     expert = block_row_expert_ref[block_row]
@@ -93,8 +105,9 @@ def _grouped_matmul_kernel(block_row_expert_ref, group_sizes_ref, block_offsets_
             return acc + _dot(a, rhs_ref[expert, depth, cols], 1, 0)
 
         k = lhs_ref.shape[1]
-        acc = lax.fori_loop(0, k // tiles.depth, step,
-                            jnp.zeros((block_size, tiles.cols), jnp.float32))
+        acc = lax.fori_loop(
+            0, k // tiles.depth, step, jnp.zeros((block_size, tiles.cols), jnp.float32)
+        )
         rank = (block_row - block_offsets_ref[expert]) * block_size + jnp.arange(block_size)
         valid = (rank < group_sizes_ref[expert])[:, None]
         plt.store(out_ref.at[rows, cols], jnp.where(valid, acc, 0.0).astype(out_ref.dtype))
@@ -104,8 +117,15 @@ def _grouped_matmul_kernel(block_row_expert_ref, group_sizes_ref, block_offsets_
         plt.store(out_ref.at[rows, cols], jnp.zeros((block_size, tiles.cols), out_ref.dtype))
 
 
-def grouped_matmul(kind: str, lhs: jax.Array, rhs: jax.Array, topo: Topology,
-                   transpose_rhs: bool, *, interpret: bool | None = None) -> jax.Array:
+def grouped_matmul(
+    kind: str,
+    lhs: jax.Array,
+    rhs: jax.Array,
+    topo: Topology,
+    transpose_rhs: bool,
+    *,
+    interpret: bool | None = None,
+) -> jax.Array:
     """SDD (``kind="sdd"``) or DSD (``kind="dsd"``): ``out[rows_e] = lhs[rows_e] @ rhs[e]``.
 
     Args:
@@ -122,8 +142,13 @@ def grouped_matmul(kind: str, lhs: jax.Array, rhs: jax.Array, topo: Topology,
     n = rhs.shape[1] if transpose_rhs else rhs.shape[2]
     tiles = tile_config(kind, topo.block_size, lhs.dtype, lhs.shape[1], n)
     num_col_tiles = n // tiles.cols
-    kernel = functools.partial(_grouped_matmul_kernel, block_size=topo.block_size, tiles=tiles,
-                               num_col_tiles=num_col_tiles, transpose_rhs=transpose_rhs)
+    kernel = functools.partial(
+        _grouped_matmul_kernel,
+        block_size=topo.block_size,
+        tiles=tiles,
+        num_col_tiles=num_col_tiles,
+        transpose_rhs=transpose_rhs,
+    )
     return pl.pallas_call(
         kernel,
         out_shape=jax.ShapeDtypeStruct((topo.padded_rows, n), lhs.dtype),
@@ -134,9 +159,18 @@ def grouped_matmul(kind: str, lhs: jax.Array, rhs: jax.Array, topo: Topology,
     )(topo.block_row_expert, topo.group_sizes, topo.expert_block_offsets, lhs, rhs)
 
 
-def _weight_grad_kernel(group_sizes_ref, block_offsets_ref, lhs_ref, rhs_ref, out_ref, *,
-                        block_size: int, tiles: TileConfig, num_k_tiles: int,
-                        num_n_tiles: int):
+def _weight_grad_kernel(
+    group_sizes_ref,
+    block_offsets_ref,
+    lhs_ref,
+    rhs_ref,
+    out_ref,
+    *,
+    block_size: int,
+    tiles: TileConfig,
+    num_k_tiles: int,
+    num_n_tiles: int,
+):
     """One ``[tiles.rows, tiles.cols]`` tile of ``out[e] = lhs[rows_e]ᵀ @ rhs[rows_e]``.
 
     Refs: ``group_sizes [E]``, ``block_offsets [E+1]`` (int32), ``lhs [P, k]``,
@@ -158,19 +192,30 @@ def _weight_grad_kernel(group_sizes_ref, block_offsets_ref, lhs_ref, rhs_ref, ou
     def step(i, acc):
         rows = pl.ds(first_row + i * tiles.depth, tiles.depth)
         valid = (i * tiles.depth + jnp.arange(tiles.depth) < count)[:, None]
-        a = plt.load(lhs_ref.at[rows, k_cols],
-                     mask=jnp.broadcast_to(valid, (tiles.depth, tiles.rows)), other=0.0)
-        b = plt.load(rhs_ref.at[rows, n_cols],
-                     mask=jnp.broadcast_to(valid, (tiles.depth, tiles.cols)), other=0.0)
+        a = plt.load(
+            lhs_ref.at[rows, k_cols],
+            mask=jnp.broadcast_to(valid, (tiles.depth, tiles.rows)),
+            other=0.0,
+        )
+        b = plt.load(
+            rhs_ref.at[rows, n_cols],
+            mask=jnp.broadcast_to(valid, (tiles.depth, tiles.cols)),
+            other=0.0,
+        )
         return acc + _dot(a, b, 0, 0)
 
-    acc = lax.fori_loop(0, lax.div(count + tiles.depth - 1, tiles.depth), step,
-                        jnp.zeros((tiles.rows, tiles.cols), jnp.float32))
+    acc = lax.fori_loop(
+        0,
+        lax.div(count + tiles.depth - 1, tiles.depth),
+        step,
+        jnp.zeros((tiles.rows, tiles.cols), jnp.float32),
+    )
     plt.store(out_ref.at[expert, k_cols, n_cols], acc.astype(out_ref.dtype))
 
 
-def weight_grad(lhs: jax.Array, rhs: jax.Array, topo: Topology, out_dtype, *,
-                interpret: bool | None = None) -> jax.Array:
+def weight_grad(
+    lhs: jax.Array, rhs: jax.Array, topo: Topology, out_dtype, *, interpret: bool | None = None
+) -> jax.Array:
     """DSᵀD / DᵀS: ``out[e] = lhs[rows_e]ᵀ @ rhs[rows_e]``.
 
     Args:
@@ -184,8 +229,13 @@ def weight_grad(lhs: jax.Array, rhs: jax.Array, topo: Topology, out_dtype, *,
     k, n = lhs.shape[1], rhs.shape[1]
     tiles = tile_config("dstd", topo.block_size, lhs.dtype, k, n)
     num_k_tiles, num_n_tiles = k // tiles.rows, n // tiles.cols
-    kernel = functools.partial(_weight_grad_kernel, block_size=topo.block_size, tiles=tiles,
-                               num_k_tiles=num_k_tiles, num_n_tiles=num_n_tiles)
+    kernel = functools.partial(
+        _weight_grad_kernel,
+        block_size=topo.block_size,
+        tiles=tiles,
+        num_k_tiles=num_k_tiles,
+        num_n_tiles=num_n_tiles,
+    )
     return pl.pallas_call(
         kernel,
         out_shape=jax.ShapeDtypeStruct((topo.num_experts, k, n), out_dtype),

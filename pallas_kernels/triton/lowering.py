@@ -12,7 +12,8 @@ abstract device supplies one (``jax.sharding.use_abstract_mesh``).
 from __future__ import annotations
 
 import functools
-from typing import Callable, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -24,8 +25,16 @@ from jax.experimental.pallas import triton as plt
 from pallas_kernels.topology import make_topology
 from pallas_kernels.triton.kernels import grouped_matmul, weight_grad
 
-__all__ = ["DEFAULT_K", "DEFAULT_N", "DEVICE_KINDS", "VARIANTS", "TritonCall", "lower_for_cuda",
-           "lower_variant", "triton_calls"]
+__all__ = [
+    "DEFAULT_K",
+    "DEFAULT_N",
+    "DEVICE_KINDS",
+    "VARIANTS",
+    "TritonCall",
+    "lower_for_cuda",
+    "lower_variant",
+    "triton_calls",
+]
 
 # Feature sizes `lower_variant` uses unless told (register use does not depend on them).
 DEFAULT_K, DEFAULT_N = 512, 1024
@@ -53,17 +62,27 @@ class TritonCall(NamedTuple):
 
 def lower_for_cuda(fn: Callable, *args, capability: int = 90) -> jax.stages.Lowered:
     """``jax.jit(fn)`` traced on ``args`` and lowered for CUDA sm_``capability``."""
-    device = jax.sharding.AbstractDevice(device_kind=DEVICE_KINDS[capability], num_cores=None,
-                                         platform="gpu")
-    mesh = jax.sharding.AbstractMesh((1,), ("x",), (jax.sharding.AxisType.Auto,),
-                                     abstract_device=device)
+    device = jax.sharding.AbstractDevice(
+        device_kind=DEVICE_KINDS[capability], num_cores=None, platform="gpu"
+    )
+    mesh = jax.sharding.AbstractMesh(
+        (1,), ("x",), (jax.sharding.AxisType.Auto,), abstract_device=device
+    )
     with jax.sharding.use_abstract_mesh(mesh):
         return jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",))
 
 
-def lower_variant(variant: str, block_size: int, dtype, *, k: int = DEFAULT_K,
-                  n: int = DEFAULT_N, num_experts: int = 8, num_rows: int = 2048,
-                  capability: int = 90) -> jax.stages.Lowered:
+def lower_variant(
+    variant: str,
+    block_size: int,
+    dtype,
+    *,
+    k: int = DEFAULT_K,
+    n: int = DEFAULT_N,
+    num_experts: int = 8,
+    num_rows: int = 2048,
+    capability: int = 90,
+) -> jax.stages.Lowered:
     """Lowers one `VARIANTS` kernel on a ``num_rows``-assignment layout.
 
     Operands: ``lhs [P, k]``; ``rhs [E, k, n]`` (``[E, n, k]`` transposed) or,
@@ -76,8 +95,9 @@ def lower_variant(variant: str, block_size: int, dtype, *, k: int = DEFAULT_K,
         rhs = jax.ShapeDtypeStruct((topo.padded_rows, n), dtype)
         fn = lambda a, b, t: weight_grad(a, b, t, dtype, interpret=False)
     else:
-        rhs = jax.ShapeDtypeStruct((num_experts, n, k) if transpose_rhs else (num_experts, k, n),
-                                   dtype)
+        rhs = jax.ShapeDtypeStruct(
+            (num_experts, n, k) if transpose_rhs else (num_experts, k, n), dtype
+        )
         fn = lambda a, b, t: grouped_matmul(kind, a, b, t, transpose_rhs, interpret=False)
     return lower_for_cuda(fn, lhs, rhs, topo, capability=capability)
 
@@ -102,16 +122,24 @@ def triton_calls(lowered: jax.stages.Lowered) -> list[TritonCall]:
     calls = []
 
     def visit(op):
-        if (op.name == "stablehlo.custom_call" and ir.StringAttr(
-                op.attributes["call_target_name"]).value == plt.CUSTOM_CALL_TARGET_NAME):
+        if (
+            op.name == "stablehlo.custom_call"
+            and ir.StringAttr(op.attributes["call_target_name"]).value
+            == plt.CUSTOM_CALL_TARGET_NAME
+        ):
             config = ir.DictAttr(op.attributes["mhlo.backend_config"])
             with _triton_context():
                 module = ir.Module.parse(ir.StringAttr(config["ir"]).value_bytes)
                 ttir = module.operation.get_asm(enable_debug_info=False)
-            calls.append(TritonCall(
-                name=ir.StringAttr(config["name"]).value, ttir=ttir,
-                num_warps=_int(config["num_warps"]), num_stages=_int(config["num_stages"]),
-                grid=tuple(_int(config[f"grid_{axis}"]) for axis in "xyz")))
+            calls.append(
+                TritonCall(
+                    name=ir.StringAttr(config["name"]).value,
+                    ttir=ttir,
+                    num_warps=_int(config["num_warps"]),
+                    num_stages=_int(config["num_stages"]),
+                    grid=tuple(_int(config[f"grid_{axis}"]) for axis in "xyz"),
+                )
+            )
         return ir.WalkResult.ADVANCE
 
     lowered.compiler_ir("stablehlo").operation.walk(visit)

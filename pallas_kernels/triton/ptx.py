@@ -44,9 +44,18 @@ def _ptxas_resources(ptx: str, capability: int, directory: pathlib.Path) -> tupl
     source = directory / "kernel.ptx"
     source.write_text(ptx)
     log = subprocess.run(
-        [get_ptxas(capability).path, "-v", f"--gpu-name={sm_arch_from_capability(capability)}",
-         str(source), "-o", str(directory / "kernel.cubin")],
-        check=True, capture_output=True, text=True).stderr
+        [
+            get_ptxas(capability).path,
+            "-v",
+            f"--gpu-name={sm_arch_from_capability(capability)}",
+            str(source),
+            "-o",
+            str(directory / "kernel.cubin"),
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stderr
     registers = re.search(r"Used (\d+) registers", log)
     spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
     if registers is None or spills is None:
@@ -86,8 +95,9 @@ def compile_call(call: TritonCall, capability: int) -> Resources:
     return Resources(registers, kernel.metadata.shared, spill_stores, spill_loads, op)
 
 
-def compile_variant(variant: str, block_size: int, dtype,
-                    capability: int) -> tuple[TritonCall, Resources]:
+def compile_variant(
+    variant: str, block_size: int, dtype, capability: int
+) -> tuple[TritonCall, Resources]:
     """Lowers one ``lowering.VARIANTS`` kernel in its default config and compiles it."""
     [call] = triton_calls(lower_variant(variant, block_size, dtype, capability=capability))
     return call, compile_call(call, capability)
