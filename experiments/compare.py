@@ -4,13 +4,17 @@ data, seed and steps.
 
     python -m experiments.compare --out runs/compare --results-dir experiments/results
     python -m experiments.compare --seeds 1 ...   # one seed (the 5 runs only)
+    python -m experiments.compare --runs dense dmoe --steps 6000 --seeds 1 \\
+        --eval-every 100 --out runs/long --results-dir experiments/results/long
 
 Runs the five trainings for each of ``--seeds`` seeds one after another (a
 finished run is reused, an interrupted one resumed from its checkpoint), then
 writes ``results.md`` (the first seed's table, and the table over seeds: mean
 ± sd of the final validation loss, time and tokens to reach the best
 token-dropping configuration's mean final loss, dropped fractions),
-``results.json`` and ``val_loss_vs_time.png`` (first seed) to ``--results-dir``.
+``results.json``, ``val_loss_vs_time.png`` and ``val_loss_vs_tokens.png``
+(first seed) to ``--results-dir``. ``--runs`` trains a subset (always with
+``dense``, the baseline every table compares against).
 """
 
 from __future__ import annotations
@@ -66,6 +70,26 @@ def tokens_to_reach(val_records: list[dict], target: float, tokens_per_step: int
     )
 
 
+def overtaking_tokens(
+    val_records: list[dict], baseline_records: list[dict], tokens_per_step: int
+) -> float | None:
+    """Tokens from which on a run's validation loss stays below the baseline's
+    at every later evaluation (the evaluations both have); None if it ends at or
+    above it. ``0`` if it is below from the first shared evaluation on."""
+    baseline = {r["step"]: r["val_loss"] for r in baseline_records}
+    shared = [
+        (r["step"], r["val_loss"] < baseline[r["step"]])
+        for r in val_records
+        if r["step"] in baseline
+    ]
+    if not shared or not shared[-1][1]:
+        return None
+    first_below = len(shared)
+    while first_below > 0 and shared[first_below - 1][1]:
+        first_below -= 1
+    return float(shared[first_below][0] * tokens_per_step) if first_below else 0.0
+
+
 def run_dir(out: str, name: str, seed: int, first_seed: int) -> Path:
     """``out/<name>`` for the first seed (as with one seed), ``out/<name>-seed<s>`` after."""
     return Path(out) / (name if seed == first_seed else f"{name}-seed{seed}")
@@ -113,13 +137,20 @@ def _run(args, name: str, ffn: str, capacity_factor: float, seed: int) -> dict:
 
 
 def results_table(summaries: dict[str, dict], records: dict[str, list[dict]]) -> list[dict]:
-    """One row per run: final loss, time, throughput, drops, time to dense's final loss."""
+    """One row per run: final loss, time, throughput, drops, time to dense's
+    final loss, and the tokens from which it stays ahead of dense."""
     target = summaries["dense"]["final_val_loss"]
     dense_time = summaries["dense"]["train_time_s"]
+    dense_val = [r for r in records["dense"] if r["kind"] == "val"]
     rows = []
     for name, summary in summaries.items():
         val = [r for r in records[name] if r["kind"] == "val"]
         reach = time_to_reach(val, target)
+        ahead = (
+            None
+            if name == "dense"
+            else overtaking_tokens(val, dense_val, summary["tokens_per_step"])
+        )
         rows.append(
             {
                 "run": name,
@@ -130,6 +161,7 @@ def results_table(summaries: dict[str, dict], records: dict[str, list[dict]]) ->
                 "dropped_fraction": summary["dropped_fraction"],
                 "time_to_dense_loss_s": reach,
                 "speedup_vs_dense": None if reach is None else dense_time / reach,
+                "ahead_of_dense_from_tokens": ahead,
             }
         )
     return rows
@@ -138,20 +170,23 @@ def results_table(summaries: dict[str, dict], records: dict[str, list[dict]]) ->
 def markdown(rows: list[dict]) -> str:
     header = (
         "| run | final val loss | train time (s) | tokens/s | median step (ms) "
-        "| assignments dropped | time to dense final loss (s) | speed-up vs dense |\n"
-        "|---|---:|---:|---:|---:|---:|---:|---:|\n"
+        "| assignments dropped | time to dense final loss (s) | speed-up vs dense "
+        "| ahead of dense from (tokens) |\n"
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|\n"
     )
     fmt = lambda value, spec, unit="": "never" if value is None else format(value, spec) + unit
     return header + "".join(
         f"| {r['run']} | {r['final_val_loss']:.4f} | {r['train_time_s']:.0f} | "
         f"{r['tokens_per_s']:,.0f} | {r['median_step_ms']:.0f} | {r['dropped_fraction']:.1%} | "
-        f"{fmt(r['time_to_dense_loss_s'], '.0f')} | {fmt(r['speedup_vs_dense'], '.2f', 'x')} |\n"
+        f"{fmt(r['time_to_dense_loss_s'], '.0f')} | {fmt(r['speedup_vs_dense'], '.2f', 'x')} | "
+        f"{'-' if r['run'] == 'dense' else fmt(r['ahead_of_dense_from_tokens'], ',.0f')} |\n"
         for r in rows
     )
 
 
 def seeds_table(summaries: dict[str, list[dict]], records: dict[str, list[list[dict]]]):
-    """Rows over seeds, and the target: the best token-dropping configuration's mean final loss.
+    """Rows over seeds, and the target: the best token-dropping configuration's
+    mean final loss (dense's when no token-dropping configuration ran).
 
     ``summaries[name]``/``records[name]``: the summaries and metrics of each
     seed of configuration ``name``. Each row: ``val_mean``, ``val_sd``
@@ -160,7 +195,8 @@ def seeds_table(summaries: dict[str, list[dict]], records: dict[str, list[list[d
     Returns ``(rows, target_name, target)``.
     """
     mean_final = lambda name: float(np.mean([s["final_val_loss"] for s in summaries[name]]))
-    target_name = min((n for n in summaries if n.startswith("moe-")), key=mean_final)
+    dropping = [n for n in summaries if n.startswith("moe-")]
+    target_name = min(dropping or ["dense"], key=mean_final)
     target = mean_final(target_name)
     rows = []
     for name, runs in summaries.items():
@@ -204,6 +240,14 @@ def parse_args(argv=None) -> argparse.Namespace:
         description=__doc__.split("\n\n")[0],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
+    names = [name for name, _, _ in RUNS]
+    parser.add_argument(
+        "--runs",
+        nargs="+",
+        choices=names,
+        default=names,
+        help="configurations to train (dense, the baseline, is always trained)",
+    )
     parser.add_argument("--preset", choices=PRESETS, default="xs")
     parser.add_argument("--steps", type=int, default=600)
     parser.add_argument("--seed", type=int, default=0, help="first seed")
@@ -226,8 +270,11 @@ def main(argv=None) -> list[dict]:
     if args.seeds < 1:
         raise ValueError(f"--seeds must be a positive int, got {args.seeds}")
     seeds = range(args.seed, args.seed + args.seeds)
+    selected = {"dense", *args.runs}
     all_summaries = {
-        name: [_run(args, name, ffn, cf, seed) for seed in seeds] for name, ffn, cf in RUNS
+        name: [_run(args, name, ffn, cf, seed) for seed in seeds]
+        for name, ffn, cf in RUNS
+        if name in selected
     }
     all_records = {
         name: [
@@ -264,6 +311,13 @@ def main(argv=None) -> list[dict]:
         results / "val_loss_vs_time.png",
         title=f"{args.preset}: validation loss vs training time",
         target=summaries["dense"]["final_val_loss"],
+    )
+    plotting.plot_val_vs_time(
+        records,
+        results / "val_loss_vs_tokens.png",
+        title=f"{args.preset}: validation loss vs training tokens",
+        target=summaries["dense"]["final_val_loss"],
+        tokens_per_step=first["tokens_per_step"],
     )
     print(f"\n{setup}\n\n{table}\nwritten to {results}")
     return rows

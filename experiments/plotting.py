@@ -73,29 +73,36 @@ def plot_run(records: list[dict], path: str | Path, title: str):
 
 
 def plot_val_vs_time(
-    runs: dict[str, list[dict]], path: str | Path, title: str, target: float | None = None
+    runs: dict[str, list[dict]],
+    path: str | Path,
+    title: str,
+    target: float | None = None,
+    tokens_per_step: int | None = None,
 ):
-    """Validation loss vs training wall time (seconds), one line per run.
+    """Validation loss vs training wall time (seconds), one line per run; vs
+    training tokens instead when ``tokens_per_step`` is given.
 
     ``runs``: run name -> its metrics records. ``target`` draws a horizontal
     line (e.g. the dense baseline's final loss).
     """
     fig = Figure(figsize=(8, 5), layout="constrained")
     ax = fig.add_subplot()
+    x_of = (
+        (lambda r: r["train_time_s"])
+        if tokens_per_step is None
+        else (lambda r: r["step"] * tokens_per_step)
+    )
     for name, records in runs.items():
         val = _records(records, "val")
         ax.plot(
-            [r["train_time_s"] for r in val],
-            [r["val_loss"] for r in val],
-            "o-",
-            markersize=3,
-            label=name,
+            [x_of(r) for r in val], [r["val_loss"] for r in val], "o-", markersize=3, label=name
         )
     if target is not None:
         ax.axhline(target, color="k", linestyle=":", linewidth=1, label="dense final loss")
     losses = [r["val_loss"] for records in runs.values() for r in _records(records, "val")]
     ax.set_ylim(min(losses) - 0.05, np.percentile(losses, 90) + 0.1)
-    ax.set(xlabel="training wall time (s)", ylabel="validation loss (nats/byte)", title=title)
+    xlabel = "training wall time (s)" if tokens_per_step is None else "training tokens"
+    ax.set(xlabel=xlabel, ylabel="validation loss (nats/byte)", title=title)
     ax.legend()
     fig.savefig(path, dpi=90)
 

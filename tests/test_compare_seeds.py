@@ -50,3 +50,29 @@ def test_seeds_table():
 def test_seed_run_dirs():
     assert compare.run_dir("runs/c", "dmoe", 0, 0).as_posix() == "runs/c/dmoe"
     assert compare.run_dir("runs/c", "dmoe", 2, 0).as_posix() == "runs/c/dmoe-seed2"
+
+
+def test_overtaking_tokens():
+    """The tokens from which a run stays below dense at every later shared evaluation."""
+    val = lambda losses: [
+        {"kind": "val", "step": 10 * i, "val_loss": v} for i, v in enumerate(losses)
+    ]
+    dense = val([5.0, 3.0, 2.5, 2.2, 2.0])
+    # below at step 10, above at 20, below from step 30 on: ahead from 30 steps x 100 tokens.
+    assert compare.overtaking_tokens(val([5.0, 2.9, 2.6, 2.1, 1.9]), dense, 100) == 3000.0
+    assert compare.overtaking_tokens(val([4.0, 2.0, 2.0, 2.0, 1.0]), dense, 100) == 0.0
+    assert compare.overtaking_tokens(val([4.0, 2.0, 2.0, 2.0, 2.0]), dense, 100) is None  # tie
+    # only the evaluations both runs have count
+    assert compare.overtaking_tokens(val([5.0, 3.5, 2.4])[::2], dense, 100) == 2000.0
+
+
+def test_seeds_table_without_token_dropping_runs():
+    """`--runs dense dmoe`: the target is dense's mean final loss."""
+    runs = {"dense": [_run(2.0, [5.0, 3.0, 2.0])], "dmoe": [_run(1.9, [5.0, 2.5, 1.9])]}
+    rows, target_name, target = compare.seeds_table(
+        {n: [s for s, _ in r] for n, r in runs.items()},
+        {n: [m for _, m in r] for n, r in runs.items()},
+    )
+    assert (target_name, target) == ("dense", 2.0)
+    # dmoe: 2.5 -> 1.9 between steps 10 and 20 reaches 2.0 at step 10 + 10 * 5/6.
+    assert rows[1]["tokens_to_target"] == pytest.approx(100 * (10 + 50 / 6))
