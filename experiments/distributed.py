@@ -44,21 +44,37 @@ def add_arguments(parser: argparse.ArgumentParser):
         "e.g. 2x4 (default: one device, no mesh)",
     )
     group.add_argument(
-        "--host-devices", type=int, metavar="N", help="number of XLA host (CPU) devices per process"
+        "--host-devices",
+        type=int,
+        metavar="N",
+        help="XLA host (CPU) devices per process, set before jax starts its backends "
+        "(default: XLA's, 1)",
     )
     group.add_argument(
         "--coordinator",
         metavar="HOST:PORT",
-        help="address of process 0's coordinator (multi-process runs)",
+        help="process 0's address, the same for every process (multi-process runs)",
     )
-    group.add_argument("--num-processes", type=int, default=1, metavar="N")
-    group.add_argument("--process-id", type=int, default=0, metavar="I")
+    group.add_argument(
+        "--num-processes",
+        type=int,
+        default=1,
+        metavar="N",
+        help="processes in the run (default: %(default)s)",
+    )
+    group.add_argument(
+        "--process-id",
+        type=int,
+        default=0,
+        metavar="I",
+        help="this process's id, 0 .. N-1 (default: %(default)s)",
+    )
     group.add_argument(
         "--coordinator-timeout",
         type=int,
         default=120,
         metavar="S",
-        help="seconds to wait for the coordinator and the other processes",
+        help="seconds to wait for the coordinator and the other processes (default: %(default)s)",
     )
 
 

@@ -424,52 +424,81 @@ ROUTING_FLAGS = {
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="python -m experiments.train",
-        description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        prog="python -m experiments.train", description=__doc__.split("\n\n")[0]
     )
-    parser.add_argument("--preset", choices=PRESETS, default="xs", help="model size")
+    parser.add_argument(
+        "--preset", choices=PRESETS, default="xs", help="model size (default: %(default)s)"
+    )
     parser.add_argument(
         "--ffn",
         choices=FFN_KINDS,
         default="dmoe",
-        help="dropless MoE, token-dropping MoE, or dense MLP",
+        help="dropless MoE, token-dropping MoE, or dense MLP (default: %(default)s)",
     )
     parser.add_argument(
-        "--capacity-factor", type=float, default=1.0, help="expert capacity factor of --ffn moe"
+        "--capacity-factor",
+        type=float,
+        default=1.0,
+        help="expert capacity factor of --ffn moe (default: %(default)s)",
     )
     parser.add_argument(
         "--moe-every",
         type=int,
         choices=(1, 2),
         default=1,
-        help="2: MoE in every other block (GLaM)",
+        help="2: MoE FFN only in blocks 1, 3, ..., dense in between (GLaM) (default: %(default)s)",
     )
     parser.add_argument(
         "--remat",
         choices=REMAT_KINDS,
         default="none",
-        help="recompute activations in the backward: none, each FFN, each block",
+        help="recompute activations in the backward: none, each FFN, each block "
+        "(TransformerConfig.remat; default: %(default)s)",
     )
     parser.add_argument("--steps", type=int, help="optimizer steps (default: per preset)")
     parser.add_argument("--batch-size", type=int, help="sequences per step (default: per preset)")
     parser.add_argument("--lr", type=float, help="peak learning rate (default: per preset)")
-    parser.add_argument("--data", help="text file to train on (default: the KJV Bible)")
+    parser.add_argument("--data", help="UTF-8 text file to train on (default: the KJV Bible)")
     parser.add_argument(
-        "--out", help="run directory (default: runs/<run name>, e.g. runs/xs-moe-cf1.5)"
+        "--out",
+        help="run directory (default: runs/<preset>-<ffn>, with -cf<cf> for --ffn moe and "
+        "-every2 for --moe-every 2, e.g. runs/xs-moe-cf1.5)",
     )
     parser.add_argument("--cache-dir", help="tokenized corpora (default: <out>/../cache)")
-    parser.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--log-every", type=int, default=10)
-    parser.add_argument("--eval-every", type=int, default=50)
-    parser.add_argument("--eval-batches", type=int, default=4)
-    parser.add_argument("--checkpoint-every", type=int, default=100)
+    parser.add_argument(
+        "--resume", action="store_true", help="continue from the latest checkpoint in --out"
+    )
+    parser.add_argument(
+        "--seed", type=int, default=0, help="initialisation and data order (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--log-every", type=int, default=10, help="steps per logged interval (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--eval-every",
+        type=int,
+        default=50,
+        help="steps between validations, a multiple of --log-every (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--eval-batches",
+        type=int,
+        default=4,
+        help="validation batches per evaluation (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--checkpoint-every",
+        type=int,
+        default=100,
+        help="steps between Orbax checkpoints, a multiple of --log-every (default: %(default)s)",
+    )
     distributed.add_arguments(parser)
     routing = parser.add_argument_group("routing (default: the preset's; see docs/routing.md)")
     for flag, kind in ROUTING_FLAGS.items():
         routing.add_argument(flag, type=kind, help=f"MoEConfig.{flag[2:].replace('-', '_')}")
-    routing.add_argument("--score-function", choices=("softmax", "sigmoid"))
+    routing.add_argument(
+        "--score-function", choices=("softmax", "sigmoid"), help="MoEConfig.score_function"
+    )
     routing.add_argument(
         "--expert-bias",
         action="store_true",
