@@ -25,6 +25,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from experiments.checkpoint import Checkpoints
+from experiments.presets import preset
 from experiments.train import (
     TrainConfig,
     _interval_record,
@@ -36,7 +37,7 @@ from experiments.train import (
 from jmoe import DroplessMoE, ExpertBias, MoEConfig, update_expert_bias
 from jmoe.parallel import make_mesh, state_shardings
 from jmoe.router import expert_bias_update, select_experts, sequence_aux_loss
-from jmoe.transformer import MoETransformer, TransformerConfig, preset
+from jmoe.transformer import MoETransformer, TransformerConfig
 
 D = 8
 TOL = dict(rtol=2e-5, atol=2e-5)

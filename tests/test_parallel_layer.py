@@ -22,9 +22,10 @@ from jax.sharding import AbstractDevice, AbstractMesh, AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 from jaxpr_tools import all_eqns
 
+from experiments.presets import preset
 from jmoe import DroplessMoE, MoEConfig
 from jmoe.parallel import context_mesh, make_mesh, param_spec, state_shardings
-from jmoe.transformer import MoETransformer, preset
+from jmoe.transformer import MoETransformer
 
 D = 16
 TOL = dict(rtol=1e-5, atol=1e-5)
