@@ -16,11 +16,11 @@ import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
-import numpy_reference as ref
 import optax
 import pytest
 from flax import nnx
-from host_devices import host_cpus
+from helpers import numpy_reference as ref
+from helpers.host_devices import host_cpus
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
