@@ -4,7 +4,7 @@ Pallas' Triton backend lowers each ``pallas_call`` to a StableHLO custom call
 ``__gpu$xla.gpu.triton`` whose ``mhlo.backend_config`` dictionary holds the
 kernel ``name``, ``num_warps``, ``num_stages``, ``grid_x/y/z`` and ``ir``: the
 Triton-dialect (TTIR) module serialised as MLIR *bytecode* by jaxlib's MLIR
-(``jax/_src/pallas/triton/pallas_call_registration.py``). XLA compiles that
+(jax's Pallas Triton ``pallas_call_registration``). XLA compiles that
 module at runtime. `lower_for_cuda` (from ``pallas_kernels.cuda_lowering``)
 lowers for an A100 or H100 on a CPU machine.
 """
