@@ -23,8 +23,9 @@ import numpy as np
 from flax import nnx
 
 from benchmarks.timing import interleaved_median_seconds
+from experiments.presets import PRESETS, preset
 from experiments.train import TrainConfig, optimizer, train_step
-from jmoe.transformer import FFN_KINDS, PRESETS, REMAT_KINDS, MoETransformer, preset
+from jmoe.transformer import FFN_KINDS, REMAT_KINDS, MoETransformer
 
 
 def compiled_step(config: TrainConfig, tokens: np.ndarray):

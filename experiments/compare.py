@@ -30,7 +30,7 @@ import jax
 import numpy as np
 
 from experiments import plotting, train
-from jmoe.transformer import PRESETS
+from experiments.presets import PRESETS
 
 # (run name, --ffn, --capacity-factor)
 RUNS = (

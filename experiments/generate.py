@@ -32,8 +32,9 @@ import jmoe
 import jmoe.hf
 from experiments import data
 from experiments.checkpoint import Checkpoints
+from experiments.presets import PRESETS, preset
 from experiments.train import TrainConfig, optimizer
-from jmoe.transformer import FFN_KINDS, PRESETS, MoETransformer, preset
+from jmoe.transformer import FFN_KINDS, MoETransformer
 
 RUN_NAME = re.compile(
     r"^(?P<preset>[a-z]+)-(?P<ffn>[a-z]+)(?:-cf(?P<cf>[0-9.]+))?"

@@ -20,8 +20,8 @@ from pathlib import Path
 import numpy as np
 
 from experiments.plotting import plot_lines
-from experiments.train import PRESET_TRAINING, TrainConfig, read_metrics, train
-from jmoe.transformer import preset
+from experiments.presets import PRESET_TRAINING, preset
+from experiments.train import TrainConfig, read_metrics, train
 
 SETTINGS = {
     "softmax + LBL 0.01": dict(score_function="softmax", load_balancing_loss_weight=0.01),

@@ -39,21 +39,9 @@ from tqdm import tqdm
 from experiments import distributed, plotting
 from experiments.checkpoint import Checkpoints
 from experiments.data import Batches, tokenized_corpus
+from experiments.presets import PRESET_TRAINING, PRESETS, preset
 from jmoe.router import expert_biases, update_expert_bias
-from jmoe.transformer import (
-    FFN_KINDS,
-    PRESETS,
-    REMAT_KINDS,
-    MoETransformer,
-    TransformerConfig,
-    preset,
-)
-
-# Training defaults per model preset (the command line overrides them).
-PRESET_TRAINING = {
-    "xs": dict(steps=300, batch_size=16, lr=3e-3),
-    "s": dict(steps=300, batch_size=16, lr=1.5e-3),
-}
+from jmoe.transformer import FFN_KINDS, REMAT_KINDS, MoETransformer, TransformerConfig
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -5,7 +5,9 @@
 `DroplessMoE`, a `CapacityMoE` or a `DenseMLP` (`TransformerConfig.ffn`),
 either in every block or, GLaM style (``moe_every=2``), in every other block
 with dense MLPs in between. Dense MLPs have hidden width ``top_k * d_ff`` so
-that every model of a preset spends the same FLOPs per token in its FFNs.
+that a dense model spends the same FLOPs per token in its FFNs as a routed one
+of the same ``moe`` config. The experiments' model sizes are in
+``experiments/presets.py``.
 """
 
 from __future__ import annotations
@@ -24,7 +26,6 @@ from jmoe.moe import CapacityMoE, DroplessMoE
 FFN_KINDS = ("dmoe", "moe", "dense")
 MOE_EVERY = (1, 2)
 REMAT_KINDS = ("none", "ffn", "block")
-PRESETS = ("xs", "s")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -153,40 +154,6 @@ class TransformerConfig:
 
     def replace(self, **changes) -> TransformerConfig:
         return dataclasses.replace(self, **changes)
-
-
-def preset(name: str, ffn: str = "dmoe", capacity_factor: float = 1.0) -> TransformerConfig:
-    """Byte-level (vocab 256) models sized for a 2-core CPU.
-
-    * ``"xs"``: d_model 128, 4 layers, 4 heads, sequences of 128; 8 experts of
-      d_ff 512, top-1 (MegaBlocks' routing); ~0.6M active non-embedding parameters.
-    * ``"s"``: d_model 256, 6 layers, 8 heads, sequences of 256; 8 experts of
-      d_ff 1024, top-1; ~3.9M active non-embedding parameters.
-
-    ``capacity_factor`` only matters for ``ffn="moe"``.
-    """
-    require(name in PRESETS, f"name must be one of {PRESETS}, got {name!r}")
-    d_model, num_layers, num_heads, seq, d_ff = {
-        "xs": (128, 4, 4, 128, 512),
-        "s": (256, 6, 8, 256, 1024),
-    }[name]
-    moe = MoEConfig(
-        d_model=d_model,
-        d_ff=d_ff,
-        num_experts=8,
-        top_k=1,
-        block_size=64,
-        capacity_factor=capacity_factor,
-    )
-    return TransformerConfig(
-        vocab_size=256,
-        d_model=d_model,
-        num_layers=num_layers,
-        num_heads=num_heads,
-        max_seq_len=seq,
-        moe=moe,
-        ffn=ffn,
-    )
 
 
 def _ffn(config: TransformerConfig, routed: bool, rngs: nnx.Rngs) -> nnx.Module:

@@ -33,8 +33,8 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
-import numpy_reference as ref
 import pytest
+from helpers import numpy_reference as ref
 
 from jmoe import permutation
 from pallas_kernels import products

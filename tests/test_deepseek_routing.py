@@ -16,15 +16,16 @@ import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
-import numpy_reference as ref
 import optax
 import pytest
 from flax import nnx
-from host_devices import host_cpus
+from helpers import numpy_reference as ref
+from helpers.host_devices import host_cpus
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from experiments.checkpoint import Checkpoints
+from experiments.presets import preset
 from experiments.train import (
     TrainConfig,
     _interval_record,
@@ -36,7 +37,7 @@ from experiments.train import (
 from jmoe import DroplessMoE, ExpertBias, MoEConfig, update_expert_bias
 from jmoe.parallel import make_mesh, state_shardings
 from jmoe.router import expert_bias_update, select_experts, sequence_aux_loss
-from jmoe.transformer import MoETransformer, TransformerConfig, preset
+from jmoe.transformer import MoETransformer, TransformerConfig
 
 D = 8
 TOL = dict(rtol=2e-5, atol=2e-5)

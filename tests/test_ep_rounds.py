@@ -19,17 +19,18 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from host_devices import host_cpus
-from jax.sharding import AxisType
-from test_expert_parallel import (
+from helpers.expert_parallel import (
     TOL,
-    _config,
-    _emulated_ragged_all_to_all,
-    _expert_parallel,
-    _problem,
-    _single_device,
+    abstract_gpu_mesh,
+    emulated_ragged_all_to_all,
+    expert_parallel_outputs,
+    ffn_config,
+    ffn_problem,
+    layer_grad_fn,
+    single_device_outputs,
 )
-from test_parallel_layer import _abstract_gpu_mesh, _train_grad_fn
+from helpers.host_devices import host_cpus
+from jax.sharding import AxisType
 
 from jmoe import DroplessMoE, MoEConfig
 from jmoe.parallel import expert_parallel_ffn, make_mesh
@@ -133,15 +134,15 @@ def _balanced(tokens: int, num_experts: int, top_k: int) -> jnp.ndarray:
 def _check_rounds(num_experts, top_k, data, expert, kind, factors, expert_type="glu", **kw):
     """EP with each buffer factor == one device (y, every gradient, counts); no
     drop; ``rounds`` as the model says. Returns the rounds per factor."""
-    config = _config(num_experts, top_k, expert_type)
+    config = ffn_config(num_experts, top_k, expert_type)
     tokens = TOKENS_PER_DEVICE * data * expert
-    args, indices, dy = _problem(config, tokens, "random" if kind == "balanced" else kind)
+    args, indices, dy = ffn_problem(config, tokens, "random" if kind == "balanced" else kind)
     if kind == "balanced":
         indices = _balanced(tokens, num_experts, top_k)
-    want_y, (want_counts,), want_grads = _single_device(config, indices, args, dy)
+    want_y, (want_counts,), want_grads = single_device_outputs(config, indices, args, dy)
     got_rounds = []
     for factor in factors:
-        y, (counts, dropped, rounds), grads = _expert_parallel(
+        y, (counts, dropped, rounds), grads = expert_parallel_outputs(
             config, indices, args, dy, data, expert, buffer_factor=factor, return_rounds=True, **kw
         )
         assert int(rounds) == _rounds_by_model(
@@ -193,7 +194,7 @@ def test_hidden_sharding_in_rounds(kind):
 
 @pytest.mark.slow
 def test_ragged_exchange_in_rounds(monkeypatch):
-    monkeypatch.setattr(jax.lax, "ragged_all_to_all", _emulated_ragged_all_to_all)
+    monkeypatch.setattr(jax.lax, "ragged_all_to_all", emulated_ragged_all_to_all)
     assert _check_rounds(8, 2, 2, 4, "one_expert", (0.5,), exchange="ragged") == [8]
 
 
@@ -202,10 +203,10 @@ def test_rounds_lower_for_cuda_with_ragged_exchange():
     """On a GPU mesh the rounds use ragged_all_to_all inside the loops (forward:
     dispatch and combine; backward: the recomputed dispatch and the transposes)
     and move no token rows through a padded all_to_all."""
-    config = _config(8, 2, "glu").replace(ep_buffer_factor=1.0)
-    grad, state = _train_grad_fn(DroplessMoE(config, rngs=nnx.Rngs(0)))
+    config = ffn_config(8, 2, "glu").replace(ep_buffer_factor=1.0)
+    grad, state = layer_grad_fn(DroplessMoE(config, rngs=nnx.Rngs(0)))
     x = jax.ShapeDtypeStruct((64, config.d_model), jnp.float32)
-    with jax.sharding.use_abstract_mesh(_abstract_gpu_mesh(2, 4, AxisType.Auto)):
+    with jax.sharding.use_abstract_mesh(abstract_gpu_mesh(2, 4, AxisType.Auto)):
         text = grad.trace(state, x).lower(lowering_platforms=("cuda",)).as_text()
     assert "stablehlo.while" in text
     assert text.count("@ragged_all_to_all") >= 5
@@ -236,7 +237,7 @@ def test_layer_in_rounds_matches_single_device():
     """`DroplessMoE` on a 2 x 4 mesh with a router biased to expert 0: y, every
     gradient (router kernel included); ``ep_rounds`` > 1 on the mesh, 1 without;
     without ``ep_buffer_factor`` the aux keys are unchanged (no ``ep_rounds``)."""
-    config = _config(8, 2, "glu").replace(ep_buffer_factor=0.5, num_shared_experts=1)
+    config = ffn_config(8, 2, "glu").replace(ep_buffer_factor=0.5, num_shared_experts=1)
     x = jnp.asarray(np.random.default_rng(1).standard_normal((64, config.d_model)), jnp.float32)
 
     def model():
@@ -318,8 +319,8 @@ def test_bad_buffer_factors_raise():
         ValueError, match="ep_buffer_factor=1.0 .* ep_capacity_factor=2.0 .* exclusive"
     ):
         MoEConfig(d_model=8, d_ff=16, ep_buffer_factor=1.0, ep_capacity_factor=2.0)
-    config = _config(8, 2).replace(ep_buffer_factor=1.0)
-    args, indices, _ = _problem(config, 64, "random")
+    config = ffn_config(8, 2).replace(ep_buffer_factor=1.0)
+    args, indices, _ = ffn_problem(config, 64, "random")
     x, weights, w1, w3, w2 = args
     mesh = make_mesh(2, 4, devices=host_cpus())
     with pytest.raises(ValueError, match="capacity_factor=0.5 .* buffer_factor=1.0 .* exclusive"):

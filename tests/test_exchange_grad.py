@@ -8,7 +8,7 @@ respect to ``x`` and ``layout`` must agree, with their forward values:
 
 * ``padded``: the all_to_all + gather method's autodiff;
 * ``ragged, emulated``: the ragged method with ``lax.ragged_all_to_all``
-  replaced by its documented semantics (test_expert_parallel.py), autodiffed;
+  replaced by its documented semantics (helpers/expert_parallel.py), autodiffed;
 * ``ragged, JAX's transpose``: the ragged method differentiated by JAX itself
   (the transpose rule of the ``ragged_all_to_all`` primitive, whose backward
   is another ``ragged_all_to_all`` with swapped offsets), with each
@@ -24,11 +24,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from host_devices import host_cpus
+from helpers.expert_parallel import emulated_ragged_all_to_all
+from helpers.host_devices import host_cpus
 from jax import lax
 from jax.extend import core as jex_core
 from jax.sharding import PartitionSpec as P
-from test_expert_parallel import _emulated_ragged_all_to_all as emulated_ragged_all_to_all
 
 from jmoe.parallel import EXPERT, make_mesh
 from jmoe.parallel.exchange import combine, dispatch

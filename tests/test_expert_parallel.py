@@ -22,101 +22,34 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from host_devices import host_cpus
-from jax import lax
+from helpers.expert_parallel import (
+    TOL,
+    emulated_ragged_all_to_all,
+    expert_parallel_outputs,
+    ffn_config,
+    ffn_problem,
+    single_device_outputs,
+)
+from helpers.host_devices import host_cpus
 from jax.sharding import PartitionSpec as P
 
 from jmoe import MoEConfig
-from jmoe.moe import dropless_ffn
 from jmoe.parallel import context_mesh, expert_parallel_ffn, make_mesh
 
-D, F = 8, 16
 TOKENS_PER_DEVICE = 8
-TOL = dict(rtol=1e-5, atol=1e-5)
-
-
-def _config(num_experts, top_k, expert_type="mlp", d_ff=F):
-    return MoEConfig(
-        d_model=D,
-        d_ff=d_ff,
-        num_experts=num_experts,
-        top_k=top_k,
-        expert_type=expert_type,
-        block_size=32,
-        impl="xla",
-    )
-
-
-def _routing(kind: str, tokens: int, num_experts: int, top_k: int, rng) -> np.ndarray:
-    """``[tokens, k]`` distinct experts per token.
-
-    ``random``: uniform; ``one_expert``: every token picks the same k experts
-    (the top ones, all on the last rank when k <= E/ep), so one rank receives
-    every assignment of every device; ``sparse``: random among the first
-    ``max(k, E/8)`` experts, so most experts (and ranks) get nothing.
-    """
-    if kind == "one_expert":
-        return np.tile(np.arange(num_experts - 1, num_experts - 1 - top_k, -1), (tokens, 1))
-    pool = num_experts if kind == "random" else max(top_k, num_experts // 8)
-    return np.argsort(rng.random((tokens, pool)), axis=1)[:, :top_k]
-
-
-def _problem(config, tokens, kind, seed=0):
-    """Inputs, router weights, indices, expert weights and the output cotangent."""
-    rng = np.random.default_rng(seed)
-    f32 = lambda a: jnp.asarray(a, jnp.float32)
-    e, k = config.num_experts, config.top_k
-    d = config.d_model
-    x = f32(rng.standard_normal((tokens, d)))
-    weights = f32(rng.random((tokens, k)) + 0.1)
-    indices = jnp.asarray(_routing(kind, tokens, e, k, rng), jnp.int32)
-    w1 = f32(rng.standard_normal((e, d, config.d_ff)) / math.sqrt(d))
-    w3 = (
-        f32(rng.standard_normal((e, d, config.d_ff)) / math.sqrt(d))
-        if config.expert_type == "glu"
-        else None
-    )
-    w2 = f32(rng.standard_normal((e, config.d_ff, d)) / math.sqrt(config.d_ff))
-    dy = f32(rng.standard_normal((tokens, d)))
-    return (x, weights, w1, w3, w2), indices, dy
-
-
-def _value_and_grads(ffn, args, dy):
-    """``ffn(x, weights, w1, w3, w2) -> (y, *counts)``: outputs and the
-    gradients of ``sum(y * dy)`` w.r.t. all five arguments."""
-
-    def loss(*args):
-        y, *counts = ffn(*args)
-        return jnp.sum(y * dy), (y, counts)
-
-    grad = jax.value_and_grad(loss, argnums=tuple(range(5)), has_aux=True)
-    (_, (y, counts)), grads = jax.jit(grad)(*args)
-    return y, counts, grads
-
-
-def _single_device(config, indices, args, dy):
-    with jax.default_device(host_cpus()[0]):
-        ffn = lambda x, w, w1, w3, w2: dropless_ffn(config, x, w, indices, w1, w3, w2)
-        return _value_and_grads(ffn, args, dy)
-
-
-def _expert_parallel(config, indices, args, dy, data, expert, **kw):
-    mesh = make_mesh(data, expert, devices=host_cpus())
-    ffn = lambda x, w, w1, w3, w2: expert_parallel_ffn(
-        config, x, w, indices, w1, w3, w2, mesh=mesh, **kw
-    )
-    return _value_and_grads(ffn, args, dy)
 
 
 def _check_matches_single_device(
     num_experts, top_k, expert, kind, expert_type="mlp", data=None, **kw
 ):
     data = data or (2 if expert < 8 else 1)
-    config = _config(num_experts, top_k, expert_type)
+    config = ffn_config(num_experts, top_k, expert_type)
     tokens = TOKENS_PER_DEVICE * data * expert
-    args, indices, dy = _problem(config, tokens, kind)
-    want_y, (want_counts,), want_grads = _single_device(config, indices, args, dy)
-    y, (counts, dropped), grads = _expert_parallel(config, indices, args, dy, data, expert, **kw)
+    args, indices, dy = ffn_problem(config, tokens, kind)
+    want_y, (want_counts,), want_grads = single_device_outputs(config, indices, args, dy)
+    y, (counts, dropped), grads = expert_parallel_outputs(
+        config, indices, args, dy, data, expert, **kw
+    )
     chex.assert_trees_all_equal(counts, want_counts)
     assert int(dropped) == 0
     chex.assert_trees_all_close(y, want_y, **TOL)
@@ -175,57 +108,17 @@ def test_triton_block_layout_matches_single_device_xla():
         d_model=32, d_ff=32, num_experts=8, top_k=2, expert_type="glu", block_size=32, impl="triton"
     )
     data, expert = 2, 4
-    args, indices, dy = _problem(config, TOKENS_PER_DEVICE * data * expert, "random")
-    want_y, (want_counts,), want_grads = _single_device(
+    args, indices, dy = ffn_problem(config, TOKENS_PER_DEVICE * data * expert, "random")
+    want_y, (want_counts,), want_grads = single_device_outputs(
         config.replace(impl="xla"), indices, args, dy
     )
-    y, (counts, dropped), grads = _expert_parallel(config, indices, args, dy, data, expert)
+    y, (counts, dropped), grads = expert_parallel_outputs(config, indices, args, dy, data, expert)
     chex.assert_trees_all_equal(counts, want_counts)
     assert int(dropped) == 0
     chex.assert_trees_all_close((y, grads), (want_y, want_grads), rtol=1e-4, atol=1e-5)
 
 
 # ------------------------------------------------------------------ ragged exchange
-
-
-def _emulated_ragged_all_to_all(
-    operand,
-    output,
-    input_offsets,
-    send_sizes,
-    output_offsets,
-    recv_sizes,
-    *,
-    axis_name,
-    axis_index_groups=None,
-):
-    """``lax.ragged_all_to_all`` as its docstring specifies it, from all-gathers.
-
-    Slice ``i`` of the sender goes to rank ``i // slices_per_rank`` at the
-    sender's ``output_offsets[i]``; the receiver writes ``recv_sizes`` rows.
-    Rows become NaN where a send size disagrees with the matching receive size.
-    """
-    assert axis_index_groups is None
-    everything = [
-        lax.all_gather(a, axis_name) for a in (operand, input_offsets, send_sizes, output_offsets)
-    ]
-    operands, in_offsets, sizes, out_offsets = everything
-    ranks, num_slices = in_offsets.shape
-    per_rank = num_slices // ranks
-    me = lax.axis_index(axis_name)
-    rows = jnp.arange(output.shape[0])[:, None]
-    result = output
-    for src in range(ranks):
-        for j in range(per_rank):
-            sent = me * per_rank + j
-            start, size = out_offsets[src, sent], recv_sizes[src * per_rank + j]
-            inside = (rows >= start) & (rows < start + size)
-            source_row = jnp.clip(
-                in_offsets[src, sent] + rows[:, 0] - start, 0, operand.shape[0] - 1
-            )
-            value = jnp.where(size == sizes[src, sent], operands[src][source_row], jnp.nan)
-            result = jnp.where(inside, value, result)
-    return result
 
 
 def _receiving_ranks(indices: np.ndarray, expert: int, num_experts: int) -> set:
@@ -256,9 +149,9 @@ def test_ragged_exchange_matches_single_device(monkeypatch, num_experts, top_k, 
     random, skewed and hidden cases send non-empty slices to ranks other than
     0 (planted by hand: zeroing the send sizes of every slice past rank 0's
     experts passes the ``sparse`` case and fails the others)."""
-    monkeypatch.setattr(jax.lax, "ragged_all_to_all", _emulated_ragged_all_to_all)
-    config = _config(num_experts, top_k, "glu" if kind == "random" else "mlp")
-    _, indices, _ = _problem(config, TOKENS_PER_DEVICE * data * expert, kind)
+    monkeypatch.setattr(jax.lax, "ragged_all_to_all", emulated_ragged_all_to_all)
+    config = ffn_config(num_experts, top_k, "glu" if kind == "random" else "mlp")
+    _, indices, _ = ffn_problem(config, TOKENS_PER_DEVICE * data * expert, kind)
     receivers = _receiving_ranks(np.asarray(indices), expert, num_experts)
     assert (receivers == {0}) == (kind == "sparse"), receivers
     _check_matches_single_device(
@@ -305,17 +198,17 @@ def test_capacity_factor_drops_and_counts(monkeypatch, capacity_factor, exchange
     ragged send sizes or offsets that are wrong once the bound cuts chunks
     (planted by hand: zeroing the send sizes past rank 0's experts fails it;
     the emulation turns slices whose send and receive sizes disagree into NaN)."""
-    monkeypatch.setattr(jax.lax, "ragged_all_to_all", _emulated_ragged_all_to_all)
+    monkeypatch.setattr(jax.lax, "ragged_all_to_all", emulated_ragged_all_to_all)
     data, expert, num_experts, top_k = 2, 4, 8, 2
-    config = _config(num_experts, top_k)
+    config = ffn_config(num_experts, top_k)
     tokens = TOKENS_PER_DEVICE * data * expert
-    args, indices, dy = _problem(config, tokens, kind, seed=3)
+    args, indices, dy = ffn_problem(config, tokens, kind, seed=3)
     capacity = math.ceil(capacity_factor * TOKENS_PER_DEVICE * top_k)
     kept = _kept_by_policy(np.asarray(indices), data, expert, num_experts, capacity)
     assert 0 < (~kept).sum() < kept.size  # the case drops some, not all
     masked = (args[0], args[1] * jnp.asarray(kept, jnp.float32), *args[2:])
-    want_y, (want_counts,), want_grads = _single_device(config, indices, masked, dy)
-    y, (counts, dropped), grads = _expert_parallel(
+    want_y, (want_counts,), want_grads = single_device_outputs(config, indices, masked, dy)
+    y, (counts, dropped), grads = expert_parallel_outputs(
         config, indices, args, dy, data, expert, capacity_factor=capacity_factor, exchange=exchange
     )
     assert int(dropped) == int((~kept).sum())
@@ -335,7 +228,7 @@ def test_large_capacity_factor_is_dropless():
 
 
 def _call(config, tokens=64, data=2, expert=4, mesh=None, **kw):
-    args, indices, _ = _problem(config, tokens, "random")
+    args, indices, _ = ffn_problem(config, tokens, "random")
     x, weights, w1, w3, w2 = args
     mesh = mesh or make_mesh(data, expert, devices=host_cpus())
     return expert_parallel_ffn(config, x, weights, indices, w1, w3, w2, mesh=mesh, **kw)
@@ -344,11 +237,11 @@ def _call(config, tokens=64, data=2, expert=4, mesh=None, **kw):
 @pytest.mark.parametrize(
     "config,kw,match",
     [
-        (_config(6, 2), {}, "num_experts=6 must be a multiple of the 'expert' mesh axis size 4"),
-        (_config(4, 2, d_ff=15), dict(data=1, expert=8), "d_ff=15 over 2 ranks"),
-        (_config(8, 2), dict(tokens=60), "60 tokens, not divisible by the 8 devices"),
-        (_config(8, 2), dict(capacity_factor=0.0), "capacity_factor must be None or > 0"),
-        (_config(8, 2), dict(exchange="nccl"), "exchange must be one of"),
+        (ffn_config(6, 2), {}, "num_experts=6 must be a multiple of the 'expert' mesh axis size 4"),
+        (ffn_config(4, 2, d_ff=15), dict(data=1, expert=8), "d_ff=15 over 2 ranks"),
+        (ffn_config(8, 2), dict(tokens=60), "60 tokens, not divisible by the 8 devices"),
+        (ffn_config(8, 2), dict(capacity_factor=0.0), "capacity_factor must be None or > 0"),
+        (ffn_config(8, 2), dict(exchange="nccl"), "exchange must be one of"),
     ],
     ids=["experts-not-divisible", "hidden-d_ff", "tokens", "capacity", "exchange"],
 )
@@ -358,7 +251,7 @@ def test_bad_configs_raise(config, kw, match):
 
 
 def test_bad_meshes_raise():
-    config = _config(8, 2)
+    config = ffn_config(8, 2)
     no_data = jax.make_mesh((8,), ("expert",), devices=host_cpus())
     with pytest.raises(ValueError, match="mesh must have axes named 'data' and 'expert'"):
         _call(config, mesh=no_data)

@@ -9,8 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from hf_fixtures import FIXTURES, expected, random_model
-from jaxpr_tools import all_eqns
+from helpers.hf_fixtures import FIXTURES, expected, random_model
+from helpers.jaxpr_tools import all_eqns
 
 import jmoe
 import jmoe.hf

@@ -6,7 +6,7 @@ import json
 
 import numpy as np
 import pytest
-from hf_fixtures import FIXTURES, expected
+from helpers.hf_fixtures import FIXTURES, expected
 
 from experiments import generate
 

@@ -194,7 +194,8 @@ def test_xs_lm_loss_falls_in_20_steps():
 
     import optax
 
-    from jmoe.transformer import MoETransformer, preset
+    from experiments.presets import preset
+    from jmoe.transformer import MoETransformer
 
     base = preset("xs")
     config = dataclasses.replace(base, moe=base.moe.replace(dtype=jnp.bfloat16))

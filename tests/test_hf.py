@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from hf_fixtures import FIXTURES, MODEL_TYPES, expected, random_model
+from helpers.hf_fixtures import FIXTURES, MODEL_TYPES, expected, random_model
 
 import jmoe.hf
 from jmoe import MoEConfig

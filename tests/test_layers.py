@@ -16,10 +16,10 @@ import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
-import numpy_reference as ref
 import pytest
 from flax import nnx
-from jaxpr_tools import host_primitives, layer_jaxpr
+from helpers import numpy_reference as ref
+from helpers.jaxpr_tools import host_primitives, layer_jaxpr
 
 from jmoe import CapacityMoE, DenseMLP, DroplessMoE, MoEConfig
 

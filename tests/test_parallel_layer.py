@@ -17,14 +17,16 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
-from host_devices import host_cpus
-from jax.sharding import AbstractDevice, AbstractMesh, AxisType, NamedSharding
+from helpers.expert_parallel import abstract_gpu_mesh, layer_grad_fn
+from helpers.host_devices import host_cpus
+from helpers.jaxpr_tools import all_eqns
+from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
-from jaxpr_tools import all_eqns
 
+from experiments.presets import preset
 from jmoe import DroplessMoE, MoEConfig
 from jmoe.parallel import context_mesh, make_mesh, param_spec, state_shardings
-from jmoe.transformer import MoETransformer, preset
+from jmoe.transformer import MoETransformer
 
 D = 16
 TOL = dict(rtol=1e-5, atol=1e-5)
@@ -148,24 +150,6 @@ def _collectives(text: str) -> set[str]:
     return {name.replace("_", "-") for name in names if name in text}
 
 
-def _abstract_gpu_mesh(data: int, expert: int, axis_type: AxisType) -> AbstractMesh:
-    device = AbstractDevice(device_kind="NVIDIA H100", num_cores=None, platform="cuda")
-    return AbstractMesh(
-        (data, expert), ("data", "expert"), axis_types=(axis_type,) * 2, abstract_device=device
-    )
-
-
-def _train_grad_fn(model):
-    graphdef, state = nnx.split(model)
-
-    def loss(state, x):
-        y, aux = nnx.merge(graphdef, state)(x)
-        return jnp.sum(y**2) + aux["load_balancing_loss"]
-
-    abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), state)
-    return jax.jit(jax.grad(loss, argnums=(0, 1))), abstract
-
-
 @pytest.mark.parametrize(
     "num_experts,data,expert,axis_type",
     [(8, 2, 4, AxisType.Auto), (8, 2, 4, AxisType.Explicit), (4, 1, 8, AxisType.Auto)],
@@ -175,9 +159,9 @@ def test_ragged_exchange_lowers_for_cuda(num_experts, data, expert, axis_type):
     """On a GPU mesh the layer uses ragged_all_to_all (forward: dispatch and
     combine; backward: their transposes) and moves no token rows through a
     padded all_to_all (the ragged op's own lowering all_to_all's int32 offsets)."""
-    grad, state = _train_grad_fn(DroplessMoE(_config(num_experts=num_experts), rngs=nnx.Rngs(0)))
+    grad, state = layer_grad_fn(DroplessMoE(_config(num_experts=num_experts), rngs=nnx.Rngs(0)))
     x = jax.ShapeDtypeStruct((64, D), jnp.float32)
-    with jax.sharding.use_abstract_mesh(_abstract_gpu_mesh(data, expert, axis_type)):
+    with jax.sharding.use_abstract_mesh(abstract_gpu_mesh(data, expert, axis_type)):
         text = grad.trace(state, x).lower(lowering_platforms=("cuda",)).as_text()
     assert text.count("@ragged_all_to_all") == 4
     padded = [
@@ -187,7 +171,7 @@ def test_ragged_exchange_lowers_for_cuda(num_experts, data, expert, axis_type):
 
 
 def test_cpu_mesh_uses_padded_all_to_all():
-    grad, _ = _train_grad_fn(model := DroplessMoE(_config(), rngs=nnx.Rngs(0)))
+    grad, _ = layer_grad_fn(model := DroplessMoE(_config(), rngs=nnx.Rngs(0)))
     with jax.set_mesh(make_mesh(2, 4, devices=host_cpus())):
         text = grad.lower(nnx.state(model), jnp.zeros((64, D))).compile().as_text()
     assert _collectives(text) == {"all-to-all"}

@@ -8,12 +8,12 @@ import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
-import numpy_reference as ref
 import pytest
 from flax import nnx
-from host_devices import host_cpus
+from helpers import numpy_reference as ref
+from helpers.host_devices import host_cpus
+from helpers.jaxpr_tools import host_primitives, layer_jaxpr, token_expert_shapes
 from jax.test_util import check_grads
-from jaxpr_tools import host_primitives, layer_jaxpr, token_expert_shapes
 
 from jmoe import CapacityMoE, DroplessMoE, MoEConfig, permutation
 from jmoe.parallel import make_mesh

@@ -15,10 +15,10 @@ import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
-import numpy_reference as ref
 import pytest
+from helpers import numpy_reference as ref
+from helpers.product_harness import products_and_vjps
 from jax.test_util import check_grads
-from product_harness import products_and_vjps
 
 from pallas_kernels import products, reference
 from pallas_kernels.topology import make_topology

@@ -3,7 +3,7 @@ bad flags give errors naming the flag, the launcher fails fast, and (slow) a
 2 x 4 mesh, in one process with 8 devices and in 2 processes with 4 each,
 logs the single-device run's losses; a multi-process run resumes exactly.
 
-The multi-process runs use `scale_out_worker` (experiments.train's command
+The multi-process runs use `helpers.scale_out_worker` (experiments.train's command
 line with a tiny model) through ``python -m experiments.launch_local``.
 """
 
@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from scale_out_worker import tiny_model
+from helpers.scale_out_worker import tiny_model
 
 from experiments import distributed, launch_local
 from experiments.train import TrainConfig, read_metrics, train
@@ -107,7 +107,8 @@ FLAGS = dict(
 
 
 def _launch(out: Path, corpus: Path, *extra: str):
-    """``launch_local --processes 2 -- scale_out_worker ... --mesh 2x4 --host-devices 4``."""
+    """``launch_local --processes 2 -- helpers.scale_out_worker ...`` on a 2x4 mesh, 4 host
+    devices per process."""
     flags = [f"--{k.replace('_', '-')}={v}" for k, v in FLAGS.items()]
     command = [
         sys.executable,
@@ -116,7 +117,7 @@ def _launch(out: Path, corpus: Path, *extra: str):
         "--processes",
         "2",
         "--",
-        "scale_out_worker",
+        "helpers.scale_out_worker",
         *flags,
         "--data",
         str(corpus),

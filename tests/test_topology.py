@@ -6,8 +6,8 @@ import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
-import numpy_reference as ref
 import pytest
+from helpers import numpy_reference as ref
 
 from pallas_kernels.topology import make_topology, max_block_rows
 

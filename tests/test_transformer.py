@@ -11,9 +11,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from experiments.presets import preset
 from jmoe import CapacityMoE, DenseMLP, DroplessMoE, MoEConfig
 from jmoe.attention import rotary_embedding
-from jmoe.transformer import MoETransformer, TransformerConfig, preset
+from jmoe.transformer import MoETransformer, TransformerConfig
 
 VOCAB, D, HEADS, SEQ = 256, 16, 2, 8
 

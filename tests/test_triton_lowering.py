@@ -54,6 +54,11 @@ def test_lowering_targets_sm80_too():
     assert call.num_warps == config.tile_config("sdd", 128, jnp.bfloat16, K, N).num_warps
 
 
+def test_unknown_capability_is_refused():
+    with pytest.raises(ValueError, match=r"capability must be one of \(80, 90\), got 75"):
+        lower_for_cuda(jnp.sin, jnp.zeros(4), capability=75)
+
+
 def test_dropless_layer_step_lowers_to_triton_calls():
     """Forward + backward (parameters and input) of a dMoE layer with impl="triton":
     the 2 forward and 4 backward products of a GeLU MLP are all Triton calls."""

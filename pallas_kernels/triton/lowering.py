@@ -4,24 +4,26 @@ Pallas' Triton backend lowers each ``pallas_call`` to a StableHLO custom call
 ``__gpu$xla.gpu.triton`` whose ``mhlo.backend_config`` dictionary holds the
 kernel ``name``, ``num_warps``, ``num_stages``, ``grid_x/y/z`` and ``ir``: the
 Triton-dialect (TTIR) module serialised as MLIR *bytecode* by jaxlib's MLIR
-(``jax/_src/pallas/triton/pallas_call_registration.py``). XLA compiles that
-module at runtime. Lowering needs a GPU kind to target; on a CPU machine an
-abstract device supplies one (``jax.sharding.use_abstract_mesh``).
+(jax's Pallas Triton ``pallas_call_registration``). XLA compiles that
+module at runtime. `lower_for_cuda` (from ``pallas_kernels.cuda_lowering``)
+lowers for an A100 or H100 on a CPU machine.
 """
 
 from __future__ import annotations
 
-import functools
-from collections.abc import Callable
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-from jax._src.interpreters import mlir as jax_mlir
-from jax._src.lib import triton as jax_triton
-from jax._src.lib.mlir import ir
 from jax.experimental.pallas import triton as plt
 
+from pallas_kernels.cuda_lowering import (
+    DEVICE_KINDS,
+    custom_call_configs,
+    ir,
+    lower_for_cuda,
+    triton_ir_context,
+)
 from pallas_kernels.topology import make_topology
 from pallas_kernels.triton.kernels import grouped_matmul, weight_grad
 
@@ -38,8 +40,6 @@ __all__ = [
 
 # Feature sizes `lower_variant` uses unless told (register use does not depend on them).
 DEFAULT_K, DEFAULT_N = 512, 1024
-# Compute capability -> a device kind jax's GPU table maps to it.
-DEVICE_KINDS = {80: "NVIDIA A100", 90: "NVIDIA H100"}
 # The five kernel variants the products launch: name -> (kind, transpose_rhs).
 VARIANTS = {
     "sdd": ("sdd", False),
@@ -58,18 +58,6 @@ class TritonCall(NamedTuple):
     num_warps: int
     num_stages: int
     grid: tuple[int, int, int]
-
-
-def lower_for_cuda(fn: Callable, *args, capability: int = 90) -> jax.stages.Lowered:
-    """``jax.jit(fn)`` traced on ``args`` and lowered for CUDA sm_``capability``."""
-    device = jax.sharding.AbstractDevice(
-        device_kind=DEVICE_KINDS[capability], num_cores=None, platform="gpu"
-    )
-    mesh = jax.sharding.AbstractMesh(
-        (1,), ("x",), (jax.sharding.AxisType.Auto,), abstract_device=device
-    )
-    with jax.sharding.use_abstract_mesh(mesh):
-        return jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",))
 
 
 def lower_variant(
@@ -102,13 +90,6 @@ def lower_variant(
     return lower_for_cuda(fn, lhs, rhs, topo, capability=capability)
 
 
-@functools.cache
-def _triton_context() -> ir.Context:
-    context = jax_mlir.make_ir_context()
-    jax_triton.dialect.register_dialect(context)
-    return context
-
-
 def _int(attr: ir.Attribute) -> int:
     return ir.IntegerAttr(attr).value
 
@@ -120,27 +101,17 @@ def triton_calls(lowered: jax.stages.Lowered) -> list[TritonCall]:
     reads jaxlib's bytecode attributes differently, but parses the text.
     """
     calls = []
-
-    def visit(op):
-        if (
-            op.name == "stablehlo.custom_call"
-            and ir.StringAttr(op.attributes["call_target_name"]).value
-            == plt.CUSTOM_CALL_TARGET_NAME
-        ):
-            config = ir.DictAttr(op.attributes["mhlo.backend_config"])
-            with _triton_context():
-                module = ir.Module.parse(ir.StringAttr(config["ir"]).value_bytes)
-                ttir = module.operation.get_asm(enable_debug_info=False)
-            calls.append(
-                TritonCall(
-                    name=ir.StringAttr(config["name"]).value,
-                    ttir=ttir,
-                    num_warps=_int(config["num_warps"]),
-                    num_stages=_int(config["num_stages"]),
-                    grid=tuple(_int(config[f"grid_{axis}"]) for axis in "xyz"),
-                )
+    for config in custom_call_configs(lowered, plt.CUSTOM_CALL_TARGET_NAME):
+        with triton_ir_context():
+            module = ir.Module.parse(ir.StringAttr(config["ir"]).value_bytes)
+            ttir = module.operation.get_asm(enable_debug_info=False)
+        calls.append(
+            TritonCall(
+                name=ir.StringAttr(config["name"]).value,
+                ttir=ttir,
+                num_warps=_int(config["num_warps"]),
+                num_stages=_int(config["num_stages"]),
+                grid=tuple(_int(config[f"grid_{axis}"]) for axis in "xyz"),
             )
-        return ir.WalkResult.ADVANCE
-
-    lowered.compiler_ir("stablehlo").operation.walk(visit)
+        )
     return calls

@@ -1,5 +1,5 @@
 """``experiments.train``'s command line with a tiny model, for the multi-process
-tests (``python -m experiments.launch_local --processes 2 -- scale_out_worker
+tests (``python -m experiments.launch_local --processes 2 -- helpers.scale_out_worker
 <experiments.train flags>``, with ``tests/`` on ``PYTHONPATH``): the xs preset
 would spend minutes compiling on the CI's 2 cores."""
 

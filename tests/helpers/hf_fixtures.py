@@ -10,7 +10,7 @@ from flax import nnx
 
 from jmoe.transformer import MoETransformer, TransformerConfig
 
-FIXTURES = Path(__file__).parent / "fixtures" / "hf"
+FIXTURES = Path(__file__).parents[1] / "fixtures" / "hf"
 MODEL_TYPES = ("mixtral", "qwen3_moe", "olmoe")
 
 

@@ -1,0 +1,54 @@
+"""The experiments' model presets: byte-level (vocab 256) MoE transformers sized for a 2-core CPU.
+
+``preset("xs", ffn="moe", capacity_factor=1.5)`` -> a `jmoe.transformer.TransformerConfig`;
+`PRESET_TRAINING` holds each preset's default optimizer steps, batch size and peak learning rate
+(``python -m experiments.train --preset xs`` uses both). Dense MLPs of a preset's models have
+hidden width ``top_k * d_ff``, so all FFN kinds of a preset spend the same FLOPs per token.
+"""
+
+from __future__ import annotations
+
+from jmoe.config import MoEConfig, require
+from jmoe.transformer import TransformerConfig
+
+PRESETS = ("xs", "s")
+
+# Training defaults per model preset (the command line overrides them).
+PRESET_TRAINING = {
+    "xs": dict(steps=300, batch_size=16, lr=3e-3),
+    "s": dict(steps=300, batch_size=16, lr=1.5e-3),
+}
+
+
+def preset(name: str, ffn: str = "dmoe", capacity_factor: float = 1.0) -> TransformerConfig:
+    """Byte-level (vocab 256) models sized for a 2-core CPU.
+
+    * ``"xs"``: d_model 128, 4 layers, 4 heads, sequences of 128; 8 experts of
+      d_ff 512, top-1 (MegaBlocks' routing); ~0.6M active non-embedding parameters.
+    * ``"s"``: d_model 256, 6 layers, 8 heads, sequences of 256; 8 experts of
+      d_ff 1024, top-1; ~3.9M active non-embedding parameters.
+
+    ``capacity_factor`` only matters for ``ffn="moe"``.
+    """
+    require(name in PRESETS, f"name must be one of {PRESETS}, got {name!r}")
+    d_model, num_layers, num_heads, seq, d_ff = {
+        "xs": (128, 4, 4, 128, 512),
+        "s": (256, 6, 8, 256, 1024),
+    }[name]
+    moe = MoEConfig(
+        d_model=d_model,
+        d_ff=d_ff,
+        num_experts=8,
+        top_k=1,
+        block_size=64,
+        capacity_factor=capacity_factor,
+    )
+    return TransformerConfig(
+        vocab_size=256,
+        d_model=d_model,
+        num_layers=num_layers,
+        num_heads=num_heads,
+        max_seq_len=seq,
+        moe=moe,
+        ffn=ffn,
+    )
