@@ -34,8 +34,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import numpy_reference as ref
 
+from helpers import numpy_reference as ref
 from jmoe import permutation
 from pallas_kernels import products
 from pallas_kernels.fused_mlp import fused_expert_mlp

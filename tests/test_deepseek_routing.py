@@ -19,8 +19,6 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
-from helpers import numpy_reference as ref
-from helpers.host_devices import host_cpus
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -34,6 +32,8 @@ from experiments.train import (
     parse_args,
     train_step,
 )
+from helpers import numpy_reference as ref
+from helpers.host_devices import host_cpus
 from jmoe import DroplessMoE, ExpertBias, MoEConfig, update_expert_bias
 from jmoe.parallel import make_mesh, state_shardings
 from jmoe.router import expert_bias_update, select_experts, sequence_aux_loss

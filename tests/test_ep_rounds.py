@@ -19,6 +19,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from jax.sharding import AxisType
+
 from helpers.expert_parallel import (
     TOL,
     abstract_gpu_mesh,
@@ -30,8 +32,6 @@ from helpers.expert_parallel import (
     single_device_outputs,
 )
 from helpers.host_devices import host_cpus
-from jax.sharding import AxisType
-
 from jmoe import DroplessMoE, MoEConfig
 from jmoe.parallel import expert_parallel_ffn, make_mesh
 from jmoe.parallel.plan import make_plan, num_rounds

@@ -24,12 +24,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers.expert_parallel import emulated_ragged_all_to_all
-from helpers.host_devices import host_cpus
 from jax import lax
 from jax.extend import core as jex_core
 from jax.sharding import PartitionSpec as P
 
+from helpers.expert_parallel import emulated_ragged_all_to_all
+from helpers.host_devices import host_cpus
 from jmoe.parallel import EXPERT, make_mesh
 from jmoe.parallel.exchange import combine, dispatch
 from jmoe.parallel.plan import make_plan

@@ -22,6 +22,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.sharding import PartitionSpec as P
+
 from helpers.expert_parallel import (
     TOL,
     emulated_ragged_all_to_all,
@@ -31,8 +33,6 @@ from helpers.expert_parallel import (
     single_device_outputs,
 )
 from helpers.host_devices import host_cpus
-from jax.sharding import PartitionSpec as P
-
 from jmoe import MoEConfig
 from jmoe.parallel import context_mesh, expert_parallel_ffn, make_mesh
 

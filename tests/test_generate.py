@@ -9,11 +9,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from helpers.hf_fixtures import FIXTURES, expected, random_model
-from helpers.jaxpr_tools import all_eqns
 
 import jmoe
 import jmoe.hf
+from helpers.hf_fixtures import FIXTURES, expected, random_model
+from helpers.jaxpr_tools import all_eqns
 from jmoe import MoEConfig
 from jmoe.decoding import sample_logits
 from jmoe.transformer import MoETransformer, TransformerConfig

@@ -6,9 +6,9 @@ import json
 
 import numpy as np
 import pytest
-from helpers.hf_fixtures import FIXTURES, expected
 
 from experiments import generate
+from helpers.hf_fixtures import FIXTURES, expected
 
 
 def _args(**kw):

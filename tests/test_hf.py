@@ -14,9 +14,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from helpers.hf_fixtures import FIXTURES, MODEL_TYPES, expected, random_model
 
 import jmoe.hf
+from helpers.hf_fixtures import FIXTURES, MODEL_TYPES, expected, random_model
 from jmoe import MoEConfig
 from jmoe.hf.files import read_tensors, write_tensors
 from jmoe.transformer import MoETransformer, TransformerConfig

@@ -18,9 +18,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+
 from helpers import numpy_reference as ref
 from helpers.jaxpr_tools import host_primitives, layer_jaxpr
-
 from jmoe import CapacityMoE, DenseMLP, DroplessMoE, MoEConfig
 
 D, F = 8, 16

@@ -21,12 +21,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from helpers import numpy_reference as ref
-from helpers.jaxpr_tools import all_eqns
-from helpers.product_harness import products_and_vjps
 from jax._src.pallas.mosaic_gpu.interpret import interpret_pallas_call  # races state (no API)
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from helpers import numpy_reference as ref
+from helpers.jaxpr_tools import all_eqns
+from helpers.product_harness import products_and_vjps
 from jmoe import DroplessMoE, MoEConfig
 from pallas_kernels import products, reference
 from pallas_kernels.mosaic import BACKEND, TileConfig, gmm, tgmm

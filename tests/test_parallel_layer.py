@@ -17,13 +17,13 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
-from helpers.expert_parallel import abstract_gpu_mesh, layer_grad_fn
-from helpers.host_devices import host_cpus
-from helpers.jaxpr_tools import all_eqns
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from experiments.presets import preset
+from helpers.expert_parallel import abstract_gpu_mesh, layer_grad_fn
+from helpers.host_devices import host_cpus
+from helpers.jaxpr_tools import all_eqns
 from jmoe import DroplessMoE, MoEConfig
 from jmoe.parallel import context_mesh, make_mesh, param_spec, state_shardings
 from jmoe.transformer import MoETransformer

@@ -10,11 +10,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from jax.test_util import check_grads
+
 from helpers import numpy_reference as ref
 from helpers.host_devices import host_cpus
 from helpers.jaxpr_tools import host_primitives, layer_jaxpr, token_expert_shapes
-from jax.test_util import check_grads
-
 from jmoe import CapacityMoE, DroplessMoE, MoEConfig, permutation
 from jmoe.parallel import make_mesh
 from jmoe.router import Router, routing_aux

@@ -16,10 +16,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import numpy_reference as ref
-from helpers.product_harness import products_and_vjps
 from jax.test_util import check_grads
 
+from helpers import numpy_reference as ref
+from helpers.product_harness import products_and_vjps
 from pallas_kernels import products, reference
 from pallas_kernels.topology import make_topology
 

@@ -7,8 +7,8 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
-from helpers.jaxpr_tools import all_eqns
 
+from helpers.jaxpr_tools import all_eqns
 from jmoe import MoEConfig
 from jmoe.transformer import REMAT_KINDS, MoETransformer, TransformerConfig
 

@@ -18,10 +18,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers.scale_out_worker import tiny_model
 
 from experiments import distributed, launch_local
 from experiments.train import TrainConfig, read_metrics, train
+from helpers.scale_out_worker import tiny_model
 
 REPO = Path(__file__).resolve().parents[1]
 LOSS_TOL = 2e-4  # the bound on the logged loss

@@ -7,8 +7,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import numpy_reference as ref
 
+from helpers import numpy_reference as ref
 from pallas_kernels.topology import make_topology, max_block_rows
 
 
