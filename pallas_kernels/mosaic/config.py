@@ -13,7 +13,7 @@ SM): ``stages * (block_m + block_n) * block_k * in_bytes`` for the pipeline,
 the tiled epilogue ``2 warpgroups x 2 slots x epilogue_rows x 128 B`` (32 KB
 at the default 64 rows, whatever the output dtype), `RESERVED_BYTES` for the
 mbarriers, and the kernels' group metadata when it fits in what is left
-(``common.metadata_bytes``; else it is read from GMEM). At 256x128 (or
+(``common.metadata_fits``; else it is read from GMEM). At 256x128 (or
 128x256), 16-bit operands:
 
 * ``block_k = 64`` (128-byte swizzle): a stage is 48 KB, 4 stages + epilogue
@@ -21,9 +21,10 @@ mbarriers, and the kernels' group metadata when it fits in what is left
 * ``block_k = 32`` (64-byte swizzle, the "deep" configs): a stage is 24 KB,
   6 stages + epilogue = 176 KB, leaving ~50 KB for the metadata.
 
-The same bytes are in flight (192 KB vs 144 KB of operands); the deep
-pipeline has more, smaller steps (two wgmma of k 16 per step instead of
-four) and room for the metadata. Which is faster is a GPU measurement
+The deep pipeline keeps fewer bytes in flight (144 KB of operands vs 192
+KB) in more, smaller steps (two wgmma k-groups of 16 per step instead of
+four, so twice the per-step barrier and issue overhead per FLOP) and leaves
+room for the metadata. Which is faster is a GPU measurement
 (``benchmarks/gpu_bench.py`` and ``gpu_check`` time both: impls ``mosaic``
 and ``mosaic-bk32x6``); until then the defaults stay at ``block_k = 64``.
 ``stages=None`` means as many as fit next to the epilogue, at most

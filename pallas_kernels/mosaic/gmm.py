@@ -29,8 +29,9 @@ rows only.
 
 Work list in SMEM: each CTA copies the packed list into SMEM once, before
 its loop (one TMA; every warpgroup waits for it), when it fits next to the
-pipeline (`common.metadata_fits`: e.g. not at 256x128 with four 48 KB
-stages once the list passes ~3 KB); otherwise the items are read from GMEM.
+pipeline (`common.metadata_fits`: with the deep 6-stage tiles always at
+the benchmark shapes, with the default 4 stages of 48 KB only lists up to
+2 KB, e.g. Mixtral's); otherwise the items are read from GMEM.
 
 Edges: TMA zero-fills reads past the array (partial K, N and M tiles); the
 epilogue never stores past ``m`` or ``n``.
@@ -239,7 +240,8 @@ def gmm(
         layout ``cumsum(group_sizes) - group_sizes`` (as ``lax.ragged_dot``).
         Groups must be ordered by start and disjoint.
       out_dtype: result dtype (default lhs's); accumulation is float32.
-      config: tiles; default `config.gmm_config`.
+      config: tiles; default `config.gmm_config`; ``stages=None``: as many
+        as fit (`config.fit_stages`).
       interpret: run in GPU interpret mode; default: unless compiling for a GPU.
 
     Returns:

@@ -184,7 +184,8 @@ def tgmm(
         layout ``cumsum(group_sizes) - group_sizes``. Groups must be disjoint.
       out_dtype: result dtype (default lhs's); accumulation is float32.
       config: tiles (``block_m`` tiles ``k``, ``block_n`` tiles ``n``,
-        ``block_k`` rows per step); default `config.tgmm_config`.
+        ``block_k`` rows per step); default `config.tgmm_config`;
+        ``stages=None``: as many as fit (`config.fit_stages`).
       interpret: run in GPU interpret mode; default: unless compiling for a GPU.
 
     Returns:
