@@ -47,7 +47,8 @@ def _abstract(*shape, dtype=BF16):
 def _lower_product(shape, product, out_dtype, deep):
     """Lowers one product of ``shape`` on abstract operands with the default
     (or ``deep``) tiles and explicit group starts, as the jmoe adapter calls
-    the kernels; returns ``(lowered, config, metadata [rows, cols])``."""
+    the kernels (one abstract ``[E]`` int32 serves as sizes and starts);
+    returns ``(lowered, config, metadata shape [fields, values] before packing)``."""
     kind, transpose_rhs, k_dim, n_dim = PRODUCTS[product]
     dims = {"d": shape.d_model, "f": shape.d_ff}
     m, k, n, num_experts = shape.rows, dims[k_dim], dims[n_dim], shape.num_experts
