@@ -1,6 +1,6 @@
 """GPU benchmark: every product kernel and the whole dMoE layer, next to dense bf16 GEMMs.
 
-    python -m benchmarks.gpu_bench         # all shapes; impls triton, mosaic, ragged_dot
+    python -m benchmarks.gpu_bench         # all shapes; triton, mosaic (+ variants), ragged_dot
     python -m benchmarks.gpu_bench --impls mosaic --shapes mixtral olmoe
     python -m benchmarks.gpu_bench --smoke # tiny shapes, impl xla: checks the script on CPU
 
@@ -11,6 +11,12 @@ For each shape and impl it prints, in one run, TFLOP/s of useful work for
   of the same useful FLOPs (``[T k, K] @ [K, N]``), as ``% dense``;
 * the whole `DroplessMoE` layer forward + backward, next to a `DenseMLP` with
   hidden width ``k * d_ff`` (the same useful FLOPs).
+
+Mosaic tile variants (`MOSAIC_VARIANTS`, e.g. ``mosaic-bk32x6``: ``block_k``
+32 with 6 stages, next to ``mosaic``'s default ``block_k`` 64 with 4) time
+the same products on the same routing by calling the kernels with the
+variant's tiles; the layer row is ``mosaic``'s only (a layer cannot be handed
+tiles). The first GPU run decides the default (``docs/kernels_mosaic.md``).
 
 Routing is random (each assignment picks a uniform random expert), so groups
 are unequal and not multiples of the block size. Results are written as JSON
@@ -38,6 +44,9 @@ from jmoe import DenseMLP, DroplessMoE, MoEConfig, permutation
 from pallas_kernels import products
 from pallas_kernels.products import layout_block_size
 
+# impl label -> whether it is the deep (block_k 32, 6 stages) mosaic tile variant.
+MOSAIC_VARIANTS = {"mosaic-bk32x6": True}
+
 
 def random_indices(shape: Shape, seed: int = 0) -> jax.Array:
     """``[tokens, k]`` distinct uniform-random experts per token."""
@@ -54,9 +63,44 @@ def dense_seconds(m: int, k: int, n: int, dtype, repeats: int) -> float:
     return median_seconds(jax.jit(lambda a, b: a @ b), a, b, repeats=repeats)
 
 
+def _mosaic_variant(deep: bool):
+    """``(sdd, dsd, dstd)`` of the products' signatures on the Mosaic kernels
+    with the default or ``deep`` tiles (forward only, as timed here)."""
+    from pallas_kernels import mosaic  # loads Mosaic GPU only when asked
+    from pallas_kernels.mosaic.config import gmm_config, tgmm_config
+
+    def grouped(lhs, rhs, topo, transpose_rhs=False):
+        n = rhs.shape[1 if transpose_rhs else 2]
+        config = gmm_config(lhs.shape[0], n, rhs.shape[0], lhs.dtype, lhs.dtype, deep=deep)
+        return mosaic.gmm(
+            lhs,
+            rhs,
+            topo.group_sizes,
+            group_starts=topo.bin_starts,
+            transpose_rhs=transpose_rhs,
+            config=config,
+        )
+
+    def weight_grad(lhs, grad, topo):
+        config = tgmm_config(lhs.shape[1], grad.shape[1], lhs.dtype, lhs.dtype, deep=deep)
+        return mosaic.tgmm(lhs, grad, topo.group_sizes, group_starts=topo.bin_starts, config=config)
+
+    return grouped, grouped, weight_grad
+
+
+def _product_fns(impl: str):
+    """``(sdd, dsd, dstd)`` of ``impl`` (a `products` impl or a `MOSAIC_VARIANTS` label)."""
+    if impl in MOSAIC_VARIANTS:
+        return _mosaic_variant(MOSAIC_VARIANTS[impl])
+    return tuple(
+        functools.partial(fn, impl=impl) for fn in (products.sdd, products.dsd, products.dstd)
+    )
+
+
 def bench_products(shape: Shape, impl: str, dtype, repeats: int):
     """Rows ``(name, seconds, dense_seconds, useful_flops)`` for the four products."""
-    block = layout_block_size(impl, 128)
+    sdd, dsd, dstd = _product_fns(impl)
+    block = layout_block_size("mosaic" if impl in MOSAIC_VARIANTS else impl, 128)
     dispatch, topo = permutation.dropless_dispatch(random_indices(shape), shape.num_experts, block)
     rows_total = shape.tokens * shape.top_k
     x = permutation.permute(
@@ -71,14 +115,10 @@ def bench_products(shape: Shape, impl: str, dtype, repeats: int):
     ) / float(np.sqrt(shape.d_ff))
     d, f = shape.d_model, shape.d_ff
     cases = [
-        ("sdd x@W1", lambda x, h: products.sdd(x, w1, topo, impl=impl), (rows_total, d, f)),
-        ("dsd h@W2", lambda x, h: products.dsd(h, w2, topo, impl=impl), (rows_total, f, d)),
-        (
-            "dsd dh@W1T",
-            lambda x, h: products.dsd(h, w1, topo, transpose_rhs=True, impl=impl),
-            (rows_total, f, d),
-        ),
-        ("dstd xT@dh", lambda x, h: products.dstd(x, h, topo, impl=impl), (d, rows_total, f)),
+        ("sdd x@W1", lambda x, h: sdd(x, w1, topo), (rows_total, d, f)),
+        ("dsd h@W2", lambda x, h: dsd(h, w2, topo), (rows_total, f, d)),
+        ("dsd dh@W1T", lambda x, h: dsd(h, w1, topo, transpose_rhs=True), (rows_total, f, d)),
+        ("dstd xT@dh", lambda x, h: dstd(x, h, topo), (d, rows_total, f)),
     ]
     rows = []
     for name, fn, (m, k, n) in cases:
@@ -140,7 +180,10 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shapes", nargs="+", choices=sorted(SHAPES), default=list(SHAPES))
     parser.add_argument(
-        "--impls", nargs="+", choices=products.IMPLS[1:], default=["triton", "mosaic", "ragged_dot"]
+        "--impls",
+        nargs="+",
+        choices=[*products.IMPLS[1:], *MOSAIC_VARIANTS],
+        default=["triton", "mosaic", *MOSAIC_VARIANTS, "ragged_dot"],
     )
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument(
@@ -161,23 +204,24 @@ def main(argv=None):
         f"{datetime.date.today().isoformat()}, bf16, median of {repeats}"
     )
     print(header)
-    print(f"{'shape':<10}{'impl':<12}{'op':<14}{'ms':>9}{'TFLOP/s':>9}{'dense':>9}{'% dense':>9}")
+    print(f"{'shape':<10}{'impl':<15}{'op':<14}{'ms':>9}{'TFLOP/s':>9}{'dense':>9}{'% dense':>9}")
     results = []
     for shape_name, shape in shapes.items():
         for impl in impls:
             try:
                 rows = bench_products(shape, impl, dtype, repeats)
-                rows.append(("layer fwd+bwd", *bench_layer(shape, impl, dtype, repeats)))
+                if impl not in MOSAIC_VARIANTS:
+                    rows.append(("layer fwd+bwd", *bench_layer(shape, impl, dtype, repeats)))
             except Exception as error:  # noqa: BLE001 - report and go on with the rest
                 message = f"{type(error).__name__}: {error}".splitlines()[0][:200]
-                print(f"{shape_name:<10}{impl:<12}FAILED {message}")
+                print(f"{shape_name:<10}{impl:<15}FAILED {message}")
                 results.append({"shape": shape_name, "impl": impl, "error": message})
                 continue
             for name, seconds, dense, flops in rows:
                 row = _fmt_row(shape_name, impl, name, seconds, dense, flops)
                 results.append(row)
                 print(
-                    f"{shape_name:<10}{impl:<12}{name:<14}{row['ms']:>9.2f}"
+                    f"{shape_name:<10}{impl:<15}{name:<14}{row['ms']:>9.2f}"
                     f"{row['tflops']:>9.1f}{row['dense_tflops']:>9.1f}{row['pct_dense']:>8.0f}%"
                 )
 

@@ -12,7 +12,9 @@ Steps:
 2. at each shape of `benchmarks.shapes.PRODUCTION_SHAPES` (`SMOKE_SHAPES` with
    ``--smoke``), bfloat16, random top-k routing: ``gmm`` (``x @ W1``, jmoe's
    ``sdd``) and ``tgmm`` (``xᵀ dh``, jmoe's ``dstd``) for jmoe's ``triton``,
-   ``mosaic`` and ``ragged_dot`` (``jax.lax.ragged_dot``, XLA's own path) and
+   ``mosaic`` (and its deeper-pipeline tile variant ``mosaic-bk32x6``,
+   products only: `gpu_bench.MOSAIC_VARIANTS`) and ``ragged_dot``
+   (``jax.lax.ragged_dot``, XLA's own path) and
    the peers of `benchmarks.peers`, each next to one dense bfloat16 GEMM of the
    same useful FLOPs (the 1.0 reference), plus jmoe's two other products and
    the whole `DroplessMoE` forward + backward next to a `DenseMLP` of equal FLOPs;
@@ -60,7 +62,7 @@ from jmoe import MoEConfig, permutation
 from jmoe.transformer import MoETransformer, TransformerConfig
 from pallas_kernels import products
 
-JMOE_IMPLS = ("triton", "mosaic", "ragged_dot")
+JMOE_IMPLS = ("triton", "mosaic", *gpu_bench.MOSAIC_VARIANTS, "ragged_dot")
 # gpu_bench's product rows -> the names of this report.
 OPS = {
     "sdd x@W1": "gmm",
@@ -134,7 +136,8 @@ def _rel_err(got, want) -> float:
 def bench_jmoe(shape: Shape, impl: str, repeats: int) -> dict:
     """jmoe's four products and the layer: ``op -> row``."""
     rows = gpu_bench.bench_products(shape, impl, DTYPE, repeats)
-    rows.append(("layer fwd+bwd", *gpu_bench.bench_layer(shape, impl, DTYPE, repeats)))
+    if impl not in gpu_bench.MOSAIC_VARIANTS:  # tile variants: the products only
+        rows.append(("layer fwd+bwd", *gpu_bench.bench_layer(shape, impl, DTYPE, repeats)))
     return {OPS[name]: _row(seconds, dense, flops) for name, seconds, dense, flops in rows}
 
 

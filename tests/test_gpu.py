@@ -225,17 +225,60 @@ def test_xs_lm_loss_falls_in_20_steps():
 _DUMP_SCRIPT = textwrap.dedent("""
     import jax, jax.numpy as jnp
     from pallas_kernels.mosaic import gmm, tgmm
+    from pallas_kernels.mosaic.config import gmm_config, tgmm_config
     sizes = jnp.array([700, 0, 333, 1], jnp.int32)
     x = jnp.ones((1034, 512), jnp.bfloat16)
     w = jnp.ones((4, 512, 1024), jnp.bfloat16)
     dy = jnp.ones((1034, 1024), jnp.bfloat16)
-    jax.block_until_ready(jax.jit(lambda x, w: gmm(x, w, sizes))(x, w))
-    jax.block_until_ready(jax.jit(lambda x, dy: tgmm(x, dy, sizes))(x, dy))
+    bf16 = jnp.bfloat16
+    for deep in (False, True):  # the default tiles and the deep (block_k 32, 6 stages) ones
+        g = gmm_config(1034, 1024, 4, bf16, bf16, deep=deep)
+        t = tgmm_config(512, 1024, bf16, bf16, deep=deep)
+        jax.block_until_ready(jax.jit(lambda x, w: gmm(x, w, sizes, config=g))(x, w))
+        jax.block_until_ready(jax.jit(lambda x, dy: tgmm(x, dy, sizes, config=t))(x, dy))
 """)
 
 
+@pytest.mark.parametrize("deep", [False, True], ids=["bk64x4", "bk32x6"])
+def test_mosaic_kernel_tiles_match_ragged_dot(deep):
+    """gmm and tgmm compiled with the default and the deep tiles (the two
+    variants the benchmark times) vs ``lax.ragged_dot`` on the same GPU, NaN
+    rows past the groups, an empty group, a one-row group."""
+    _needs("mosaic")
+    from pallas_kernels.mosaic import gmm, tgmm
+    from pallas_kernels.mosaic.config import gmm_config, tgmm_config
+
+    sizes = jnp.array([700, 0, 333, 1], jnp.int32)
+    m, k, n, used = 1040, 512, 1024, 1034
+    keys = jax.random.split(jax.random.key(int(deep)), 3)
+    valid = (jnp.arange(m) < used)[:, None]
+    x = jax.random.normal(keys[0], (m, k), jnp.bfloat16)
+    dy = jax.random.normal(keys[1], (m, n), jnp.bfloat16)
+    w = (jax.random.normal(keys[2], (4, k, n)) / np.sqrt(k)).astype(jnp.bfloat16)
+    g = gmm_config(m, n, 4, jnp.bfloat16, jnp.float32, deep=deep)
+    t = tgmm_config(k, n, jnp.bfloat16, jnp.float32, deep=deep)
+    out = jax.jit(lambda x, w: gmm(x, w, sizes, out_dtype=jnp.float32, config=g))(
+        jnp.where(valid, x, jnp.nan), w
+    )
+    dw = jax.jit(lambda x, dy: tgmm(x, dy, sizes, out_dtype=jnp.float32, config=t))(
+        jnp.where(valid, x, jnp.nan), jnp.where(valid, dy, jnp.nan)
+    )
+    x0, dy0 = jnp.where(valid, x, 0), jnp.where(valid, dy, 0)
+    want = jax.lax.ragged_dot(x0, w, sizes, preferred_element_type=jnp.float32)
+    want_dw = jnp.stack(
+        [
+            x0[s : s + z].astype(jnp.float32).T @ dy0[s : s + z].astype(jnp.float32)
+            for s, z in ((0, 700), (700, 0), (700, 333), (1033, 1))
+        ]
+    )
+    assert not np.any(np.asarray(out[used:])), "rows in no group must be exactly zero"
+    np.testing.assert_allclose(np.asarray(out), np.asarray(want), rtol=1e-3, atol=1e-3)
+    np.testing.assert_allclose(np.asarray(dw), np.asarray(want_dw), rtol=1e-3, atol=1e-2)
+    assert not np.any(np.asarray(dw[1])), "an empty group's gradient must be exactly zero"
+
+
 def test_mosaic_kernels_do_not_spill_or_serialize_wgmma(tmp_path):
-    """ptxas ``-v`` and SASS of the compiled gmm and tgmm (Mosaic GPU's dump
+    """ptxas ``-v`` and SASS of the compiled gmm and tgmm, default and deep tiles (Mosaic GPU's dump
     switches, read at compile time, hence a fresh process): no spills, no
     serialized wgmma warning, and the SASS holds HGMMA (wgmma) instructions."""
     _needs("mosaic")

@@ -29,7 +29,7 @@ from helpers.jaxpr_tools import all_eqns
 from helpers.product_harness import products_and_vjps
 from jmoe import DroplessMoE, MoEConfig
 from pallas_kernels import products, reference
-from pallas_kernels.mosaic import BACKEND, TileConfig, gmm, tgmm
+from pallas_kernels.mosaic import BACKEND, TileConfig, common, gmm, tgmm
 from pallas_kernels.mosaic.config import GMM_LARGE_GROUPS, TGMM_DEFAULT
 from pallas_kernels.mosaic.gmm import NO_ITEM, ZERO_ITEM, work_items
 from pallas_kernels.topology import make_topology
@@ -41,6 +41,10 @@ SPLIT_M = TileConfig(
 )
 SPLIT_N = TileConfig(
     block_m=64, block_n=128, block_k=64, stages=3, band=2, split="n", epilogue_rows=16
+)
+# The deep pipeline (block_k 32: 64-byte swizzle, 6 stages) on small tiles.
+DEEP = TileConfig(
+    block_m=128, block_n=64, block_k=32, stages=6, band=2, split="m", epilogue_rows=32
 )
 GMM_TILES = SPLIT_M
 TGMM_TILES = dataclasses.replace(SPLIT_M, stages=3)
@@ -277,6 +281,56 @@ def test_interpreter_finds_no_races(split):
         assert not interpret_pallas_call.get_races().races_found
         jax.block_until_ready(tgmm(lhs, grad, jnp.array(sizes), config=tgmm_tiles))
         assert not interpret_pallas_call.get_races().races_found
+
+
+@pytest.mark.parametrize("kind", ["gmm", "tgmm"])
+def test_deep_pipeline_matches_numpy_without_races(kind):
+    """block_k = 32 (64-byte swizzled operands, tgmm's boundary masking in the
+    8-row SMEM copy layout) with 6 stages, more K steps than stages, a row tile
+    shared by 8 groups and NaN/Inf rows past them, under the race detector."""
+    m, sizes = CASES["many_groups_per_tile"]
+    k, n = 256, 128  # 8 K steps of 32 (gmm); tgmm: up to 2 row blocks per group
+    transpose_rhs = None if kind == "tgmm" else True
+    lhs, other, valid = _operands(m, sizes, k, n, jnp.bfloat16, transpose_rhs=transpose_rhs)
+    masked = _numpy(jnp.where(valid[:, None], lhs, 0))
+    with plgpu.force_gpu_interpret_mode(plgpu.InterpretGPUParams(detect_races=True)):
+        if kind == "gmm":
+            out = gmm(
+                lhs, other, jnp.array(sizes), transpose_rhs=True, out_dtype=jnp.float32, config=DEEP
+            )
+            want = ref.grouped_matmul(
+                masked, _numpy(other), sizes, block_size=1, transpose_rhs=True
+            )
+        else:
+            out = tgmm(lhs, other, jnp.array(sizes), out_dtype=jnp.float32, config=DEEP)
+            grad = _numpy(jnp.where(valid[:, None], other, 0))
+            want = ref.weight_grad(masked, grad, sizes, block_size=1)
+        jax.block_until_ready(out)
+        assert not interpret_pallas_call.get_races().races_found
+    chex.assert_trees_all_close(np.asarray(out, np.float64), want, **F32_TOL)
+
+
+@pytest.mark.slow
+def test_metadata_read_from_gmem_when_it_does_not_fit(monkeypatch):
+    """The GMEM fallback of the group metadata (taken when the work list does
+    not fit next to the pipeline) computes the same results."""
+    monkeypatch.setattr(common, "metadata_fits", lambda *_: False)
+    m, sizes = CASES["random_with_tail"]
+    lhs, rhs, valid = _operands(m, sizes, 128, 128, jnp.bfloat16)
+    grad = jnp.where(valid[:, None], jax.random.normal(jax.random.key(4), (m, 64)), 0)
+    masked = _numpy(jnp.where(valid[:, None], lhs, 0))
+    out = gmm(lhs, rhs, jnp.array(sizes), out_dtype=jnp.float32, config=GMM_TILES)
+    dw = tgmm(lhs, grad.astype(jnp.bfloat16), jnp.array(sizes), out_dtype=jnp.float32)
+    chex.assert_trees_all_close(
+        np.asarray(out, np.float64),
+        ref.grouped_matmul(masked, _numpy(rhs), sizes, block_size=1),
+        **F32_TOL,
+    )
+    chex.assert_trees_all_close(
+        np.asarray(dw, np.float64),
+        ref.weight_grad(masked, _numpy(grad.astype(jnp.bfloat16)), sizes, block_size=1),
+        **F32_TOL,
+    )
 
 
 def test_invalid_operands_raise():

@@ -9,9 +9,10 @@ work items; a TMA producer warpgroup and two wgmma consumer warpgroups,
 ``plgpu.emit_pipeline_warp_specialized``) with float32 accumulation and a
 tiled, double-buffered epilogue, on the unpadded ragged layout
 (``layout_block_size`` 1). Kernels: ``gmm.py``, ``tgmm.py``; the launch, the
-pipeline and the epilogue: ``common.py``; tiles: ``config.py``; the jmoe
-adapter and the float32 fallback: ``backend.py``; lowering for CUDA without a
-GPU: ``lowering.py``. Design and SMEM budget: ``docs/kernels_mosaic.md``.
+pipeline, the epilogue and the group metadata staged in SMEM: ``common.py``;
+tiles: ``config.py``; the jmoe adapter and the float32 fallback:
+``backend.py``; lowering for CUDA without a GPU: ``lowering.py``. Design and
+SMEM budget: ``docs/kernels_mosaic.md``.
 
 Off GPU (e.g. a CPU backend) the same kernels run in Mosaic GPU interpret mode
 (``plgpu.InterpretGPUParams``; ``plgpu.force_gpu_interpret_mode`` sets the

@@ -2,8 +2,10 @@
 warp-specialized launch, the tiled epilogue, where they run.
 
 Operand rules come from the TMA engine as Mosaic GPU drives it: every 2-D
-tile lives in shared memory swizzled in 128-byte rows and tiled ``(8, 64)``
-(16-bit elements), and the global arrays are viewed through the same tiling.
+tile lives in shared memory swizzled by its minor dimension (128-byte rows
+tiled ``(8, 64)`` for 64 or more 16-bit elements, 64-byte rows tiled
+``(8, 32)`` at ``block_k = 32``; `swizzled`), and the global arrays are
+viewed through the same tiling.
 So the feature dimensions (``k``, ``n``) must be multiples of 64 and the row
 count a multiple of 8; rows are padded up to 8 here (a copy, only when needed),
 features are checked (every production MoE width is a multiple of 64).
@@ -12,6 +14,12 @@ Launch: `NUM_THREADS` warpgroups per CTA (axis ``"wg"``): `COMPUTE_WGS`
 consumer warpgroups (indices 0, 1) that issue wgmma and run the epilogue, and
 one producer warpgroup (index 2) that only issues TMA loads and keeps
 `PRODUCER_REGISTERS` registers per thread, giving the rest to the consumers.
+
+Group metadata (`pack_metadata`, `with_metadata`): the small int32 arrays the
+work loop reads per item (gmm's work list, tgmm's group bounds), packed
+row-major into ``[rows, META_COLS]``, copied into SMEM once per CTA by one
+TMA when they fit next to the pipeline (`metadata_fits`), else read from
+GMEM; `read_metadata` reads a value either way.
 """
 
 from __future__ import annotations
@@ -23,6 +31,8 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from pallas_kernels.mosaic.config import RESERVED_BYTES, SMEM_BUDGET, TileConfig
 
 __all__ = [
     "COMPUTE_WGS",
@@ -37,12 +47,16 @@ __all__ = [
     "epilogue_cols",
     "epilogue_smem",
     "launch",
+    "metadata_fits",
     "num_programs",
+    "pack_metadata",
     "pad_rows",
     "pipeline",
     "pipeline_allocations",
+    "read_metadata",
     "store_rows",
     "swizzled",
+    "with_metadata",
 ]
 
 # wgmma takes these with float32 accumulation (float32 operands would need tf32).
@@ -57,6 +71,9 @@ INTERPRET_PROGRAMS = 2
 COMPUTE_WGS = 2
 NUM_THREADS = COMPUTE_WGS + 1
 PRODUCER_REGISTERS = 40  # TMA issue only: addresses and loop counters
+PRODUCER_WG = COMPUTE_WGS
+META_COLS = 64  # int32 per row of packed metadata: one 256-byte TMA box row
+META_MAX_ROWS = 256  # a TMA box has at most 256 rows
 
 
 def _target_device():
@@ -125,8 +142,11 @@ def pipeline_allocations(in_specs, stages: int, *refs):
 
 
 def swizzled(minor: int, dtype) -> tuple:
-    """SMEM transforms of a tile whose minor dimension holds ``minor`` elements:
-    the widest swizzle (128 B for 64 16-bit elements) and its ``(8, ·)`` tiling."""
+    """SMEM transforms for ``minor`` elements (a tile's minor dimension, or a
+    wgmma's contraction per step): the widest swizzle that many bytes allow
+    (128 B for 64 or more 16-bit elements, 64 B for 32) and its ``(8,
+    swizzle / itemsize)`` tiling. wgmma needs the same swizzle on both
+    operands."""
     itemsize = jnp.dtype(dtype).itemsize
     swizzle = plgpu.find_swizzle(minor * itemsize * 8)
     return plgpu.TilingTransform((8, swizzle // itemsize)), plgpu.SwizzleTransform(swizzle)
@@ -243,3 +263,50 @@ def group_starts_or_cumsum(group_sizes: jax.Array, group_starts: jax.Array | Non
             f"got {group_starts.shape}"
         )
     return group_starts.astype(jnp.int32), sizes
+
+
+def pack_metadata(fields: jax.Array) -> jax.Array:
+    """``[F, N] int32`` -> ``[rows, META_COLS]``: row-major, zero padded to a
+    multiple of 8 rows (value ``(f, i)`` at flat index ``f * N + i``)."""
+    flat = fields.astype(jnp.int32).reshape(-1)
+    rows = -(-flat.shape[0] // (8 * META_COLS)) * 8
+    return jnp.pad(flat, (0, rows * META_COLS - flat.shape[0])).reshape(rows, META_COLS)
+
+
+def metadata_fits(config: TileConfig, in_dtype, out_dtype, packed_shape) -> bool:
+    """Whether packed metadata of ``packed_shape`` fits in SMEM next to
+    ``config``'s pipeline (``stages`` set), epilogue and `RESERVED_BYTES`,
+    in one TMA box."""
+    rows, cols = packed_shape
+    used = config.smem_bytes(in_dtype, out_dtype) + RESERVED_BYTES
+    return rows <= META_MAX_ROWS and used + rows * cols * 4 <= SMEM_BUDGET
+
+
+def read_metadata(meta_ref, num_values: int, field, index):
+    """Value ``(field, index)`` of metadata packed by `pack_metadata` from
+    ``[F, num_values]``; ``meta_ref`` in SMEM or GMEM."""
+    flat = field * num_values + index
+    return meta_ref[flat // META_COLS, flat % META_COLS]
+
+
+def with_metadata(body, packed_gmem, *, in_smem: bool):
+    """Runs ``body(meta_ref)`` in every warpgroup: ``meta_ref`` is a copy of
+    ``packed_gmem`` in SMEM (one TMA issued by the producer warpgroup, which
+    every warpgroup waits for before ``body``), or ``packed_gmem`` itself."""
+    if not in_smem:
+        return body(packed_gmem)
+
+    def scope(meta_smem, loaded):
+        @pl.when(lax.axis_index("wg") == PRODUCER_WG)
+        def _():
+            plgpu.copy_gmem_to_smem(packed_gmem, meta_smem, loaded)
+
+        plgpu.barrier_wait(loaded)
+        body(meta_smem)
+
+    pl.run_scoped(
+        scope,
+        plgpu.SMEM(packed_gmem.shape, jnp.int32),
+        plgpu.Barrier(num_arrivals=1),
+        collective_axes="wg",
+    )

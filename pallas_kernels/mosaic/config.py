@@ -8,16 +8,30 @@ split along rows (``split="m"``: ``block_m / 2 x block_n`` each) or columns
 producer warpgroup keeps 40), and its sides are multiples of 64 (wgmma
 ``m64``; 128-byte swizzled operand slices).
 
-Shared memory per CTA (227 KB usable of the 228 KB per H100 SM):
-``stages * (block_m + block_n) * block_k * in_bytes`` for the pipeline plus the
-tiled epilogue, ``2 warpgroups x 2 slots x epilogue_rows x 128 B`` (32 KB at
-the default 64 rows, whatever the output dtype), plus a few hundred bytes of
-barriers. At 256x128 (or 128x256) with ``block_k = 64`` a stage is 48 KB:
-4 stages + epilogue = 224 KB. A fifth stage (240 KB of stages alone) does not
-fit at this tile and ``block_k``; the tiled epilogue is what keeps the fourth
-(a full-tile epilogue would take 64 KB bf16 / 128 KB float32).
+Shared memory per CTA (`SMEM_BUDGET`, 227 KB usable of the 228 KB per H100
+SM): ``stages * (block_m + block_n) * block_k * in_bytes`` for the pipeline,
+the tiled epilogue ``2 warpgroups x 2 slots x epilogue_rows x 128 B`` (32 KB
+at the default 64 rows, whatever the output dtype), `RESERVED_BYTES` for the
+mbarriers, and the kernels' group metadata when it fits in what is left
+(``common.metadata_fits``; else it is read from GMEM). At 256x128 (or
+128x256), 16-bit operands:
 
-The defaults were chosen for three layer shapes (`BENCHMARK_SHAPES`):
+* ``block_k = 64`` (128-byte swizzle): a stage is 48 KB, 4 stages + epilogue
+  = 224 KB; a fifth does not fit (240 KB of stages alone);
+* ``block_k = 32`` (64-byte swizzle, the "deep" configs): a stage is 24 KB,
+  6 stages + epilogue = 176 KB, leaving ~50 KB for the metadata.
+
+The deep pipeline keeps fewer bytes in flight (144 KB of operands vs 192
+KB) in more, smaller steps (two wgmma k-groups of 16 per step instead of
+four, so twice the per-step barrier and issue overhead per FLOP) and leaves
+room for the metadata. Which is faster is a GPU measurement
+(``benchmarks/gpu_bench.py`` and ``gpu_check`` time both: impls ``mosaic``
+and ``mosaic-bk32x6``); until then the defaults stay at ``block_k = 64``.
+``stages=None`` means as many as fit next to the epilogue, at most
+`MAX_STAGES` (`fit_stages`).
+
+The defaults were chosen for three layer shapes (``benchmarks/shapes.py``,
+``PRODUCTION_SHAPES``):
 
 * Mixtral (T 8192, d 4096, ffn 14336, E 8, k 2): ~2048 rows per group;
 * OLMoE (T 8192, d 2048, ffn 1024, E 64, k 8): ~1024 rows per group;
@@ -33,35 +47,43 @@ waste at about +100%. Hence `GMM_LARGE_GROUPS` (256x128, split by rows) from
 columns) below.
 
 ``tgmm`` (weight gradients): a 256x128 output tile of ``[k, n]`` per expert,
-split by rows, contracting 64 rows per step. Its cost per expert does not
-depend on where group boundaries fall, so one config serves all shapes.
+split by rows, contracting ``block_k`` rows per step. Its cost per expert
+does not depend on where group boundaries fall, so one config serves all
+shapes.
 
-Every default lowers for sm_90 within the SMEM budget for the three shapes
-(``tests/test_mosaic_lowering.py``); no timing has been taken on a GPU yet:
-``benchmarks/gpu_bench.py`` measures them when one is lent.
+Every default and deep config lowers for sm_90 within the SMEM budget for the
+three shapes (``tests/test_mosaic_lowering.py``); no timing has been taken on
+a GPU yet.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import NamedTuple
 
 import jax.numpy as jnp
 
 __all__ = [
-    "BENCHMARK_SHAPES",
     "GMM_LARGE_GROUPS",
+    "GMM_LARGE_GROUPS_DEEP",
     "GMM_SMALL_GROUPS",
+    "GMM_SMALL_GROUPS_DEEP",
     "LARGE_GROUP_ROWS",
+    "MAX_STAGES",
+    "RESERVED_BYTES",
     "SMEM_BUDGET",
+    "TGMM_DEEP",
     "TGMM_DEFAULT",
-    "LayerShape",
     "TileConfig",
+    "fit_stages",
     "gmm_config",
     "tgmm_config",
 ]
 
 SMEM_BUDGET = 227 * 1024  # bytes a CTA may opt into on H100 / H200
+# SMEM the kernels keep for mbarriers (pipeline, metadata, tgmm's masking) and
+# alignment; measured margin: 4 stages of 48 KB + 32 KB epilogue + 3 KB lower.
+RESERVED_BYTES = 1024
+MAX_STAGES = 6  # the depth issue 10 asks for; SMEM beyond it goes to metadata
 MAX_ACC_ELEMENTS = 128 * 128  # 128 float32 registers per thread of one warpgroup
 
 
@@ -74,9 +96,12 @@ class TileConfig:
         tile (``tgmm``, the ``k`` of ``[E, k, n]``).
       block_n: CTA tile columns (output features).
       block_k: contraction per pipeline step: features (``gmm``) or rows
-        (``tgmm``); 64 (one 128-byte swizzle row of 16-bit elements) or 128.
+        (``tgmm``): 32, 64 or 128; the operand tiles whose minor dimension
+        it is (gmm's lhs and transposed rhs) are swizzled by ``block_k``
+        16-bit elements: 64 bytes at 32, 128 bytes from 64 on.
       stages: SMEM slots of the TMA pipeline (>= 2: the producer loads one
-        slot while the consumers multiply another).
+        slot while the consumers multiply another); ``None``: as many as fit
+        (`fit_stages`).
       band: persistent-grid order: work goes in bands of ``band`` tile
         columns, row by row inside a band, so the CTAs running at once share
         lhs row tiles and weight column tiles in L2.
@@ -89,7 +114,7 @@ class TileConfig:
     block_m: int
     block_n: int
     block_k: int
-    stages: int
+    stages: int | None = None
     band: int = 8
     split: str = "m"
     epilogue_rows: int = 64
@@ -113,9 +138,9 @@ class TileConfig:
                 f"{wg_m}x{wg_n} per warpgroup; at most {MAX_ACC_ELEMENTS} float32 "
                 "accumulators (128 registers per thread) and 256 columns"
             )
-        if self.block_k not in (64, 128):
-            raise ValueError(f"block_k must be 64 or 128, got {self.block_k}")
-        if self.stages < 2:
+        if self.block_k not in (32, 64, 128):
+            raise ValueError(f"block_k must be 32, 64 or 128, got {self.block_k}")
+        if self.stages is not None and self.stages < 2:
             raise ValueError(f"stages must be >= 2, got {self.stages}")
         if self.band < 1:
             raise ValueError(f"band must be >= 1, got {self.band}")
@@ -133,43 +158,58 @@ class TileConfig:
             return self.block_m // 2, self.block_n
         return self.block_m, self.block_n // 2
 
+    def stage_bytes(self, in_dtype) -> int:
+        """Shared memory of one pipeline slot (an lhs and an rhs tile)."""
+        return (self.block_m + self.block_n) * self.block_k * jnp.dtype(in_dtype).itemsize
+
+    @property
+    def epilogue_bytes(self) -> int:
+        """The tiled epilogue: 2 consumers x 2 slots x ``epilogue_rows`` x 128 B
+        (128 bytes wide in any output dtype)."""
+        return 2 * 2 * self.epilogue_rows * 128
+
     def smem_bytes(self, in_dtype, out_dtype) -> int:
-        """Shared memory of the pipeline slots and the tiled epilogue (the
-        epilogue tiles are 128 bytes wide in any ``out_dtype``)."""
+        """Shared memory of the pipeline slots and the tiled epilogue (without
+        `RESERVED_BYTES` and metadata); ``stages`` must be set."""
         del out_dtype
-        step = (self.block_m + self.block_n) * self.block_k * jnp.dtype(in_dtype).itemsize
-        return self.stages * step + 2 * 2 * self.epilogue_rows * 128
+        if self.stages is None:
+            raise ValueError("stages is None: resolve it with config.fit_stages first")
+        return self.stages * self.stage_bytes(in_dtype) + self.epilogue_bytes
 
-
-class LayerShape(NamedTuple):
-    """A MoE layer: ``tokens`` routed top-``top_k`` over ``num_experts`` experts."""
-
-    tokens: int
-    d_model: int
-    d_ff: int
-    num_experts: int
-    top_k: int
-
-
-BENCHMARK_SHAPES = {
-    "mixtral": LayerShape(8192, 4096, 14336, 8, 2),
-    "olmoe": LayerShape(8192, 2048, 1024, 64, 8),
-    "deepseek": LayerShape(4096, 7168, 2048, 256, 8),
-}
 
 LARGE_GROUP_ROWS = 1024
-GMM_LARGE_GROUPS = TileConfig(block_m=256, block_n=128, block_k=64, stages=4, split="m")
-GMM_SMALL_GROUPS = TileConfig(block_m=128, block_n=256, block_k=64, stages=4, split="n")
-TGMM_DEFAULT = TileConfig(block_m=256, block_n=128, block_k=64, stages=4, split="m")
+GMM_LARGE_GROUPS = TileConfig(block_m=256, block_n=128, block_k=64, split="m")
+GMM_SMALL_GROUPS = TileConfig(block_m=128, block_n=256, block_k=64, split="n")
+TGMM_DEFAULT = TileConfig(block_m=256, block_n=128, block_k=64, split="m")
+# The deep pipeline: half the contraction per step, 6 stages (see the docstring).
+GMM_LARGE_GROUPS_DEEP = dataclasses.replace(GMM_LARGE_GROUPS, block_k=32, stages=MAX_STAGES)
+GMM_SMALL_GROUPS_DEEP = dataclasses.replace(GMM_SMALL_GROUPS, block_k=32, stages=MAX_STAGES)
+TGMM_DEEP = dataclasses.replace(TGMM_DEFAULT, block_k=32, stages=MAX_STAGES)
 
 
 def _round_up(x: int, multiple: int) -> int:
     return -(-x // multiple) * multiple
 
 
+def fit_stages(config: TileConfig, in_dtype) -> TileConfig:
+    """``config`` with ``stages`` set: as given, or (``None``) as many as fit in
+    `SMEM_BUDGET` next to the epilogue and `RESERVED_BYTES`, at most
+    `MAX_STAGES`."""
+    if config.stages is not None:
+        return config
+    room = SMEM_BUDGET - RESERVED_BYTES - config.epilogue_bytes
+    stages = min(MAX_STAGES, room // config.stage_bytes(in_dtype))
+    if stages < 2:
+        raise ValueError(
+            f"config: two {config.block_m}x{config.block_n}x{config.block_k} stages and the "
+            f"epilogue exceed the {SMEM_BUDGET}-byte SMEM budget; use smaller tiles"
+        )
+    return dataclasses.replace(config, stages=stages)
+
+
 def _fit(config: TileConfig, in_dtype, out_dtype, *, m_extent: int, n_extent: int) -> TileConfig:
     """Shrinks tiles to the problem (keeping each warpgroup's side a multiple
-    of 64) and stages to the SMEM budget."""
+    of 64) and sets (or shrinks) stages to the SMEM budget."""
     split_m = config.split == "m"
     block_m = min(config.block_m, _round_up(m_extent, 128 if split_m else 64))
     block_n = min(config.block_n, _round_up(n_extent, 64 if split_m else 128))
@@ -179,17 +219,29 @@ def _fit(config: TileConfig, in_dtype, out_dtype, *, m_extent: int, n_extent: in
         block_n=block_n,
         epilogue_rows=min(config.epilogue_rows, block_m // 2 if split_m else block_m),
     )
-    while config.smem_bytes(in_dtype, out_dtype) > SMEM_BUDGET and config.stages > 2:
+    config = fit_stages(config, in_dtype)
+    budget = SMEM_BUDGET - RESERVED_BYTES
+    while config.smem_bytes(in_dtype, out_dtype) > budget and config.stages > 2:
         config = dataclasses.replace(config, stages=config.stages - 1)
     return config
 
 
-def gmm_config(m: int, n: int, num_groups: int, in_dtype, out_dtype) -> TileConfig:
-    """Default tiles of ``gmm`` for ``m`` rows in ``num_groups`` groups, ``n`` outputs."""
-    base = GMM_LARGE_GROUPS if m >= LARGE_GROUP_ROWS * num_groups else GMM_SMALL_GROUPS
+def gmm_config(
+    m: int, n: int, num_groups: int, in_dtype, out_dtype, *, deep: bool = False
+) -> TileConfig:
+    """Default tiles of ``gmm`` for ``m`` rows in ``num_groups`` groups, ``n``
+    outputs (``deep``: the ``block_k = 32``, 6-stage variant)."""
+    large = m >= LARGE_GROUP_ROWS * num_groups
+    base = {
+        (True, False): GMM_LARGE_GROUPS,
+        (False, False): GMM_SMALL_GROUPS,
+        (True, True): GMM_LARGE_GROUPS_DEEP,
+        (False, True): GMM_SMALL_GROUPS_DEEP,
+    }[large, deep]
     return _fit(base, in_dtype, out_dtype, m_extent=m, n_extent=n)
 
 
-def tgmm_config(k: int, n: int, in_dtype, out_dtype) -> TileConfig:
-    """Default tiles of ``tgmm`` for ``[E, k, n]`` weight gradients."""
-    return _fit(TGMM_DEFAULT, in_dtype, out_dtype, m_extent=k, n_extent=n)
+def tgmm_config(k: int, n: int, in_dtype, out_dtype, *, deep: bool = False) -> TileConfig:
+    """Default tiles of ``tgmm`` for ``[E, k, n]`` weight gradients (``deep``:
+    the ``block_k = 32``, 6-stage variant)."""
+    return _fit(TGMM_DEEP if deep else TGMM_DEFAULT, in_dtype, out_dtype, m_extent=k, n_extent=n)

@@ -17,7 +17,7 @@ Persistent, warp-specialized CTAs: one CTA per SM strides over (work item,
 column tile) pairs in banded order (``plgpu.planar_snake``). Per CTA, a
 producer warpgroup with `common.PRODUCER_REGISTERS` registers issues the TMA
 loads of ``[block_m, block_k]`` lhs and ``[block_k, block_n]`` (or transposed)
-rhs tiles into ``stages`` 128-byte-swizzled SMEM slots; two consumer
+rhs tiles into ``stages`` swizzled SMEM slots (`common.swizzled`); two consumer
 warpgroups each issue wgmma on their half of the CTA tile (``split``) into a
 float32 register accumulator (the other consumer's wgmma keeps the tensor
 cores busy while one waits for its own). The producer runs ahead
@@ -27,12 +27,19 @@ with allocations shared by the whole loop). Epilogue: `common.store_rows`,
 64-row double-buffered SMEM tiles per consumer and TMA stores of the item's
 rows only.
 
+Work list in SMEM: each CTA copies the packed list into SMEM once, before
+its loop (one TMA; every warpgroup waits for it), when it fits next to the
+pipeline (`common.metadata_fits`: with the deep 6-stage tiles always at
+the benchmark shapes, with the default 4 stages of 48 KB only lists up to
+2 KB, e.g. Mixtral's); otherwise the items are read from GMEM.
+
 Edges: TMA zero-fills reads past the array (partial K, N and M tiles); the
 epilogue never stores past ``m`` or ``n``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -42,7 +49,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels.mosaic import common
-from pallas_kernels.mosaic.config import TileConfig, gmm_config
+from pallas_kernels.mosaic.config import TileConfig, fit_stages, gmm_config
 
 __all__ = ["gmm", "work_items", "ZERO_ITEM", "NO_ITEM"]
 
@@ -115,24 +122,35 @@ def work_items(
     )
 
 
-def _kernel(config: TileConfig, transpose_rhs: bool, items_ref, lhs_ref, rhs_ref, out_ref):
-    """Kernel body. GMEM refs: ``items [4, items]`` (`work_items`), ``lhs [m, k]``,
-    ``rhs``, ``out [m, n]``."""
+def _kernel(
+    config: TileConfig,
+    transpose_rhs: bool,
+    num_items: int,
+    meta_in_smem: bool,
+    items_ref,
+    lhs_ref,
+    rhs_ref,
+    out_ref,
+):
+    """Kernel body. GMEM refs: ``items`` (`work_items`' ``[4, num_items]``
+    packed by `common.pack_metadata`; copied to SMEM if ``meta_in_smem``),
+    ``lhs [m, k]``, ``rhs``, ``out [m, n]``."""
     bm, bn, bk = config.block_m, config.block_n, config.block_k
     wg_m, wg_n = config.warpgroup_tile
     (_, n), k = out_ref.shape, lhs_ref.shape[1]
-    num_items, grid_n = items_ref.shape[1], pl.cdiv(n, bn)
+    grid_n = pl.cdiv(n, bn)
     rhs_block = (bn, bk) if transpose_rhs else (bk, bn)
+
+    # wgmma takes one swizzle for both operands: the one block_k allows.
+    transforms = common.swizzled(bk, lhs_ref.dtype)
 
     def in_specs(t, j):
         return [
-            plgpu.BlockSpec(
-                (bm, bk), lambda s: (t, s), transforms=common.swizzled(bk, lhs_ref.dtype)
-            ),
+            plgpu.BlockSpec((bm, bk), lambda s: (t, s), transforms=transforms),
             plgpu.BlockSpec(
                 rhs_block,
                 (lambda s: (j, s)) if transpose_rhs else (lambda s: (s, j)),
-                transforms=common.swizzled(rhs_block[1], rhs_ref.dtype),
+                transforms=transforms,
             ),
         ]
 
@@ -147,21 +165,15 @@ def _kernel(config: TileConfig, transpose_rhs: bool, items_ref, lhs_ref, rhs_ref
         plgpu.wgmma_wait(0)  # this slot is released when the body returns
         return acc_ref
 
-    stages = min(config.stages, pl.cdiv(k, bk))
-
-    @functools.partial(
-        pl.run_scoped,
-        allocations=common.pipeline_allocations(in_specs(0, 0), stages, lhs_ref, rhs_ref.at[0]),
-        out_smem=common.epilogue_smem(config.epilogue_rows, out_ref.dtype),
-        collective_axes="wg",
-    )
-    def _scope(allocations, out_smem):
+    def work_loop(items, allocations, out_smem):
         wg = lax.axis_index("wg")
 
         @plgpu.nd_loop((num_items * grid_n,), collective_axes="sm")
         def _work_item(info):
             item, j = plgpu.planar_snake(info.index[0], (num_items, grid_n), 1, config.band)
-            t, group, lo, hi = (items_ref[field, item] for field in range(4))
+            t, group, lo, hi = (
+                common.read_metadata(items, num_items, field, item) for field in range(4)
+            )
             row0 = t * bm + (wg * wg_m if config.split == "m" else 0)
             col0 = j * bn + (wg * wg_n if config.split == "n" else 0)
             store = functools.partial(
@@ -181,7 +193,7 @@ def _kernel(config: TileConfig, transpose_rhs: bool, items_ref, lhs_ref, rhs_ref
                     functools.partial(mma, wg),
                     steps=pl.cdiv(k, bk),
                     in_specs=in_specs(t, j),
-                    stages=stages,
+                    stages=config.stages,
                     compute_context=compute_context,
                 )(lhs_ref, rhs_ref.at[group], allocations=allocations)
 
@@ -190,6 +202,21 @@ def _kernel(config: TileConfig, transpose_rhs: bool, items_ref, lhs_ref, rhs_ref
                 store(jnp.zeros((wg_m, wg_n), out_ref.dtype))
 
         plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+
+    @functools.partial(
+        pl.run_scoped,
+        allocations=common.pipeline_allocations(
+            in_specs(0, 0), config.stages, lhs_ref, rhs_ref.at[0]
+        ),
+        out_smem=common.epilogue_smem(config.epilogue_rows, out_ref.dtype),
+        collective_axes="wg",
+    )
+    def _scope(allocations, out_smem):
+        common.with_metadata(
+            functools.partial(work_loop, allocations=allocations, out_smem=out_smem),
+            items_ref,
+            in_smem=meta_in_smem,
+        )
 
 
 def gmm(
@@ -213,7 +240,8 @@ def gmm(
         layout ``cumsum(group_sizes) - group_sizes`` (as ``lax.ragged_dot``).
         Groups must be ordered by start and disjoint.
       out_dtype: result dtype (default lhs's); accumulation is float32.
-      config: tiles; default `config.gmm_config`.
+      config: tiles; default `config.gmm_config`; ``stages=None``: as many
+        as fit (`config.fit_stages`).
       interpret: run in GPU interpret mode; default: unless compiling for a GPU.
 
     Returns:
@@ -239,15 +267,24 @@ def gmm(
     if m == 0:
         return jnp.zeros((0, n), out_dtype)
     starts, sizes = common.group_starts_or_cumsum(group_sizes, group_starts)
-    config = config or gmm_config(m, n, num_groups, lhs.dtype, out_dtype)
+    config = fit_stages(config or gmm_config(m, n, num_groups, lhs.dtype, out_dtype), lhs.dtype)
+    steps = pl.cdiv(k, config.block_k)  # no more slots than K steps (but the pipeline's 2)
+    config = dataclasses.replace(config, stages=max(2, min(config.stages, steps)))
     lhs_padded = common.pad_rows(lhs)
+    items = work_items(
+        starts, sizes, lhs_padded.shape[0], config.block_m, gaps=group_starts is not None
+    )
+    packed = common.pack_metadata(items)
     call = common.launch(
-        functools.partial(_kernel, config, transpose_rhs),
+        functools.partial(
+            _kernel,
+            config,
+            transpose_rhs,
+            items.shape[1],
+            common.metadata_fits(config, lhs.dtype, out_dtype, packed.shape),
+        ),
         jax.ShapeDtypeStruct((lhs_padded.shape[0], n), out_dtype),
         name="jmoe_gmm_t" if transpose_rhs else "jmoe_gmm",
         interpret=interpret,
     )
-    items = work_items(
-        starts, sizes, lhs_padded.shape[0], config.block_m, gaps=group_starts is not None
-    )
-    return call(items, lhs_padded, rhs)[:m]
+    return call(packed, lhs_padded, rhs)[:m]

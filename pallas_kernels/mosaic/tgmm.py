@@ -9,7 +9,7 @@ them (a static count), each owning one ``block_m x block_n`` output tile of
 ``out[e]``. Its K loop walks the ``block_k``-row blocks that hold group
 ``e``'s rows ``[start_e, start_e + size_e)`` (a dynamic trip count): the
 producer warpgroup streams ``[block_k, block_m]`` lhs and ``[block_k,
-block_n]`` grad tiles into ``stages`` 128-byte-swizzled SMEM slots, the two
+block_n]`` grad tiles into ``stages`` swizzled SMEM slots, the two
 consumer warpgroups each issue wgmma on their half of the output tile with
 the lhs tile transposed in SMEM, accumulating in float32 registers with one
 wgmma per consumer at a time. The producer runs ahead into the next work item.
@@ -21,6 +21,10 @@ of the grad tile in SMEM (a select, so neither a neighbour's values nor
 NaN/Inf garbage reaches the accumulator: ``0 * NaN`` would), then both meet
 at a barrier before their wgmma reads the tiles. Empty groups skip the loop
 and store exact zeros. Epilogue: `common.store_rows`, full tiles.
+
+Group bounds in SMEM: each CTA copies ``starts`` and ``sizes`` (8 bytes per
+group, 2 KB at E = 256) into SMEM once before its loop when they fit next to
+the pipeline (`common.metadata_fits`), else reads them from GMEM.
 """
 
 from __future__ import annotations
@@ -34,46 +38,48 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels.mosaic import common
-from pallas_kernels.mosaic.config import TileConfig, tgmm_config
+from pallas_kernels.mosaic.config import TileConfig, fit_stages, tgmm_config
 
 __all__ = ["tgmm"]
 
 
-def _zero_foreign_rows(tile_smem, row0, start, end):
-    """Zeroes the rows of ``tile_smem [block_k, ·]`` outside ``[start, end)``;
-    its first row is global row ``row0``."""
+def _zero_foreign_rows(tile_smem, row0, start, end, swizzle: int):
+    """Zeroes the rows of ``tile_smem [block_k, ·]`` (``swizzle``-byte
+    swizzled) outside ``[start, end)``; its first row is global row ``row0``.
+    Registers in the wgmma layout (64-row tiles), or at ``block_k = 32`` the
+    SMEM copy layout (8-row tiles)."""
     tile = tile_smem[...]
-    rows = (
-        plgpu.layout_cast(lax.broadcasted_iota(jnp.int32, tile.shape, 0), plgpu.Layout.WGMMA) + row0
-    )
+    if tile.shape[0] % 64:
+        layout = plgpu.Layout.SMEM_GMEM_COPY(tile.shape, tile.dtype, swizzle)
+    else:
+        layout = plgpu.Layout.WGMMA
+    rows = plgpu.layout_cast(lax.broadcasted_iota(jnp.int32, tile.shape, 0), layout) + row0
     tile_smem[...] = jnp.where((rows >= start) & (rows < end), tile, jnp.zeros_like(tile))
     plgpu.commit_smem()  # visible to the wgmma (async proxy)
 
 
-def _kernel(config: TileConfig, starts_ref, sizes_ref, lhs_ref, grad_ref, out_ref):
-    """Kernel body. GMEM refs: ``starts``, ``sizes [E]``, ``lhs [m, k]``,
-    ``grad [m, n]``, ``out [E, k, n]``."""
+def _kernel(config: TileConfig, meta_in_smem: bool, bounds_ref, lhs_ref, grad_ref, out_ref):
+    """Kernel body. GMEM refs: ``bounds`` (``[2, E]`` starts and sizes packed
+    by `common.pack_metadata`; copied to SMEM if ``meta_in_smem``),
+    ``lhs [m, k]``, ``grad [m, n]``, ``out [E, k, n]``."""
     bm, bn, bk = config.block_m, config.block_n, config.block_k
     wg_m, wg_n = config.warpgroup_tile
     num_groups, k, n = out_ref.shape
     grid_k, grid_n = pl.cdiv(k, bm), pl.cdiv(n, bn)
     tiles_per_group = grid_k * grid_n
 
+    # wgmma contracts over the tiles' rows in groups of the swizzle's width
+    # and takes one swizzle for both operands: the one block_k allows.
+    transforms = common.swizzled(bk, lhs_ref.dtype)
+    swizzle = transforms[1].swizzle
+
     def in_specs(first_block, ki, ni):
         return [
-            plgpu.BlockSpec(
-                (bk, bm),
-                lambda s: (first_block + s, ki),
-                transforms=common.swizzled(bm, lhs_ref.dtype),
-            ),
-            plgpu.BlockSpec(
-                (bk, bn),
-                lambda s: (first_block + s, ni),
-                transforms=common.swizzled(bn, grad_ref.dtype),
-            ),
+            plgpu.BlockSpec((bk, bm), lambda s: (first_block + s, ki), transforms=transforms),
+            plgpu.BlockSpec((bk, bn), lambda s: (first_block + s, ni), transforms=transforms),
         ]
 
-    def _loop(allocations, out_smem, masked):
+    def _loop(bounds, allocations, out_smem, masked):
         wg = lax.axis_index("wg")
 
         @plgpu.nd_loop((num_groups * tiles_per_group,), collective_axes="sm")
@@ -82,8 +88,8 @@ def _kernel(config: TileConfig, starts_ref, sizes_ref, lhs_ref, grad_ref, out_re
             ki, ni = plgpu.planar_snake(
                 info.index[0] % tiles_per_group, (grid_k, grid_n), 1, config.band
             )
-            start = starts_ref[group]
-            end = start + sizes_ref[group]
+            start = common.read_metadata(bounds, num_groups, 0, group)
+            end = start + common.read_metadata(bounds, num_groups, 1, group)
             first_block = start // bk
             row0 = ki * bm + (wg * wg_m if config.split == "m" else 0)
             col0 = ni * bn + (wg * wg_n if config.split == "n" else 0)
@@ -102,8 +108,11 @@ def _kernel(config: TileConfig, starts_ref, sizes_ref, lhs_ref, grad_ref, out_re
 
                 @pl.when((block_row0 < start) | (block_row0 + bk > end))
                 def _():
-                    pl.when(wg == 0)(lambda: _zero_foreign_rows(lhs_smem, block_row0, start, end))
-                    pl.when(wg == 1)(lambda: _zero_foreign_rows(grad_smem, block_row0, start, end))
+                    mask = functools.partial(
+                        _zero_foreign_rows, row0=block_row0, start=start, end=end, swizzle=swizzle
+                    )
+                    pl.when(wg == 0)(lambda: mask(lhs_smem))
+                    pl.when(wg == 1)(lambda: mask(grad_smem))
                     plgpu.barrier_arrive(masked)
                     plgpu.barrier_wait(masked)
 
@@ -140,7 +149,11 @@ def _kernel(config: TileConfig, starts_ref, sizes_ref, lhs_ref, grad_ref, out_re
 
     def _scope(masked):
         pl.run_scoped(
-            functools.partial(_loop, masked=masked),
+            lambda allocations, out_smem: common.with_metadata(
+                functools.partial(_loop, allocations=allocations, out_smem=out_smem, masked=masked),
+                bounds_ref,
+                in_smem=meta_in_smem,
+            ),
             allocations=common.pipeline_allocations(
                 in_specs(0, 0, 0), config.stages, lhs_ref, grad_ref
             ),
@@ -171,7 +184,8 @@ def tgmm(
         layout ``cumsum(group_sizes) - group_sizes``. Groups must be disjoint.
       out_dtype: result dtype (default lhs's); accumulation is float32.
       config: tiles (``block_m`` tiles ``k``, ``block_n`` tiles ``n``,
-        ``block_k`` rows per step); default `config.tgmm_config`.
+        ``block_k`` rows per step); default `config.tgmm_config`;
+        ``stages=None``: as many as fit (`config.fit_stages`).
       interpret: run in GPU interpret mode; default: unless compiling for a GPU.
 
     Returns:
@@ -188,11 +202,14 @@ def tgmm(
     num_groups = sizes.shape[0]
     if m == 0:
         return jnp.zeros((num_groups, k, n), out_dtype)
-    config = config or tgmm_config(k, n, lhs.dtype, out_dtype)
+    config = fit_stages(config or tgmm_config(k, n, lhs.dtype, out_dtype), lhs.dtype)
+    bounds = common.pack_metadata(jnp.stack([starts, sizes]))
     call = common.launch(
-        functools.partial(_kernel, config),
+        functools.partial(
+            _kernel, config, common.metadata_fits(config, lhs.dtype, out_dtype, bounds.shape)
+        ),
         jax.ShapeDtypeStruct((num_groups, k, n), out_dtype),
         name="jmoe_tgmm",
         interpret=interpret,
     )
-    return call(starts, sizes, common.pad_rows(lhs), common.pad_rows(grad))
+    return call(bounds, common.pad_rows(lhs), common.pad_rows(grad))
