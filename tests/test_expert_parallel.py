@@ -1,7 +1,7 @@
 """Expert parallelism (`jmoe.parallel.expert_parallel_ffn`) against the
 single-device dropless FFN (`jmoe.moe.dropless_ffn`, itself checked against
 the NumPy loop in test_layers.py): output, tokens per expert and the gradients
-of x, the router weights and every expert weight, for balanced and skewed
+of x, the router gates and every expert weight, for balanced and skewed
 routings, hidden sharding, the capacity bound (against a NumPy model of its
 drop policy), the ragged exchange (with ``ragged_all_to_all`` emulated from its
 documented semantics, since XLA:CPU lacks it; random, skewed and
@@ -62,14 +62,14 @@ def _routing(kind: str, tokens: int, num_experts: int, top_k: int, rng) -> np.nd
 
 
 def _problem(config, tokens, kind, seed=0):
-    """Inputs, router weights, indices, expert weights and the output cotangent."""
+    """Inputs, router gates and expert ids, expert weights and the output cotangent."""
     rng = np.random.default_rng(seed)
     f32 = lambda a: jnp.asarray(a, jnp.float32)
     e, k = config.num_experts, config.top_k
     d = config.d_model
     x = f32(rng.standard_normal((tokens, d)))
-    weights = f32(rng.random((tokens, k)) + 0.1)
-    indices = jnp.asarray(_routing(kind, tokens, e, k, rng), jnp.int32)
+    gates = f32(rng.random((tokens, k)) + 0.1)
+    expert_ids = jnp.asarray(_routing(kind, tokens, e, k, rng), jnp.int32)
     w1 = f32(rng.standard_normal((e, d, config.d_ff)) / math.sqrt(d))
     w3 = (
         f32(rng.standard_normal((e, d, config.d_ff)) / math.sqrt(d))
@@ -78,7 +78,7 @@ def _problem(config, tokens, kind, seed=0):
     )
     w2 = f32(rng.standard_normal((e, config.d_ff, d)) / math.sqrt(config.d_ff))
     dy = f32(rng.standard_normal((tokens, d)))
-    return (x, weights, w1, w3, w2), indices, dy
+    return (x, gates, w1, w3, w2), expert_ids, dy
 
 
 def _value_and_grads(ffn, args, dy):
@@ -94,16 +94,16 @@ def _value_and_grads(ffn, args, dy):
     return y, counts, grads
 
 
-def _single_device(config, indices, args, dy):
+def _single_device(config, expert_ids, args, dy):
     with jax.default_device(host_cpus()[0]):
-        ffn = lambda x, w, w1, w3, w2: dropless_ffn(config, x, w, indices, w1, w3, w2)
+        ffn = lambda x, w, w1, w3, w2: dropless_ffn(config, x, w, expert_ids, w1, w3, w2)
         return _value_and_grads(ffn, args, dy)
 
 
-def _expert_parallel(config, indices, args, dy, data, expert, **kw):
+def _expert_parallel(config, expert_ids, args, dy, data, expert, **kw):
     mesh = make_mesh(data, expert, devices=host_cpus())
     ffn = lambda x, w, w1, w3, w2: expert_parallel_ffn(
-        config, x, w, indices, w1, w3, w2, mesh=mesh, **kw
+        config, x, w, expert_ids, w1, w3, w2, mesh=mesh, **kw
     )
     return _value_and_grads(ffn, args, dy)
 
@@ -114,9 +114,9 @@ def _check_matches_single_device(
     data = data or (2 if expert < 8 else 1)
     config = _config(num_experts, top_k, expert_type)
     tokens = TOKENS_PER_DEVICE * data * expert
-    args, indices, dy = _problem(config, tokens, kind)
-    want_y, (want_counts,), want_grads = _single_device(config, indices, args, dy)
-    y, (counts, dropped), grads = _expert_parallel(config, indices, args, dy, data, expert, **kw)
+    args, expert_ids, dy = _problem(config, tokens, kind)
+    want_y, (want_counts,), want_grads = _single_device(config, expert_ids, args, dy)
+    y, (counts, dropped), grads = _expert_parallel(config, expert_ids, args, dy, data, expert, **kw)
     chex.assert_trees_all_equal(counts, want_counts)
     assert int(dropped) == 0
     chex.assert_trees_all_close(y, want_y, **TOL)
@@ -175,11 +175,11 @@ def test_triton_block_layout_matches_single_device_xla():
         d_model=32, d_ff=32, num_experts=8, top_k=2, expert_type="glu", block_size=32, impl="triton"
     )
     data, expert = 2, 4
-    args, indices, dy = _problem(config, TOKENS_PER_DEVICE * data * expert, "random")
+    args, expert_ids, dy = _problem(config, TOKENS_PER_DEVICE * data * expert, "random")
     want_y, (want_counts,), want_grads = _single_device(
-        config.replace(impl="xla"), indices, args, dy
+        config.replace(impl="xla"), expert_ids, args, dy
     )
-    y, (counts, dropped), grads = _expert_parallel(config, indices, args, dy, data, expert)
+    y, (counts, dropped), grads = _expert_parallel(config, expert_ids, args, dy, data, expert)
     chex.assert_trees_all_equal(counts, want_counts)
     assert int(dropped) == 0
     chex.assert_trees_all_close((y, grads), (want_y, want_grads), rtol=1e-4, atol=1e-5)
@@ -228,12 +228,12 @@ def _emulated_ragged_all_to_all(
     return result
 
 
-def _receiving_ranks(indices: np.ndarray, expert: int, num_experts: int) -> set:
+def _receiving_ranks(expert_ids: np.ndarray, expert: int, num_experts: int) -> set:
     """Expert ranks that receive at least one row (with fewer experts than
     ranks, every rank holds a slice of every expert's d_ff)."""
     if num_experts < expert:
         return set(range(expert))
-    return {int(r) for r in np.unique(indices // (num_experts // expert))}
+    return {int(r) for r in np.unique(expert_ids // (num_experts // expert))}
 
 
 RAGGED_CASES = [  # (E, k, data, expert, routing)
@@ -258,8 +258,8 @@ def test_ragged_exchange_matches_single_device(monkeypatch, num_experts, top_k, 
     experts passes the ``sparse`` case and fails the others)."""
     monkeypatch.setattr(jax.lax, "ragged_all_to_all", _emulated_ragged_all_to_all)
     config = _config(num_experts, top_k, "glu" if kind == "random" else "mlp")
-    _, indices, _ = _problem(config, TOKENS_PER_DEVICE * data * expert, kind)
-    receivers = _receiving_ranks(np.asarray(indices), expert, num_experts)
+    _, expert_ids, _ = _problem(config, TOKENS_PER_DEVICE * data * expert, kind)
+    receivers = _receiving_ranks(np.asarray(expert_ids), expert, num_experts)
     assert (receivers == {0}) == (kind == "sparse"), receivers
     _check_matches_single_device(
         num_experts, top_k, expert, kind, config.expert_type, data=data, exchange="ragged"
@@ -270,14 +270,14 @@ def test_ragged_exchange_matches_single_device(monkeypatch, num_experts, top_k, 
 
 
 def _kept_by_policy(
-    indices: np.ndarray, data: int, expert: int, num_experts: int, capacity: int
+    expert_ids: np.ndarray, data: int, expert: int, num_experts: int, capacity: int
 ) -> np.ndarray:
     """NumPy model of the documented drop policy: each owner rank fills its
     ``capacity`` rows in (local expert, source rank, token, choice) order."""
-    tokens, top_k = indices.shape
+    tokens, top_k = expert_ids.shape
     local_tokens = tokens // (data * expert)
     num_local = num_experts // expert
-    kept = np.zeros(indices.shape, bool)
+    kept = np.zeros(expert_ids.shape, bool)
     for replica in range(data):
         for owner in range(expert):
             room = capacity
@@ -286,7 +286,7 @@ def _kept_by_policy(
                     first = (replica * expert + src) * local_tokens
                     for t in range(first, first + local_tokens):
                         for j in range(top_k):
-                            if indices[t, j] == e and room > 0:
+                            if expert_ids[t, j] == e and room > 0:
                                 kept[t, j], room = True, room - 1
     return kept
 
@@ -309,14 +309,21 @@ def test_capacity_factor_drops_and_counts(monkeypatch, capacity_factor, exchange
     data, expert, num_experts, top_k = 2, 4, 8, 2
     config = _config(num_experts, top_k)
     tokens = TOKENS_PER_DEVICE * data * expert
-    args, indices, dy = _problem(config, tokens, kind, seed=3)
+    args, expert_ids, dy = _problem(config, tokens, kind, seed=3)
     capacity = math.ceil(capacity_factor * TOKENS_PER_DEVICE * top_k)
-    kept = _kept_by_policy(np.asarray(indices), data, expert, num_experts, capacity)
+    kept = _kept_by_policy(np.asarray(expert_ids), data, expert, num_experts, capacity)
     assert 0 < (~kept).sum() < kept.size  # the case drops some, not all
     masked = (args[0], args[1] * jnp.asarray(kept, jnp.float32), *args[2:])
-    want_y, (want_counts,), want_grads = _single_device(config, indices, masked, dy)
+    want_y, (want_counts,), want_grads = _single_device(config, expert_ids, masked, dy)
     y, (counts, dropped), grads = _expert_parallel(
-        config, indices, args, dy, data, expert, capacity_factor=capacity_factor, exchange=exchange
+        config,
+        expert_ids,
+        args,
+        dy,
+        data,
+        expert,
+        capacity_factor=capacity_factor,
+        exchange=exchange,
     )
     assert int(dropped) == int((~kept).sum())
     chex.assert_trees_all_equal(counts, want_counts)  # counted before dropping
@@ -335,10 +342,10 @@ def test_large_capacity_factor_is_dropless():
 
 
 def _call(config, tokens=64, data=2, expert=4, mesh=None, **kw):
-    args, indices, _ = _problem(config, tokens, "random")
-    x, weights, w1, w3, w2 = args
+    args, expert_ids, _ = _problem(config, tokens, "random")
+    x, gates, w1, w3, w2 = args
     mesh = mesh or make_mesh(data, expert, devices=host_cpus())
-    return expert_parallel_ffn(config, x, weights, indices, w1, w3, w2, mesh=mesh, **kw)
+    return expert_parallel_ffn(config, x, gates, expert_ids, w1, w3, w2, mesh=mesh, **kw)
 
 
 @pytest.mark.parametrize(
