@@ -61,7 +61,7 @@ _RAGGED_PLATFORMS = ("gpu", "cuda", "rocm", "tpu")
 _EXPERT_SPEC = P(EXPERT, None, None)
 
 
-def exchange_method(exchange: str, mesh) -> str:
+def exchange_method(exchange: str, mesh: Mesh | AbstractMesh) -> str:
     """``"auto"`` -> ``"ragged"`` on GPU/TPU meshes, ``"padded"`` elsewhere (XLA:CPU)."""
     if exchange not in EXCHANGES:
         raise ValueError(f"exchange must be one of {EXCHANGES}, got {exchange!r}")
