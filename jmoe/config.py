@@ -14,7 +14,7 @@ SCORE_FUNCTIONS = ("softmax", "sigmoid")
 BLOCK_SIZES = (32, 64, 128)
 
 
-def require(condition: bool, message: str):
+def require(condition: bool, message: str) -> None:
     """Raises ``ValueError(message)`` unless ``condition`` (config validation)."""
     if not condition:
         raise ValueError(message)
@@ -117,7 +117,7 @@ class MoEConfig:
     param_dtype: Any = jnp.float32
     impl: str = "auto"
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         for name in ("d_model", "d_ff", "num_experts", "top_k"):
             value = getattr(self, name)
             require(

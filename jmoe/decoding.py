@@ -13,14 +13,15 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.typing import ArrayLike
 
 from jmoe.config import require
 from jmoe.transformer import MoETransformer
 
 
 def sample_logits(
-    logits: jax.Array,
-    key: jax.Array | None,
+    logits: ArrayLike,
+    key: ArrayLike | None,
     temperature: float,
     top_k: int | None,
     top_p: float | None,
@@ -32,6 +33,7 @@ def sample_logits(
     smallest set of tokens whose probability reaches ``top_p`` (the most
     likely token always stays), and draw from the renormalised rest.
     """
+    logits = jnp.asarray(logits)
     if temperature == 0.0:
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
     logits = logits / temperature
@@ -77,13 +79,13 @@ _generate_jit = jax.jit(_generate, static_argnames=("graphdef", "max_new_tokens"
 
 def generate(
     model: MoETransformer,
-    prompt,
+    prompt: ArrayLike,
     max_new_tokens: int,
     *,
     temperature: float = 0.0,
     top_k: int | None = None,
     top_p: float | None = None,
-    rng: jax.Array | None = None,
+    rng: ArrayLike | None = None,
 ) -> jax.Array:
     """Continues ``prompt [batch, P]`` (token ids) by ``max_new_tokens`` tokens.
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.typing import ArrayLike
 
 from jmoe.config import MoEConfig
 from jmoe.experts import MLPWeights, dense_mlp
@@ -20,16 +21,17 @@ class DenseMLP(nnx.Module):
     ``d_ff`` overrides ``config.d_ff`` (the shared expert uses it).
     """
 
-    def __init__(self, config: MoEConfig, *, d_ff: int | None = None, rngs: nnx.Rngs):
+    def __init__(self, config: MoEConfig, *, d_ff: int | None = None, rngs: nnx.Rngs) -> None:
         self.config = config
         self.mlp = MLPWeights(config, (), d_ff or config.d_ff, rngs=rngs)
 
     def forward(self, x: jax.Array) -> jax.Array:
         """``[..., d_model]`` -> ``[..., d_model]`` in ``config.dtype``."""
         dtype = self.config.dtype
-        return dense_mlp(self.config, x.astype(dtype), *self.mlp.weights(dtype))
+        return dense_mlp(self.config, x.astype(dtype), self.mlp.weights(dtype))
 
-    def __call__(self, x: jax.Array):
+    def __call__(self, x: ArrayLike) -> tuple[jax.Array, dict[str, jax.Array]]:
+        """``x [..., d_model]`` (a floating array) -> ``(y [..., d_model], aux)``."""
         check_input(x, self.config)
         aux = {
             "load_balancing_loss": jnp.zeros((), jnp.float32),

@@ -6,10 +6,11 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.typing import DTypeLike
 
 from jmoe.config import MoEConfig
 from pallas_kernels.activations import get_activation
-from pallas_kernels.expert_mlp import RowMap, routed_mlp
+from pallas_kernels.expert_mlp import ExpertWeights, RowMap, routed_mlp
 from pallas_kernels.topology import Topology
 
 # expert_type -> activation name (`pallas_kernels.activations`).
@@ -44,14 +45,14 @@ class MLPWeights(nnx.Module):
         )
         self.w2 = nnx.Param(init(rngs.params(), (*lead, d_ff, config.d_model), dtype))
 
-    def weights(self, dtype):
+    def weights(self, dtype: DTypeLike) -> ExpertWeights:
         """``(w1, w3 or None, w2)`` cast to the compute dtype."""
         cast = lambda p: None if p is None else p.get_value().astype(dtype)
-        return cast(self.w1), cast(self.w3), cast(self.w2)
+        return ExpertWeights(cast(self.w1), cast(self.w3), cast(self.w2))
 
 
 def expert_mlp(
-    config: MoEConfig, x: jax.Array, rows: RowMap | None, topo: Topology, w1, w3, w2
+    config: MoEConfig, x: jax.Array, rows: RowMap | None, topo: Topology, weights: ExpertWeights
 ) -> jax.Array:
     """The routed experts' MLP with ``config``'s activation and ``impl``.
 
@@ -62,19 +63,13 @@ def expert_mlp(
     layout with ``rows=None`` -> ``[P, d_model]``.
     """
     return routed_mlp(
-        x,
-        rows,
-        topo,
-        w1,
-        w3,
-        w2,
-        activation=EXPERT_ACTIVATIONS[config.expert_type],
-        impl=config.impl,
+        x, rows, topo, weights, activation=EXPERT_ACTIVATIONS[config.expert_type], impl=config.impl
     )
 
 
-def batched_mlp(config: MoEConfig, slots: jax.Array, w1, w3, w2):
+def batched_mlp(config: MoEConfig, slots: jax.Array, weights: ExpertWeights) -> jax.Array:
     """Expert MLP on capacity slots: ``[E, capacity, d_model]`` -> same shape."""
+    w1, w3, w2 = weights
     mm = lambda x, w: jnp.einsum("ecd,edf->ecf", x, w, preferred_element_type=jnp.float32).astype(
         x.dtype
     )
@@ -82,8 +77,9 @@ def batched_mlp(config: MoEConfig, slots: jax.Array, w1, w3, w2):
     return mm(activate(config, mm(slots, w1), up), w2)
 
 
-def dense_mlp(config: MoEConfig, x: jax.Array, w1, w3, w2):
-    """Plain MLP: ``[..., d_model]`` -> ``[..., d_model]``."""
+def dense_mlp(config: MoEConfig, x: jax.Array, weights: ExpertWeights) -> jax.Array:
+    """Plain MLP: ``[..., d_model]`` -> ``[..., d_model]`` (``weights`` without the ``E`` axis)."""
+    w1, w3, w2 = weights
     mm = lambda a, w: jnp.matmul(a, w, preferred_element_type=jnp.float32).astype(a.dtype)
     up = None if w3 is None else mm(x, w3)
     return mm(activate(config, mm(x, w1), up), w2)

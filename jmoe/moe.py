@@ -7,32 +7,40 @@ import math
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.typing import ArrayLike
 
 from jmoe import parallel, permutation
 from jmoe.config import MoEConfig
 from jmoe.dense import DenseMLP
-from jmoe.experts import MLPWeights, batched_mlp, expert_mlp
+from jmoe.experts import ExpertWeights, MLPWeights, batched_mlp, expert_mlp
 from jmoe.router import Router, routing_aux
 from jmoe.validation import check_input
 from pallas_kernels.products import layout_block_size
 
 
 def dropless_ffn(
-    config: MoEConfig, x: jax.Array, weights: jax.Array, indices: jax.Array, w1, w3, w2
-):
+    config: MoEConfig,
+    x: jax.Array,
+    gates: jax.Array,
+    expert_ids: jax.Array,
+    w1: jax.Array,
+    w3: jax.Array | None,
+    w2: jax.Array,
+) -> tuple[jax.Array, jax.Array]:
     """Routed experts of a dropless MoE on one device.
 
     Args:
       x: ``[tokens, d_model]`` in the compute dtype.
-      weights, indices: ``[tokens, k]`` router output.
+      gates, expert_ids: ``[tokens, k]`` router output (`RouterOutput`).
       w1, w3, w2: ``[E, d_model, d_ff]``, same or None, ``[E, d_ff, d_model]``.
 
     Returns:
       ``(y [tokens, d_model], tokens_per_expert [E] int32)``.
     """
     block = layout_block_size(config.impl, config.block_size)
-    dispatch, topo = permutation.dropless_dispatch(indices, config.num_experts, block)
-    y = expert_mlp(config, x, permutation.row_map(weights, dispatch), topo, w1, w3, w2)
+    dispatch, topo = permutation.dropless_dispatch(expert_ids, config.num_experts, block)
+    rows = permutation.row_map(gates, dispatch)
+    y = expert_mlp(config, x, rows, topo, ExpertWeights(w1, w3, w2))
     return y, topo.group_sizes
 
 
@@ -45,8 +53,14 @@ def capacity(config: MoEConfig, num_tokens: int) -> int:
 
 
 def capacity_ffn(
-    config: MoEConfig, x: jax.Array, weights: jax.Array, indices: jax.Array, w1, w3, w2
-):
+    config: MoEConfig,
+    x: jax.Array,
+    gates: jax.Array,
+    expert_ids: jax.Array,
+    w1: jax.Array,
+    w3: jax.Array | None,
+    w2: jax.Array,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Routed experts of a token-dropping MoE (GShard/Switch style).
 
     Same arguments as `dropless_ffn`. Returns ``(y, tokens_per_expert, dropped)``
@@ -55,17 +69,18 @@ def capacity_ffn(
     """
     slots = capacity(config, x.shape[0])
     dispatch, group_sizes, dropped = permutation.capacity_dispatch(
-        indices, config.num_experts, slots
+        expert_ids, config.num_experts, slots
     )
     buffer = permutation.permute(x, dispatch).reshape(config.num_experts, slots, -1)
-    out = batched_mlp(config, buffer, w1, w3, w2).reshape(config.num_experts * slots, -1)
-    return permutation.unpermute(out, dispatch, weights), group_sizes, dropped
+    out = batched_mlp(config, buffer, ExpertWeights(w1, w3, w2))
+    out = out.reshape(config.num_experts * slots, -1)
+    return permutation.unpermute(out, dispatch, gates), group_sizes, dropped
 
 
 class _MoE(nnx.Module):
     """Router, routed experts and optional shared experts; subclasses route the FFN."""
 
-    def __init__(self, config: MoEConfig, *, rngs: nnx.Rngs):
+    def __init__(self, config: MoEConfig, *, rngs: nnx.Rngs) -> None:
         self.config = config
         self.router = Router(config, rngs=rngs)
         self.experts = MLPWeights(config, (config.num_experts,), config.d_ff, rngs=rngs)
@@ -84,7 +99,7 @@ class _MoE(nnx.Module):
             else None
         )
 
-    def _routed(self, x, weights, indices):
+    def _routed(self, x, gates, expert_ids):
         """``-> (y [tokens, d_model], tokens_per_expert [E], dropped [], ep_rounds)``;
         ``ep_rounds`` is None unless the layer reports it (`DroplessMoE` with
         ``ep_buffer_factor``)."""
@@ -97,7 +112,7 @@ class _MoE(nnx.Module):
             out = (jax.nn.sigmoid(gate) * out).astype(out.dtype)
         return out
 
-    def __call__(self, x: jax.Array):
+    def __call__(self, x: ArrayLike) -> tuple[jax.Array, dict[str, jax.Array]]:
         """``x [..., d_model]`` -> ``(y [..., d_model], aux)``.
 
         ``aux``: ``load_balancing_loss``, ``router_z_loss`` and
@@ -111,17 +126,19 @@ class _MoE(nnx.Module):
         check_input(x, self.config)
         lead = x.shape[:-1]
         tokens = x.reshape(-1, self.config.d_model).astype(self.config.dtype)
-        weights, indices, probs, logits = self.router(tokens)
-        y, tokens_per_expert, dropped, ep_rounds = self._routed(tokens, weights, indices)
+        routing = self.router(tokens)
+        y, tokens_per_expert, dropped, ep_rounds = self._routed(
+            tokens, routing.gates, routing.expert_ids
+        )
         if self.shared is not None:
             y = y + self._shared(tokens)
         aux = routing_aux(
             self.config,
-            logits,
-            probs,
+            routing.logits,
+            routing.probs,
             tokens_per_expert,
             dropped,
-            indices,
+            routing.expert_ids,
             num_sequences=math.prod(lead[:-1]),
             ep_rounds=ep_rounds,
         )
@@ -136,15 +153,15 @@ class DroplessMoE(_MoE):
     (a `DenseMLP`) and ``shared_gate [d_model, 1]``.
     """
 
-    def _routed(self, x, weights, indices):
+    def _routed(self, x, gates, expert_ids):
         w1, w3, w2 = self.experts.weights(self.config.dtype)
         in_rounds = self.config.ep_buffer_factor is not None
         if parallel.context_mesh() is not None:  # jax.set_mesh mesh with an "expert" axis
             y, tokens_per_expert, dropped, rounds = parallel.expert_parallel_ffn(
-                self.config, x, weights, indices, w1, w3, w2, return_rounds=True
+                self.config, x, gates, expert_ids, w1, w3, w2, return_rounds=True
             )
             return y, tokens_per_expert, dropped, rounds if in_rounds else None
-        y, tokens_per_expert = dropless_ffn(self.config, x, weights, indices, w1, w3, w2)
+        y, tokens_per_expert = dropless_ffn(self.config, x, gates, expert_ids, w1, w3, w2)
         rounds = jnp.ones((), jnp.int32) if in_rounds else None
         return y, tokens_per_expert, jnp.zeros((), jnp.int32), rounds
 
@@ -153,7 +170,7 @@ class CapacityMoE(_MoE):
     """Token-dropping MoE with a static capacity per expert (same parameters as
     `DroplessMoE`). ``capacity_factor=0`` sizes for the worst case: drops nothing."""
 
-    def _routed(self, x, weights, indices):
+    def _routed(self, x, gates, expert_ids):
         return *capacity_ffn(
-            self.config, x, weights, indices, *self.experts.weights(self.config.dtype)
+            self.config, x, gates, expert_ids, *self.experts.weights(self.config.dtype)
         ), None

@@ -11,7 +11,7 @@ A `Dispatch` maps the ``tokens * top_k`` assignments (token ``t``, choice
 Both are built from one stable sort of the expert ids: no ``[tokens, E]``
 one-hot dispatch tensor, static shapes, no host sync. `permute` and
 `unpermute` are gathers, so autodiff gives the right gradients for the
-tokens and for the router weights (``d weight[t, j] = <dy[t], y_row>``).
+tokens and for the router gates (``d gate[t, j] = <dy[t], y_row>``).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels.backend import RowMap
-from pallas_kernels.topology import make_topology
+from pallas_kernels.topology import Topology, make_topology
 
 
 @functools.partial(
@@ -44,7 +44,7 @@ class Dispatch:
     row_tokens: jax.Array
 
 
-def rank_within_expert(flat_experts: jax.Array, num_experts: int):
+def rank_within_expert(flat_experts: jax.Array, num_experts: int) -> tuple[jax.Array, jax.Array]:
     """Position of each assignment among those of its expert, in token order.
 
     Args:
@@ -73,29 +73,33 @@ def _dispatch(assignment_rows: jax.Array, num_rows: int, top_k: int) -> Dispatch
     return Dispatch(assignment_rows=assignment_rows, row_tokens=row_tokens)
 
 
-def dropless_dispatch(indices: jax.Array, num_experts: int, block_size: int):
-    """Plans the dropless layout for ``indices [tokens, k]``.
+def dropless_dispatch(
+    expert_ids: jax.Array, num_experts: int, block_size: int
+) -> tuple[Dispatch, Topology]:
+    """Plans the dropless layout for ``expert_ids [tokens, k]``.
 
     Returns:
       ``(Dispatch, Topology)``; the layout has ``topology.padded_rows`` rows.
     """
-    tokens, top_k = indices.shape
-    flat = indices.reshape(-1)
+    tokens, top_k = expert_ids.shape
+    flat = expert_ids.reshape(-1)
     rank, group_sizes = rank_within_expert(flat, num_experts)
     topo = make_topology(group_sizes, tokens * top_k, block_size)
     rows = topo.bin_starts[flat] + rank
     return _dispatch(rows, topo.padded_rows, top_k), topo
 
 
-def capacity_dispatch(indices: jax.Array, num_experts: int, capacity: int):
+def capacity_dispatch(
+    expert_ids: jax.Array, num_experts: int, capacity: int
+) -> tuple[Dispatch, jax.Array, jax.Array]:
     """Plans the token-dropping layout: ``E`` slots of ``capacity`` rows.
 
     Returns:
       ``(Dispatch, group_sizes [E] int32 before dropping, dropped [] int32)``;
       the layout has ``E * capacity`` rows, expert-major.
     """
-    tokens, top_k = indices.shape
-    flat = indices.reshape(-1)
+    tokens, top_k = expert_ids.shape
+    flat = expert_ids.reshape(-1)
     rank, group_sizes = rank_within_expert(flat, num_experts)
     num_rows = num_experts * capacity
     kept = rank < capacity
@@ -109,40 +113,40 @@ def permute(x: jax.Array, dispatch: Dispatch) -> jax.Array:
     return jnp.take(x, dispatch.row_tokens, axis=0, mode="fill", fill_value=0)
 
 
-def row_weights(weights: jax.Array, dispatch: Dispatch) -> jax.Array:
-    """Router weights ``[tokens, k]`` moved to the layout: ``[rows]``, 0 in empty rows."""
+def row_weights(gates: jax.Array, dispatch: Dispatch) -> jax.Array:
+    """Router gates ``[tokens, k]`` moved to the layout: ``[rows]``, 0 in empty rows."""
     rows = dispatch.row_tokens.shape[0]
     return (
-        jnp.zeros((rows,), weights.dtype)
+        jnp.zeros((rows,), gates.dtype)
         .at[dispatch.assignment_rows]
-        .set(weights.reshape(-1), mode="drop", unique_indices=True)
+        .set(gates.reshape(-1), mode="drop", unique_indices=True)
     )
 
 
-def row_map(weights: jax.Array, dispatch: Dispatch) -> RowMap:
+def row_map(gates: jax.Array, dispatch: Dispatch) -> RowMap:
     """The `RowMap` a routed MLP needs: row tokens, `row_weights` and, for
     each token, its ``k`` rows (``[tokens, k]``)."""
     return RowMap(
         row_tokens=dispatch.row_tokens,
-        row_weights=row_weights(weights, dispatch),
-        token_rows=dispatch.assignment_rows.reshape(weights.shape),
+        row_weights=row_weights(gates, dispatch),
+        token_rows=dispatch.assignment_rows.reshape(gates.shape),
     )
 
 
-def unpermute(y: jax.Array, dispatch: Dispatch, weights: jax.Array) -> jax.Array:
-    """Inverse of `permute`, weighted and summed over the k choices.
+def unpermute(y: jax.Array, dispatch: Dispatch, gates: jax.Array) -> jax.Array:
+    """Inverse of `permute`, weighted by the gates and summed over the k choices.
 
     Args:
       y: ``[rows, d]`` expert outputs in the layout.
-      weights: ``[tokens, k]`` router weights (dropped assignments add 0).
+      gates: ``[tokens, k]`` router gates (dropped assignments add 0).
 
     Returns:
       ``[tokens, d]`` in ``y.dtype``; sums accumulate in float32.
     """
-    tokens, top_k = weights.shape
+    tokens, top_k = gates.shape
     chosen = jnp.take(y, dispatch.assignment_rows, axis=0, mode="fill", fill_value=0)
     chosen = chosen.reshape(tokens, top_k, y.shape[-1])
     out = jnp.einsum(
-        "tk,tkd->td", weights.astype(jnp.float32), chosen, preferred_element_type=jnp.float32
+        "tk,tkd->td", gates.astype(jnp.float32), chosen, preferred_element_type=jnp.float32
     )
     return out.astype(y.dtype)

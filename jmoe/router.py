@@ -1,12 +1,32 @@
-"""Top-k routing: logits -> scores -> (weights, expert indices), and the aux losses."""
+"""Top-k routing: logits -> scores -> (gates, expert ids), and the aux losses."""
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.typing import ArrayLike
 
 from jmoe.config import MoEConfig
+
+
+class RouterOutput(NamedTuple):
+    """What `Router` returns for ``tokens`` input rows.
+
+    Attributes:
+      gates: ``[tokens, k]`` float32 weight of each chosen expert's output.
+      expert_ids: ``[tokens, k]`` int32 chosen experts.
+      probs: ``[tokens, E]`` float32 expert probabilities the load-balancing
+        losses average (see `select_experts`).
+      logits: ``[tokens, E]`` float32 router logits.
+    """
+
+    gates: jax.Array
+    expert_ids: jax.Array
+    probs: jax.Array
+    logits: jax.Array
 
 
 def _router_init():
@@ -35,12 +55,14 @@ def _group_mask(choice: jax.Array, config: MoEConfig) -> jax.Array:
     return jnp.repeat(keep, num_experts // groups, axis=-1)
 
 
-def select_experts(logits: jax.Array, config: MoEConfig, bias: jax.Array | None = None):
+def select_experts(
+    logits: ArrayLike, config: MoEConfig, bias: ArrayLike | None = None
+) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Chooses ``top_k`` experts per token.
 
     Selection ranks ``scores + bias`` (``bias [E]``, aux-loss-free balancing)
     among the experts of the ``top_k_groups`` best groups (group-limited
-    routing, ``num_expert_groups > 1``); the weights are the unbiased scores
+    routing, ``num_expert_groups > 1``); the gates are the unbiased scores
     of the chosen experts, optionally p-norm renormalised, times
     ``routed_scaling_factor``. Ties go to the lower expert id.
 
@@ -51,11 +73,12 @@ def select_experts(logits: jax.Array, config: MoEConfig, bias: jax.Array | None 
       bias: None or ``[E]`` float32 selection bias.
 
     Returns:
-      ``(weights [tokens, k] float32, indices [tokens, k] int32,
+      ``(gates [tokens, k] float32, expert_ids [tokens, k] int32,
       probs [tokens, E] float32)``; ``probs`` are the per-token expert
       probabilities the load-balancing losses average (for sigmoid scoring, the
       scores normalised to sum to one).
     """
+    logits = jnp.asarray(logits)
     if config.score_function == "softmax":
         scores = jax.nn.softmax(logits, axis=-1)
         probs = scores
@@ -65,38 +88,39 @@ def select_experts(logits: jax.Array, config: MoEConfig, bias: jax.Array | None 
     choice = jax.lax.stop_gradient(scores if bias is None else scores + bias)
     if config.num_expert_groups > 1:
         choice = jnp.where(_group_mask(choice, config), choice, -jnp.inf)
-    _, indices = jax.lax.top_k(choice, config.top_k)
+    _, expert_ids = jax.lax.top_k(choice, config.top_k)
     if config.uniform_expert_assignment:
         tokens = logits.shape[0]
         flat = jnp.arange(tokens * config.top_k, dtype=jnp.int32) % config.num_experts
-        indices = flat.reshape(tokens, config.top_k)
-    weights = jnp.take_along_axis(scores, indices, axis=-1)
+        expert_ids = flat.reshape(tokens, config.top_k)
+    gates = jnp.take_along_axis(scores, expert_ids, axis=-1)
     if config.normalize_top_k is not None:
-        norm = jnp.linalg.norm(weights, ord=config.normalize_top_k, axis=-1, keepdims=True)
-        weights = weights / norm
+        norm = jnp.linalg.norm(gates, ord=config.normalize_top_k, axis=-1, keepdims=True)
+        gates = gates / norm
     if config.routed_scaling_factor != 1.0:
-        weights = weights * config.routed_scaling_factor
-    return weights, indices.astype(jnp.int32), probs
+        gates = gates * config.routed_scaling_factor
+    return gates, expert_ids.astype(jnp.int32), probs
 
 
-def load_balancing_loss(probs: jax.Array, tokens_per_expert: jax.Array, top_k: int):
+def load_balancing_loss(probs: ArrayLike, tokens_per_expert: ArrayLike, top_k: int) -> jax.Array:
     """Switch/MegaBlocks loss ``E / (T k) * dot(tokens_per_expert, mean_t(probs))``.
 
     Equals 1 for perfectly balanced routing with uniform probabilities.
     ``probs``: ``[tokens, E]``; ``tokens_per_expert``: ``[E]`` counts.
     """
+    probs = jnp.asarray(probs)
     tokens, num_experts = probs.shape
     mean_probs = jnp.mean(probs, axis=0)
     scale = num_experts / (tokens * top_k)
-    return scale * jnp.dot(tokens_per_expert.astype(jnp.float32), mean_probs)
+    return scale * jnp.dot(jnp.asarray(tokens_per_expert, jnp.float32), mean_probs)
 
 
-def router_z_loss(logits: jax.Array) -> jax.Array:
+def router_z_loss(logits: ArrayLike) -> jax.Array:
     """ST-MoE z-loss ``mean_t(logsumexp(logits)^2)`` of ``[tokens, E]`` logits."""
     return jnp.mean(jnp.square(jax.nn.logsumexp(logits, axis=-1)))
 
 
-def sequence_aux_loss(probs: jax.Array, indices: jax.Array, num_sequences: int = 1):
+def sequence_aux_loss(probs: ArrayLike, expert_ids: ArrayLike, num_sequences: int = 1) -> jax.Array:
     """DeepSeek-V3's sequence-wise balance loss, unweighted.
 
     The ``tokens`` rows form ``num_sequences`` consecutive sequences of
@@ -106,16 +130,17 @@ def sequence_aux_loss(probs: jax.Array, indices: jax.Array, num_sequences: int =
 
     Args:
       probs: ``[tokens, E]`` normalised scores.
-      indices: ``[tokens, k]`` chosen experts.
+      expert_ids: ``[tokens, k]`` chosen experts.
       num_sequences: divides ``tokens``.
     """
+    probs, expert_ids = jnp.asarray(probs), jnp.asarray(expert_ids)
     tokens, num_experts = probs.shape
-    top_k = indices.shape[-1]
+    top_k = expert_ids.shape[-1]
     seq_len = tokens // num_sequences
     by_sequence = lambda a: (
         a.reshape(num_sequences, seq_len, num_experts) if num_sequences > 1 else a[None]
     )  # [S, T_seq, E]
-    counts = jnp.sum(jax.nn.one_hot(indices, num_experts, dtype=jnp.float32), axis=1)
+    counts = jnp.sum(jax.nn.one_hot(expert_ids, num_experts, dtype=jnp.float32), axis=1)
     counts = jnp.sum(by_sequence(counts), axis=1)
     mean_probs = jnp.mean(by_sequence(probs), axis=1)
     f = num_experts / (top_k * seq_len) * counts
@@ -124,18 +149,18 @@ def sequence_aux_loss(probs: jax.Array, indices: jax.Array, num_sequences: int =
 
 def routing_aux(
     config: MoEConfig,
-    logits,
-    probs,
-    tokens_per_expert,
-    dropped_tokens,
-    indices=None,
+    logits: ArrayLike,
+    probs: ArrayLike,
+    tokens_per_expert: ArrayLike,
+    dropped_tokens: ArrayLike,
+    expert_ids: ArrayLike | None = None,
     num_sequences: int = 1,
-    ep_rounds=None,
-):
+    ep_rounds: ArrayLike | None = None,
+) -> dict[str, jax.Array]:
     """The aux dict every MoE layer returns (losses already weighted).
 
-    ``indices [tokens, k]`` and ``num_sequences`` (the ``tokens`` rows form
-    that many consecutive sequences) feed the sequence-wise loss; ``indices``
+    ``expert_ids [tokens, k]`` and ``num_sequences`` (the ``tokens`` rows form
+    that many consecutive sequences) feed the sequence-wise loss; ``expert_ids``
     may be None when ``sequence_aux_loss_weight`` is 0. ``ep_rounds``
     (expert-parallel exchange rounds, `DroplessMoE` with ``ep_buffer_factor``)
     is added as an int32 scalar when not None, so the keys depend on the
@@ -143,17 +168,17 @@ def routing_aux(
     """
     sequence_loss = jnp.zeros((), jnp.float32)
     if config.sequence_aux_loss_weight > 0:
-        if indices is None:
-            raise ValueError("routing_aux needs indices when sequence_aux_loss_weight > 0")
+        if expert_ids is None:
+            raise ValueError("routing_aux needs expert_ids when sequence_aux_loss_weight > 0")
         sequence_loss = config.sequence_aux_loss_weight * sequence_aux_loss(
-            probs, indices, num_sequences
+            probs, expert_ids, num_sequences
         )
     aux = {
         "load_balancing_loss": config.load_balancing_loss_weight
         * load_balancing_loss(probs, tokens_per_expert, config.top_k),
         "router_z_loss": config.router_z_loss_weight * router_z_loss(logits),
         "sequence_aux_loss": sequence_loss,
-        "tokens_per_expert": tokens_per_expert.astype(jnp.int32),
+        "tokens_per_expert": jnp.asarray(tokens_per_expert, jnp.int32),
         "dropped_tokens": jnp.asarray(dropped_tokens, jnp.int32),
     }
     if ep_rounds is not None:
@@ -170,7 +195,7 @@ class Router(nnx.Module):
     drawn from the ``jitter`` rng stream.
     """
 
-    def __init__(self, config: MoEConfig, *, rngs: nnx.Rngs):
+    def __init__(self, config: MoEConfig, *, rngs: nnx.Rngs) -> None:
         self.config = config
         self.kernel = nnx.Param(
             _router_init()(rngs.params(), (config.d_model, config.num_experts), config.param_dtype)
@@ -183,9 +208,9 @@ class Router(nnx.Module):
             else None
         )
 
-    def __call__(self, x: jax.Array):
-        """``x [tokens, d_model]`` -> ``(weights, indices, probs, logits)``."""
-        x = x.astype(jnp.float32)
+    def __call__(self, x: ArrayLike) -> RouterOutput:
+        """``x [tokens, d_model]`` -> ``(gates, expert_ids, probs, logits)``."""
+        x = jnp.asarray(x, jnp.float32)
         eps = self.config.router_jitter_eps
         if eps > 0 and not self.deterministic:
             noise = jax.random.uniform(
@@ -194,14 +219,13 @@ class Router(nnx.Module):
             x = x * noise
         logits = x @ self.kernel.get_value().astype(jnp.float32)
         bias = None if self.expert_bias is None else self.expert_bias.get_value()
-        weights, indices, probs = select_experts(logits, self.config, bias)
-        return weights, indices, probs, logits
+        return RouterOutput(*select_experts(logits, self.config, bias), logits)
 
 
-def expert_bias_update(bias: jax.Array, tokens_per_expert: jax.Array, rate: float):
+def expert_bias_update(bias: ArrayLike, tokens_per_expert: ArrayLike, rate: float) -> jax.Array:
     """``bias + rate * sign(mean_load - load)`` over the last axis (``[..., E]``):
     experts above the mean load move down by ``rate``, those below move up."""
-    load = tokens_per_expert.astype(jnp.float32)
+    load = jnp.asarray(tokens_per_expert, jnp.float32)
     return bias + rate * jnp.sign(jnp.mean(load, axis=-1, keepdims=True) - load)
 
 

@@ -184,7 +184,7 @@ class Block(nnx.Module):
         self.ffn = _ffn(config, routed, rngs)
         self.remat = config.remat
 
-    def __call__(self, x: jax.Array):
+    def __call__(self, x: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
         if self.remat == "block":
             return _recomputed(Block._forward)(self, x)
         return self._forward(x)
@@ -197,7 +197,9 @@ class Block(nnx.Module):
         y, aux = ffn(self.ffn, self.ffn_norm(x))
         return x + y.astype(x.dtype), aux
 
-    def cached(self, x: jax.Array, cache: KVCache, position: jax.Array):
+    def cached(
+        self, x: jax.Array, cache: KVCache, position: jax.Array
+    ) -> tuple[jax.Array, dict[str, jax.Array], KVCache]:
         """The block at positions ``position ..`` with a KV cache (see
         `CausalSelfAttention.cached`): ``-> (x, ffn aux, updated cache)``."""
         attended, cache = self.attn.cached(self.attn_norm(x), cache, position)
@@ -296,7 +298,9 @@ class MoETransformer(nnx.Module):
         zeros = lambda: jnp.zeros((batch, max_len, c.kv_heads, c.head_size), c.moe.dtype)
         return [KVCache(zeros(), zeros()) for _ in range(c.num_layers)]
 
-    def cached(self, tokens: jax.Array, caches: list[KVCache], position: jax.Array):
+    def cached(
+        self, tokens: jax.Array, caches: list[KVCache], position: jax.Array
+    ) -> tuple[jax.Array, list[KVCache]]:
         """Logits of ``tokens [batch, seq]`` at positions ``position ..
         position + seq - 1`` given the earlier positions' KV caches (from
         `init_cache`): ``-> (logits [batch, seq, vocab] float32, updated caches)``.
@@ -310,7 +314,8 @@ class MoETransformer(nnx.Module):
             updated.append(cache)
         return self._logits(x), updated
 
-    def __call__(self, tokens: jax.Array):
+    def __call__(self, tokens: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+        """``tokens [batch, seq]`` int -> ``(logits [batch, seq, vocab] float32, aux)``."""
         self._check_tokens(tokens, self.config.max_seq_len, "max_seq_len")
         x = self.embed(tokens)
         layer_aux = []

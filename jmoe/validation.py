@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
+from jax.typing import ArrayLike
 
 from jmoe.config import MoEConfig
 
 
-def check_input(x: jax.Array, config: MoEConfig):
+def check_input(x: ArrayLike, config: MoEConfig) -> None:
     """Raises ValueError unless ``x`` is a floating ``[..., d_model]`` array."""
     if not hasattr(x, "shape") or not hasattr(x, "dtype"):
         raise ValueError(f"x must be an array [..., d_model], got {type(x).__name__}")

@@ -23,20 +23,36 @@ class RowMap(NamedTuple):
         rows outside every group: they are never read).
       row_weights: ``[P]`` router weight of each row's assignment.
       token_rows: ``[T, k] int32`` row of each of a token's ``k`` assignments;
-        ``P`` (out of range) for an assignment that has no row.
+        ``P`` (out of range) for an assignment that has no row. None for a
+        consumer that scatters the rows instead of gathering them
+        (`pallas_kernels.fused_mlp.fused_expert_mlp`).
     """
 
     row_tokens: jax.Array
     row_weights: jax.Array
-    token_rows: jax.Array
+    token_rows: jax.Array | None = None
 
 
-# (x, rows: RowMap or None, topo, w1, w3 or None, w2, activation name) -> y; see
+class ExpertWeights(NamedTuple):
+    """The weights of ``E`` expert MLPs ``act(x @ w1, x @ w3) @ w2`` (a pytree).
+
+    Attributes:
+      w1: ``[E, d_model, d_ff]`` gate projection.
+      w3: ``[E, d_model, d_ff]`` up projection, or None (no ``up`` input to the
+        activation: ``"gelu"`` experts).
+      w2: ``[E, d_ff, d_model]`` down projection.
+
+    A dense MLP uses the same container without the leading ``E`` axis.
+    """
+
+    w1: jax.Array
+    w3: jax.Array | None
+    w2: jax.Array
+
+
+# (x, rows: RowMap or None, topo, weights, activation name) -> y; see
 # `pallas_kernels.expert_mlp.routed_mlp` for the shapes.
-ExpertMLP = Callable[
-    [jax.Array, RowMap | None, Topology, jax.Array, jax.Array | None, jax.Array, str],
-    jax.Array,
-]
+ExpertMLP = Callable[[jax.Array, RowMap | None, Topology, ExpertWeights, str], jax.Array]
 
 
 class Backend(NamedTuple):

@@ -21,10 +21,10 @@ import jax.numpy as jnp
 
 from pallas_kernels import products
 from pallas_kernels.activations import get_activation
-from pallas_kernels.backend import RowMap
+from pallas_kernels.backend import ExpertWeights, RowMap
 from pallas_kernels.topology import Topology
 
-__all__ = ["RowMap", "composed_expert_mlp", "routed_mlp"]
+__all__ = ["ExpertWeights", "RowMap", "composed_expert_mlp", "routed_mlp"]
 
 
 def composed_expert_mlp(
@@ -32,9 +32,7 @@ def composed_expert_mlp(
     x: jax.Array,
     rows: RowMap | None,
     topo: Topology,
-    w1: jax.Array,
-    w3: jax.Array | None,
-    w2: jax.Array,
+    weights: ExpertWeights,
     activation: str,
 ) -> jax.Array:
     """`routed_mlp` from ``impl``'s products (for backends without a fused one)."""
@@ -42,15 +40,16 @@ def composed_expert_mlp(
     permuted = (
         x if rows is None else jnp.take(x, rows.row_tokens, axis=0, mode="fill", fill_value=0)
     )
+    w1, w3, w2 = weights
     gate = products.sdd(permuted, w1, topo, impl=impl)
     up = None if w3 is None else products.sdd(permuted, w3, topo, impl=impl)
     out = products.dsd(act(gate, up), w2, topo, impl=impl)
     if rows is None:
         return out
     chosen = jnp.take(out, rows.token_rows, axis=0, mode="fill", fill_value=0)  # [T, k, d]
-    weights = jnp.take(rows.row_weights, rows.token_rows, mode="fill", fill_value=0)
+    gates = jnp.take(rows.row_weights, rows.token_rows, mode="fill", fill_value=0)
     y = jnp.einsum(
-        "tk,tkd->td", weights.astype(jnp.float32), chosen, preferred_element_type=jnp.float32
+        "tk,tkd->td", gates.astype(jnp.float32), chosen, preferred_element_type=jnp.float32
     )
     return y.astype(x.dtype)
 
@@ -59,9 +58,7 @@ def routed_mlp(
     x: jax.Array,
     rows: RowMap | None,
     topo: Topology,
-    w1: jax.Array,
-    w3: jax.Array | None,
-    w2: jax.Array,
+    weights: ExpertWeights,
     *,
     activation: str,
     impl: str = "auto",
@@ -75,8 +72,8 @@ def routed_mlp(
         (``x`` is the layout: identity gather, unit weights).
       topo: the row layout; its block size must be
         ``products.layout_block_size(impl, ...)``.
-      w1, w3, w2: ``[E, d_model, d_ff]``, the same or None (``"gelu"``),
-        ``[E, d_ff, d_model]``, in ``x.dtype``.
+      weights: ``w1 [E, d_model, d_ff]``, ``w3`` (the same or None:
+        ``"gelu"``), ``w2 [E, d_ff, d_model]``, in ``x.dtype``.
       activation: a name in `pallas_kernels.activations.ACTIVATIONS`
         (``"gelu"``, or ``"swiglu"`` with ``w3``).
       impl: as in `products`; ``"auto"`` is resolved for ``x.dtype``.
@@ -89,5 +86,5 @@ def routed_mlp(
     impl = products.resolve_impl(impl, x.dtype)
     fused = products.backend(impl).expert_mlp
     if fused is None:
-        return composed_expert_mlp(impl, x, rows, topo, w1, w3, w2, activation)
-    return fused(x, rows, topo, w1, w3, w2, activation)
+        return composed_expert_mlp(impl, x, rows, topo, weights, activation)
+    return fused(x, rows, topo, weights, activation)

@@ -38,10 +38,11 @@ import functools
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.typing import ArrayLike
 
 from pallas_kernels import xla_impl
 from pallas_kernels.activations import Activation, get_activation
-from pallas_kernels.backend import RowMap
+from pallas_kernels.backend import ExpertWeights, RowMap
 from pallas_kernels.topology import Topology
 from pallas_kernels.xla_impl import masked_update, over_chunks, transposed_lhs_dot
 
@@ -56,66 +57,59 @@ def _dot(a, b, dims):
 
 
 def fused_expert_mlp(
-    x: jax.Array,
-    row_tokens: jax.Array,
-    row_weights: jax.Array,
+    x: ArrayLike,
+    rows: RowMap | None,
     topo: Topology,
-    w1: jax.Array,
-    w3: jax.Array | None,
-    w2: jax.Array,
+    weights: ExpertWeights,
     activation: str | Activation,
 ) -> jax.Array:
-    """Routed experts' weighted outputs, summed per token.
+    """Routed experts' weighted outputs, summed per token (the xla `Backend.expert_mlp`).
 
     Args:
-      x: ``[tokens, d_model]`` compute dtype.
-      row_tokens: ``[P] int`` token of each layout row (``P = topo.padded_rows``);
-        only rows inside a group are read.
-      row_weights: ``[P]`` router weight of each row's assignment.
+      x: ``[tokens, d_model]`` compute dtype; with ``rows=None``, ``[P, d_model]``
+        rows already in ``topo``'s layout (``P = topo.padded_rows``).
+      rows: ``rows.row_tokens [P] int`` token of each layout row (only rows
+        inside a group are read) and ``rows.row_weights [P]`` router weight of
+        each row's assignment; ``rows.token_rows`` is not used. None: identity
+        rows with unit weights.
       topo: the row layout (any block size; 1, unpadded, wastes no memory).
-      w1, w3, w2: ``[E, d_model, d_ff]``, the same or None (no ``up`` input to
-        ``activation``), ``[E, d_ff, d_model]``, all in ``x.dtype``.
+      weights: ``w1 [E, d_model, d_ff]``, ``w3`` (the same or None: no ``up``
+        input to ``activation``), ``w2 [E, d_ff, d_model]``, all in ``x.dtype``.
       activation: a name in `pallas_kernels.activations.ACTIVATIONS`
         (``"swiglu"``, ``"gelu"``) or a static ``(gate, up) -> hidden``.
 
     Returns:
-      ``[tokens, d_model]`` in ``x.dtype``; the sum over a token's rows is
-      accumulated in float32.
+      ``[tokens, d_model]`` (``[P, d_model]`` with ``rows=None``) in ``x.dtype``;
+      the sum over a token's rows is accumulated in float32.
     """
+    x = jnp.asarray(x)
+    if rows is None:
+        rows = RowMap(
+            jnp.arange(topo.padded_rows, dtype=jnp.int32), jnp.ones((topo.padded_rows,), x.dtype)
+        )
     # The loops index the weights with a traced expert id: they must be jax arrays.
-    x, row_tokens, row_weights, w1, w2 = map(jnp.asarray, (x, row_tokens, row_weights, w1, w2))
-    w3 = None if w3 is None else jnp.asarray(w3)
+    row_tokens, row_weights = jnp.asarray(rows.row_tokens), jnp.asarray(rows.row_weights)
+    weights = ExpertWeights(*(None if w is None else jnp.asarray(w) for w in weights))
     if row_tokens.shape != (topo.padded_rows,) or row_weights.shape != (topo.padded_rows,):
         raise ValueError(
             f"fused_expert_mlp: row_tokens and row_weights must be [padded_rows="
             f"{topo.padded_rows}], got {row_tokens.shape} and {row_weights.shape}"
         )
-    d_model, d_ff = x.shape[1], w1.shape[-1]
-    expected = {
-        "w1": (topo.num_experts, d_model, d_ff),
-        "w3": (topo.num_experts, d_model, d_ff),
-        "w2": (topo.num_experts, d_ff, d_model),
-    }
-    for name, w in (("w1", w1), ("w3", w3), ("w2", w2)):
-        if w is not None and (w.shape != expected[name] or w.dtype != x.dtype):
+    d_model, d_ff = x.shape[1], weights.w1.shape[-1]
+    expected = ExpertWeights(
+        w1=(topo.num_experts, d_model, d_ff),
+        w3=(topo.num_experts, d_model, d_ff),
+        w2=(topo.num_experts, d_ff, d_model),
+    )
+    for name, w, shape in zip(ExpertWeights._fields, weights, expected):
+        if w is not None and (w.shape != shape or w.dtype != x.dtype):
             raise ValueError(
-                f"fused_expert_mlp: {name} must be {x.dtype.name}{expected[name]} "
+                f"fused_expert_mlp: {name} must be {x.dtype.name}{shape} "
                 f"(x is {x.dtype.name}{x.shape}), got {w.dtype.name}{w.shape}"
             )
     if isinstance(activation, str):
         activation = get_activation(activation)
-    return _fused(activation, x, row_tokens, row_weights, topo, w1, w3, w2)
-
-
-def _routed_expert_mlp(x, rows: RowMap | None, topo: Topology, w1, w3, w2, activation: str):
-    """`fused_expert_mlp` as the xla `Backend.expert_mlp` (rows None: identity)."""
-    if rows is None:
-        rows = RowMap(
-            jnp.arange(topo.padded_rows, dtype=jnp.int32),
-            jnp.ones((topo.padded_rows,), x.dtype),
-            None,
-        )
-    return fused_expert_mlp(x, rows.row_tokens, rows.row_weights, topo, w1, w3, w2, activation)
+    return _fused(activation, x, row_tokens, row_weights, topo, weights)
 
 
 def _chunk_inputs(x, row_tokens, row_weights, row, owned):
@@ -128,21 +122,21 @@ def _chunk_inputs(x, row_tokens, row_weights, row, owned):
     return tokens, rows, jnp.where(owned, weights, 0).astype(jnp.float32)
 
 
-def _expert_weights(expert, *weights):
+def _expert_weights(expert, weights: ExpertWeights) -> ExpertWeights:
     """``expert``'s slice of each weight (None stays None)."""
-    return tuple(None if w is None else w[expert] for w in weights)
+    return ExpertWeights(*(None if w is None else w[expert] for w in weights))
 
 
 def _scatter_add(acc, tokens, values):
     return acc.at[tokens].add(values, mode="drop")
 
 
-def _forward(activation, x, row_tokens, row_weights, topo, w1, w3, w2):
+def _forward(activation, x, row_tokens, row_weights, topo, weights: ExpertWeights):
     """``-> (y [T, d] x.dtype, gate [P, f], up [P, f] or None)``."""
-    glu = w3 is not None
+    glu = weights.w3 is not None
 
     def per_expert(expert, carry):
-        w1e, w3e, w2e = _expert_weights(expert, w1, w3, w2)
+        w1e, w3e, w2e = _expert_weights(expert, weights)
 
         def chunk(carry, row, owned):
             y, gate_buf, up_buf = carry
@@ -157,29 +151,30 @@ def _forward(activation, x, row_tokens, row_weights, topo, w1, w3, w2):
 
         return over_chunks(topo, expert, chunk, carry)
 
-    residual = jnp.zeros((topo.padded_rows, w1.shape[2]), x.dtype)
+    residual = jnp.zeros((topo.padded_rows, weights.w1.shape[2]), x.dtype)
     init = (jnp.zeros(x.shape, jnp.float32), residual, residual if glu else None)
     y, gate, up = lax.fori_loop(0, topo.num_experts, per_expert, init)
     return y.astype(x.dtype), gate, up
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _fused(activation, x, row_tokens, row_weights, topo, w1, w3, w2):
-    return _forward(activation, x, row_tokens, row_weights, topo, w1, w3, w2)[0]
+def _fused(activation, x, row_tokens, row_weights, topo, weights):
+    return _forward(activation, x, row_tokens, row_weights, topo, weights)[0]
 
 
-def _fused_fwd(activation, x, row_tokens, row_weights, topo, w1, w3, w2):
-    y, gate, up = _forward(activation, x, row_tokens, row_weights, topo, w1, w3, w2)
-    return y, (x, row_tokens, row_weights, topo, w1, w3, w2, gate, up)
+def _fused_fwd(activation, x, row_tokens, row_weights, topo, weights):
+    y, gate, up = _forward(activation, x, row_tokens, row_weights, topo, weights)
+    return y, (x, row_tokens, row_weights, topo, weights, gate, up)
 
 
 def _fused_bwd(activation, residuals, dy):
-    x, row_tokens, row_weights, topo, w1, w3, w2, gate_buf, up_buf = residuals
+    x, row_tokens, row_weights, topo, weights, gate_buf, up_buf = residuals
+    w1, w3, w2 = weights
     glu = w3 is not None
     dy = dy.astype(x.dtype)
 
     def per_expert(expert, carry):
-        w1e, w3e, w2e = _expert_weights(expert, w1, w3, w2)
+        w1e, w3e, w2e = _expert_weights(expert, weights)
 
         def chunk(carry, row, owned):
             dx, d_row_weights, dw1e, dw3e, dw2e = carry
@@ -224,10 +219,11 @@ def _fused_bwd(activation, residuals, dy):
         jnp.zeros_like(w2),
     )
     dx, d_row_weights, dw1, dw3, dw2 = lax.fori_loop(0, topo.num_experts, per_expert, init)
-    return (dx.astype(x.dtype), None, d_row_weights.astype(row_weights.dtype), None, dw1, dw3, dw2)
+    d_weights = ExpertWeights(dw1, dw3, dw2)
+    return dx.astype(x.dtype), None, d_row_weights.astype(row_weights.dtype), None, d_weights
 
 
 _fused.defvjp(_fused_fwd, _fused_bwd)
 
 
-BACKEND = xla_impl.BACKEND._replace(expert_mlp=_routed_expert_mlp)
+BACKEND = xla_impl.BACKEND._replace(expert_mlp=fused_expert_mlp)

@@ -39,6 +39,7 @@ import importlib
 
 import jax
 import jax.numpy as jnp
+from jax.typing import ArrayLike, DTypeLike
 
 from pallas_kernels.backend import Backend
 from pallas_kernels.topology import Topology
@@ -92,7 +93,7 @@ def _nvidia_capability(device) -> tuple[int, int] | None:
     return (0, 0) if "NVIDIA" in device.device_kind.upper() else None
 
 
-def impl_for_device(device) -> str:
+def impl_for_device(device: jax.Device) -> str:
     """The fastest implementation that runs on ``device`` (see the table in docs/gpu.md).
 
     CPU and non-NVIDIA devices: ``"xla"``. NVIDIA: ``"mosaic"`` on sm_90
@@ -107,7 +108,7 @@ def impl_for_device(device) -> str:
     return "triton" if capability >= TRITON_MIN_CAPABILITY else "ragged_dot"
 
 
-def resolve_impl(impl: str, dtype=None) -> str:
+def resolve_impl(impl: str, dtype: DTypeLike | None = None) -> str:
     """Maps ``"auto"`` to a concrete implementation for the default device
     (`impl_for_device`); other names pass through.
 
@@ -187,8 +188,8 @@ def _check_operands(name: str, lhs, rhs, topo: Topology, transpose_rhs: bool):
 
 
 def sdd(
-    lhs: jax.Array,
-    rhs: jax.Array,
+    lhs: ArrayLike,
+    rhs: ArrayLike,
     topo: Topology,
     *,
     transpose_rhs: bool = False,
@@ -198,13 +199,14 @@ def sdd(
 
     ``rhs`` is ``[E, k, n]``, or ``[E, n, k]`` with ``transpose_rhs``.
     """
+    lhs, rhs = jnp.asarray(lhs), jnp.asarray(rhs)
     _check_operands("sdd", lhs, rhs, topo, transpose_rhs)
     return _sdd(resolve_impl(impl, lhs.dtype), transpose_rhs, lhs, rhs, topo)
 
 
 def dsd(
-    lhs: jax.Array,
-    rhs: jax.Array,
+    lhs: ArrayLike,
+    rhs: ArrayLike,
     topo: Topology,
     *,
     transpose_rhs: bool = False,
@@ -214,17 +216,24 @@ def dsd(
 
     ``rhs`` is ``[E, k, n]``, or ``[E, n, k]`` with ``transpose_rhs``.
     """
+    lhs, rhs = jnp.asarray(lhs), jnp.asarray(rhs)
     _check_operands("dsd", lhs, rhs, topo, transpose_rhs)
     return _dsd(resolve_impl(impl, lhs.dtype), transpose_rhs, lhs, rhs, topo)
 
 
 def dstd(
-    lhs: jax.Array, rhs: jax.Array, topo: Topology, *, out_dtype=None, impl: str = "auto"
+    lhs: ArrayLike,
+    rhs: ArrayLike,
+    topo: Topology,
+    *,
+    out_dtype: DTypeLike | None = None,
+    impl: str = "auto",
 ) -> jax.Array:
     """Per-expert ``lhs[rows_e]ᵀ @ rhs[rows_e]``: ``[P, k]``, ``[P, n]`` -> ``[E, k, n]``.
 
     Experts with no rows get exact zeros. ``out_dtype`` defaults to lhs's.
     """
+    lhs, rhs = jnp.asarray(lhs), jnp.asarray(rhs)
     for arg, x in (("lhs", lhs), ("rhs", rhs)):
         if x.ndim != 2 or x.shape[0] != topo.padded_rows:
             raise ValueError(

@@ -33,6 +33,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+from jax.typing import ArrayLike
 
 __all__ = ["Topology", "make_topology", "max_block_rows"]
 
@@ -124,7 +125,7 @@ class Topology:
         return (expert < self.num_experts) & (rank < self.group_sizes[safe])
 
 
-def make_topology(group_sizes: jax.Array, num_rows: int, block_size: int) -> Topology:
+def make_topology(group_sizes: ArrayLike, num_rows: int, block_size: int) -> Topology:
     """Builds the topology of ``num_rows`` assignments split as ``group_sizes``.
 
     Args:
@@ -142,6 +143,7 @@ def make_topology(group_sizes: jax.Array, num_rows: int, block_size: int) -> Top
     """
     if block_size < 1 or block_size & (block_size - 1):
         raise ValueError(f"block_size must be a power of two >= 1, got {block_size}")
+    group_sizes = jnp.asarray(group_sizes)
     if group_sizes.ndim != 1:
         raise ValueError(f"group_sizes must be 1-D [num_experts], got shape {group_sizes.shape}")
     if not jnp.issubdtype(group_sizes.dtype, jnp.integer):

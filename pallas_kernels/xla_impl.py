@@ -5,10 +5,10 @@ by a few large chunks, each one dense matmul (`over_chunks`): a group of up to
 768 rows is a single GEMM of its size rounded up to ``TILE_ROWS`` (a 300-row
 group is one 320-row GEMM), so the executed FLOPs are the useful FLOPs plus at
 most ``TILE_ROWS - 1`` rows per expert. Large chunks are what a CPU GEMM wants,
-and each XLA:CPU op costs some 20 us of dispatch, so few ops per expert matter
-as much as FLOPs. Empty experts and padding rows cost nothing, and there is no
-host sync. ``jax.lax.ragged_dot`` on CPU instead expands to a dense masked
-matmul over all experts (``E`` times the FLOPs).
+and each XLA:CPU op has a fixed dispatch cost (docs/cpu_path.md), so few ops
+per expert matter as much as FLOPs. Empty experts and padding rows cost
+nothing, and there is no host sync. ``jax.lax.ragged_dot`` on CPU instead
+expands to a dense masked matmul over all experts (``E`` times the FLOPs).
 
 The layout is the unpadded (ragged) one, layout block size 1: a chunk may run
 past its group into the next group's rows (or be shifted back from the end of
@@ -34,7 +34,7 @@ TILE_ROWS = 32
 # tiles (512 rows) and one last chunk of the rest, 1..MAX_LAST_TILES tiles (up to
 # 768 rows; at least 9 tiles once there are full chunks, so a group is never split
 # into a big and a tiny GEMM). One static GEMM shape per last-chunk size: more
-# sizes waste fewer rows but compile longer (24 sizes: ~9 s for an E=64 layer).
+# sizes waste fewer rows but compile longer (docs/cpu_path.md).
 FULL_CHUNK_TILES = 16
 MAX_LAST_TILES = 24
 
@@ -109,8 +109,8 @@ def transposed_lhs_dot(a: jax.Array, b: jax.Array) -> jax.Array:
     XLA:CPU runs a plain dot on its fast (YNNPACK) GEMM but a dot that
     contracts the lhs's leading dimension on a slower Eigen path, and its
     simplifier folds a bare transpose back into the dot; the barrier keeps the
-    transpose, whose copy of one chunk costs less than the difference (about
-    7% of a dMoE layer's forward + backward at E=64).
+    transpose, whose copy of one chunk costs less than the difference
+    (docs/benchmarks.md).
     """
     return lax.dot_general(
         lax.optimization_barrier(a.T),

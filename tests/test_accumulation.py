@@ -38,6 +38,7 @@ import pytest
 from helpers import numpy_reference as ref
 from jmoe import permutation
 from pallas_kernels import products
+from pallas_kernels.backend import ExpertWeights, RowMap
 from pallas_kernels.fused_mlp import fused_expert_mlp
 from pallas_kernels.topology import make_topology
 
@@ -85,14 +86,16 @@ def test_unpermute_sums_k8_choices_in_float32():
     loop adding the k choices in bf16)."""
     tokens, num_experts, top_k, width = 256, 16, 8, 32
     rng = np.random.default_rng(0)
-    indices = np.argsort(rng.random((tokens, num_experts)), axis=1)[:, :top_k]
-    dispatch, topo = permutation.dropless_dispatch(jnp.asarray(indices, jnp.int32), num_experts, 1)
+    expert_ids = np.argsort(rng.random((tokens, num_experts)), axis=1)[:, :top_k]
+    dispatch, topo = permutation.dropless_dispatch(
+        jnp.asarray(expert_ids, jnp.int32), num_experts, 1
+    )
     y = _normal_bf16(rng, topo.padded_rows, width)
-    weights = rng.uniform(0.1, 1.0, (tokens, top_k)).astype(np.float32)
-    got = permutation.unpermute(jnp.asarray(y, jnp.bfloat16), dispatch, jnp.asarray(weights))
+    gates = rng.uniform(0.1, 1.0, (tokens, top_k)).astype(np.float32)
+    got = permutation.unpermute(jnp.asarray(y, jnp.bfloat16), dispatch, jnp.asarray(gates))
     assert got.dtype == jnp.bfloat16
-    rows = ref.dropless_rows(indices, num_experts, 1).reshape(tokens, top_k)
-    terms = [weights[:, j, None].astype(np.float64) * y[rows[:, j]] for j in range(top_k)]
+    rows = ref.dropless_rows(expert_ids, num_experts, 1).reshape(tokens, top_k)
+    terms = [gates[:, j, None].astype(np.float64) * y[rows[:, j]] for j in range(top_k)]
     _check(got, sum(terms), sum(np.abs(t) for t in terms), top_k, terms)
 
 
@@ -150,12 +153,13 @@ def test_products_accumulate_in_float32(impl):
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def _fused_and_dw2(num_experts, x, w1, w2, indices, weights, dy):
+def _fused_and_dw2(num_experts, x, w1, w2, expert_ids, gates, dy):
     """`fused_expert_mlp` with an identity activation: ``(y, dw2)``, bf16."""
-    dispatch, topo = permutation.dropless_dispatch(indices, num_experts, 1)
-    row_weights = permutation.row_weights(weights, dispatch)
+    dispatch, topo = permutation.dropless_dispatch(expert_ids, num_experts, 1)
+    row_weights = permutation.row_weights(gates, dispatch)
+    rows = RowMap(dispatch.row_tokens, row_weights)
     fused = lambda w2: fused_expert_mlp(
-        x, dispatch.row_tokens, row_weights, topo, w1, None, w2, lambda gate, up: gate
+        x, rows, topo, ExpertWeights(w1, None, w2), lambda gate, up: gate
     )
     y, vjp = jax.vjp(fused, w2)
     return y, vjp(dy)[0]
@@ -168,7 +172,7 @@ def test_fused_mlp_sums_in_float32():
 
     Inputs are small integers (x, w1, w2 in {-1, 0, 1}, identity activation),
     so every stored bf16 intermediate (gate, expert output) is exact and only
-    the sums round; for ``dw2`` the router weights are powers of two, so the
+    the sums round; for ``dw2`` the router gates are powers of two, so the
     weighted ``dy`` is exact too. Catches a bf16 ``y`` or weight-gradient
     accumulator (planted by hand: a bf16 ``y`` in the forward loop misses the
     bound by ~700x)."""
@@ -180,36 +184,36 @@ def test_fused_mlp_sums_in_float32():
         small(num_experts, d_model, d_ff),
         small(num_experts, d_ff, d_model),
     )
-    indices = np.argsort(rng.random((tokens, num_experts)), axis=1)  # k = E = 8
+    expert_ids = np.argsort(rng.random((tokens, num_experts)), axis=1)  # k = E = 8
     dy = _normal_bf16(rng, tokens, d_model)
     bf16 = lambda a: jnp.asarray(a, jnp.bfloat16)
-    run = lambda weights: _fused_and_dw2(
+    run = lambda gates: _fused_and_dw2(
         num_experts,
         bf16(x),
         bf16(w1),
         bf16(w2),
-        jnp.asarray(indices, jnp.int32),
-        jnp.asarray(weights, jnp.float32),
+        jnp.asarray(expert_ids, jnp.int32),
+        jnp.asarray(gates, jnp.float32),
         bf16(dy),
     )
 
-    weights = rng.uniform(0.1, 1.0, (tokens, num_experts)).astype(np.float32)
-    y, _ = run(weights)
+    gates = rng.uniform(0.1, 1.0, (tokens, num_experts)).astype(np.float32)
+    y, _ = run(gates)
     assert y.dtype == jnp.bfloat16
     out = np.einsum("td,edf,efo->teo", x, w1, w2)  # [T, E, d] exact integers
     assert np.abs(out).max() < 256  # so bf16-exact
     terms = [
-        weights[:, j, None].astype(np.float64) * out[np.arange(tokens), indices[:, j]]
+        gates[:, j, None].astype(np.float64) * out[np.arange(tokens), expert_ids[:, j]]
         for j in range(num_experts)
     ]
     _check(y, sum(terms), sum(np.abs(t) for t in terms), num_experts, terms)
 
-    weights = 2.0 ** rng.integers(-2, 2, (tokens, num_experts))
-    _, dw2 = run(weights)
+    gates = 2.0 ** rng.integers(-2, 2, (tokens, num_experts))
+    _, dw2 = run(gates)
     assert dw2.dtype == jnp.bfloat16
     hidden = np.einsum("td,edf->tef", x, w1)  # [T, E, d_ff]
     by_expert = np.empty((tokens, num_experts))
-    by_expert[np.arange(tokens)[:, None], indices] = weights
+    by_expert[np.arange(tokens)[:, None], expert_ids] = gates
     scaled = by_expert[:, :, None] * dy[:, None, :]  # [T, E, d] exact in bf16
     dw2_of = lambda t: np.einsum("tef,ted->efd", hidden[t], scaled[t])
     abs_sum = np.einsum("tef,ted->efd", np.abs(hidden), np.abs(scaled))

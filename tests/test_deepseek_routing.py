@@ -193,16 +193,16 @@ def test_layer_matches_numpy_reference(name):
 
 
 def _route(logits, config, bias=None):
-    """(indices, weights) of the layer's router and of the reference."""
-    weights, indices, _ = jax.jit(select_experts, static_argnums=1)(
+    """(expert_ids, gates) of the layer's router and of the reference."""
+    gates, expert_ids, _ = jax.jit(select_experts, static_argnums=1)(
         jnp.asarray(logits, jnp.float32),
         config,
         None if bias is None else jnp.asarray(bias, jnp.float32),
     )
     want_idx, want_w, *_ = ref.deepseek_route(logits, config, bias)
-    chex.assert_trees_all_equal(indices, want_idx.astype(np.int32))
-    chex.assert_trees_all_close(weights, want_w, rtol=1e-6, atol=1e-7)
-    return np.asarray(indices), np.asarray(weights)
+    chex.assert_trees_all_equal(expert_ids, want_idx.astype(np.int32))
+    chex.assert_trees_all_close(gates, want_w, rtol=1e-6, atol=1e-7)
+    return np.asarray(expert_ids), np.asarray(gates)
 
 
 def test_all_groups_equal_take_the_lowest_ids():
@@ -215,9 +215,9 @@ def test_all_groups_equal_take_the_lowest_ids():
         routed_scaling_factor=2.5,
         expert_bias=True,
     )
-    indices, weights = _route(np.zeros((5, 8)), config, np.zeros(8))
-    chex.assert_trees_all_equal(indices, np.tile([0, 1, 2], (5, 1)))
-    chex.assert_trees_all_close(weights, np.full((5, 3), 2.5 / 3), rtol=1e-6)
+    expert_ids, gates = _route(np.zeros((5, 8)), config, np.zeros(8))
+    chex.assert_trees_all_equal(expert_ids, np.tile([0, 1, 2], (5, 1)))
+    chex.assert_trees_all_close(gates, np.full((5, 3), 2.5 / 3), rtol=1e-6)
 
 
 def test_one_dominating_group_takes_its_experts_first():
@@ -227,10 +227,10 @@ def test_one_dominating_group_takes_its_experts_first():
     logits = np.random.default_rng(0).standard_normal((6, 8))
     logits[:, 4:6] += 8.0
     _route(logits, _config(num_expert_groups=4, top_k_groups=1, top_k=2), None)
-    indices, _ = _route(logits, _config(num_expert_groups=4, top_k_groups=2, top_k=3), None)
-    assert all({4, 5} <= set(row) for row in indices)
-    indices, _ = _route(logits, _config(num_expert_groups=4, top_k_groups=1, top_k=2), None)
-    chex.assert_trees_all_equal(np.sort(indices, -1), np.tile([4, 5], (6, 1)))
+    expert_ids, _ = _route(logits, _config(num_expert_groups=4, top_k_groups=2, top_k=3), None)
+    assert all({4, 5} <= set(row) for row in expert_ids)
+    expert_ids, _ = _route(logits, _config(num_expert_groups=4, top_k_groups=1, top_k=2), None)
+    chex.assert_trees_all_equal(np.sort(expert_ids, -1), np.tile([4, 5], (6, 1)))
 
 
 def test_group_score_is_the_sum_of_its_top_two():
@@ -239,17 +239,17 @@ def test_group_score_is_the_sum_of_its_top_two():
     sum (1.3 > 1.1 > 1.0). Only the top-2 rule picks group 2."""
     bias = np.array([0.6, -0.5, -0.5, -0.5, 0.0, 0.0, 0.0, 0.0, 0.15, 0.15, -0.5, -0.5])
     config = _config(num_experts=12, num_expert_groups=3, top_k_groups=1, top_k=2, expert_bias=True)
-    indices, weights = _route(np.zeros((2, 12)), config, bias)
-    chex.assert_trees_all_equal(indices, np.tile([8, 9], (2, 1)))
-    chex.assert_trees_all_close(weights, np.full((2, 2), 0.5), rtol=1e-6)  # unbiased sigmoid(0)
+    expert_ids, gates = _route(np.zeros((2, 12)), config, bias)
+    chex.assert_trees_all_equal(expert_ids, np.tile([8, 9], (2, 1)))
+    chex.assert_trees_all_close(gates, np.full((2, 2), 0.5), rtol=1e-6)  # unbiased sigmoid(0)
 
 
 def test_tied_group_scores_go_to_the_lower_group():
     """Group 0's top two (0.9, 0.1) and group 1's (0.5, 0.5) both sum to 1.0."""
     bias = np.array([0.4, -0.4, 0.0, 0.0, -0.3, -0.3, -0.3, -0.3])
     config = _config(num_expert_groups=4, top_k_groups=1, expert_bias=True)
-    indices, _ = _route(np.zeros((3, 8)), config, bias)
-    chex.assert_trees_all_equal(indices, np.tile([0, 1], (3, 1)))
+    expert_ids, _ = _route(np.zeros((3, 8)), config, bias)
+    chex.assert_trees_all_equal(expert_ids, np.tile([0, 1], (3, 1)))
 
 
 def test_bias_changes_selection_not_weights():
@@ -257,9 +257,9 @@ def test_bias_changes_selection_not_weights():
     bias = np.zeros(8)
     bias[5] = 10.0
     config = _config(top_k=2, expert_bias=True, routed_scaling_factor=2.0)
-    indices, weights = _route(logits, config, bias)
-    assert (indices[:, 0] == 5).all()
-    chex.assert_trees_all_close(weights[:, 0], 2.0 / (1 + np.exp(-logits[:, 5])), rtol=1e-6)
+    expert_ids, gates = _route(logits, config, bias)
+    assert (expert_ids[:, 0] == 5).all()
+    chex.assert_trees_all_close(gates[:, 0], 2.0 / (1 + np.exp(-logits[:, 5])), rtol=1e-6)
 
 
 def test_sequence_loss_is_per_sequence():
@@ -267,9 +267,9 @@ def test_sequence_loss_is_per_sequence():
     1 to expert 1: per sequence ``f = 4 * one_hot``, ``sum f P = 4 * 0.7``;
     pooled, ``f = (2, 2, 0, 0)`` and ``P = (0.4, 0.4, 0.1, 0.1)`` give 1.6."""
     probs = jnp.array([[0.7, 0.1, 0.1, 0.1]] * 4 + [[0.1, 0.7, 0.1, 0.1]] * 4)
-    indices = jnp.array([[0]] * 4 + [[1]] * 4, jnp.int32)
-    assert float(sequence_aux_loss(probs, indices, num_sequences=2)) == pytest.approx(2.8)
-    assert float(sequence_aux_loss(probs, indices, num_sequences=1)) == pytest.approx(1.6)
+    expert_ids = jnp.array([[0]] * 4 + [[1]] * 4, jnp.int32)
+    assert float(sequence_aux_loss(probs, expert_ids, num_sequences=2)) == pytest.approx(2.8)
+    assert float(sequence_aux_loss(probs, expert_ids, num_sequences=1)) == pytest.approx(1.6)
 
 
 # ------------------------------------------------------------------ expert bias

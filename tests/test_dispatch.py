@@ -17,7 +17,7 @@ from flax import nnx
 
 from jmoe import DroplessMoE, MoEConfig, permutation
 from pallas_kernels import expert_mlp, products
-from pallas_kernels.backend import RowMap
+from pallas_kernels.backend import ExpertWeights, RowMap
 
 F32_TOL = dict(rtol=1e-5, atol=1e-5)
 
@@ -98,15 +98,15 @@ def _routed_case(glu: bool, seed=0):
     """A routing with an empty expert and a token count no multiple of anything."""
     tokens, d, f, e, k = 13, 8, 16, 4, 2
     rng = np.random.default_rng(seed)
-    indices = np.stack([rng.choice([0, 2, 3], 2, replace=False) for _ in range(tokens)])
-    dispatch, topo = permutation.dropless_dispatch(jnp.asarray(indices, jnp.int32), e, 1)
-    weights = jnp.asarray(rng.uniform(0.1, 1.0, (tokens, k)), jnp.float32)
+    expert_ids = np.stack([rng.choice([0, 2, 3], 2, replace=False) for _ in range(tokens)])
+    dispatch, topo = permutation.dropless_dispatch(jnp.asarray(expert_ids, jnp.int32), e, 1)
+    gates = jnp.asarray(rng.uniform(0.1, 1.0, (tokens, k)), jnp.float32)
     normal = lambda *shape: jnp.asarray(
         rng.standard_normal(shape) / np.sqrt(shape[-2] if len(shape) > 2 else 1), jnp.float32
     )
     ops = dict(
         x=normal(tokens, d),
-        weights=weights,
+        gates=gates,
         w1=normal(e, d, f),
         w3=normal(e, d, f) if glu else None,
         w2=normal(e, f, d),
@@ -115,14 +115,15 @@ def _routed_case(glu: bool, seed=0):
 
 
 def test_composed_expert_mlp_matches_the_fused_xla_one():
-    """Output and gradients of x, router weights and all weights (SwiGLU),
+    """Output and gradients of x, router gates and all weights (SwiGLU),
     through `permutation.row_map` as the layer builds it."""
     dispatch, topo, ops = _routed_case(True)
     activation = "swiglu"
 
     def run(compose, ops):
-        rows = permutation.row_map(ops["weights"], dispatch)
-        args = (ops["x"], rows, topo, ops["w1"], ops["w3"], ops["w2"], activation)
+        rows = permutation.row_map(ops["gates"], dispatch)
+        weights = ExpertWeights(ops["w1"], ops["w3"], ops["w2"])
+        args = (ops["x"], rows, topo, weights, activation)
         if compose:
             return expert_mlp.composed_expert_mlp("xla", *args)
         return expert_mlp.routed_mlp(*args[:-1], activation=activation, impl="xla")
@@ -142,9 +143,9 @@ def test_identity_rows_match_in_both_paths():
     """``rows=None`` (the expert-parallel call: rows already in the layout)."""
     dispatch, topo, ops = _routed_case(True, seed=1)
     rows = permutation.permute(ops["x"], dispatch)
-    weights = (ops["w1"], ops["w3"], ops["w2"])
-    fused = expert_mlp.routed_mlp(rows, None, topo, *weights, activation="swiglu", impl="xla")
-    composed = expert_mlp.composed_expert_mlp("xla", rows, None, topo, *weights, "swiglu")
+    weights = ExpertWeights(ops["w1"], ops["w3"], ops["w2"])
+    fused = expert_mlp.routed_mlp(rows, None, topo, weights, activation="swiglu", impl="xla")
+    composed = expert_mlp.composed_expert_mlp("xla", rows, None, topo, weights, "swiglu")
     chex.assert_trees_all_close(composed, fused, **F32_TOL)
     assert fused.shape == rows.shape
 
@@ -152,7 +153,7 @@ def test_identity_rows_match_in_both_paths():
 def test_routed_mlp_dispatches_to_the_backends_expert_mlp(monkeypatch):
     calls = []
 
-    def fake_expert_mlp(x, rows, topo, w1, w3, w2, activation):
+    def fake_expert_mlp(x, rows, topo, weights, activation):
         calls.append(activation)
         return jnp.zeros_like(x)
 
@@ -160,15 +161,13 @@ def test_routed_mlp_dispatches_to_the_backends_expert_mlp(monkeypatch):
     monkeypatch.setattr(products, "backend", lambda impl: fake)
     dispatch, topo, ops = _routed_case(False)
     rows = RowMap(dispatch.row_tokens, jnp.ones(topo.padded_rows), dispatch.assignment_rows)
-    expert_mlp.routed_mlp(
-        ops["x"], rows, topo, ops["w1"], None, ops["w2"], activation="gelu", impl="xla"
-    )
+    weights = ExpertWeights(ops["w1"], None, ops["w2"])
+    expert_mlp.routed_mlp(ops["x"], rows, topo, weights, activation="gelu", impl="xla")
     assert calls == ["gelu"]
 
 
 def test_bad_activation_name():
     dispatch, topo, ops = _routed_case(False)
     with pytest.raises(ValueError, match=r"activation must be one of \('gelu', 'swiglu'\)"):
-        expert_mlp.routed_mlp(
-            ops["x"], None, topo, ops["w1"], None, ops["w2"], activation="relu", impl="xla"
-        )
+        weights = ExpertWeights(ops["w1"], None, ops["w2"])
+        expert_mlp.routed_mlp(ops["x"], None, topo, weights, activation="relu", impl="xla")

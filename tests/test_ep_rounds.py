@@ -74,12 +74,12 @@ def _served_by_round(counts: np.ndarray, num_local: int, buffer_rows: int) -> li
 
 
 def _rounds_by_model(
-    indices: np.ndarray, data: int, expert: int, num_experts: int, buffer_factor: float
+    expert_ids: np.ndarray, data: int, expert: int, num_experts: int, buffer_factor: float
 ) -> int:
     """Rounds the layer needs (the most over the data replicas), hidden sharding
     included: with ``s = ep / E`` splits, a token's choice ``e`` goes to every
     virtual expert ``e*s + h``."""
-    tokens, top_k = indices.shape
+    tokens, top_k = expert_ids.shape
     splits = max(1, expert // num_experts)
     virtual = num_experts * splits
     local_tokens = tokens // (data * expert)
@@ -90,7 +90,7 @@ def _rounds_by_model(
         counts = np.zeros((expert, virtual), np.int64)
         for src in range(expert):
             first = (replica * expert + src) * local_tokens
-            for e in indices[first : first + local_tokens].reshape(-1):
+            for e in expert_ids[first : first + local_tokens].reshape(-1):
                 counts[src, e * splits : (e + 1) * splits] += 1
         most = max(most, len(_served_by_round(counts, virtual // expert, buffer_rows)))
     return most
@@ -136,17 +136,25 @@ def _check_rounds(num_experts, top_k, data, expert, kind, factors, expert_type="
     drop; ``rounds`` as the model says. Returns the rounds per factor."""
     config = ffn_config(num_experts, top_k, expert_type)
     tokens = TOKENS_PER_DEVICE * data * expert
-    args, indices, dy = ffn_problem(config, tokens, "random" if kind == "balanced" else kind)
+    args, expert_ids, dy = ffn_problem(config, tokens, "random" if kind == "balanced" else kind)
     if kind == "balanced":
-        indices = _balanced(tokens, num_experts, top_k)
-    want_y, (want_counts,), want_grads = single_device_outputs(config, indices, args, dy)
+        expert_ids = _balanced(tokens, num_experts, top_k)
+    want_y, (want_counts,), want_grads = single_device_outputs(config, expert_ids, args, dy)
     got_rounds = []
     for factor in factors:
         y, (counts, dropped, rounds), grads = expert_parallel_outputs(
-            config, indices, args, dy, data, expert, buffer_factor=factor, return_rounds=True, **kw
+            config,
+            expert_ids,
+            args,
+            dy,
+            data,
+            expert,
+            buffer_factor=factor,
+            return_rounds=True,
+            **kw,
         )
         assert int(rounds) == _rounds_by_model(
-            np.asarray(indices), data, expert, num_experts, factor
+            np.asarray(expert_ids), data, expert, num_experts, factor
         )
         assert int(dropped) == 0
         chex.assert_trees_all_equal(counts, want_counts)
@@ -297,9 +305,9 @@ def test_buffer_factor_bounds_temporary_memory():
     )
 
     def temp_bytes(buffer_factor):
-        def loss(x, weights, indices, w1, w3, w2):
+        def loss(x, gates, expert_ids, w1, w3, w2):
             y = expert_parallel_ffn(
-                config, x, weights, indices, w1, w3, w2, mesh=mesh, buffer_factor=buffer_factor
+                config, x, gates, expert_ids, w1, w3, w2, mesh=mesh, buffer_factor=buffer_factor
             )[0]
             return jnp.sum(y * y)
 
@@ -320,10 +328,12 @@ def test_bad_buffer_factors_raise():
     ):
         MoEConfig(d_model=8, d_ff=16, ep_buffer_factor=1.0, ep_capacity_factor=2.0)
     config = ffn_config(8, 2).replace(ep_buffer_factor=1.0)
-    args, indices, _ = ffn_problem(config, 64, "random")
-    x, weights, w1, w3, w2 = args
+    args, expert_ids, _ = ffn_problem(config, 64, "random")
+    x, gates, w1, w3, w2 = args
     mesh = make_mesh(2, 4, devices=host_cpus())
     with pytest.raises(ValueError, match="capacity_factor=0.5 .* buffer_factor=1.0 .* exclusive"):
-        expert_parallel_ffn(config, x, weights, indices, w1, w3, w2, mesh=mesh, capacity_factor=0.5)
+        expert_parallel_ffn(
+            config, x, gates, expert_ids, w1, w3, w2, mesh=mesh, capacity_factor=0.5
+        )
     with pytest.raises(ValueError, match="buffer_factor must be None or > 0, got -1"):
-        expert_parallel_ffn(config, x, weights, indices, w1, w3, w2, mesh=mesh, buffer_factor=-1)
+        expert_parallel_ffn(config, x, gates, expert_ids, w1, w3, w2, mesh=mesh, buffer_factor=-1)

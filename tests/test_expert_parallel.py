@@ -1,7 +1,7 @@
 """Expert parallelism (`jmoe.parallel.expert_parallel_ffn`) against the
 single-device dropless FFN (`jmoe.moe.dropless_ffn`, itself checked against
 the NumPy loop in test_layers.py): output, tokens per expert and the gradients
-of x, the router weights and every expert weight, for balanced and skewed
+of x, the router gates and every expert weight, for balanced and skewed
 routings, hidden sharding, the capacity bound (against a NumPy model of its
 drop policy), the ragged exchange (with ``ragged_all_to_all`` emulated from its
 documented semantics, since XLA:CPU lacks it; random, skewed and
@@ -45,10 +45,10 @@ def _check_matches_single_device(
     data = data or (2 if expert < 8 else 1)
     config = ffn_config(num_experts, top_k, expert_type)
     tokens = TOKENS_PER_DEVICE * data * expert
-    args, indices, dy = ffn_problem(config, tokens, kind)
-    want_y, (want_counts,), want_grads = single_device_outputs(config, indices, args, dy)
+    args, expert_ids, dy = ffn_problem(config, tokens, kind)
+    want_y, (want_counts,), want_grads = single_device_outputs(config, expert_ids, args, dy)
     y, (counts, dropped), grads = expert_parallel_outputs(
-        config, indices, args, dy, data, expert, **kw
+        config, expert_ids, args, dy, data, expert, **kw
     )
     chex.assert_trees_all_equal(counts, want_counts)
     assert int(dropped) == 0
@@ -108,11 +108,13 @@ def test_triton_block_layout_matches_single_device_xla():
         d_model=32, d_ff=32, num_experts=8, top_k=2, expert_type="glu", block_size=32, impl="triton"
     )
     data, expert = 2, 4
-    args, indices, dy = ffn_problem(config, TOKENS_PER_DEVICE * data * expert, "random")
+    args, expert_ids, dy = ffn_problem(config, TOKENS_PER_DEVICE * data * expert, "random")
     want_y, (want_counts,), want_grads = single_device_outputs(
-        config.replace(impl="xla"), indices, args, dy
+        config.replace(impl="xla"), expert_ids, args, dy
     )
-    y, (counts, dropped), grads = expert_parallel_outputs(config, indices, args, dy, data, expert)
+    y, (counts, dropped), grads = expert_parallel_outputs(
+        config, expert_ids, args, dy, data, expert
+    )
     chex.assert_trees_all_equal(counts, want_counts)
     assert int(dropped) == 0
     chex.assert_trees_all_close((y, grads), (want_y, want_grads), rtol=1e-4, atol=1e-5)
@@ -121,12 +123,12 @@ def test_triton_block_layout_matches_single_device_xla():
 # ------------------------------------------------------------------ ragged exchange
 
 
-def _receiving_ranks(indices: np.ndarray, expert: int, num_experts: int) -> set:
+def _receiving_ranks(expert_ids: np.ndarray, expert: int, num_experts: int) -> set:
     """Expert ranks that receive at least one row (with fewer experts than
     ranks, every rank holds a slice of every expert's d_ff)."""
     if num_experts < expert:
         return set(range(expert))
-    return {int(r) for r in np.unique(indices // (num_experts // expert))}
+    return {int(r) for r in np.unique(expert_ids // (num_experts // expert))}
 
 
 RAGGED_CASES = [  # (E, k, data, expert, routing)
@@ -151,8 +153,8 @@ def test_ragged_exchange_matches_single_device(monkeypatch, num_experts, top_k, 
     experts passes the ``sparse`` case and fails the others)."""
     monkeypatch.setattr(jax.lax, "ragged_all_to_all", emulated_ragged_all_to_all)
     config = ffn_config(num_experts, top_k, "glu" if kind == "random" else "mlp")
-    _, indices, _ = ffn_problem(config, TOKENS_PER_DEVICE * data * expert, kind)
-    receivers = _receiving_ranks(np.asarray(indices), expert, num_experts)
+    _, expert_ids, _ = ffn_problem(config, TOKENS_PER_DEVICE * data * expert, kind)
+    receivers = _receiving_ranks(np.asarray(expert_ids), expert, num_experts)
     assert (receivers == {0}) == (kind == "sparse"), receivers
     _check_matches_single_device(
         num_experts, top_k, expert, kind, config.expert_type, data=data, exchange="ragged"
@@ -163,14 +165,14 @@ def test_ragged_exchange_matches_single_device(monkeypatch, num_experts, top_k, 
 
 
 def _kept_by_policy(
-    indices: np.ndarray, data: int, expert: int, num_experts: int, capacity: int
+    expert_ids: np.ndarray, data: int, expert: int, num_experts: int, capacity: int
 ) -> np.ndarray:
     """NumPy model of the documented drop policy: each owner rank fills its
     ``capacity`` rows in (local expert, source rank, token, choice) order."""
-    tokens, top_k = indices.shape
+    tokens, top_k = expert_ids.shape
     local_tokens = tokens // (data * expert)
     num_local = num_experts // expert
-    kept = np.zeros(indices.shape, bool)
+    kept = np.zeros(expert_ids.shape, bool)
     for replica in range(data):
         for owner in range(expert):
             room = capacity
@@ -179,7 +181,7 @@ def _kept_by_policy(
                     first = (replica * expert + src) * local_tokens
                     for t in range(first, first + local_tokens):
                         for j in range(top_k):
-                            if indices[t, j] == e and room > 0:
+                            if expert_ids[t, j] == e and room > 0:
                                 kept[t, j], room = True, room - 1
     return kept
 
@@ -202,14 +204,21 @@ def test_capacity_factor_drops_and_counts(monkeypatch, capacity_factor, exchange
     data, expert, num_experts, top_k = 2, 4, 8, 2
     config = ffn_config(num_experts, top_k)
     tokens = TOKENS_PER_DEVICE * data * expert
-    args, indices, dy = ffn_problem(config, tokens, kind, seed=3)
+    args, expert_ids, dy = ffn_problem(config, tokens, kind, seed=3)
     capacity = math.ceil(capacity_factor * TOKENS_PER_DEVICE * top_k)
-    kept = _kept_by_policy(np.asarray(indices), data, expert, num_experts, capacity)
+    kept = _kept_by_policy(np.asarray(expert_ids), data, expert, num_experts, capacity)
     assert 0 < (~kept).sum() < kept.size  # the case drops some, not all
     masked = (args[0], args[1] * jnp.asarray(kept, jnp.float32), *args[2:])
-    want_y, (want_counts,), want_grads = single_device_outputs(config, indices, masked, dy)
+    want_y, (want_counts,), want_grads = single_device_outputs(config, expert_ids, masked, dy)
     y, (counts, dropped), grads = expert_parallel_outputs(
-        config, indices, args, dy, data, expert, capacity_factor=capacity_factor, exchange=exchange
+        config,
+        expert_ids,
+        args,
+        dy,
+        data,
+        expert,
+        capacity_factor=capacity_factor,
+        exchange=exchange,
     )
     assert int(dropped) == int((~kept).sum())
     chex.assert_trees_all_equal(counts, want_counts)  # counted before dropping
@@ -228,10 +237,10 @@ def test_large_capacity_factor_is_dropless():
 
 
 def _call(config, tokens=64, data=2, expert=4, mesh=None, **kw):
-    args, indices, _ = ffn_problem(config, tokens, "random")
-    x, weights, w1, w3, w2 = args
+    args, expert_ids, _ = ffn_problem(config, tokens, "random")
+    x, gates, w1, w3, w2 = args
     mesh = mesh or make_mesh(data, expert, devices=host_cpus())
-    return expert_parallel_ffn(config, x, weights, indices, w1, w3, w2, mesh=mesh, **kw)
+    return expert_parallel_ffn(config, x, gates, expert_ids, w1, w3, w2, mesh=mesh, **kw)
 
 
 @pytest.mark.parametrize(

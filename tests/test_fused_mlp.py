@@ -27,31 +27,33 @@ from jmoe import permutation
 from jmoe.config import MoEConfig
 from jmoe.experts import activate
 from pallas_kernels import reference
+from pallas_kernels.backend import ExpertWeights, RowMap
 from pallas_kernels.fused_mlp import fused_expert_mlp
 from pallas_kernels.xla_impl import chunk_rows
 
 F32_TOL = dict(rtol=1e-5, atol=1e-5)
 D, F = 8, 16
+WEIGHTS = ExpertWeights._fields
 
 
 def _activation(expert_type):
     return functools.partial(activate, MoEConfig(d_model=D, d_ff=F, expert_type=expert_type))
 
 
-def _case(indices, num_experts, block_size, *, glu=True, dtype=jnp.float32, seed=0):
-    """Layout of ``indices [tokens, k]`` and random operands.
+def _case(expert_ids, num_experts, block_size, *, glu=True, dtype=jnp.float32, seed=0):
+    """Layout of ``expert_ids [tokens, k]`` and random operands.
 
     Rows that hold no assignment get a random token and a NaN weight: the op
     must ignore them.
     """
-    indices = jnp.asarray(indices, jnp.int32)
-    tokens, top_k = indices.shape
-    dispatch, topo = permutation.dropless_dispatch(indices, num_experts, block_size)
+    expert_ids = jnp.asarray(expert_ids, jnp.int32)
+    tokens, top_k = expert_ids.shape
+    dispatch, topo = permutation.dropless_dispatch(expert_ids, num_experts, block_size)
     rng = np.random.default_rng(seed)
-    weights = jnp.asarray(rng.uniform(0.1, 1.0, (tokens, top_k)), jnp.float32)
+    gates = jnp.asarray(rng.uniform(0.1, 1.0, (tokens, top_k)), jnp.float32)
     valid = np.asarray(topo.row_is_valid())
     row_tokens = np.where(valid, dispatch.row_tokens, rng.integers(0, tokens, valid.shape))
-    row_weights = np.where(valid, permutation.row_weights(weights, dispatch), np.nan)
+    row_weights = np.where(valid, permutation.row_weights(gates, dispatch), np.nan)
     normal = lambda *shape, scale=1.0: jnp.asarray(scale * rng.standard_normal(shape), dtype)
     operands = dict(
         x=normal(tokens, D),
@@ -63,7 +65,8 @@ def _case(indices, num_experts, block_size, *, glu=True, dtype=jnp.float32, seed
     return topo, jnp.asarray(row_tokens, jnp.int32), operands, normal(tokens, D)
 
 
-def _reference(x, row_tokens, row_weights, topo, w1, w3, w2, activation):
+def _reference(x, rows, topo, weights, activation):
+    (row_tokens, row_weights, _), (w1, w3, w2) = rows, weights
     valid = topo.row_is_valid()
     tokens = jnp.where(valid, row_tokens, x.shape[0])
     rows = jnp.take(x, tokens, axis=0, mode="fill", fill_value=0).astype(jnp.float32)
@@ -81,16 +84,8 @@ def _value_and_vjp(fn, activation, topo, row_tokens, operands, dy):
     """``(y, {x, row_weights, w1, w3, w2: gradient})`` of ``sum(y * dy)``."""
 
     def f(ops):
-        return fn(
-            ops["x"],
-            row_tokens,
-            ops["row_weights"],
-            topo,
-            ops["w1"],
-            ops["w3"],
-            ops["w2"],
-            activation,
-        )
+        rows = RowMap(row_tokens, ops["row_weights"])
+        return fn(ops["x"], rows, topo, ExpertWeights(ops["w1"], ops["w3"], ops["w2"]), activation)
 
     y, vjp = jax.vjp(f, operands)
     return y, vjp(dy)[0]
@@ -131,9 +126,9 @@ def test_one_expert_takes_a_group_of_several_chunks():
     """900 tokens, top-1, all to expert 2: one 900-row group of 29 32-row tiles,
     covered by a full 512-row chunk (the loop) and a last chunk of 13 tiles (the
     switch); the other experts are empty and get exactly zero weight gradients."""
-    indices = np.full((900, 1), 2)
+    expert_ids = np.full((900, 1), 2)
     assert int(chunk_rows(np.array(900), 900)) == 512 + 13 * 32
-    topo, row_tokens, operands, dy = _case(indices, 4, 1)
+    topo, row_tokens, operands, dy = _case(expert_ids, 4, 1)
     _, grads = _compare(topo, row_tokens, operands, dy, _activation("glu"))
     for name in ("w1", "w3", "w2"):
         assert not np.any(np.asarray(grads[name])[[0, 1, 3]]), name
@@ -141,13 +136,13 @@ def test_one_expert_takes_a_group_of_several_chunks():
 
 
 def test_many_empty_experts_and_a_single_token():
-    for indices, num_experts in (
+    for expert_ids, num_experts in (
         (_random_indices(1, 8, 2, seed=1), 8),
         (np.array([[5, 2]] * 13), 8),
     ):
-        topo, row_tokens, operands, dy = _case(indices, num_experts, 1, seed=2)
+        topo, row_tokens, operands, dy = _case(expert_ids, num_experts, 1, seed=2)
         _, grads = _compare(topo, row_tokens, operands, dy, _activation("glu"))
-        used = set(np.unique(indices))
+        used = set(np.unique(expert_ids))
         empty = [e for e in range(num_experts) if e not in used]
         for name in ("w1", "w3", "w2"):
             assert not np.any(np.asarray(grads[name])[empty]), name
@@ -174,7 +169,8 @@ def test_finite_differences():
     activation = _activation("glu")
 
     def f(x, row_weights, w1, w3, w2):
-        return fused_expert_mlp(x, row_tokens, row_weights, topo, w1, w3, w2, activation)
+        rows = RowMap(row_tokens, row_weights)
+        return fused_expert_mlp(x, rows, topo, ExpertWeights(w1, w3, w2), activation)
 
     args = tuple(operands[k] for k in ("x", "row_weights", "w1", "w3", "w2"))
     check_grads(f, args, order=1, modes=["rev"], eps=1e-2, atol=1e-2, rtol=2e-3)
@@ -183,23 +179,16 @@ def test_finite_differences():
 def test_checks_operands():
     topo, row_tokens, ops, _ = _case(_random_indices(5, 4, 2), 4, 1)
     act = _activation("glu")
-    call = lambda **kw: fused_expert_mlp(
-        *(
-            {
-                **dict(
-                    x=ops["x"],
-                    row_tokens=row_tokens,
-                    row_weights=ops["row_weights"],
-                    topo=topo,
-                    w1=ops["w1"],
-                    w3=ops["w3"],
-                    w2=ops["w2"],
-                    activation=act,
-                ),
-                **kw,
-            }
-        ).values()
-    )
+
+    def call(**kw):
+        args = dict(
+            row_tokens=row_tokens, row_weights=ops["row_weights"], **{k: ops[k] for k in WEIGHTS}
+        )
+        args.update(kw)
+        rows = RowMap(args["row_tokens"], args["row_weights"])
+        weights = ExpertWeights(*(args[k] for k in WEIGHTS))
+        return fused_expert_mlp(ops["x"], rows, topo, weights, act)
+
     with pytest.raises(ValueError, match=r"row_tokens and row_weights must be \[padded_rows=10\]"):
         call(row_tokens=row_tokens[:-1])
     with pytest.raises(ValueError, match=r"w2 must be float32\(4, 16, 8\)"):

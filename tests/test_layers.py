@@ -246,7 +246,7 @@ def test_uniform_expert_assignment_matches_numpy_loop():
     model = _build(DroplessMoE, config, 2)
     x, dy = _inputs(config, 10)
     _, _, want_aux = _compare_to_reference(model, x, dy)
-    chex.assert_trees_all_equal(want_aux["indices"].ravel(), np.arange(20) % 3)
+    chex.assert_trees_all_equal(want_aux["expert_ids"].ravel(), np.arange(20) % 3)
 
 
 # ------------------------------------------------------------------ adversarial routings

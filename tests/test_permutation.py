@@ -29,18 +29,18 @@ def _indices(seed=0, tokens=T, top_k=K, num_experts=E):
 
 
 @functools.partial(jax.jit, static_argnums=(1, 2))
-def _dropless(indices, num_experts, block_size):
-    return permutation.dropless_dispatch(indices, num_experts, block_size)
+def _dropless(expert_ids, num_experts, block_size):
+    return permutation.dropless_dispatch(expert_ids, num_experts, block_size)
 
 
 @pytest.mark.parametrize("block_size", [1, 8, 32])
 def test_dropless_dispatch_permute_unpermute_vs_numpy(block_size):
-    indices = _indices(block_size)
-    dispatch, topo = _dropless(jnp.asarray(indices), E, block_size)
-    rows = ref.dropless_rows(indices, E, block_size)
+    expert_ids = _indices(block_size)
+    dispatch, topo = _dropless(jnp.asarray(expert_ids), E, block_size)
+    rows = ref.dropless_rows(expert_ids, E, block_size)
     chex.assert_trees_all_equal(dispatch.assignment_rows, rows.astype(np.int32))
     chex.assert_trees_all_equal(
-        topo.group_sizes, np.bincount(indices.ravel(), minlength=E).astype(np.int32)
+        topo.group_sizes, np.bincount(expert_ids.ravel(), minlength=E).astype(np.int32)
     )
     row_tokens = np.full(topo.padded_rows, T)
     row_tokens[rows] = np.arange(T * K) // K
@@ -53,37 +53,37 @@ def test_dropless_dispatch_permute_unpermute_vs_numpy(block_size):
     chex.assert_trees_all_equal(permutation.permute(jnp.asarray(x), dispatch), want)
 
     y = rng.standard_normal((topo.padded_rows, D)).astype(np.float32)
-    weights = rng.uniform(size=(T, K)).astype(np.float32)
+    gates = rng.uniform(size=(T, K)).astype(np.float32)
     want = np.zeros((T, D))
     for a, row in enumerate(rows):
-        want[a // K] += weights[a // K, a % K] * y[row]
-    got = permutation.unpermute(jnp.asarray(y), dispatch, jnp.asarray(weights))
+        want[a // K] += gates[a // K, a % K] * y[row]
+    got = permutation.unpermute(jnp.asarray(y), dispatch, jnp.asarray(gates))
     chex.assert_trees_all_close(got, want, rtol=1e-6, atol=1e-6)
 
 
 def test_unpermute_bf16_accumulates_in_float32():
-    indices = _indices(2)
-    dispatch, topo = _dropless(jnp.asarray(indices), E, 8)
+    expert_ids = _indices(2)
+    dispatch, topo = _dropless(jnp.asarray(expert_ids), E, 8)
     rng = np.random.default_rng(2)
     y = jnp.asarray(rng.standard_normal((topo.padded_rows, D)), jnp.bfloat16)
-    weights = jnp.asarray(rng.uniform(size=(T, K)), jnp.float32)
-    got = permutation.unpermute(y, dispatch, weights)
+    gates = jnp.asarray(rng.uniform(size=(T, K)), jnp.float32)
+    got = permutation.unpermute(y, dispatch, gates)
     assert got.dtype == jnp.bfloat16
-    rows = ref.dropless_rows(indices, E, 8)
-    y64, w64 = np.asarray(y, np.float64), np.asarray(weights, np.float64)
+    rows = ref.dropless_rows(expert_ids, E, 8)
+    y64, w64 = np.asarray(y, np.float64), np.asarray(gates, np.float64)
     want = np.einsum("tk,tkd->td", w64, y64[rows].reshape(T, K, D))
     chex.assert_trees_all_close(got.astype(jnp.float32), want, rtol=1e-2, atol=1e-2)
 
 
 def test_gradients_vs_numpy_and_finite_differences():
-    indices = _indices(3)
+    expert_ids = _indices(3)
     block_size = 8
-    dispatch, topo = _dropless(jnp.asarray(indices), E, block_size)
-    rows = ref.dropless_rows(indices, E, block_size)
+    dispatch, topo = _dropless(jnp.asarray(expert_ids), E, block_size)
+    rows = ref.dropless_rows(expert_ids, E, block_size)
     rng = np.random.default_rng(3)
     x = rng.standard_normal((T, D)).astype(np.float32)
     y = rng.standard_normal((topo.padded_rows, D)).astype(np.float32)
-    weights = rng.uniform(size=(T, K)).astype(np.float32)
+    gates = rng.uniform(size=(T, K)).astype(np.float32)
     g_rows = rng.standard_normal((topo.padded_rows, D)).astype(np.float32)
     g_out = rng.standard_normal((T, D)).astype(np.float32)
 
@@ -93,13 +93,13 @@ def test_gradients_vs_numpy_and_finite_differences():
         want_dx[a // K] += g_rows[row]
     chex.assert_trees_all_close(vjp(g_rows)[0], want_dx, rtol=1e-6, atol=1e-6)
 
-    _, vjp = jax.vjp(lambda y, w: permutation.unpermute(y, dispatch, w), y, weights)
+    _, vjp = jax.vjp(lambda y, w: permutation.unpermute(y, dispatch, w), y, gates)
     dy, dw = vjp(g_out)
     want_dy = np.zeros_like(y, np.float64)
     want_dw = np.zeros((T, K))
     for a, row in enumerate(rows):
         t, j = divmod(a, K)
-        want_dy[row] += weights[t, j] * g_out[t]
+        want_dy[row] += gates[t, j] * g_out[t]
         want_dw[t, j] = g_out[t] @ y[row]
     chex.assert_trees_all_close((dy, dw), (want_dy, want_dw), rtol=1e-5, atol=1e-5)
 
@@ -110,37 +110,37 @@ def test_gradients_vs_numpy_and_finite_differences():
             jnp.tanh(permutation.permute(x, dispatch) * scale), dispatch, w
         )
     )
-    check_grads(f, (x, weights), order=1, modes=["fwd", "rev"], eps=1e-2, atol=1e-2, rtol=1e-2)
+    check_grads(f, (x, gates), order=1, modes=["fwd", "rev"], eps=1e-2, atol=1e-2, rtol=1e-2)
 
 
 @pytest.mark.parametrize("block_size", [1, 32])
 def test_dropless_never_drops_even_all_to_one_expert(block_size):
-    for indices in (
+    for expert_ids in (
         np.zeros((T, 1), np.int32),
         _indices(4, top_k=E),
         np.stack([np.full(T, 3), np.arange(T) % 3], 1).astype(np.int32),
     ):
-        dispatch, topo = _dropless(jnp.asarray(indices), E, block_size)
+        dispatch, topo = _dropless(jnp.asarray(expert_ids), E, block_size)
         rows = np.asarray(dispatch.assignment_rows)
-        assert len(set(rows.tolist())) == indices.size and rows.max() < topo.padded_rows
+        assert len(set(rows.tolist())) == expert_ids.size and rows.max() < topo.padded_rows
         counts = np.bincount(np.asarray(dispatch.row_tokens), minlength=T + 1)
-        chex.assert_trees_all_equal(counts[:T], np.full(T, indices.shape[1]))
-        assert counts[T] == topo.padded_rows - indices.size  # every other row is empty
+        chex.assert_trees_all_equal(counts[:T], np.full(T, expert_ids.shape[1]))
+        assert counts[T] == topo.padded_rows - expert_ids.size  # every other row is empty
 
 
 def test_capacity_dispatch_drops_later_tokens_first_and_counts():
-    indices = _indices(5)
+    expert_ids = _indices(5)
     capacity = 9  # < the busiest expert's count, so some assignments drop
     dispatch, group_sizes, dropped = jax.jit(permutation.capacity_dispatch, static_argnums=(1, 2))(
-        jnp.asarray(indices), E, capacity
+        jnp.asarray(expert_ids), E, capacity
     )
-    kept = ref.capacity_kept(indices, E, capacity)
+    kept = ref.capacity_kept(expert_ids, E, capacity)
     assert 0 < (~kept).sum()
     assert int(dropped) == (~kept).sum()
     chex.assert_trees_all_equal(
-        group_sizes, np.bincount(indices.ravel(), minlength=E).astype(np.int32)
+        group_sizes, np.bincount(expert_ids.ravel(), minlength=E).astype(np.int32)
     )
-    flat = indices.ravel()
+    flat = expert_ids.ravel()
     rows = np.asarray(dispatch.assignment_rows)
     assert np.all(rows[~kept] == E * capacity)  # dropped: out of range
     for e in range(E):  # kept ones fill expert e's slots in token order
@@ -156,8 +156,8 @@ def test_capacity_dispatch_drops_later_tokens_first_and_counts():
 
 
 def test_capacity_all_to_one_expert_keeps_first_tokens():
-    indices = np.zeros((10, 1), np.int32)
-    dispatch, group_sizes, dropped = permutation.capacity_dispatch(jnp.asarray(indices), 3, 4)
+    expert_ids = np.zeros((10, 1), np.int32)
+    dispatch, group_sizes, dropped = permutation.capacity_dispatch(jnp.asarray(expert_ids), 3, 4)
     chex.assert_trees_all_equal(
         (dispatch.assignment_rows, group_sizes, dropped),
         (np.array([0, 1, 2, 3] + [12] * 6, np.int32), np.array([10, 0, 0], np.int32), np.int32(6)),
@@ -215,11 +215,11 @@ def _router_only_shapes(config, tokens, *, grad=False):
     e = config.num_experts
 
     def router_and_losses(params, x):
-        weights, indices, probs, logits = nnx.merge(graphdef, params, rest)(x)
+        gates, expert_ids, probs, logits = nnx.merge(graphdef, params, rest)(x)
         aux = routing_aux(config, logits, probs, jnp.zeros((e,), jnp.int32), 0)
         if not grad:
             return aux
-        return jnp.sum(weights) + aux["load_balancing_loss"] + aux["router_z_loss"]
+        return jnp.sum(gates) + aux["load_balancing_loss"] + aux["router_z_loss"]
 
     fn = jax.grad(router_and_losses, argnums=(0, 1)) if grad else router_and_losses
     abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), params)

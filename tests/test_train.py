@@ -104,7 +104,7 @@ def test_moe_learns_beyond_unigram(tmp_path, text_file):
     expert that received tokens.
 
     Catches a router cut out of the gradient path (planted by hand:
-    ``stop_gradient`` on the router weights zeroes the router gradients) and a
+    ``stop_gradient`` on the router gates zeroes the router gradients) and a
     model that can learn only byte frequencies (planted by hand: feeding every
     position the same token fails it, first at the expert check since every
     token then routes alike; zeroing attention does not, as a bigram model

@@ -29,7 +29,7 @@ ranks (hidden sharding, `placement.ExpertSharding`).
 
 Gradients: the expert weights enter replicated over ``"data"``, so the
 transpose of ``shard_map`` sums their per-device gradients over ``"data"``
-once; the router weights flow back through the un-permutation. ``shard_map``
+once; the router gates flow back through the un-permutation. ``shard_map``
 runs with ``check_vma=False`` because the product kernels' loop carries are
 not typed as device-varying; the transpose then psums the cotangent of every
 input over the mesh axes its spec leaves out, which is exactly that sum.
@@ -38,16 +38,17 @@ input over the mesh axes its spec leaves out, which is exactly that sum.
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 from jax import lax
-from jax.sharding import NamedSharding
+from jax.sharding import AbstractMesh, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jmoe import permutation
 from jmoe.config import MoEConfig
-from jmoe.experts import expert_mlp
+from jmoe.experts import ExpertWeights, expert_mlp
 from jmoe.parallel import exchange as exchange_lib
 from jmoe.parallel.mesh import DATA, EXPERT, TOKEN_SPEC, check_mesh, context_mesh, is_explicit
 from jmoe.parallel.placement import ExpertSharding
@@ -60,7 +61,7 @@ _RAGGED_PLATFORMS = ("gpu", "cuda", "rocm", "tpu")
 _EXPERT_SPEC = P(EXPERT, None, None)
 
 
-def exchange_method(exchange: str, mesh) -> str:
+def exchange_method(exchange: str, mesh: Mesh | AbstractMesh) -> str:
     """``"auto"`` -> ``"ragged"`` on GPU/TPU meshes, ``"padded"`` elsewhere (XLA:CPU)."""
     if exchange not in EXCHANGES:
         raise ValueError(f"exchange must be one of {EXCHANGES}, got {exchange!r}")
@@ -71,76 +72,83 @@ def exchange_method(exchange: str, mesh) -> str:
     return "ragged" if platform in _RAGGED_PLATFORMS else "padded"
 
 
-def _exchange_round(config: MoEConfig, method: str, plan: ExchangePlan, x_sorted, w1, w3, w2):
+class _ExchangeSettings(NamedTuple):
+    """The static part of one device's FFN (`_local_ffn`).
+
+    Attributes:
+      config: the layer's config.
+      sharding: where the experts live on the ``"expert"`` axis.
+      capacity: rows a rank receives (per round when ``in_rounds``).
+      in_rounds: exchange ``capacity`` rows per round until every assignment
+        is served; otherwise one round, dropping what does not fit.
+      method: ``"ragged"`` or ``"padded"`` (`exchange.METHODS`).
+    """
+
+    config: MoEConfig
+    sharding: ExpertSharding
+    capacity: int
+    in_rounds: bool
+    method: str
+
+
+def _exchange_round(
+    settings: _ExchangeSettings, plan: ExchangePlan, x_sorted: jax.Array, weights: ExpertWeights
+) -> jax.Array:
     """One exchange: ``x_sorted [n, d]`` -> ``[n, d]``, the expert outputs of the
     plan's rows (zero for rows it does not send)."""
-    rows = exchange_lib.dispatch(x_sorted, plan, method)
-    out = expert_mlp(config, rows, None, plan.topology, w1, w3, w2)
-    return exchange_lib.combine(out, plan, method, x_sorted.shape[0])
+    rows = exchange_lib.dispatch(x_sorted, plan, settings.method)
+    out = expert_mlp(settings.config, rows, None, plan.topology, weights)
+    return exchange_lib.combine(out, plan, settings.method, x_sorted.shape[0])
 
 
-def _planned_round(
-    config: MoEConfig,
-    method: str,
-    num_local: int,
-    capacity: int,
-    round_index,
-    counts,
-    x_sorted,
-    w1,
-    w3,
-    w2,
-):
-    """Round ``round_index`` of the multi-round exchange (`rounds.sum_over_rounds`)."""
-    plan = make_plan(
+def _plan(settings: _ExchangeSettings, counts: jax.Array, round_index=0) -> ExchangePlan:
+    """This rank's `ExchangePlan` for the all-gathered ``counts [ep, E*s]``."""
+    config = settings.config
+    return make_plan(
         counts,
         lax.axis_index(EXPERT),
-        num_local,
-        capacity,
+        settings.sharding.num_local,
+        settings.capacity,
         layout_block_size(config.impl, config.block_size),
         round_index,
     )
-    return _exchange_round(config, method, plan, x_sorted, w1, w3, w2)
+
+
+def _planned_round(settings: _ExchangeSettings, round_index, counts, x_sorted, *weights):
+    """Round ``round_index`` of the multi-round exchange (`rounds.sum_over_rounds`,
+    whose operands are flat: ``weights`` are the `ExpertWeights` fields)."""
+    plan = _plan(settings, counts, round_index)
+    return _exchange_round(settings, plan, x_sorted, ExpertWeights(*weights))
 
 
 def _local_ffn(
-    config: MoEConfig,
-    sharding: ExpertSharding,
-    capacity: int,
-    in_rounds: bool,
-    method: str,
-    x,
-    weights,
-    indices,
-    w1,
-    w3,
-    w2,
-):
-    """One device's part: ``x [T_local, d]``, ``weights/indices [T_local, k]``,
-    ``w* [L, ...]`` -> ``(y [T_local, d], tokens_per_expert [E], dropped [],
-    rounds [])``.
-
-    ``in_rounds``: exchange ``capacity`` rows per round until every assignment
-    is served; otherwise one round, dropping what does not fit.
-    """
-    v_weights, v_indices = sharding.split_routing(weights, indices)
-    dispatch, send_topo = permutation.dropless_dispatch(v_indices, sharding.num_virtual, 1)
+    settings: _ExchangeSettings,
+    x: jax.Array,
+    gates: jax.Array,
+    expert_ids: jax.Array,
+    weights: ExpertWeights,
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """One device's part: ``x [T_local, d]``, ``gates/expert_ids [T_local, k]``,
+    ``weights`` of its ``L`` (virtual) experts -> ``(y [T_local, d],
+    tokens_per_expert [E], dropped [], rounds [])``."""
+    sharding = settings.sharding
+    v_gates, v_expert_ids = sharding.split_routing(gates, expert_ids)
+    dispatch, send_topo = permutation.dropless_dispatch(v_expert_ids, sharding.num_virtual, 1)
     x_sorted = permutation.permute(x, dispatch)
     counts = lax.all_gather(send_topo.group_sizes, EXPERT)
-    if in_rounds:
-        rounds = num_rounds(counts, sharding.num_local, capacity)
-        round_fn = functools.partial(_planned_round, config, method, sharding.num_local, capacity)
-        y_sorted = sum_over_rounds(round_fn, rounds, (counts, x_sorted, w1, w3, w2))
+    if settings.in_rounds:
+        rounds = num_rounds(counts, sharding.num_local, settings.capacity)
+        round_fn = functools.partial(_planned_round, settings)
+        y_sorted = sum_over_rounds(round_fn, rounds, (counts, x_sorted, *weights))
         dropped = jnp.zeros((), jnp.int32)
         rounds = lax.pmax(rounds, DATA)  # the replicas may differ; each "expert" group agrees
     else:
         rounds = jnp.ones((), jnp.int32)
-        block = layout_block_size(config.impl, config.block_size)
-        plan = make_plan(counts, lax.axis_index(EXPERT), sharding.num_local, capacity, block)
-        y_sorted = _exchange_round(config, method, plan, x_sorted, w1, w3, w2)
+        plan = _plan(settings, counts)
+        y_sorted = _exchange_round(settings, plan, x_sorted, weights)
         dropped = lax.psum(plan.dropped, (DATA, EXPERT)) // sharding.hidden_splits
-    y = permutation.unpermute(y_sorted, dispatch, v_weights)
-    local_counts = jnp.bincount(indices.reshape(-1), length=config.num_experts)
+    y = permutation.unpermute(y_sorted, dispatch, v_gates)
+    local_counts = jnp.bincount(expert_ids.reshape(-1), length=settings.config.num_experts)
     tokens_per_expert = lax.psum(local_counts.astype(jnp.int32), (DATA, EXPERT))
     return y, tokens_per_expert, dropped, rounds
 
@@ -148,18 +156,18 @@ def _local_ffn(
 def expert_parallel_ffn(
     config: MoEConfig,
     x: jax.Array,
-    weights: jax.Array,
-    indices: jax.Array,
-    w1,
-    w3,
-    w2,
+    gates: jax.Array,
+    expert_ids: jax.Array,
+    w1: jax.Array,
+    w3: jax.Array | None,
+    w2: jax.Array,
     *,
-    mesh=None,
+    mesh: Mesh | AbstractMesh | None = None,
     capacity_factor: float | None = None,
     buffer_factor: float | None = None,
     exchange: str = "auto",
     return_rounds: bool = False,
-):
+) -> tuple[jax.Array, ...]:
     """Routed experts of a dropless MoE, expert-parallel over ``mesh``.
 
     Same contract as `jmoe.moe.dropless_ffn`, on global arrays.
@@ -167,8 +175,8 @@ def expert_parallel_ffn(
     Args:
       x: ``[tokens, d_model]`` in the compute dtype; ``tokens`` divisible by
         the ``data * expert`` device count.
-      weights, indices: ``[tokens, k]`` router output (each token's k experts
-        distinct, as top-k gives them).
+      gates, expert_ids: ``[tokens, k]`` router output (`RouterOutput`; each
+        token's k experts distinct, as top-k gives them).
       w1, w3, w2: ``[E, d_model, d_ff]``, same or None, ``[E, d_ff, d_model]``.
       mesh: a mesh with ``"data"`` and ``"expert"`` axes (concrete or
         abstract); defaults to the `jax.set_mesh` one.
@@ -215,17 +223,15 @@ def expert_parallel_ffn(
             f"({mesh.shape[DATA]} x {mesh.shape[EXPERT]})"
         )
     bound = capacity_factor if buffer_factor is None else buffer_factor
-    capacity = sharding.capacity(x.shape[0] // devices, indices.shape[1], bound)
-    body = functools.partial(
-        _local_ffn, config, sharding, capacity, buffer_factor is not None, method
-    )
+    capacity = sharding.capacity(x.shape[0] // devices, expert_ids.shape[1], bound)
+    settings = _ExchangeSettings(config, sharding, capacity, buffer_factor is not None, method)
     y, tokens_per_expert, dropped, rounds = jax.shard_map(
-        body,
+        functools.partial(_local_ffn, settings),
         mesh=mesh,
-        in_specs=(TOKEN_SPEC,) * 3 + (_EXPERT_SPEC,) * 3,
+        in_specs=(TOKEN_SPEC,) * 3 + (_EXPERT_SPEC,),
         out_specs=(TOKEN_SPEC, P(), P(), P()),
         check_vma=False,
-    )(*_operands(mesh, sharding, x, weights, indices, (w1, w3, w2)))
+    )(*_operands(mesh, sharding, x, gates, expert_ids, ExpertWeights(w1, w3, w2)))
     if is_explicit(mesh) and not jax.typeof(x).sharding.mesh.empty:
         y = jax.reshard(y, jax.typeof(x).sharding)  # y has x's type
     if return_rounds:
@@ -233,7 +239,9 @@ def expert_parallel_ffn(
     return y, tokens_per_expert, dropped
 
 
-def _operands(mesh, sharding: ExpertSharding, x, weights, indices, expert_weights):
+def _operands(
+    mesh, sharding: ExpertSharding, x, gates, expert_ids, weights: ExpertWeights
+) -> tuple:
     """The ``shard_map`` operands: tokens, routing and the (virtual) expert weights.
 
     On Explicit axes they are resharded to the ``in_specs`` (hidden sharding
@@ -241,13 +249,13 @@ def _operands(mesh, sharding: ExpertSharding, x, weights, indices, expert_weight
     ``shard_map`` reshards them itself.
     """
     if not is_explicit(mesh):
-        return (x, weights, indices, *sharding.split_weights(*expert_weights))
+        return x, gates, expert_ids, sharding.split_weights(weights)
     if sharding.hidden_splits > 1:
-        expert_weights = _reshard(expert_weights, mesh, P())
-    expert_weights = sharding.split_weights(*expert_weights)
+        weights = _reshard(weights, mesh, P())
+    weights = sharding.split_weights(weights)
     return (
-        *_reshard((x, weights, indices), mesh, TOKEN_SPEC),
-        *_reshard(expert_weights, mesh, _EXPERT_SPEC),
+        *_reshard((x, gates, expert_ids), mesh, TOKEN_SPEC),
+        _reshard(weights, mesh, _EXPERT_SPEC),
     )
 
 

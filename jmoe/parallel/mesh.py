@@ -14,7 +14,7 @@ mesh has an ``"expert"`` axis; without one, plain data parallelism.
 from __future__ import annotations
 
 import jax
-from jax.sharding import AxisType, NamedSharding
+from jax.sharding import AbstractMesh, AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 DATA = "data"
@@ -47,7 +47,7 @@ def make_mesh(
     )
 
 
-def context_mesh():
+def context_mesh() -> AbstractMesh | None:
     """The `jax.set_mesh` mesh if it has an ``"expert"`` axis, else None.
 
     Raises ValueError for an ``"expert"`` mesh that the expert-parallel layer
@@ -61,7 +61,7 @@ def context_mesh():
     return mesh
 
 
-def check_mesh(mesh):
+def check_mesh(mesh: Mesh | AbstractMesh) -> None:
     """Raises ValueError unless ``mesh`` (concrete or abstract) suits expert parallelism."""
     names = tuple(mesh.axis_names)
     if DATA not in names or EXPERT not in names:
@@ -85,7 +85,7 @@ def _axis_type(mesh, name: str) -> AxisType:
     return dict(zip(mesh.axis_names, mesh.axis_types))[name]
 
 
-def is_explicit(mesh) -> bool:
+def is_explicit(mesh: Mesh | AbstractMesh) -> bool:
     """Whether the ``"data"``/``"expert"`` axes carry shardings in the array types."""
     return _axis_type(mesh, EXPERT) == AxisType.Explicit
 
@@ -123,7 +123,7 @@ def param_spec(path, shape: tuple[int, ...], mesh, *, fsdp: bool = False) -> P:
     return P(*spec)
 
 
-def state_shardings(state, mesh, *, fsdp: bool = False):
+def state_shardings(state, mesh: Mesh, *, fsdp: bool = False):
     """NamedSharding of every leaf of ``state`` (e.g. ``nnx.state(model)``).
 
     Use as ``nnx.update(model, jax.device_put(state, state_shardings(state,

@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from jmoe.config import MoEConfig
+from pallas_kernels.backend import ExpertWeights
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,12 +63,13 @@ class ExpertSharding:
     def num_local(self) -> int:
         return self.num_virtual // self.num_ranks
 
-    def split_weights(self, w1, w3, w2):
+    def split_weights(self, weights: ExpertWeights) -> ExpertWeights:
         """``w1 [E, d, F]``, ``w3`` (same or None), ``w2 [E, F, d]`` ->
         ``[E*s, d, F/s]``, same or None, ``[E*s, F/s, d]``."""
         s = self.hidden_splits
         if s == 1:
-            return w1, w3, w2
+            return weights
+        w1, w3, w2 = weights
 
         def split_columns(w):
             experts, d_model, d_ff = w.shape
@@ -75,21 +77,21 @@ class ExpertSharding:
             return w.reshape(experts * s, d_model, d_ff // s)
 
         experts, d_ff, d_model = w2.shape
-        return (
+        return ExpertWeights(
             split_columns(w1),
             None if w3 is None else split_columns(w3),
             w2.reshape(experts * s, d_ff // s, d_model),
         )
 
-    def split_routing(self, weights: jax.Array, indices: jax.Array):
+    def split_routing(self, gates: jax.Array, expert_ids: jax.Array) -> tuple[jax.Array, jax.Array]:
         """``[T, k]`` -> ``[T, k*s]``: assignment ``(t, e)`` becomes every
-        ``(t, e*s + h)``, with the same weight."""
+        ``(t, e*s + h)``, with the same gate."""
         s = self.hidden_splits
         if s == 1:
-            return weights, indices
-        tokens, top_k = indices.shape
-        virtual = indices[:, :, None] * s + jnp.arange(s, dtype=indices.dtype)
-        return jnp.repeat(weights, s, axis=1), virtual.reshape(tokens, top_k * s)
+            return gates, expert_ids
+        tokens, top_k = expert_ids.shape
+        virtual = expert_ids[:, :, None] * s + jnp.arange(s, dtype=expert_ids.dtype)
+        return jnp.repeat(gates, s, axis=1), virtual.reshape(tokens, top_k * s)
 
     def capacity(self, local_tokens: int, top_k: int, capacity_factor: float | None) -> int:
         """Static receive-buffer rows per rank: the worst case, or

@@ -1,7 +1,7 @@
 """The expert-parallel tests' shared harness (test_expert_parallel.py, test_ep_rounds.py,
 test_exchange_grad.py, test_parallel_layer.py).
 
-* `ffn_problem`: a random dropless-FFN problem (``x [tokens, D]``, router weights, expert
+* `ffn_problem`: a random dropless-FFN problem (``x [tokens, D]``, router gates, expert
   ids ``[tokens, k]`` under a chosen routing, expert weights, output cotangent);
   `single_device_outputs` / `expert_parallel_outputs`: the FFN's output, counts and the
   gradients of all five arguments on one device or on a ``data x expert`` host mesh.
@@ -57,14 +57,14 @@ def routed_experts(kind: str, tokens: int, num_experts: int, top_k: int, rng) ->
 
 
 def ffn_problem(config, tokens, kind, seed=0):
-    """Inputs, router weights, indices, expert weights and the output cotangent."""
+    """Inputs, router gates, expert ids, expert weights and the output cotangent."""
     rng = np.random.default_rng(seed)
     f32 = lambda a: jnp.asarray(a, jnp.float32)
     e, k = config.num_experts, config.top_k
     d = config.d_model
     x = f32(rng.standard_normal((tokens, d)))
-    weights = f32(rng.random((tokens, k)) + 0.1)
-    indices = jnp.asarray(routed_experts(kind, tokens, e, k, rng), jnp.int32)
+    gates = f32(rng.random((tokens, k)) + 0.1)
+    expert_ids = jnp.asarray(routed_experts(kind, tokens, e, k, rng), jnp.int32)
     w1 = f32(rng.standard_normal((e, d, config.d_ff)) / math.sqrt(d))
     w3 = (
         f32(rng.standard_normal((e, d, config.d_ff)) / math.sqrt(d))
@@ -73,11 +73,11 @@ def ffn_problem(config, tokens, kind, seed=0):
     )
     w2 = f32(rng.standard_normal((e, config.d_ff, d)) / math.sqrt(config.d_ff))
     dy = f32(rng.standard_normal((tokens, d)))
-    return (x, weights, w1, w3, w2), indices, dy
+    return (x, gates, w1, w3, w2), expert_ids, dy
 
 
 def value_and_grads(ffn, args, dy):
-    """``ffn(x, weights, w1, w3, w2) -> (y, *counts)``: outputs and the
+    """``ffn(x, gates, w1, w3, w2) -> (y, *counts)``: outputs and the
     gradients of ``sum(y * dy)`` w.r.t. all five arguments."""
 
     def loss(*args):
@@ -89,19 +89,19 @@ def value_and_grads(ffn, args, dy):
     return y, counts, grads
 
 
-def single_device_outputs(config, indices, args, dy):
+def single_device_outputs(config, expert_ids, args, dy):
     """`value_and_grads` of the single-device dropless FFN on host CPU 0."""
     with jax.default_device(host_cpus()[0]):
-        ffn = lambda x, w, w1, w3, w2: dropless_ffn(config, x, w, indices, w1, w3, w2)
+        ffn = lambda x, w, w1, w3, w2: dropless_ffn(config, x, w, expert_ids, w1, w3, w2)
         return value_and_grads(ffn, args, dy)
 
 
-def expert_parallel_outputs(config, indices, args, dy, data, expert, **kw):
+def expert_parallel_outputs(config, expert_ids, args, dy, data, expert, **kw):
     """`value_and_grads` of `expert_parallel_ffn` (``**kw`` passed on) on a
     ``data x expert`` mesh of host CPUs."""
     mesh = make_mesh(data, expert, devices=host_cpus())
     ffn = lambda x, w, w1, w3, w2: expert_parallel_ffn(
-        config, x, w, indices, w1, w3, w2, mesh=mesh, **kw
+        config, x, w, expert_ids, w1, w3, w2, mesh=mesh, **kw
     )
     return value_and_grads(ffn, args, dy)
 

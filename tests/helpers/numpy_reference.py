@@ -205,7 +205,7 @@ def moe(params: dict, x, config, dy):
 
     Returns:
       ``(y [T, d], aux, grads)``. ``aux`` holds the weighted losses,
-      ``tokens_per_expert``, ``indices`` and ``weights``; ``grads`` are the
+      ``tokens_per_expert``, ``expert_ids`` and ``gates``; ``grads`` are the
       gradients of ``sum(y * dy) + load_balancing_loss + router_z_loss`` for
       ``x`` (key ``"x"``) and every parameter (same nesting as ``params``).
     """
@@ -227,8 +227,8 @@ def moe(params: dict, x, config, dy):
         "load_balancing_loss": lb_scale * np.dot(counts, mean_probs),
         "router_z_loss": config.router_z_loss_weight * np.mean(lse**2),
         "tokens_per_expert": counts,
-        "indices": np.array([r[2] for r in routes]),
-        "weights": np.array([r[3] for r in routes]),
+        "expert_ids": np.array([r[2] for r in routes]),
+        "gates": np.array([r[3] for r in routes]),
     }
 
     grads = {
@@ -369,8 +369,8 @@ def deepseek_moe(params: dict, x, config, dy, bias=None, num_sequences: int = 1)
         "router_z_loss": config.router_z_loss_weight * np.mean(lse**2),
         "sequence_aux_loss": config.sequence_aux_loss_weight * np.mean(np.sum(f * seq_probs, -1)),
         "tokens_per_expert": counts,
-        "indices": chosen,
-        "weights": weights,
+        "expert_ids": chosen,
+        "gates": weights,
     }
 
     ex = {k: f64(v) for k, v in params["experts"].items()}
