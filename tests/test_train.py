@@ -280,6 +280,7 @@ def test_compare_time_to_reach_and_table():
         tokens_per_s=100.0,
         median_step_s=0.5,
         dropped_fraction=0.0,
+        tokens_per_step=64,
     )
     rows = compare.results_table(
         {"dense": summary, "dmoe": {**summary, "final_val_loss": 1.5, "train_time_s": 50.0}},
@@ -288,4 +289,7 @@ def test_compare_time_to_reach_and_table():
     assert rows[0]["speedup_vs_dense"] == pytest.approx(1.0)
     assert rows[1]["time_to_dense_loss_s"] == pytest.approx(30.0)
     table = compare.markdown(rows)
-    assert "| dmoe | 1.5000 | 50 | 100 | 500 | 0.0% | 30 | 1.00x |" in table
+    # dense's records end at step 20 (2.0); dmoe's 2.0 there ties, so it is never ahead
+    assert rows[1]["ahead_of_dense_from_tokens"] is None
+    assert "| dmoe | 1.5000 | 50 | 100 | 500 | 0.0% | 30 | 1.00x | never |" in table
+    assert "| dense | 2.0000 | 30 | 100 | 500 | 0.0% | 30 | 1.00x | - |" in table
