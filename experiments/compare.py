@@ -190,30 +190,44 @@ def seeds_table(summaries: dict[str, list[dict]], records: dict[str, list[list[d
 
     ``summaries[name]``/``records[name]``: the summaries and metrics of each
     seed of configuration ``name``. Each row: ``val_mean``, ``val_sd``
-    (sample sd; 0 for one seed), the mean over seeds of the time and tokens to
-    reach the target (None unless every seed reaches it), ``dropped_fraction``.
+    (sample sd; 0 for one seed), ``reached`` (how many seeds reach the target),
+    the mean time and tokens to reach it over those seeds (None if none does),
+    ``dropped_fraction``, and ``minus_dmoe_mean`` / ``minus_dmoe_sd``: the final
+    loss minus the dMoE's of the same seed (same data order), over seeds (None
+    without a dmoe run).
     Returns ``(rows, target_name, target)``.
     """
     mean_final = lambda name: float(np.mean([s["final_val_loss"] for s in summaries[name]]))
     dropping = [n for n in summaries if n.startswith("moe-")]
     target_name = min(dropping or ["dense"], key=mean_final)
     target = mean_final(target_name)
+    finals_of = lambda name: np.array([s["final_val_loss"] for s in summaries[name]])
     rows = []
     for name, runs in summaries.items():
         finals = [s["final_val_loss"] for s in runs]
+        paired = finals_of(name) - finals_of("dmoe") if "dmoe" in summaries else None
         vals = [[r for r in recs if r["kind"] == "val"] for recs in records[name]]
         times = [time_to_reach(v, target) for v in vals]
         tokens = [tokens_to_reach(v, target, s["tokens_per_step"]) for v, s in zip(vals, runs)]
-        mean_or_none = lambda xs: None if None in xs else float(np.mean(xs))
+        mean_of_reached = lambda xs: (
+            float(np.mean([x for x in xs if x is not None]))
+            if any(x is not None for x in xs)
+            else None
+        )
         rows.append(
             {
                 "run": name,
                 "seeds": len(runs),
                 "val_mean": float(np.mean(finals)),
                 "val_sd": float(np.std(finals, ddof=1)) if len(finals) > 1 else 0.0,
-                "time_to_target_s": mean_or_none(times),
-                "tokens_to_target": mean_or_none(tokens),
+                "reached": sum(t is not None for t in tokens),
+                "time_to_target_s": mean_of_reached(times),
+                "tokens_to_target": mean_of_reached(tokens),
                 "dropped_fraction": float(np.mean([s["dropped_fraction"] for s in runs])),
+                "minus_dmoe_mean": None if paired is None else float(np.mean(paired)),
+                "minus_dmoe_sd": None
+                if paired is None or len(paired) < 2
+                else float(np.std(paired, ddof=1)),
             }
         )
     return rows, target_name, target
@@ -221,15 +235,22 @@ def seeds_table(summaries: dict[str, list[dict]], records: dict[str, list[list[d
 
 def seeds_markdown(rows: list[dict], target_name: str, target: float) -> str:
     header = (
-        f"| run | seeds | final val loss (mean ± sd) | time to {target_name}'s "
-        f"{target:.4f} (s) | tokens to it | assignments dropped |\n"
-        "|---|---:|---:|---:|---:|---:|\n"
+        f"| run | seeds | final val loss (mean ± sd) | {target_name}'s mean final loss "
+        f"{target:.4f}: seeds reaching it | time (s) | tokens | assignments dropped "
+        "| minus dmoe, same seed (mean ± sd) |\n"
+        "|---|---:|---:|---:|---:|---:|---:|---:|\n"
     )
     fmt = lambda value, spec: "never" if value is None else format(value, spec)
+    paired = lambda r: (
+        "-"
+        if r["run"] == "dmoe" or r["minus_dmoe_mean"] is None
+        else f"{r['minus_dmoe_mean']:+.4f} ± {r['minus_dmoe_sd'] or 0.0:.4f}"
+    )
     return header + "".join(
         f"| {r['run']} | {r['seeds']} | {r['val_mean']:.4f} ± {r['val_sd']:.4f} | "
-        f"{fmt(r['time_to_target_s'], '.0f')} | {fmt(r['tokens_to_target'], ',.0f')} | "
-        f"{r['dropped_fraction']:.1%} |\n"
+        f"{r['reached']}/{r['seeds']} | {fmt(r['time_to_target_s'], '.0f')} | "
+        f"{fmt(r['tokens_to_target'], ',.0f')} | "
+        f"{r['dropped_fraction']:.1%} | {paired(r)} |\n"
         for r in rows
     )
 

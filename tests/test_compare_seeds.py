@@ -37,14 +37,25 @@ def test_seeds_table():
     # 3.0 -> 2.2 at step 18.75 (seed 1): mean 17.875 steps = 17.875 s = 1787.5 tokens.
     assert by_run["dense"]["time_to_target_s"] == pytest.approx(17.875)
     assert by_run["dense"]["tokens_to_target"] == pytest.approx(1787.5)
+    assert by_run["dense"]["reached"] == 2
     assert by_run["moe-cf1.0"]["time_to_target_s"] is None  # never reached
+    assert by_run["moe-cf1.0"]["reached"] == 0
     assert by_run["moe-cf1.0"]["dropped_fraction"] == pytest.approx(0.2)
-    # dmoe: seed 0 reaches 2.3 between step 0 (5.0) and 10 (2.1); seed 1 never does.
-    assert by_run["dmoe"]["tokens_to_target"] is None
+    # dmoe: seed 0 reaches 2.3 between step 0 (5.0) and 10 (2.1), at step 10 * 2.7/2.9;
+    # seed 1 never does: the mean is over the one seed that does.
+    assert by_run["dmoe"]["reached"] == 1
+    assert by_run["dmoe"]["tokens_to_target"] == pytest.approx(100 * 10 * 2.7 / 2.9)
     table = compare.seeds_markdown(rows, target_name, target)
-    assert "| dense | 2 | 2.1000 ± 0.1414 | 18 | 1,788 | 0.0% |" in table
-    assert "| moe-cf1.0 | 2 | 2.6000 ± 0.1414 | never | never | 20.0% |" in table
-    assert "time to moe-cf2.0's 2.3000 (s)" in table
+    # minus dmoe, seed by seed: dense 2.0 - 2.1 and 2.2 - 2.5
+    assert by_run["dense"]["minus_dmoe_mean"] == pytest.approx(-0.2)
+    assert by_run["dense"]["minus_dmoe_sd"] == pytest.approx(0.1414214)
+    assert "| dense | 2 | 2.1000 ± 0.1414 | 2/2 | 18 | 1,788 | 0.0% | -0.2000 ± 0.1414 |" in table
+    assert (
+        "| moe-cf1.0 | 2 | 2.6000 ± 0.1414 | 0/2 | never | never | 20.0% | +0.3000 ± 0.1414 |"
+        in table
+    )
+    assert "| dmoe | 2 | 2.3000 ± 0.2828 | 1/2 |" in table and table.count("| - |") == 1
+    assert "moe-cf2.0's mean final loss 2.3000: seeds reaching it" in table
 
 
 def test_seed_run_dirs():
