@@ -184,6 +184,12 @@ def markdown(rows: list[dict]) -> str:
     )
 
 
+def _mean_of_reached(values: list[float | None]) -> float | None:
+    """Mean of the values that are not None (seeds that reached a target); None if none did."""
+    reached = [v for v in values if v is not None]
+    return float(np.mean(reached)) if reached else None
+
+
 def seeds_table(summaries: dict[str, list[dict]], records: dict[str, list[list[dict]]]):
     """Rows over seeds, and the target: the best token-dropping configuration's
     mean final loss (dense's when no token-dropping configuration ran).
@@ -197,36 +203,31 @@ def seeds_table(summaries: dict[str, list[dict]], records: dict[str, list[list[d
     without a dmoe run).
     Returns ``(rows, target_name, target)``.
     """
-    mean_final = lambda name: float(np.mean([s["final_val_loss"] for s in summaries[name]]))
+    finals = {
+        name: np.array([s["final_val_loss"] for s in runs]) for name, runs in summaries.items()
+    }
     dropping = [n for n in summaries if n.startswith("moe-")]
-    target_name = min(dropping or ["dense"], key=mean_final)
-    target = mean_final(target_name)
-    finals_of = lambda name: np.array([s["final_val_loss"] for s in summaries[name]])
+    target_name = min(dropping or ["dense"], key=lambda name: finals[name].mean())
+    target = float(finals[target_name].mean())
     rows = []
     for name, runs in summaries.items():
-        finals = [s["final_val_loss"] for s in runs]
-        paired = finals_of(name) - finals_of("dmoe") if "dmoe" in summaries else None
+        paired = finals[name] - finals["dmoe"] if "dmoe" in finals else None
         vals = [[r for r in recs if r["kind"] == "val"] for recs in records[name]]
         times = [time_to_reach(v, target) for v in vals]
         tokens = [tokens_to_reach(v, target, s["tokens_per_step"]) for v, s in zip(vals, runs)]
-        mean_of_reached = lambda xs: (
-            float(np.mean([x for x in xs if x is not None]))
-            if any(x is not None for x in xs)
-            else None
-        )
         rows.append(
             {
                 "run": name,
                 "seeds": len(runs),
-                "val_mean": float(np.mean(finals)),
-                "val_sd": float(np.std(finals, ddof=1)) if len(finals) > 1 else 0.0,
+                "val_mean": float(finals[name].mean()),
+                "val_sd": float(np.std(finals[name], ddof=1)) if len(runs) > 1 else 0.0,
                 "reached": sum(t is not None for t in tokens),
-                "time_to_target_s": mean_of_reached(times),
-                "tokens_to_target": mean_of_reached(tokens),
+                "time_to_target_s": _mean_of_reached(times),
+                "tokens_to_target": _mean_of_reached(tokens),
                 "dropped_fraction": float(np.mean([s["dropped_fraction"] for s in runs])),
-                "minus_dmoe_mean": None if paired is None else float(np.mean(paired)),
+                "minus_dmoe_mean": None if paired is None else float(paired.mean()),
                 "minus_dmoe_sd": None
-                if paired is None or len(paired) < 2
+                if paired is None or len(runs) < 2
                 else float(np.std(paired, ddof=1)),
             }
         )
