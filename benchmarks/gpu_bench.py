@@ -63,7 +63,7 @@ def dense_seconds(m: int, k: int, n: int, dtype, repeats: int) -> float:
     return median_seconds(jax.jit(lambda a, b: a @ b), a, b, repeats=repeats)
 
 
-def _mosaic_variant(deep: bool):
+def mosaic_variant(deep: bool):
     """``(sdd, dsd, dstd)`` of the products' signatures on the Mosaic kernels
     with the default or ``deep`` tiles (forward only, as timed here)."""
     from pallas_kernels import mosaic  # loads Mosaic GPU only when asked
@@ -91,7 +91,7 @@ def _mosaic_variant(deep: bool):
 def _product_fns(impl: str):
     """``(sdd, dsd, dstd)`` of ``impl`` (a `products` impl or a `MOSAIC_VARIANTS` label)."""
     if impl in MOSAIC_VARIANTS:
-        return _mosaic_variant(MOSAIC_VARIANTS[impl])
+        return mosaic_variant(MOSAIC_VARIANTS[impl])
     return tuple(
         functools.partial(fn, impl=impl) for fn in (products.sdd, products.dsd, products.dstd)
     )
@@ -128,7 +128,7 @@ def bench_products(shape: Shape, impl: str, dtype, repeats: int):
     return rows
 
 
-def _fwd_bwd(layer, x):
+def fwd_bwd(layer, x):
     graphdef, params, rest = nnx.split(layer, nnx.Param, ...)
 
     def loss(x, params):
@@ -151,8 +151,8 @@ def bench_layer(shape: Shape, impl: str, dtype, repeats: int):
         impl=impl,
     )
     x = jax.random.normal(jax.random.key(0), (shape.tokens, shape.d_model), dtype)
-    moe, moe_params = _fwd_bwd(DroplessMoE(config, rngs=nnx.Rngs(0)), x)
-    dense, dense_params = _fwd_bwd(
+    moe, moe_params = fwd_bwd(DroplessMoE(config, rngs=nnx.Rngs(0)), x)
+    dense, dense_params = fwd_bwd(
         DenseMLP(config, d_ff=shape.top_k * shape.d_ff, rngs=nnx.Rngs(0)), x
     )
     matmuls = 3 if shape.expert_type == "glu" else 2
