@@ -84,6 +84,7 @@ class RowWriter:
         """Marks ``key`` in flight; False if an earlier attempt already started it."""
         if key in self.done:
             return False
+        self._write({"start": key})
         if self.fault is not None and self.started == self.fault[1]:
             mode = self.fault[0]
             print(f"injected fault: {mode} at {key}", flush=True)
@@ -93,7 +94,6 @@ class RowWriter:
             while True:
                 time.sleep(60)
         self.started += 1
-        self._write({"start": key})
         return True
 
     def row(self, key: str, status: str, **fields) -> dict:

@@ -15,6 +15,7 @@ import collections
 import dataclasses
 import json
 import os
+import pathlib
 import signal
 import subprocess
 import sys
@@ -72,6 +73,14 @@ def _in_flight(rows: list[dict]) -> str | None:
     finished = {row.get("key") for row in rows}
     pending = [key for key in started if key not in finished]
     return pending[-1] if pending else None
+
+
+def _append(path: pathlib.Path, row: dict) -> None:
+    """Appends ``row`` on a line of its own (after a line a kill may have cut short)."""
+    text = path.read_text() if path.exists() else ""
+    cut = bool(text) and not text.endswith("\n")
+    with open(path, "a") as f:
+        f.write(("\n" if cut else "") + json.dumps(row) + "\n")
 
 
 def _copy_output(stream, log, tail: collections.deque) -> None:
@@ -159,13 +168,13 @@ def run_step(
             where = f" during {died}" if died else f": {last}"
             crashes.append(_signal_name(returncode) + where)
             if died is not None:  # the row in flight failed; the rest may still run
-                with open(rows_path, "a") as f:
-                    f.write(json.dumps({"key": died, "status": "failed", "reason": crashes[-1]}))
-                    f.write("\n")
+                _append(rows_path, {"key": died, "status": "failed", "reason": crashes[-1]})
             left = timeout - (time.monotonic() - start)
             if not (step.restartable and died is not None and left > 1):
                 break
             print(f"[{step.name}] {crashes[-1]}; starting it again", flush=True)
+    if outcome == "timeout" and (cut := _in_flight(rows_of())) is not None:
+        _append(rows_path, {"key": cut, "status": "timeout", "reason": why_cut})
     progress()
     seconds = round(time.monotonic() - start, 1)
     result = {"seconds": seconds, "timeout_s": round(timeout, 1), "attempts": attempt}
