@@ -219,3 +219,37 @@ def test_smoke_run_has_every_step_ok(tmp_path):
     assert not report["ragged_dot_lowering"]["smoke"]["gmm"]["cudnn"]  # no GPU: no cuDNN
     assert report["training"]["dmoe"]["tokens_per_s"] > 0
     assert written.with_suffix(".md").read_text().startswith("gpu_check: cpu")
+
+
+@pytest.mark.slow
+def test_references_are_per_expert_dots_and_the_dense_expansion_is_not_run(tmp_path, monkeypatch):
+    """The kernel step's reference (per-expert dense dots) against a NumPy loop over the
+    experts, and lax.ragged_dot's weight gradient skipped where its expansion is too big."""
+    import numpy as np
+
+    from benchmarks import gpu_kernels
+    from benchmarks.gpu_rows import RowWriter, read_rows
+    from benchmarks.shapes import Shape
+
+    shape = Shape(24, 16, 8, 4, 2)
+    problem = gpu_kernels.Problem(shape, 1)
+    x, dy, w = (np.asarray(a, np.float32) for a in (problem.x, problem.dy, problem.w))
+    sizes = np.asarray(problem.topo.group_sizes)
+    bounds = np.concatenate([[0], np.cumsum(sizes)])
+    want_tgmm = np.stack([x[a:b].T @ dy[a:b] for a, b in zip(bounds[:-1], bounds[1:])])
+    np.testing.assert_allclose(problem.expert_dots("tgmm"), want_tgmm, rtol=1e-5, atol=1e-5)
+    gmm = problem.expert_dots("gmm")
+    for e, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])):
+        np.testing.assert_allclose(gmm[e, : b - a], x[a:b] @ w[e], rtol=1e-5, atol=1e-5)
+
+    monkeypatch.setattr(gpu_kernels, "EXPANSION_LIMIT_BYTES", problem.expansion_bytes - 1)
+    writer = RowWriter(str(tmp_path / "rows.jsonl"), "kernels")
+    for op in ("gmm", "tgmm"):
+        gpu_kernels.measure_op(writer, "tiny", shape, "lax.ragged_dot", op, {}, 1, 2)
+    rows = {row["key"]: row for row in read_rows(tmp_path / "rows.jsonl") if "status" in row}
+    gmm_row, tgmm_row = rows["tiny/lax.ragged_dot/gmm"], rows["tiny/lax.ragged_dot/tgmm"]
+    assert gmm_row["status"] == "ok" and gmm_row["max_rel_err"] < 1e-2, gmm_row
+    assert gmm_row["lowering"]["flag"].startswith(gpu_kernels.RAGGED_DOT_FUSION_FLAG)
+    assert gmm_row["lowering"]["cudnn"] is False  # CPU: no cuDNN
+    assert tgmm_row["status"] == "skipped", tgmm_row
+    assert tgmm_row["expansion_bytes"] == 4 * 48 * 16 * 2  # E * rows * d_model * bf16
