@@ -77,13 +77,14 @@ def plan_text(steps: list, budget: float) -> str:
     """The schedule: each step's kernels, estimate and share of ``budget``."""
     total = sum(step.estimate_s for step in steps)
     lines = [
-        f"{'step':<18}{'kernels':>8}{'estimate s':>12}{'share s':>9}  what",
+        f"{'step':<18}{'kernels':>8}{'xla':>5}{'estimate s':>12}{'share s':>9}  what",
         *(
-            f"{s.name:<18}{s.kernels:>8}{s.estimate_s:>12.0f}"
+            f"{s.name:<18}{s.kernels:>8}{s.xla_programs:>5}{s.estimate_s:>12.0f}"
             f"{budget * s.estimate_s / total:>9.0f}  {s.what}"
             for s in steps
         ),
-        f"{'total':<18}{sum(s.kernels for s in steps):>8}{total:>12.0f}{budget:>9.0f}"
+        f"{'total':<18}{sum(s.kernels for s in steps):>8}"
+        f"{sum(s.xla_programs for s in steps):>5}{total:>12.0f}{budget:>9.0f}"
         f"  ({'fits' if total <= budget else 'OVER'} the {budget:.0f} s budget)",
         f"model: {gpu_plan.STARTUP_S:.0f} s per process, {gpu_plan.COMPILE_S} s per Mosaic/"
         f"Triton kernel, {gpu_plan.XLA_COMPILE_S} s per XLA program, timed calls at "

@@ -139,7 +139,8 @@ def build_steps(options: Options, out, stem: str, train_dir) -> list:
                 command=[python, "-m", "benchmarks.gpu_kernels", "kernels", "--shapes", shape]
                 + ["--impls", *impls, *timing, *smoke],
                 estimate_s=_estimate(pallas, xla, _run_s(_flops(shape), 2 * len(impls), options)),
-                kernels=pallas + xla,
+                kernels=pallas,
+                xla_programs=xla,
             )
         )
     layer_flops = sum(9 * _flops(shape) for shape in shapes)
@@ -152,7 +153,8 @@ def build_steps(options: Options, out, stem: str, train_dir) -> list:
             estimate_s=_estimate(
                 LAYER_KERNELS * len(shapes), 2 * len(shapes), _run_s(layer_flops, 1, options)
             ),
-            kernels=(LAYER_KERNELS + 2) * len(shapes),
+            kernels=LAYER_KERNELS * len(shapes),
+            xla_programs=2 * len(shapes),
         )
     )
     extra = [impl for impl in options.impls or EXTRA_IMPLS if impl in EXTRA_IMPLS]
@@ -167,7 +169,8 @@ def build_steps(options: Options, out, stem: str, train_dir) -> list:
                 command=[python, "-m", "benchmarks.gpu_kernels", "extra", "--shapes", *shapes]
                 + ["--impls", *extra, *timing, *smoke],
                 estimate_s=_estimate(pallas * len(shapes), xla * len(shapes), run),
-                kernels=(pallas + xla) * len(shapes),
+                kernels=pallas * len(shapes),
+                xla_programs=xla * len(shapes),
             )
         )
     for ffn in ("dense", "dmoe"):

@@ -38,7 +38,8 @@ class Step:
       what: one line for ``--plan``.
       command: its argv.
       estimate_s: planned seconds on one H100 / H200 (its weight in the budget).
-      kernels: kernels (distinct compiled programs) it compiles, for ``--plan``.
+      kernels: Pallas (Mosaic / Triton) kernels it compiles, for ``--plan``.
+      xla_programs: XLA programs it compiles besides, for ``--plan``.
       env: extra environment variables.
       rows: reads its rows (default: its rows file).
       stop: given its rows, True once it has measured enough (then it is stopped: ok).
@@ -51,6 +52,7 @@ class Step:
     command: list[str]
     estimate_s: float
     kernels: int = 0
+    xla_programs: int = 0
     env: dict = dataclasses.field(default_factory=dict)
     rows: Callable[[], list[dict]] | None = None
     stop: Callable[[list[dict]], bool] | None = None

@@ -72,6 +72,7 @@ def train_step(ffn: str, options, train_dir: pathlib.Path):
         command=command + length,
         estimate_s=gpu_plan.STARTUP_S + gpu_plan.TRAIN_SETUP_S + options.train_seconds,
         kernels=gpu_plan.LAYER_KERNELS,
+        xla_programs=2,  # the train and eval steps
         rows=lambda: training_row(ffn, run / "metrics.jsonl"),
         stop=stop,
         restartable=False,
