@@ -307,3 +307,24 @@ def test_mosaic_kernels_do_not_spill_or_serialize_wgmma(tmp_path):
     assert not any(spills), f"register spills: {spills}\n" + log[-3000:]
     assert "serialized" not in log, "ptxas serialized wgmma:\n" + log[-3000:]
     assert "HGMMA" in log, "no wgmma (HGMMA) in the SASS dump"
+
+
+def test_benchmark_rows_on_this_gpu(tmp_path):
+    """`benchmarks.gpu_kernels` rows (what gpu_check times) are correct here: mosaic, the
+    mgpu peers and lax.ragged_dot against per-expert dense dots, at a small shape."""
+    _needs("mosaic")
+    from benchmarks import gpu_kernels
+    from benchmarks.gpu_rows import RowWriter, read_rows
+    from benchmarks.shapes import Shape
+
+    shape, problems = Shape(512, 256, 256, 8, 2), {}
+    writer = RowWriter(str(tmp_path / "rows.jsonl"), "kernels")
+    for impl in ("mosaic", "mosaic-bk32x6", "ragged_dot_mgpu", "lax.ragged_dot"):
+        for op in gpu_kernels.OPS:
+            gpu_kernels.measure_op(writer, "small", shape, impl, op, problems, 1, 2)
+    rows = [row for row in read_rows(tmp_path / "rows.jsonl") if "status" in row]
+    assert len(rows) == 8
+    for row in rows:
+        assert row["status"] == "ok", row
+        assert row["max_rel_err"] < 2e-2, row
+    assert isinstance(rows[-2]["lowering"]["cudnn"], bool)
