@@ -40,6 +40,7 @@ TEST_KERNELS = {
     "test_mosaic_kernel_tiles_match_ragged_dot (2 x 2)": 4,
     "test_mosaic_kernels_do_not_spill_or_serialize_wgmma": 4,
     "test_accumulation[mosaic], test_exchange_grad": 3,
+    "test_benchmark_rows_on_this_gpu (3 Pallas impls x 2 ops)": 6,
 }
 TEST_WORKERS = 8  # pytest-xdist workers on the GPU machine (16 CPU cores compile)
 TRAIN_MEASURE_S = 20.0
