@@ -94,6 +94,9 @@ def test_plan_lists_the_steps_with_kernels_and_shares_and_fits_seven_minutes(cap
     total = text.splitlines()[-2].split()
     assert total[0] == "total" and int(total[1]) > 200 and float(total[3]) <= 420, total
     assert "fits the 420 s budget" in text
+    docs = (ROOT / "docs" / "gpu.md").read_text()
+    for line in text.splitlines()[:-1]:  # docs/gpu.md shows this very schedule
+        assert f"    {line}\n" in docs, line
     capsys.readouterr()
     gpu_check.main(["--plan", "--only", "kernels", "--budget-seconds", "100"])
     lines = capsys.readouterr().out.splitlines()
