@@ -130,8 +130,8 @@ def build_steps(options: Options, out, stem: str, train_dir) -> list:
         )
     )
     kernel_impls = options.impls or (SMOKE_KERNEL_IMPLS if options.smoke else KERNEL_IMPLS)
-    for shape in shapes:
-        impls = [impl for impl in kernel_impls if impl not in EXTRA_IMPLS]
+    impls = [impl for impl in kernel_impls if impl not in EXTRA_IMPLS]
+    for shape in shapes if impls else ():
         pallas, xla = kernel_counts(impls)
         steps.append(
             Step(
