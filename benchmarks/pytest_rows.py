@@ -20,6 +20,9 @@ import pytest
 from benchmarks.gpu_rows import RowWriter
 
 TIMEOUT_ENV = "JMOE_GPU_TEST_TIMEOUT"
+# The stderr of before pytest's capture (``-p`` plugins are imported before it starts):
+# a hung test's stacks must outlive the capture file, which dies with the process.
+_STDERR = os.fdopen(os.dup(2), "w")
 
 
 def _is_worker(config) -> bool:
@@ -58,7 +61,7 @@ class _Deadline:
 
     @pytest.hookimpl(hookwrapper=True)
     def pytest_runtest_protocol(self, item):
-        faulthandler.dump_traceback_later(self.seconds, exit=True)
+        faulthandler.dump_traceback_later(self.seconds, exit=True, file=_STDERR)
         try:
             yield
         finally:

@@ -256,3 +256,25 @@ def test_references_are_per_expert_dots_and_the_dense_expansion_is_not_run(tmp_p
     assert gmm_row["lowering"]["cudnn"] is False  # CPU: no cuDNN
     assert tgmm_row["status"] == "skipped", tgmm_row
     assert tgmm_row["expansion_bytes"] == 4 * 48 * 16 * 2  # E * rows * d_model * bf16
+
+
+def test_pytest_plugin_records_each_test_and_bounds_a_hung_one(tmp_path):
+    """`benchmarks.pytest_rows`: outcomes appended as they are known; without
+    pytest-timeout, ``JMOE_GPU_TEST_TIMEOUT`` ends a hung test's process."""
+    from benchmarks.gpu_rows import ROWS_ENV, read_rows
+    from benchmarks.pytest_rows import TIMEOUT_ENV
+
+    (tmp_path / "test_stand_in.py").write_text(
+        "import time\n\ndef test_a_passes():\n    pass\n\n"
+        "def test_b_hangs():\n    time.sleep(600)\n"
+    )
+    rows = tmp_path / "rows.jsonl"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), ROWS_ENV: str(rows), TIMEOUT_ENV: "2"}
+    command = [sys.executable, "-m", "pytest", "-q", "-p", "benchmarks.pytest_rows"]
+    command += ["-p", "no:cacheprovider", "-p", "no:timeout", str(tmp_path / "test_stand_in.py")]
+    run = subprocess.run(
+        command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert run.returncode != 0 and "test_b_hangs" in run.stderr, run.stdout + run.stderr
+    recorded = {row["key"].split("::")[-1]: row["status"] for row in read_rows(rows)}
+    assert recorded == {"test_a_passes": "passed"}
