@@ -10,11 +10,16 @@ import argparse
 import dataclasses
 from pathlib import Path
 
-from experiments import distributed
+import jax
+import jax.numpy as jnp
+
+from experiments import distributed, overrides
 from experiments.presets import PRESET_TRAINING, PRESETS, preset
 from jmoe.transformer import FFN_KINDS, REMAT_KINDS, TransformerConfig
+from pallas_kernels.products import IMPLS
 
-DESCRIPTION = "Train a byte-level MoE transformer language model on a 2-core CPU."
+DESCRIPTION = "Train an MoE transformer language model (byte-level presets on the KJV Bible)."
+DTYPES = ("float32", "bfloat16")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -35,9 +40,16 @@ class TrainConfig:
         evaluates and checkpoints.
       eval_batches: validation batches per evaluation.
       seed: parameter initialisation and data order.
-      resume: continue from the latest checkpoint in ``out`` (if any).
       mesh: ``(data, expert)``: train on that device mesh (see
         `experiments.distributed.Placement`); None: one device.
+      grad_accum: micro-batches per optimizer step (``batch_size`` sequences
+        in all, ``batch_size / grad_accum`` per forward and backward).
+      overwrite: discard the checkpoints and metrics in ``out``; otherwise a
+        run continues from its latest checkpoint (if any).
+      skip_nonfinite: a step whose loss or gradient is not finite leaves the
+        model and optimizer unchanged (counted as ``skipped_steps``); otherwise
+        it stops the run.
+      tensorboard: also write TensorBoard event files to ``out/tensorboard``.
     """
 
     model: TransformerConfig
@@ -56,8 +68,11 @@ class TrainConfig:
     eval_batches: int = 4
     checkpoint_every: int = 100
     seed: int = 0
-    resume: bool = False
     mesh: tuple[int, int] | None = None
+    grad_accum: int = 1
+    overwrite: bool = False
+    skip_nonfinite: bool = False
+    tensorboard: bool = False
 
     def __post_init__(self):
         for name in (
@@ -67,6 +82,7 @@ class TrainConfig:
             "eval_every",
             "eval_batches",
             "checkpoint_every",
+            "grad_accum",
         ):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
@@ -80,6 +96,10 @@ class TrainConfig:
             raise ValueError(f"lr must be > 0, got {self.lr}")
         if not 0 <= self.warmup_fraction < 1:
             raise ValueError(f"warmup_fraction must be in [0, 1), got {self.warmup_fraction}")
+        if self.batch_size % self.grad_accum:
+            raise ValueError(
+                f"grad_accum={self.grad_accum} must divide batch_size={self.batch_size}"
+            )
 
     @property
     def tokens_per_step(self) -> int:
@@ -148,7 +168,72 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     parser.add_argument("--cache-dir", help="tokenized corpora (default: <out>/../cache)")
     parser.add_argument(
-        "--resume", action="store_true", help="continue from the latest checkpoint in --out"
+        "--overwrite",
+        action="store_true",
+        help="discard the run in --out (checkpoints, metrics) and start over; without it, "
+        "rerunning a command continues from its latest checkpoint (default: off)",
+    )
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="no-op, kept for old commands: runs always continue from their latest checkpoint",
+    )
+    parser.add_argument(
+        "--grad-accum",
+        type=int,
+        default=1,
+        metavar="N",
+        help="micro-batches per optimizer step, accumulated inside one jitted step; must "
+        "divide --batch-size, which stays the sequences per optimizer step "
+        "(default: %(default)s)",
+    )
+    parser.add_argument(
+        "--skip-nonfinite",
+        action="store_true",
+        help="skip an update whose loss or gradient is NaN/inf and count it (skipped_steps "
+        "in the metrics) instead of stopping the run (default: stop)",
+    )
+    parser.add_argument(
+        "--tensorboard",
+        action="store_true",
+        help="also write TensorBoard event files to <out>/tensorboard (default: off)",
+    )
+    model = parser.add_argument_group(
+        "model fields and precision (applied over the preset in this order: the flags "
+        "above and below, then --config, then --set)"
+    )
+    model.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="set a TransformerConfig field, or a MoEConfig field as moe.FIELD, e.g. "
+        "--set num_layers=12 --set moe.num_experts=64; repeatable (default: none)",
+    )
+    model.add_argument(
+        "--config",
+        metavar="FILE.json",
+        help="a JSON object of the same keys as --set, dotted or nested "
+        '({"num_layers": 12, "moe": {"top_k": 8}}) (default: none)',
+    )
+    model.add_argument(
+        "--dtype",
+        choices=("auto", *DTYPES),
+        default="auto",
+        help="compute dtype (MoEConfig.dtype); auto: bfloat16 on a GPU or TPU, float32 on "
+        "CPU. The router, logits and losses are float32 either way (default: %(default)s)",
+    )
+    model.add_argument(
+        "--param-dtype",
+        choices=DTYPES,
+        default="float32",
+        help="dtype of the parameters and so of the optimizer state (MoEConfig.param_dtype; "
+        "default: %(default)s)",
+    )
+    model.add_argument(
+        "--impl",
+        choices=IMPLS,
+        help="expert product kernels (MoEConfig.impl; default: the preset's, auto)",
     )
     parser.add_argument(
         "--seed", type=int, default=0, help="initialisation and data order (default: %(default)s)"
@@ -197,13 +282,36 @@ def routing_changes(args: argparse.Namespace) -> dict:
     return {name: getattr(args, name) for name in names if getattr(args, name) is not None}
 
 
-def config_from_args(args: argparse.Namespace) -> tuple[TrainConfig, str]:
-    """``(TrainConfig, run name)`` from parsed command-line arguments."""
+def compute_dtype(flag: str) -> str:
+    """``--dtype``'s value: ``"auto"`` is bfloat16 on a GPU or TPU, float32 on CPU."""
+    if flag != "auto":
+        return flag
+    return "float32" if jax.default_backend() == "cpu" else "bfloat16"
+
+
+def model_from_args(args: argparse.Namespace) -> TransformerConfig:
+    """The preset with the model flags, then ``--config``, then ``--set`` applied."""
     model = preset(args.preset, ffn=args.ffn, capacity_factor=args.capacity_factor).replace(
         moe_every=args.moe_every, remat=args.remat
     )
-    model = model.replace(moe=model.moe.replace(**routing_changes(args)))
-    name = run_name(args.preset, args.ffn, args.capacity_factor, args.moe_every)
+    precision = dict(
+        dtype=getattr(jnp, compute_dtype(args.dtype)),
+        param_dtype=getattr(jnp, args.param_dtype),
+        **({} if args.impl is None else {"impl": args.impl}),
+    )
+    model = model.replace(moe=model.moe.replace(**routing_changes(args), **precision))
+    if args.config is not None:
+        model = overrides.apply(
+            model, overrides.read_config_file(args.config), f"--config {args.config}"
+        )
+    assignments = dict(overrides.parse_assignment(text) for text in args.set)
+    return overrides.apply(model, assignments, "--set")
+
+
+def config_from_args(args: argparse.Namespace) -> tuple[TrainConfig, str]:
+    """``(TrainConfig, run name)`` from parsed command-line arguments."""
+    model = model_from_args(args)
+    name = run_name(args.preset, model.ffn, model.moe.capacity_factor, model.moe_every)
     out = Path(args.out or Path("runs") / name)
     defaults = PRESET_TRAINING[args.preset]
     pick = lambda key: defaults[key] if getattr(args, key) is None else getattr(args, key)
@@ -220,7 +328,10 @@ def config_from_args(args: argparse.Namespace) -> tuple[TrainConfig, str]:
         eval_batches=args.eval_batches,
         checkpoint_every=args.checkpoint_every,
         seed=args.seed,
-        resume=args.resume,
         mesh=args.mesh,
+        grad_accum=args.grad_accum,
+        overwrite=args.overwrite,
+        skip_nonfinite=args.skip_nonfinite,
+        tensorboard=args.tensorboard,
     )
     return config, name

@@ -21,23 +21,26 @@ evaluation and checkpointing are excluded. Meshes and multi-process runs:
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import json
 import shutil
+import sys
 import time
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
 from tqdm import tqdm
 
-from experiments import distributed, plotting
+from experiments import distributed, flops, overrides, plotting
 from experiments.checkpoint import Checkpoints
 from experiments.config import TrainConfig, config_from_args, parse_args
 from experiments.data import Batches, tokenized_corpus
+from experiments.logbook import Logbook, read_metrics
+from experiments.preemption import EXIT_CODE, Preempted, Preemption
 from jmoe.router import expert_biases, update_expert_bias
 from jmoe.transformer import MoETransformer
 
@@ -78,23 +81,83 @@ def lm_loss(model: MoETransformer, tokens: jax.Array):
     return ce + aux["aux_loss"], (ce, aux)
 
 
-def train_step(graphdef: nnx.GraphDef, state: nnx.State, tokens: jax.Array):
-    """One AdamW step on ``(model, optimizer)`` state: ``-> (new state, metrics)``."""
+def accumulated_loss_and_grads(model: MoETransformer, tokens: jax.Array, micro_batches: int):
+    """``((loss, (ce, aux)), grads)`` of `lm_loss` over ``tokens [batch, seq + 1]`` in
+    ``micro_batches`` forward and backward passes under one ``lax.scan``.
+
+    Micro-batch ``j`` holds rows ``j, j + n, j + 2n, ...`` (so each device of a
+    batch-sharded mesh keeps an even share). Losses and gradients are the micro-batch
+    means' mean (equal to the full batch's for the cross-entropy); integer aux counts
+    (``tokens_per_expert``, ``dropped_tokens``) are summed over the micro-batches.
+    Non-parameter state the forward changes (e.g. router-jitter rng counts) is carried.
+    """
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    rows = tokens.shape[0] // micro_batches
+    micro = tokens.reshape(rows, micro_batches, -1).swapaxes(0, 1)  # [n, rows, seq + 1]
+
+    def loss_of(params, rest, batch):
+        model = nnx.merge(graphdef, params, rest)
+        loss, (ce, aux) = lm_loss(model, batch)
+        return loss, (ce, aux, nnx.split(model, nnx.Param, ...)[2])
+
+    grad_fn = jax.value_and_grad(loss_of, has_aux=True)
+
+    def body(carry, batch):
+        rest, total = carry
+        (loss, (ce, aux, rest)), grads = grad_fn(params, rest, batch)
+        total = jax.tree.map(jnp.add, total, ((loss, (ce, aux)), grads))
+        return (rest, total), None
+
+    shapes = jax.eval_shape(grad_fn, params, rest, micro[0])
+    zeros = jax.tree.map(
+        jnp.zeros_like, ((shapes[0][0], shapes[0][1][:2]), shapes[1])
+    )  # ((loss, (ce, aux)), grads)
+    (rest, total), _ = jax.lax.scan(body, (rest, zeros), micro)
+    nnx.update(model, rest)
+    mean = lambda x: x / micro_batches if jnp.issubdtype(x.dtype, jnp.floating) else x
+    return jax.tree.map(mean, total)
+
+
+def train_step(
+    graphdef: nnx.GraphDef,
+    state: nnx.State,
+    tokens: jax.Array,
+    *,
+    grad_accum: int = 1,
+    skip_nonfinite: bool = False,
+):
+    """One AdamW step on ``(model, optimizer)`` state: ``-> (new state, metrics)``.
+
+    ``grad_accum > 1``: the gradient of ``tokens [batch, seq + 1]`` is accumulated over
+    that many micro-batches (`accumulated_loss_and_grads`). ``metrics["nonfinite"]`` is
+    1 when the loss or the gradient norm is NaN or inf; with ``skip_nonfinite`` such a
+    step returns the state unchanged (model, optimizer moments and count, expert biases).
+    """
     model, opt = nnx.merge(graphdef, state)
-    (loss, (ce, aux)), grads = nnx.value_and_grad(lm_loss, has_aux=True)(model, tokens)
+    if grad_accum == 1:
+        (loss, (ce, aux)), grads = nnx.value_and_grad(lm_loss, has_aux=True)(model, tokens)
+    else:
+        (loss, (ce, aux)), grads = accumulated_loss_and_grads(model, tokens, grad_accum)
+    grad_norm = optax.tree.norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     opt.update(model, grads)
     update_expert_bias(model, aux)  # aux-loss-free balancing (no-op without expert bias)
+    new_state = nnx.state((model, opt))
+    if skip_nonfinite:
+        new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, state)
+        model, opt = nnx.merge(graphdef, new_state)
     metrics = {
         "loss": loss,
         "ce": ce,
         "aux_loss": aux["aux_loss"],
-        "grad_norm": optax.tree.norm(grads),
+        "grad_norm": grad_norm,
+        "nonfinite": (~finite).astype(jnp.int32),
         "tokens_per_expert": aux["tokens_per_expert"],
         "dropped_tokens": aux["dropped_tokens"],
     }
     if (biases := expert_biases(model)) is not None:
         metrics["expert_bias"] = biases  # [moe layers, E], after this step's update
-    return nnx.state((model, opt)), metrics
+    return new_state, metrics
 
 
 def eval_step(graphdef: nnx.GraphDef, state: nnx.State, tokens: jax.Array) -> jax.Array:
@@ -103,22 +166,27 @@ def eval_step(graphdef: nnx.GraphDef, state: nnx.State, tokens: jax.Array) -> ja
     return lm_loss(model, tokens)[1][0]
 
 
-def read_metrics(path: str | Path) -> list[dict]:
-    """The records of a ``metrics.jsonl`` file."""
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
 def _interval_record(
-    config: TrainConfig, step: int, host: list[dict], seconds: float, train_time: float, lr: float
+    config: TrainConfig,
+    step: int,
+    host: list[dict],
+    seconds: float,
+    train_time: float,
+    lr: float,
+    peak_flops: float | None = None,
 ) -> dict:
-    """Averages the per-step metrics of one logging interval into a record."""
-    mean = lambda key: float(np.mean([m[key] for m in host]))
+    """Averages the per-step metrics of one logging interval into a record.
+
+    ``peak_flops``: the devices' summed peak FLOP/s, for ``mfu`` (omitted when None).
+    """
+    mean = lambda key: float(np.mean([float(m[key]) for m in host]))
     counts = np.array([m["tokens_per_expert"] for m in host], np.float64)  # [steps, layers, E]
     load = counts.sum(axis=0)  # [moe layers, E]
     imbalance = counts.max(-1) / np.maximum(counts.mean(-1), 1e-9)  # max / mean load per step
     moe = config.model.moe
     assignments = len(host) * config.tokens_per_step * moe.top_k * len(config.model.moe_layers)
+    tokens_per_s = len(host) * config.tokens_per_step / seconds
+    model_flops = tokens_per_s * flops.flops_per_token(config.model)
     return {
         "kind": "train",
         "step": step,
@@ -128,8 +196,11 @@ def _interval_record(
         "grad_norm": mean("grad_norm"),
         "lr": lr,
         "step_time_s": seconds / len(host),
-        "tokens_per_s": len(host) * config.tokens_per_step / seconds,
+        "tokens_per_s": tokens_per_s,
+        "tflops_per_s": model_flops / 1e12,
+        **({} if peak_flops is None else {"mfu": model_flops / peak_flops}),
         "train_time_s": train_time,
+        "skipped_steps": int(sum(int(m.get("nonfinite", 0)) for m in host)),
         "dropped_tokens": int(sum(int(m["dropped_tokens"]) for m in host)),
         "assignments": assignments,
         "expert_load": (load / np.maximum(load.sum(-1, keepdims=True), 1)).tolist(),
@@ -148,6 +219,7 @@ def summarize(config: TrainConfig, records: list[dict], name: str, extra: dict) 
     val = [r for r in records if r["kind"] == "val"]
     train_time = train[-1]["train_time_s"]
     assignments = sum(r["assignments"] for r in train)
+    tokens_per_s = train[-1]["step"] * config.tokens_per_step / train_time
     return {
         "name": name,
         "steps": train[-1]["step"],
@@ -155,18 +227,13 @@ def summarize(config: TrainConfig, records: list[dict], name: str, extra: dict) 
         "final_val_loss": val[-1]["val_loss"],
         "final_train_ce": train[-1]["ce"],
         "train_time_s": train_time,
-        "tokens_per_s": train[-1]["step"] * config.tokens_per_step / train_time,
+        "tokens_per_s": tokens_per_s,
+        "tflops_per_s": tokens_per_s * flops.flops_per_token(config.model) / 1e12,
         "median_step_s": float(np.median([r["step_time_s"] for r in train])),
         "dropped_fraction": sum(r["dropped_tokens"] for r in train) / max(assignments, 1),
+        "skipped_steps": sum(r.get("skipped_steps", 0) for r in train),
         **extra,
     }
-
-
-def _start_metrics(path: Path, resume_step: int):
-    """Keeps the records up to ``resume_step`` (all of a fresh run's are dropped)."""
-    kept = [r for r in read_metrics(path) if r["step"] <= resume_step] if path.exists() else []
-    with open(path, "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in kept)
 
 
 def _evaluate(evaluate, state, batches: Batches, placement: distributed.Placement) -> float:
@@ -186,9 +253,66 @@ def _model_and_optimizer(config: TrainConfig):
     return model, nnx.Optimizer(model, optimizer(config), wrt=nnx.Param)
 
 
-def train(config: TrainConfig, name: str = "run") -> dict | None:
-    """Runs (or resumes) training; returns the summary (also in ``summary.json``).
+# Model fields that change only how a step computes, not the state a checkpoint holds.
+_COMPUTE_ONLY = ("remat", "moe.dtype", "moe.impl")
 
+
+def _check_same_model(config: TrainConfig, meta: dict, step: int):
+    """Refuses to continue a run whose checkpoint holds another model."""
+    saved = meta.get("model")
+    if saved is None:
+        return
+    now = overrides.flatten(overrides.model_dict(config.model))
+    saved = overrides.flatten(saved)
+    changed = sorted(k for k in now.keys() | saved.keys() if now.get(k) != saved.get(k))
+    changed = [k for k in changed if k not in _COMPUTE_ONLY]
+    if changed:
+        raise ValueError(
+            f"{config.out} holds a run of another model (step {step}; differing: "
+            + ", ".join(f"{k} {saved.get(k)!r} -> {now.get(k)!r}" for k in changed)
+            + "); pass --overwrite to discard it, or choose another --out"
+        )
+
+
+def _first_nonfinite(host: list[dict], first_step: int) -> int | None:
+    """The step (counted from 1) of the first non-finite metrics in ``host``, or None."""
+    bad = [first_step + j for j, m in enumerate(host) if int(m["nonfinite"])]
+    return bad[0] if bad else None
+
+
+def _device_peak(config: TrainConfig, placement: distributed.Placement) -> float | None:
+    """Summed bfloat16 peak FLOP/s of the run's devices (bfloat16 compute only), or None."""
+    if jnp.dtype(config.model.moe.dtype) != jnp.bfloat16:
+        return None
+    devices = jax.devices()[: 1 if placement.mesh is None else placement.mesh.size]
+    peak = flops.peak_flops(devices[0].device_kind)
+    return None if peak is None else peak * len(devices)
+
+
+def _postfix(record: dict, val_loss: float | None) -> dict:
+    """The progress bar's fields: cross-entropy and aux loss apart, throughput, MFU."""
+    fields = {"ce": f"{record['ce']:.3f}", "aux": f"{record['aux_loss']:.3f}"}
+    if val_loss is not None:
+        fields["val"] = f"{val_loss:.3f}"
+    fields["tok_s"] = f"{record['tokens_per_s']:,.0f}"
+    if "mfu" in record:
+        fields["mfu"] = f"{record['mfu']:.1%}"
+    return fields
+
+
+def _host_json(metrics: dict) -> dict:
+    """One step's host metrics as JSON (kept in a checkpoint saved mid-interval)."""
+    return {k: np.asarray(v).tolist() for k, v in metrics.items()}
+
+
+def train(config: TrainConfig, name: str = "run") -> dict | None:
+    """Runs training, continuing from the latest checkpoint in ``config.out`` unless
+    ``config.overwrite``; returns the summary (also in ``summary.json``).
+
+    SIGTERM saves a checkpoint (with the metrics of the unfinished logging interval)
+    and raises `Preempted`; rerunning continues exactly where it stopped. A non-finite
+    loss or gradient raises FloatingPointError naming the step (checkpoints are only
+    saved after the metrics before them are checked) unless ``config.skip_nonfinite``.
     With several processes (`experiments.distributed`) every process calls
     this; only process 0 writes files and returns the summary, the others None.
     """
@@ -199,11 +323,21 @@ def train(config: TrainConfig, name: str = "run") -> dict | None:
         batch_size=config.batch_size,
         num_experts=config.model.moe.num_experts if config.model.moe_layers else None,
     )
+    if (
+        placement.mesh is not None
+        and (config.batch_size // config.grad_accum) % placement.mesh.size
+    ):
+        raise ValueError(
+            f"--grad-accum {config.grad_accum}: micro-batches of "
+            f"{config.batch_size // config.grad_accum} sequences do not split over the "
+            f"{placement.mesh.size} devices of the mesh"
+        )
     if main:
         out.mkdir(parents=True, exist_ok=True)
         (out / "summary.json").unlink(missing_ok=True)  # written again when the run completes
-        if not config.resume:
-            shutil.rmtree(out / "checkpoints", ignore_errors=True)
+        if config.overwrite:
+            for stale in ("checkpoints", "tensorboard"):
+                shutil.rmtree(out / stale, ignore_errors=True)
     distributed.barrier("train: run directory ready")
     batches = Batches(
         tokenized_corpus(config.data, config.cache_dir),
@@ -216,30 +350,37 @@ def train(config: TrainConfig, name: str = "run") -> dict | None:
     params = sum(p.size for p in jax.tree.leaves(nnx.filter_state(state[0], nnx.Param)))
 
     checkpoints = Checkpoints(out / "checkpoints", config.checkpoint_every)
-    start, train_time = 0, 0.0
-    if config.resume and checkpoints.latest_step() is not None:
+    start, train_time, meta = 0, 0.0, {}
+    if checkpoints.latest_step() is not None:
         start = checkpoints.latest_step()
+        _check_same_model(config, checkpoints.meta(start), start)
         state, meta = checkpoints.restore(start, state)
         train_time = meta["train_time_s"]
-    if main:
-        _start_metrics(out / "metrics.jsonl", start)
+    log = Logbook(out, start, tensorboard=config.tensorboard) if main else None
     shape = (config.batch_size, config.model.max_seq_len + 1)
     train_batch = lambda step: placement.batch(functools.partial(batches.train_batch, step), shape)
+    peak = _device_peak(config, placement)
+    save_meta = lambda **more: {
+        "train_time_s": train_time,
+        "model": overrides.model_dict(config.model),
+        **more,
+    }
 
-    with (
-        placement.context(),
-        open(out / "metrics.jsonl", "a") if main else contextlib.nullcontext() as log,
-    ):
+    with placement.context(), Preemption() as preemption:
         t0 = time.perf_counter()
+        step_of = functools.partial(
+            train_step,
+            graphdef,
+            grad_accum=config.grad_accum,
+            skip_nonfinite=config.skip_nonfinite,
+        )
         step_fn = (
-            placement.jit_step(functools.partial(train_step, graphdef), donate_argnums=0)
-            .lower(state, train_batch(start))
-            .compile()
+            placement.jit_step(step_of, donate_argnums=0).lower(state, train_batch(start)).compile()
         )
         compile_s = time.perf_counter() - t0
         evaluate = placement.jit_eval(functools.partial(eval_step, graphdef))
         schedule = learning_rate(config)
-        write = lambda record: main and (log.write(json.dumps(record) + "\n"), log.flush())
+        write = lambda record: main and log.write(record)
         if start == 0:
             write(
                 {
@@ -257,36 +398,61 @@ def train(config: TrainConfig, name: str = "run") -> dict | None:
             dynamic_ncols=True,
             disable=not main,
         )
-        pending, mark = [], time.perf_counter()
-        for i in range(start, config.steps):
-            state, metrics = step_fn(state, train_batch(i))
-            pending.append(metrics)
-            step = i + 1
-            last = step == config.steps
-            if step % config.log_every and not last:
-                continue
-            host = jax.device_get(pending)
-            seconds = time.perf_counter() - mark
-            train_time += seconds
-            record = _interval_record(config, step, host, seconds, train_time, float(schedule(i)))
-            write(record)
-            bar.update(len(pending))
-            bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:,.0f}")
-            pending = []
-            if step % config.eval_every == 0 or last:
-                val_loss = _evaluate(evaluate, state, batches, placement)
-                write(
-                    {"kind": "val", "step": step, "val_loss": val_loss, "train_time_s": train_time}
-                )
-                bar.set_postfix(
-                    loss=f"{record['loss']:.3f}",
-                    val=f"{val_loss:.3f}",
-                    tok_s=f"{record['tokens_per_s']:,.0f}",
-                )
-            checkpoints.save(step, state, {"train_time_s": train_time}, force=last)
-            mark = time.perf_counter()
-        bar.close()
-    checkpoints.close()
+        # A run preempted mid-interval saved that interval's metrics and time so far.
+        pending = meta.get("pending", [])
+        mark = time.perf_counter() - meta.get("interval_s", 0.0)
+        try:
+            for i in range(start, config.steps):
+                state, metrics = step_fn(state, train_batch(i))
+                pending.append(metrics)
+                step = i + 1
+                last = step == config.steps
+                boundary = step % config.log_every == 0 or last
+                if not boundary:
+                    if preemption.requested(agree=False):
+                        interval = time.perf_counter() - mark
+                        pending = [_host_json(m) for m in jax.device_get(pending)]
+                        meta = save_meta(pending=pending, interval_s=interval)
+                        checkpoints.save(step, state, meta, force=True)
+                        raise Preempted(step, str(out))
+                    continue
+                host = jax.device_get(pending)
+                seconds = time.perf_counter() - mark
+                train_time += seconds
+                lr = float(schedule(i))
+                record = _interval_record(config, step, host, seconds, train_time, lr, peak)
+                write(record)
+                bad = _first_nonfinite(host, step - len(host) + 1)
+                if bad is not None and not config.skip_nonfinite:
+                    raise FloatingPointError(
+                        f"step {bad}: the loss or gradient is not finite (interval mean loss "
+                        f"{record['loss']}, grad norm {record['grad_norm']}); stopped. The "
+                        f"checkpoints of earlier steps in {out / 'checkpoints'} are kept; "
+                        "rerun with --skip-nonfinite to skip such updates"
+                    )
+                bar.update(len(pending))
+                pending, val_loss = [], None
+                if step % config.eval_every == 0 or last:
+                    val_loss = _evaluate(evaluate, state, batches, placement)
+                    write(
+                        {
+                            "kind": "val",
+                            "step": step,
+                            "val_loss": val_loss,
+                            "train_time_s": train_time,
+                        }
+                    )
+                bar.set_postfix(_postfix(record, val_loss))
+                stop = preemption.requested(agree=True)
+                checkpoints.save(step, state, save_meta(), force=last or stop)
+                if stop and not last:
+                    raise Preempted(step, str(out))
+                mark = time.perf_counter()
+        finally:
+            bar.close()
+            checkpoints.close()
+            if main:
+                log.close()
     if not main:
         return None
     return _finish(config, name, {"params": int(params), "compile_s": compile_s})
@@ -297,6 +463,7 @@ def _finish(config: TrainConfig, name: str, extra: dict) -> dict:
     out = Path(config.out)
     records = read_metrics(out / "metrics.jsonl")
     plotting.plot_run(records, out / "training.png", title=name)
+    total, active = flops.param_counts(config.model)
     summary = summarize(
         config,
         records,
@@ -305,7 +472,11 @@ def _finish(config: TrainConfig, name: str, extra: dict) -> dict:
             "ffn": config.model.ffn,
             "capacity_factor": config.model.moe.capacity_factor,
             "seed": config.seed,
+            "grad_accum": config.grad_accum,
             **extra,
+            "params_active": active,
+            "flops_per_token": flops.flops_per_token(config.model),
+            "model": overrides.model_dict(config.model),
             "out": str(out),
         },
     )
@@ -320,10 +491,25 @@ def _finish(config: TrainConfig, name: str, extra: dict) -> dict:
 
 
 def main(argv=None) -> dict | None:
-    """Command-line entry; the summary (None on processes other than 0)."""
+    """Command-line entry; the summary (None on processes other than 0).
+
+    Exits with a one-line message for a bad flag value or config (status 2), a
+    non-finite loss (1), and after saving on SIGTERM (143, as a killed process)."""
     args = parse_args(argv)
     distributed.start_runtime(args)
-    return train(*config_from_args(args))
+    try:
+        config, name = config_from_args(args)
+    except ValueError as error:
+        print(f"python -m experiments.train: error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
+    try:
+        return train(config, name)
+    except FloatingPointError as error:
+        print(f"python -m experiments.train: error: {error}", file=sys.stderr)
+        raise SystemExit(1) from None
+    except Preempted as preempted:
+        print(f"python -m experiments.train: {preempted}", file=sys.stderr)
+        raise SystemExit(EXIT_CODE) from None
 
 
 if __name__ == "__main__":

