@@ -72,7 +72,7 @@ def _convert(key: str, value: object, hint: object, source: str) -> object:
     if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
         if optional:
             return None
-        raise fail(f"a {getattr(kind, '__name__', 'value')} (this field cannot be None)")
+        raise fail(f"{getattr(kind, '__name__', 'a dtype name')}, not None")
     if name in DTYPE_FIELDS:
         try:
             dtype = jnp.dtype(value)
