@@ -69,7 +69,8 @@ def _convert(key: str, value: object, hint: object, source: str) -> object:
     optional = type(None) in args
     kind = next(a for a in args if a is not type(None))
     fail = lambda expected: ValueError(f"{source} {key}={value!r}: expected {expected}")
-    if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+    spelled_none = isinstance(value, str) and value.lower() in ("none", "null")
+    if value is None or (spelled_none and (optional or kind is not str)):
         if optional:
             return None
         raise fail(f"{getattr(kind, '__name__', 'a dtype name')}, not None")
