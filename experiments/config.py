@@ -129,7 +129,10 @@ ROUTING_FLAGS = {
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m experiments.train", description=DESCRIPTION)
     parser.add_argument(
-        "--preset", choices=PRESETS, default="xs", help="model size (default: %(default)s)"
+        "--preset",
+        choices=PRESETS,
+        default="xs",
+        help="model: byte-level xs, s, m or a published shape (default: %(default)s)",
     )
     parser.add_argument(
         "--ffn",
@@ -176,7 +179,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument(
         "--resume",
         action="store_true",
-        help="no-op, kept for old commands: runs always continue from their latest checkpoint",
+        help="no-op, kept for old commands: runs always continue from their latest checkpoint "
+        "(default: off)",
     )
     parser.add_argument(
         "--grad-accum",

@@ -1,9 +1,11 @@
-"""Train a byte-level MoE transformer language model on a 2-core CPU.
+"""Train an MoE transformer language model (byte-level presets on the KJV Bible).
 
     python -m experiments.train                       # xs dropless MoE on the KJV Bible
     python -m experiments.train --preset xs --ffn moe --capacity-factor 1.5 --steps 300
     python -m experiments.train --ffn dense --data my.txt --out runs/mine
-    python -m experiments.train --out runs/xs-dmoe --resume   # continue a run
+    python -m experiments.train --set num_layers=12 --set moe.num_experts=64 --set moe.top_k=8
+    python -m experiments.train --preset m --grad-accum 4 --tensorboard   # one GPU, bf16
+    python -m experiments.train --out runs/xs-dmoe --overwrite   # start over (rerun: continue)
     python -m experiments.train --mesh 2x4 --host-devices 8   # data x expert parallel on CPU
     python -m experiments.launch_local --processes 2 -- \\
         experiments.train --mesh 2x4 --host-devices 4
@@ -13,10 +15,13 @@
 Loss = cross-entropy + the MoE aux losses; AdamW with linear warmup and cosine
 decay, global-norm clipping. A run directory holds ``checkpoints/`` (Orbax:
 model, optimizer state and step), ``metrics.jsonl`` (one ``"train"`` record
-per logging interval, one ``"val"`` record per evaluation), ``training.png``
-and ``summary.json``. Wall times count training steps only: compilation,
-evaluation and checkpointing are excluded. Meshes and multi-process runs:
-`experiments.distributed` (only process 0 writes metrics, plots and summary).
+per logging interval, one ``"val"`` record per evaluation), ``training.png``,
+``summary.json`` and, with ``--tensorboard``, ``tensorboard/``. Rerunning a
+command continues its run; SIGTERM saves a checkpoint first. Wall times count
+training steps only: compilation, evaluation and checkpointing are excluded.
+Model fields: `experiments.config` and `experiments.overrides`; FLOPs:
+`experiments.flops`. Meshes and multi-process runs: `experiments.distributed`
+(only process 0 writes metrics, plots and summary).
 """
 
 from __future__ import annotations
@@ -133,6 +138,8 @@ def train_step(
     1 when the loss or the gradient norm is NaN or inf; with ``skip_nonfinite`` such a
     step returns the state unchanged (model, optimizer moments and count, expert biases).
     """
+    # merge shares the state's Variables, which the update mutates: keep the old values apart
+    before = jax.tree.map(lambda x: x, state) if skip_nonfinite else None
     model, opt = nnx.merge(graphdef, state)
     if grad_accum == 1:
         (loss, (ce, aux)), grads = nnx.value_and_grad(lm_loss, has_aux=True)(model, tokens)
@@ -144,7 +151,7 @@ def train_step(
     update_expert_bias(model, aux)  # aux-loss-free balancing (no-op without expert bias)
     new_state = nnx.state((model, opt))
     if skip_nonfinite:
-        new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, state)
+        new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, before)
         model, opt = nnx.merge(graphdef, new_state)
     metrics = {
         "loss": loss,
