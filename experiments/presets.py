@@ -101,11 +101,11 @@ def preset(name: str, ffn: str = "dmoe", capacity_factor: float = 1.0) -> Transf
     Byte-level (vocab 256, GeLU experts, softmax top-k routing, aux-loss weight 0.1):
 
     * ``"xs"``: d_model 128, 4 layers, 4 heads, sequences of 128; 8 experts of
-      d_ff 512, top-1 (MegaBlocks' routing); ~0.6M active non-embedding parameters.
+      d_ff 512, top-1 (MegaBlocks' routing); 4.5M parameters, 0.86M active.
     * ``"s"``: d_model 256, 6 layers, 8 heads, sequences of 256; 8 experts of
-      d_ff 1024, top-1; ~3.9M active non-embedding parameters.
+      d_ff 1024, top-1; 27M parameters, 4.9M active.
     * ``"m"``: d_model 768, 12 layers, 12 heads, sequences of 1024; 8 experts of
-      d_ff 512, top-2; ~104M parameters, ~47M active (one GPU).
+      d_ff 512, top-2; 104M parameters, 48M active (one GPU).
 
     Published shapes (SwiGLU experts, their vocab sizes, RoPE bases, RMSNorm
     epsilons, QK-norms and router aux-loss coefficients; sequences of 4096):
