@@ -31,6 +31,10 @@ class Checkpoints:
             force=force,
         )
 
+    def meta(self, step: int) -> dict:
+        """The run metadata saved with ``step`` (without reading the state)."""
+        return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+
     def restore(self, step: int, like):
         """``(state, meta)`` of ``step``; ``like`` gives the state's structure and shapes."""
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)

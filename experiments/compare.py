@@ -128,8 +128,8 @@ def _run(args, name: str, ffn: str, capacity_factor: float, seed: int) -> dict:
         "--checkpoint-every",
         str(args.checkpoint_every),
     ]
-    if not args.rerun:
-        argv.append("--resume")
+    if args.rerun:
+        argv.append("--overwrite")
     summary = train.main(argv)
     summary["name"] = out.name
     summary_path.write_text(json.dumps(summary, indent=2) + "\n")

@@ -1,9 +1,11 @@
-"""Train a byte-level MoE transformer language model on a 2-core CPU.
+"""Train an MoE transformer language model (byte-level presets on the KJV Bible).
 
     python -m experiments.train                       # xs dropless MoE on the KJV Bible
     python -m experiments.train --preset xs --ffn moe --capacity-factor 1.5 --steps 300
     python -m experiments.train --ffn dense --data my.txt --out runs/mine
-    python -m experiments.train --out runs/xs-dmoe --resume   # continue a run
+    python -m experiments.train --set num_layers=12 --set moe.num_experts=64 --set moe.top_k=8
+    python -m experiments.train --preset m --grad-accum 4 --tensorboard   # one GPU, bf16
+    python -m experiments.train --out runs/xs-dmoe --overwrite   # start over (rerun: continue)
     python -m experiments.train --mesh 2x4 --host-devices 8   # data x expert parallel on CPU
     python -m experiments.launch_local --processes 2 -- \\
         experiments.train --mesh 2x4 --host-devices 4
@@ -13,105 +15,39 @@
 Loss = cross-entropy + the MoE aux losses; AdamW with linear warmup and cosine
 decay, global-norm clipping. A run directory holds ``checkpoints/`` (Orbax:
 model, optimizer state and step), ``metrics.jsonl`` (one ``"train"`` record
-per logging interval, one ``"val"`` record per evaluation), ``training.png``
-and ``summary.json``. Wall times count training steps only: compilation,
-evaluation and checkpointing are excluded. Meshes and multi-process runs:
-`experiments.distributed` (only process 0 writes metrics, plots and summary).
+per logging interval, one ``"val"`` record per evaluation), ``training.png``,
+``summary.json`` and, with ``--tensorboard``, ``tensorboard/``. Rerunning a
+command continues its run; SIGTERM saves a checkpoint first. Wall times count
+training steps only: compilation, evaluation and checkpointing are excluded.
+Model fields: `experiments.config` and `experiments.overrides`; FLOPs:
+`experiments.flops`. Meshes and multi-process runs: `experiments.distributed`
+(only process 0 writes metrics, plots and summary).
 """
 
 from __future__ import annotations
 
-import argparse
-import contextlib
-import dataclasses
 import functools
 import json
 import shutil
+import sys
 import time
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
 from tqdm import tqdm
 
-from experiments import distributed, plotting
+from experiments import distributed, flops, overrides, plotting
 from experiments.checkpoint import Checkpoints
+from experiments.config import TrainConfig, config_from_args, parse_args
 from experiments.data import Batches, tokenized_corpus
-from experiments.presets import PRESET_TRAINING, PRESETS, preset
+from experiments.logbook import Logbook, read_metrics
+from experiments.preemption import EXIT_CODE, Preempted, Preemption
 from jmoe.router import expert_biases, update_expert_bias
-from jmoe.transformer import FFN_KINDS, REMAT_KINDS, MoETransformer, TransformerConfig
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class TrainConfig:
-    """One training run.
-
-    Attributes:
-      model: the model to train.
-      out: run directory.
-      cache_dir: where tokenized corpora are stored (shared between runs).
-      data: a text file, or None for the KJV Bible.
-      steps, batch_size: optimizer steps and sequences per step.
-      lr, warmup_fraction, min_lr_ratio: peak learning rate, share of the
-        steps spent in linear warmup, final lr as a fraction of the peak.
-      weight_decay, clip_norm: AdamW decay (matrices only), global-norm clip.
-      log_every, eval_every, checkpoint_every: intervals in steps; the last
-        two must be multiples of ``log_every``. The last step always logs,
-        evaluates and checkpoints.
-      eval_batches: validation batches per evaluation.
-      seed: parameter initialisation and data order.
-      resume: continue from the latest checkpoint in ``out`` (if any).
-      mesh: ``(data, expert)``: train on that device mesh (see
-        `experiments.distributed.Placement`); None: one device.
-    """
-
-    model: TransformerConfig
-    out: str
-    cache_dir: str
-    data: str | None = None
-    steps: int = 300
-    batch_size: int = 16
-    lr: float = 3e-3
-    warmup_fraction: float = 0.1
-    min_lr_ratio: float = 0.1
-    weight_decay: float = 0.1
-    clip_norm: float = 1.0
-    log_every: int = 10
-    eval_every: int = 50
-    eval_batches: int = 4
-    checkpoint_every: int = 100
-    seed: int = 0
-    resume: bool = False
-    mesh: tuple[int, int] | None = None
-
-    def __post_init__(self):
-        for name in (
-            "steps",
-            "batch_size",
-            "log_every",
-            "eval_every",
-            "eval_batches",
-            "checkpoint_every",
-        ):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
-        for name in ("eval_every", "checkpoint_every"):
-            if getattr(self, name) % self.log_every:
-                raise ValueError(
-                    f"{name}={getattr(self, name)} must be a multiple of log_every={self.log_every}"
-                )
-        if not self.lr > 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
-        if not 0 <= self.warmup_fraction < 1:
-            raise ValueError(f"warmup_fraction must be in [0, 1), got {self.warmup_fraction}")
-
-    @property
-    def tokens_per_step(self) -> int:
-        """Predicted tokens per step: ``batch_size * max_seq_len``."""
-        return self.batch_size * self.model.max_seq_len
+from jmoe.transformer import MoETransformer
 
 
 def learning_rate(config: TrainConfig) -> optax.Schedule:
@@ -150,23 +86,85 @@ def lm_loss(model: MoETransformer, tokens: jax.Array):
     return ce + aux["aux_loss"], (ce, aux)
 
 
-def train_step(graphdef: nnx.GraphDef, state: nnx.State, tokens: jax.Array):
-    """One AdamW step on ``(model, optimizer)`` state: ``-> (new state, metrics)``."""
+def accumulated_loss_and_grads(model: MoETransformer, tokens: jax.Array, micro_batches: int):
+    """``((loss, (ce, aux)), grads)`` of `lm_loss` over ``tokens [batch, seq + 1]`` in
+    ``micro_batches`` forward and backward passes under one ``lax.scan``.
+
+    Micro-batch ``j`` holds rows ``j, j + n, j + 2n, ...`` (so each device of a
+    batch-sharded mesh keeps an even share). Losses and gradients are the micro-batch
+    means' mean (equal to the full batch's for the cross-entropy); integer aux counts
+    (``tokens_per_expert``, ``dropped_tokens``) are summed over the micro-batches.
+    Non-parameter state the forward changes (e.g. router-jitter rng counts) is carried.
+    """
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    rows = tokens.shape[0] // micro_batches
+    micro = tokens.reshape(rows, micro_batches, -1).swapaxes(0, 1)  # [n, rows, seq + 1]
+
+    def loss_of(params, rest, batch):
+        model = nnx.merge(graphdef, params, rest)
+        loss, (ce, aux) = lm_loss(model, batch)
+        return loss, (ce, aux, nnx.split(model, nnx.Param, ...)[2])
+
+    grad_fn = jax.value_and_grad(loss_of, has_aux=True)
+
+    def body(carry, batch):
+        rest, total = carry
+        (loss, (ce, aux, rest)), grads = grad_fn(params, rest, batch)
+        total = jax.tree.map(jnp.add, total, ((loss, (ce, aux)), grads))
+        return (rest, total), None
+
+    shapes = jax.eval_shape(grad_fn, params, rest, micro[0])
+    zeros = jax.tree.map(
+        jnp.zeros_like, ((shapes[0][0], shapes[0][1][:2]), shapes[1])
+    )  # ((loss, (ce, aux)), grads)
+    (rest, total), _ = jax.lax.scan(body, (rest, zeros), micro)
+    nnx.update(model, rest)
+    mean = lambda x: x / micro_batches if jnp.issubdtype(x.dtype, jnp.floating) else x
+    return jax.tree.map(mean, total)
+
+
+def train_step(
+    graphdef: nnx.GraphDef,
+    state: nnx.State,
+    tokens: jax.Array,
+    *,
+    grad_accum: int = 1,
+    skip_nonfinite: bool = False,
+):
+    """One AdamW step on ``(model, optimizer)`` state: ``-> (new state, metrics)``.
+
+    ``grad_accum > 1``: the gradient of ``tokens [batch, seq + 1]`` is accumulated over
+    that many micro-batches (`accumulated_loss_and_grads`). ``metrics["nonfinite"]`` is
+    1 when the loss or the gradient norm is NaN or inf; with ``skip_nonfinite`` such a
+    step returns the state unchanged (model, optimizer moments and count, expert biases).
+    """
+    # merge shares the state's Variables, which the update mutates: keep the old values apart
+    before = jax.tree.map(lambda x: x, state) if skip_nonfinite else None
     model, opt = nnx.merge(graphdef, state)
-    (loss, (ce, aux)), grads = nnx.value_and_grad(lm_loss, has_aux=True)(model, tokens)
+    if grad_accum == 1:
+        (loss, (ce, aux)), grads = nnx.value_and_grad(lm_loss, has_aux=True)(model, tokens)
+    else:
+        (loss, (ce, aux)), grads = accumulated_loss_and_grads(model, tokens, grad_accum)
+    grad_norm = optax.tree.norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     opt.update(model, grads)
     update_expert_bias(model, aux)  # aux-loss-free balancing (no-op without expert bias)
+    new_state = nnx.state((model, opt))
+    if skip_nonfinite:
+        new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, before)
+        model, opt = nnx.merge(graphdef, new_state)
     metrics = {
         "loss": loss,
         "ce": ce,
         "aux_loss": aux["aux_loss"],
-        "grad_norm": optax.tree.norm(grads),
+        "grad_norm": grad_norm,
+        "nonfinite": (~finite).astype(jnp.int32),
         "tokens_per_expert": aux["tokens_per_expert"],
         "dropped_tokens": aux["dropped_tokens"],
     }
     if (biases := expert_biases(model)) is not None:
         metrics["expert_bias"] = biases  # [moe layers, E], after this step's update
-    return nnx.state((model, opt)), metrics
+    return new_state, metrics
 
 
 def eval_step(graphdef: nnx.GraphDef, state: nnx.State, tokens: jax.Array) -> jax.Array:
@@ -175,22 +173,27 @@ def eval_step(graphdef: nnx.GraphDef, state: nnx.State, tokens: jax.Array) -> ja
     return lm_loss(model, tokens)[1][0]
 
 
-def read_metrics(path: str | Path) -> list[dict]:
-    """The records of a ``metrics.jsonl`` file."""
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
 def _interval_record(
-    config: TrainConfig, step: int, host: list[dict], seconds: float, train_time: float, lr: float
+    config: TrainConfig,
+    step: int,
+    host: list[dict],
+    seconds: float,
+    train_time: float,
+    lr: float,
+    peak_flops: float | None = None,
 ) -> dict:
-    """Averages the per-step metrics of one logging interval into a record."""
-    mean = lambda key: float(np.mean([m[key] for m in host]))
+    """Averages the per-step metrics of one logging interval into a record.
+
+    ``peak_flops``: the devices' summed peak FLOP/s, for ``mfu`` (omitted when None).
+    """
+    mean = lambda key: float(np.mean([float(m[key]) for m in host]))
     counts = np.array([m["tokens_per_expert"] for m in host], np.float64)  # [steps, layers, E]
     load = counts.sum(axis=0)  # [moe layers, E]
     imbalance = counts.max(-1) / np.maximum(counts.mean(-1), 1e-9)  # max / mean load per step
     moe = config.model.moe
     assignments = len(host) * config.tokens_per_step * moe.top_k * len(config.model.moe_layers)
+    tokens_per_s = len(host) * config.tokens_per_step / seconds
+    model_flops = tokens_per_s * flops.flops_per_token(config.model)
     return {
         "kind": "train",
         "step": step,
@@ -200,8 +203,11 @@ def _interval_record(
         "grad_norm": mean("grad_norm"),
         "lr": lr,
         "step_time_s": seconds / len(host),
-        "tokens_per_s": len(host) * config.tokens_per_step / seconds,
+        "tokens_per_s": tokens_per_s,
+        "tflops_per_s": model_flops / 1e12,
+        **({} if peak_flops is None else {"mfu": model_flops / peak_flops}),
         "train_time_s": train_time,
+        "skipped_steps": int(sum(int(m.get("nonfinite", 0)) for m in host)),
         "dropped_tokens": int(sum(int(m["dropped_tokens"]) for m in host)),
         "assignments": assignments,
         "expert_load": (load / np.maximum(load.sum(-1, keepdims=True), 1)).tolist(),
@@ -220,6 +226,7 @@ def summarize(config: TrainConfig, records: list[dict], name: str, extra: dict) 
     val = [r for r in records if r["kind"] == "val"]
     train_time = train[-1]["train_time_s"]
     assignments = sum(r["assignments"] for r in train)
+    tokens_per_s = train[-1]["step"] * config.tokens_per_step / train_time
     return {
         "name": name,
         "steps": train[-1]["step"],
@@ -227,18 +234,13 @@ def summarize(config: TrainConfig, records: list[dict], name: str, extra: dict) 
         "final_val_loss": val[-1]["val_loss"],
         "final_train_ce": train[-1]["ce"],
         "train_time_s": train_time,
-        "tokens_per_s": train[-1]["step"] * config.tokens_per_step / train_time,
+        "tokens_per_s": tokens_per_s,
+        "tflops_per_s": tokens_per_s * flops.flops_per_token(config.model) / 1e12,
         "median_step_s": float(np.median([r["step_time_s"] for r in train])),
         "dropped_fraction": sum(r["dropped_tokens"] for r in train) / max(assignments, 1),
+        "skipped_steps": sum(r.get("skipped_steps", 0) for r in train),
         **extra,
     }
-
-
-def _start_metrics(path: Path, resume_step: int):
-    """Keeps the records up to ``resume_step`` (all of a fresh run's are dropped)."""
-    kept = [r for r in read_metrics(path) if r["step"] <= resume_step] if path.exists() else []
-    with open(path, "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in kept)
 
 
 def _evaluate(evaluate, state, batches: Batches, placement: distributed.Placement) -> float:
@@ -258,9 +260,66 @@ def _model_and_optimizer(config: TrainConfig):
     return model, nnx.Optimizer(model, optimizer(config), wrt=nnx.Param)
 
 
-def train(config: TrainConfig, name: str = "run") -> dict | None:
-    """Runs (or resumes) training; returns the summary (also in ``summary.json``).
+# Model fields that change only how a step computes, not the state a checkpoint holds.
+_COMPUTE_ONLY = ("remat", "moe.dtype", "moe.impl")
 
+
+def _check_same_model(config: TrainConfig, meta: dict, step: int):
+    """Refuses to continue a run whose checkpoint holds another model."""
+    saved = meta.get("model")
+    if saved is None:
+        return
+    now = overrides.flatten(overrides.model_dict(config.model))
+    saved = overrides.flatten(saved)
+    changed = sorted(k for k in now.keys() | saved.keys() if now.get(k) != saved.get(k))
+    changed = [k for k in changed if k not in _COMPUTE_ONLY]
+    if changed:
+        raise ValueError(
+            f"{config.out} holds a run of another model (step {step}; differing: "
+            + ", ".join(f"{k} {saved.get(k)!r} -> {now.get(k)!r}" for k in changed)
+            + "); pass --overwrite to discard it, or choose another --out"
+        )
+
+
+def _first_nonfinite(host: list[dict], first_step: int) -> int | None:
+    """The step (counted from 1) of the first non-finite metrics in ``host``, or None."""
+    bad = [first_step + j for j, m in enumerate(host) if int(m["nonfinite"])]
+    return bad[0] if bad else None
+
+
+def _device_peak(config: TrainConfig, placement: distributed.Placement) -> float | None:
+    """Summed bfloat16 peak FLOP/s of the run's devices (bfloat16 compute only), or None."""
+    if jnp.dtype(config.model.moe.dtype) != jnp.bfloat16:
+        return None
+    devices = jax.devices()[: 1 if placement.mesh is None else placement.mesh.size]
+    peak = flops.peak_flops(devices[0].device_kind)
+    return None if peak is None else peak * len(devices)
+
+
+def _postfix(record: dict, val_loss: float | None) -> dict:
+    """The progress bar's fields: cross-entropy and aux loss apart, throughput, MFU."""
+    fields = {"ce": f"{record['ce']:.3f}", "aux": f"{record['aux_loss']:.3f}"}
+    if val_loss is not None:
+        fields["val"] = f"{val_loss:.3f}"
+    fields["tok_s"] = f"{record['tokens_per_s']:,.0f}"
+    if "mfu" in record:
+        fields["mfu"] = f"{record['mfu']:.1%}"
+    return fields
+
+
+def _host_json(metrics: dict) -> dict:
+    """One step's host metrics as JSON (kept in a checkpoint saved mid-interval)."""
+    return {k: np.asarray(v).tolist() for k, v in metrics.items()}
+
+
+def train(config: TrainConfig, name: str = "run") -> dict | None:
+    """Runs training, continuing from the latest checkpoint in ``config.out`` unless
+    ``config.overwrite``; returns the summary (also in ``summary.json``).
+
+    SIGTERM saves a checkpoint (with the metrics of the unfinished logging interval)
+    and raises `Preempted`; rerunning continues exactly where it stopped. A non-finite
+    loss or gradient raises FloatingPointError naming the step (checkpoints are only
+    saved after the metrics before them are checked) unless ``config.skip_nonfinite``.
     With several processes (`experiments.distributed`) every process calls
     this; only process 0 writes files and returns the summary, the others None.
     """
@@ -271,11 +330,21 @@ def train(config: TrainConfig, name: str = "run") -> dict | None:
         batch_size=config.batch_size,
         num_experts=config.model.moe.num_experts if config.model.moe_layers else None,
     )
+    if (
+        placement.mesh is not None
+        and (config.batch_size // config.grad_accum) % placement.mesh.size
+    ):
+        raise ValueError(
+            f"--grad-accum {config.grad_accum}: micro-batches of "
+            f"{config.batch_size // config.grad_accum} sequences do not split over the "
+            f"{placement.mesh.size} devices of the mesh"
+        )
     if main:
         out.mkdir(parents=True, exist_ok=True)
         (out / "summary.json").unlink(missing_ok=True)  # written again when the run completes
-        if not config.resume:
-            shutil.rmtree(out / "checkpoints", ignore_errors=True)
+        if config.overwrite:
+            for stale in ("checkpoints", "tensorboard"):
+                shutil.rmtree(out / stale, ignore_errors=True)
     distributed.barrier("train: run directory ready")
     batches = Batches(
         tokenized_corpus(config.data, config.cache_dir),
@@ -288,30 +357,37 @@ def train(config: TrainConfig, name: str = "run") -> dict | None:
     params = sum(p.size for p in jax.tree.leaves(nnx.filter_state(state[0], nnx.Param)))
 
     checkpoints = Checkpoints(out / "checkpoints", config.checkpoint_every)
-    start, train_time = 0, 0.0
-    if config.resume and checkpoints.latest_step() is not None:
+    start, train_time, meta = 0, 0.0, {}
+    if checkpoints.latest_step() is not None:
         start = checkpoints.latest_step()
+        _check_same_model(config, checkpoints.meta(start), start)
         state, meta = checkpoints.restore(start, state)
         train_time = meta["train_time_s"]
-    if main:
-        _start_metrics(out / "metrics.jsonl", start)
+    log = Logbook(out, start, tensorboard=config.tensorboard) if main else None
     shape = (config.batch_size, config.model.max_seq_len + 1)
     train_batch = lambda step: placement.batch(functools.partial(batches.train_batch, step), shape)
+    peak = _device_peak(config, placement)
+    save_meta = lambda **more: {
+        "train_time_s": train_time,
+        "model": overrides.model_dict(config.model),
+        **more,
+    }
 
-    with (
-        placement.context(),
-        open(out / "metrics.jsonl", "a") if main else contextlib.nullcontext() as log,
-    ):
+    with placement.context(), Preemption() as preemption:
         t0 = time.perf_counter()
+        step_of = functools.partial(
+            train_step,
+            graphdef,
+            grad_accum=config.grad_accum,
+            skip_nonfinite=config.skip_nonfinite,
+        )
         step_fn = (
-            placement.jit_step(functools.partial(train_step, graphdef), donate_argnums=0)
-            .lower(state, train_batch(start))
-            .compile()
+            placement.jit_step(step_of, donate_argnums=0).lower(state, train_batch(start)).compile()
         )
         compile_s = time.perf_counter() - t0
         evaluate = placement.jit_eval(functools.partial(eval_step, graphdef))
         schedule = learning_rate(config)
-        write = lambda record: main and (log.write(json.dumps(record) + "\n"), log.flush())
+        write = lambda record: main and log.write(record)
         if start == 0:
             write(
                 {
@@ -329,36 +405,61 @@ def train(config: TrainConfig, name: str = "run") -> dict | None:
             dynamic_ncols=True,
             disable=not main,
         )
-        pending, mark = [], time.perf_counter()
-        for i in range(start, config.steps):
-            state, metrics = step_fn(state, train_batch(i))
-            pending.append(metrics)
-            step = i + 1
-            last = step == config.steps
-            if step % config.log_every and not last:
-                continue
-            host = jax.device_get(pending)
-            seconds = time.perf_counter() - mark
-            train_time += seconds
-            record = _interval_record(config, step, host, seconds, train_time, float(schedule(i)))
-            write(record)
-            bar.update(len(pending))
-            bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:,.0f}")
-            pending = []
-            if step % config.eval_every == 0 or last:
-                val_loss = _evaluate(evaluate, state, batches, placement)
-                write(
-                    {"kind": "val", "step": step, "val_loss": val_loss, "train_time_s": train_time}
-                )
-                bar.set_postfix(
-                    loss=f"{record['loss']:.3f}",
-                    val=f"{val_loss:.3f}",
-                    tok_s=f"{record['tokens_per_s']:,.0f}",
-                )
-            checkpoints.save(step, state, {"train_time_s": train_time}, force=last)
-            mark = time.perf_counter()
-        bar.close()
-    checkpoints.close()
+        # A run preempted mid-interval saved that interval's metrics and time so far.
+        pending = meta.get("pending", [])
+        mark = time.perf_counter() - meta.get("interval_s", 0.0)
+        try:
+            for i in range(start, config.steps):
+                state, metrics = step_fn(state, train_batch(i))
+                pending.append(metrics)
+                step = i + 1
+                last = step == config.steps
+                boundary = step % config.log_every == 0 or last
+                if not boundary:
+                    if preemption.requested(agree=False):
+                        interval = time.perf_counter() - mark
+                        pending = [_host_json(m) for m in jax.device_get(pending)]
+                        meta = save_meta(pending=pending, interval_s=interval)
+                        checkpoints.save(step, state, meta, force=True)
+                        raise Preempted(step, str(out))
+                    continue
+                host = jax.device_get(pending)
+                seconds = time.perf_counter() - mark
+                train_time += seconds
+                lr = float(schedule(i))
+                record = _interval_record(config, step, host, seconds, train_time, lr, peak)
+                write(record)
+                bad = _first_nonfinite(host, step - len(host) + 1)
+                if bad is not None and not config.skip_nonfinite:
+                    raise FloatingPointError(
+                        f"step {bad}: the loss or gradient is not finite (interval mean loss "
+                        f"{record['loss']}, grad norm {record['grad_norm']}); stopped. The "
+                        f"checkpoints of earlier steps in {out / 'checkpoints'} are kept; "
+                        "rerun with --skip-nonfinite to skip such updates"
+                    )
+                bar.update(len(pending))
+                pending, val_loss = [], None
+                if step % config.eval_every == 0 or last:
+                    val_loss = _evaluate(evaluate, state, batches, placement)
+                    write(
+                        {
+                            "kind": "val",
+                            "step": step,
+                            "val_loss": val_loss,
+                            "train_time_s": train_time,
+                        }
+                    )
+                bar.set_postfix(_postfix(record, val_loss))
+                stop = preemption.requested(agree=True)
+                checkpoints.save(step, state, save_meta(), force=last or stop)
+                if stop and not last:
+                    raise Preempted(step, str(out))
+                mark = time.perf_counter()
+        finally:
+            bar.close()
+            checkpoints.close()
+            if main:
+                log.close()
     if not main:
         return None
     return _finish(config, name, {"params": int(params), "compile_s": compile_s})
@@ -369,6 +470,7 @@ def _finish(config: TrainConfig, name: str, extra: dict) -> dict:
     out = Path(config.out)
     records = read_metrics(out / "metrics.jsonl")
     plotting.plot_run(records, out / "training.png", title=name)
+    total, active = flops.param_counts(config.model)
     summary = summarize(
         config,
         records,
@@ -377,7 +479,11 @@ def _finish(config: TrainConfig, name: str, extra: dict) -> dict:
             "ffn": config.model.ffn,
             "capacity_factor": config.model.moe.capacity_factor,
             "seed": config.seed,
+            "grad_accum": config.grad_accum,
             **extra,
+            "params_active": active,
+            "flops_per_token": flops.flops_per_token(config.model),
+            "model": overrides.model_dict(config.model),
             "out": str(out),
         },
     )
@@ -391,152 +497,26 @@ def _finish(config: TrainConfig, name: str, extra: dict) -> dict:
     return summary
 
 
-def run_name(preset_name: str, ffn: str, capacity_factor: float, moe_every: int = 1) -> str:
-    """E.g. ``xs-dmoe``, ``xs-dense``, ``xs-moe-cf1.5``, ``xs-dmoe-every2``."""
-    suffix = f"-cf{capacity_factor:g}" if ffn == "moe" else ""
-    every = f"-every{moe_every}" if moe_every != 1 and ffn != "dense" else ""
-    return f"{preset_name}-{ffn}{suffix}{every}"
-
-
-# MoEConfig routing fields settable from the command line (flag -> type).
-ROUTING_FLAGS = {
-    "--top-k": int,
-    "--load-balancing-loss-weight": float,
-    "--num-expert-groups": int,
-    "--top-k-groups": int,
-    "--routed-scaling-factor": float,
-    "--expert-bias-update-rate": float,
-    "--sequence-aux-loss-weight": float,
-}
-
-
-def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="python -m experiments.train", description=__doc__.split("\n\n")[0]
-    )
-    parser.add_argument(
-        "--preset", choices=PRESETS, default="xs", help="model size (default: %(default)s)"
-    )
-    parser.add_argument(
-        "--ffn",
-        choices=FFN_KINDS,
-        default="dmoe",
-        help="dropless MoE, token-dropping MoE, or dense MLP (default: %(default)s)",
-    )
-    parser.add_argument(
-        "--capacity-factor",
-        type=float,
-        default=1.0,
-        help="expert capacity factor of --ffn moe (default: %(default)s)",
-    )
-    parser.add_argument(
-        "--moe-every",
-        type=int,
-        choices=(1, 2),
-        default=1,
-        help="2: MoE FFN only in blocks 1, 3, ..., dense in between (GLaM) (default: %(default)s)",
-    )
-    parser.add_argument(
-        "--remat",
-        choices=REMAT_KINDS,
-        default="none",
-        help="recompute activations in the backward: none, each FFN, each block "
-        "(TransformerConfig.remat; default: %(default)s)",
-    )
-    parser.add_argument("--steps", type=int, help="optimizer steps (default: per preset)")
-    parser.add_argument("--batch-size", type=int, help="sequences per step (default: per preset)")
-    parser.add_argument("--lr", type=float, help="peak learning rate (default: per preset)")
-    parser.add_argument("--data", help="UTF-8 text file to train on (default: the KJV Bible)")
-    parser.add_argument(
-        "--out",
-        help="run directory (default: runs/<preset>-<ffn>, with -cf<cf> for --ffn moe and "
-        "-every2 for --moe-every 2, e.g. runs/xs-moe-cf1.5)",
-    )
-    parser.add_argument("--cache-dir", help="tokenized corpora (default: <out>/../cache)")
-    parser.add_argument(
-        "--resume", action="store_true", help="continue from the latest checkpoint in --out"
-    )
-    parser.add_argument(
-        "--seed", type=int, default=0, help="initialisation and data order (default: %(default)s)"
-    )
-    parser.add_argument(
-        "--log-every", type=int, default=10, help="steps per logged interval (default: %(default)s)"
-    )
-    parser.add_argument(
-        "--eval-every",
-        type=int,
-        default=50,
-        help="steps between validations, a multiple of --log-every (default: %(default)s)",
-    )
-    parser.add_argument(
-        "--eval-batches",
-        type=int,
-        default=4,
-        help="validation batches per evaluation (default: %(default)s)",
-    )
-    parser.add_argument(
-        "--checkpoint-every",
-        type=int,
-        default=100,
-        help="steps between Orbax checkpoints, a multiple of --log-every (default: %(default)s)",
-    )
-    distributed.add_arguments(parser)
-    routing = parser.add_argument_group("routing (default: the preset's; see docs/routing.md)")
-    for flag, kind in ROUTING_FLAGS.items():
-        routing.add_argument(flag, type=kind, help=f"MoEConfig.{flag[2:].replace('-', '_')}")
-    routing.add_argument(
-        "--score-function", choices=("softmax", "sigmoid"), help="MoEConfig.score_function"
-    )
-    routing.add_argument(
-        "--expert-bias",
-        action="store_true",
-        default=None,
-        help="aux-loss-free balancing bias (DeepSeek-V3)",
-    )
-    return parser.parse_args(argv)
-
-
-def routing_changes(args: argparse.Namespace) -> dict:
-    """The `MoEConfig` routing fields given on the command line."""
-    names = [flag[2:].replace("-", "_") for flag in ROUTING_FLAGS]
-    names += ["score_function", "expert_bias"]
-    return {name: getattr(args, name) for name in names if getattr(args, name) is not None}
-
-
-def config_from_args(args: argparse.Namespace) -> tuple[TrainConfig, str]:
-    """``(TrainConfig, run name)`` from parsed command-line arguments."""
-    model = preset(args.preset, ffn=args.ffn, capacity_factor=args.capacity_factor).replace(
-        moe_every=args.moe_every, remat=args.remat
-    )
-    model = model.replace(moe=model.moe.replace(**routing_changes(args)))
-    name = run_name(args.preset, args.ffn, args.capacity_factor, args.moe_every)
-    out = Path(args.out or Path("runs") / name)
-    defaults = PRESET_TRAINING[args.preset]
-    pick = lambda key: defaults[key] if getattr(args, key) is None else getattr(args, key)
-    config = TrainConfig(
-        model=model,
-        out=str(out),
-        cache_dir=args.cache_dir or str(out.absolute().parent / "cache"),
-        data=args.data,
-        steps=pick("steps"),
-        batch_size=pick("batch_size"),
-        lr=pick("lr"),
-        log_every=args.log_every,
-        eval_every=args.eval_every,
-        eval_batches=args.eval_batches,
-        checkpoint_every=args.checkpoint_every,
-        seed=args.seed,
-        resume=args.resume,
-        mesh=args.mesh,
-    )
-    return config, name
-
-
 def main(argv=None) -> dict | None:
-    """Command-line entry; the summary (None on processes other than 0)."""
+    """Command-line entry; the summary (None on processes other than 0).
+
+    Exits with a one-line message for a bad flag value or config (status 2), a
+    non-finite loss (1), and after saving on SIGTERM (143, as a killed process)."""
     args = parse_args(argv)
     distributed.start_runtime(args)
-    return train(*config_from_args(args))
+    try:
+        config, name = config_from_args(args)
+    except ValueError as error:
+        print(f"python -m experiments.train: error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
+    try:
+        return train(config, name)
+    except FloatingPointError as error:
+        print(f"python -m experiments.train: error: {error}", file=sys.stderr)
+        raise SystemExit(1) from None
+    except Preempted as preempted:
+        print(f"python -m experiments.train: {preempted}", file=sys.stderr)
+        raise SystemExit(EXIT_CODE) from None
 
 
 if __name__ == "__main__":

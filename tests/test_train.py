@@ -7,21 +7,37 @@ import functools
 import json
 import math
 import os
+import re
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import chex
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
 from flax import nnx
 
-from experiments import compare, data
+from experiments import compare, data, flops, overrides
+from experiments import train as train_module
 from experiments.checkpoint import Checkpoints
-from experiments.train import TrainConfig, learning_rate, optimizer, read_metrics, train, train_step
+from experiments.presets import preset
+from experiments.train import (
+    TrainConfig,
+    config_from_args,
+    learning_rate,
+    optimizer,
+    parse_args,
+    read_metrics,
+    train,
+    train_step,
+)
+from experiments.train import main as train_main
 from jmoe import MoEConfig
 from jmoe.transformer import MoETransformer, TransformerConfig
 
@@ -200,9 +216,11 @@ def test_resume_is_exact(tmp_path, text_file):
     kept = [r for r in read_metrics(metrics) if r["step"] <= 6]
     metrics.write_text("".join(json.dumps(r) + "\n" for r in kept))
 
-    resumed = train(dataclasses.replace(config, out=str(tmp_path / "killed"), resume=True))
+    resumed = train(dataclasses.replace(config, out=str(tmp_path / "killed")))
     assert _losses(tmp_path / "killed") == _losses(tmp_path / "full")
     assert resumed["final_val_loss"] == full["final_val_loss"]
+    with pytest.raises(ValueError, match="another model .*num_layers 2 -> 3.*--overwrite"):
+        train(dataclasses.replace(config, model=config.model.replace(num_layers=3)))
 
     model = MoETransformer(config.model, rngs=nnx.Rngs(0))
     like = nnx.state((model, nnx.Optimizer(model, optimizer(config), wrt=nnx.Param)))
@@ -293,3 +311,268 @@ def test_compare_time_to_reach_and_table():
     assert rows[1]["ahead_of_dense_from_tokens"] is None
     assert "| dmoe | 1.5000 | 50 | 100 | 500 | 0.0% | 30 | 1.00x | never |" in table
     assert "| dense | 2.0000 | 30 | 100 | 500 | 0.0% | 30 | 1.00x | - |" in table
+
+
+# ------------------------------------------------------------------ model from the command line
+
+
+def test_set_and_config_override_the_preset(tmp_path, capsys):
+    """--set and --config reach every field with its type; unknown keys, bad values and
+    the configs' own errors name the key; the summary's model dict reads back the same."""
+    sets = ["num_layers=12", "moe.num_experts=64", "moe.top_k=8", "moe.d_ff=256"]
+    model = config_from_args(parse_args(sum((["--set", s] for s in sets), [])))[0].model
+    assert (model.num_layers, model.moe.num_experts, model.moe.top_k, model.moe.d_ff) == (
+        12,
+        64,
+        8,
+        256,
+    )
+    assert model.d_model == preset("xs").d_model  # untouched fields keep the preset's
+    file = tmp_path / "model.json"
+    file.write_text(
+        json.dumps(
+            {"d_model": 64, "qk_norm": "head", "moe": {"expert_type": "glu"}, "moe.top_k": 2}
+        )
+    )
+    argv = ["--config", str(file), "--set", "moe.top_k=3", "--set", "num_kv_heads=2"]
+    argv += ["--set", "moe.normalize_top_k=none", "--set", "moe.dtype=bfloat16"]
+    argv += ["--set", "tie_embeddings=true", "--set", "rope_base=5e5"]
+    model = config_from_args(parse_args(argv))[0].model
+    assert model.d_model == model.moe.d_model == 64  # d_model carries to moe.d_model
+    assert (model.qk_norm, model.moe.expert_type, model.moe.top_k) == ("head", "glu", 3)
+    assert model.num_kv_heads == 2 and model.tie_embeddings and model.rope_base == 5e5
+    assert model.moe.normalize_top_k is None and model.moe.dtype == jnp.bfloat16
+    assert (
+        overrides.apply(preset("s"), overrides.flatten(overrides.model_dict(model)), "x") == model
+    )
+
+    bad = {
+        "moe.num_expert=8": "unknown key 'moe.num_expert'",
+        "layers=2": "unknown key 'layers'",
+        "num_layers=two": "num_layers='two': expected int",
+        "tie_embeddings=maybe": "tie_embeddings='maybe': expected true or false",
+        "moe.dtype=int8": "moe.dtype='int8': expected a floating dtype",
+        "num_heads=none": "num_heads='none': expected int, not None",
+        "moe.top_k=9": "top_k must be <= num_experts=8",
+        "num_layers": "--set takes KEY=VALUE",
+    }
+    for assignment, message in bad.items():
+        with pytest.raises(ValueError, match=re.escape(message)):
+            config_from_args(parse_args(["--set", assignment]))
+    file.write_text(json.dumps({"moe": {"top_k": "8"}, "num_layers": 2.5}))
+    with pytest.raises(ValueError, match=re.escape("num_layers=2.5: expected int")):
+        config_from_args(parse_args(["--config", str(file)]))
+    with pytest.raises(SystemExit) as exit_info:  # the CLI: one line, no traceback
+        train_main(["--set", "moe.top_k=0"])
+    assert exit_info.value.code == 2
+    assert "error: top_k must be a positive int, got 0" in capsys.readouterr().err
+
+
+def test_param_counts_and_flops():
+    """`flops.param_counts` equals the parameters the model creates (variants of
+    attention, FFN and embeddings) and the published totals of the large presets;
+    the matmul parameters give XLA's forward FLOPs of a dense model."""
+    base = _model()
+    variants = [
+        base,
+        base.replace(num_kv_heads=1, head_dim=4, qk_norm="head", tie_embeddings=True),
+        base.replace(qk_norm="projection", moe_every=2, ffn="moe"),
+        base.replace(
+            ffn="dense",
+            moe=base.moe.replace(expert_type="glu", num_shared_experts=2, shared_expert_gate=True),
+        ),
+        base.replace(moe=base.moe.replace(num_shared_experts=1, shared_expert_gate=True)),
+    ]
+    for config in variants:
+        model = nnx.eval_shape(lambda c=config: MoETransformer(c, rngs=nnx.Rngs(0)))
+        created = sum(p.size for p in jax.tree.leaves(nnx.state(model, nnx.Param)))
+        assert flops.param_counts(config)[0] == created, config
+    published = {  # (total, active), in billions, from the models' cards
+        "olmoe-1b-7b": (6.92, 1.28),
+        "qwen3-30b-a3b": (30.5, 3.3),
+        "mixtral-8x7b": (46.7, 12.9),
+    }
+    for name, (total, active) in published.items():
+        counted = np.array(flops.param_counts(preset(name))) / 1e9
+        np.testing.assert_allclose(counted, (total, active), rtol=0.02, err_msg=name)
+    assert 95e6 < flops.param_counts(preset("m"))[0] < 110e6
+
+    dense = base.replace(ffn="dense", d_model=64, num_heads=4, moe=base.moe.replace(d_model=64))
+    model = MoETransformer(dense, rngs=nnx.Rngs(0))
+    tokens = np.zeros((2, SEQ), np.int32)
+    cost = jax.jit(lambda t: model(t)[0]).lower(tokens).compile().cost_analysis()
+    matmuls = 2 * flops.matmul_params_active(dense) * tokens.size
+    attention = 4 * dense.num_layers * dense.num_heads * dense.head_size * SEQ * tokens.size
+    assert cost["flops"] == pytest.approx(matmuls + attention, rel=0.05)
+    assert flops.flops_per_token(dense) == 6 * flops.matmul_params_active(dense) + 0.5 * 3 * (
+        attention / tokens.size
+    )
+    assert flops.peak_flops("NVIDIA H100 80GB HBM3") == flops.peak_flops("NVIDIA H200") == 989e12
+    assert flops.peak_flops("NVIDIA H100 PCIe") == 756e12 and flops.peak_flops("cpu") is None
+
+
+# ------------------------------------------------------------------ precision and accumulation
+
+
+def test_grad_accum_equals_the_large_batch_step():
+    """With the aux losses off, 4 accumulated micro-batches of 2 give the loss and the
+    gradients of one batch of 8 (measured: 1e-8 apart), and the summed expert counts."""
+    config = _model().replace(moe=_model().moe.replace(load_balancing_loss_weight=0.0))
+    model = MoETransformer(config, rngs=nnx.Rngs(0))
+    tokens = np.random.default_rng(1).integers(0, 256, (8, SEQ + 1)).astype(np.int32)
+    large = nnx.jit(nnx.value_and_grad(train_module.lm_loss, has_aux=True))(model, tokens)
+    accumulated = nnx.jit(train_module.accumulated_loss_and_grads, static_argnums=2)(
+        model, tokens, 4
+    )
+    (loss, (ce, aux)), grads = accumulated
+    assert float(loss) == pytest.approx(float(large[0][0]), abs=1e-6)
+    assert float(ce) == pytest.approx(float(large[0][1][0]), abs=1e-6)
+    np.testing.assert_array_equal(aux["tokens_per_expert"], large[0][1][1]["tokens_per_expert"])
+    chex.assert_trees_all_close(grads, large[1], atol=1e-6)
+    with pytest.raises(ValueError, match="grad_accum=3 must divide batch_size=16"):
+        TrainConfig(model=config, out="", cache_dir="", grad_accum=3)
+
+
+def _run_steps(model_config, batches):
+    config = TrainConfig(model=model_config, out="", cache_dir="", lr=1e-2, warmup_fraction=0.0)
+    model = MoETransformer(model_config, rngs=nnx.Rngs(0))
+    graphdef, state = nnx.split((model, nnx.Optimizer(model, optimizer(config), wrt=nnx.Param)))
+    step = jax.jit(functools.partial(train_step, graphdef))
+    ces = []
+    for tokens in batches:
+        state, metrics = step(state, tokens)
+        ces.append(float(metrics["ce"]))
+    return state, ces
+
+
+@pytest.mark.slow
+def test_bfloat16_compute_tracks_float32():
+    """bfloat16 compute with float32 parameters and optimizer state (impl xla, CPU)
+    follows the float32 run's cross-entropy within 0.05 nats over 30 steps (measured:
+    0.009); the parameters and Adam moments stay float32."""
+    rng = np.random.default_rng(0)
+    batches = [rng.integers(0, 64, (8, SEQ + 1)).astype(np.int32) for _ in range(30)]
+    model = _model()
+    _, f32 = _run_steps(model, batches)
+    state, bf16 = _run_steps(model.replace(moe=model.moe.replace(dtype=jnp.bfloat16)), batches)
+    assert f32[-1] < f32[0] - 0.5  # it learns, so the comparison covers training
+    np.testing.assert_allclose(bf16, f32, atol=0.05)
+    assert {leaf.dtype for leaf in jax.tree.leaves(state)} <= {jnp.float32, jnp.int32, jnp.uint32}
+
+
+# ------------------------------------------------------------------ runs that survive a scheduler
+
+
+def _poisoned_corpus(tmp_path, text_file, step: int) -> tuple[Path, set[int]]:
+    """The corpus with one byte replaced by 0x01 at the first window of ``step``'s
+    batch (same length, so the same windows), and the steps (from 1) whose batch has it."""
+    store = data.tokenized_corpus(str(text_file), tmp_path / "clean")
+    batches = data.Batches(store, seq_len=SEQ, batch_size=4, seed=0, eval_batches=2)
+    position = int(batches.train_starts(step)[0])
+    raw = bytearray(text_file.read_bytes())
+    raw[position] = 1
+    path = tmp_path / "poisoned.txt"
+    path.write_bytes(bytes(raw))
+    covers = lambda i: bool(
+        np.any((batches.train_starts(i) <= position) & (position <= batches.train_starts(i) + SEQ))
+    )
+    return path, {i + 1 for i in range(8) if covers(i)}
+
+
+def _events(directory: Path) -> dict[str, list[float]]:
+    """The scalars of the TensorBoard event files under ``directory`` (TFRecord framing:
+    length, its CRC, the Event proto, its CRC)."""
+    from tensorboardX.proto.event_pb2 import Event
+
+    scalars = {}
+    for file in directory.glob("events.out.tfevents.*"):
+        raw = file.read_bytes()
+        while raw:
+            length = int.from_bytes(raw[:8], "little")
+            event = Event.FromString(raw[12 : 12 + length])
+            raw = raw[16 + length :]
+            for value in event.summary.value:
+                scalars.setdefault(value.tag, []).append(value.simple_value)
+    return scalars
+
+
+@pytest.mark.slow
+def test_nonfinite_loss_stops_or_is_skipped(tmp_path, text_file, monkeypatch):
+    """A NaN loss (planted: any batch holding byte 0x01) stops the run naming its step,
+    with the earlier checkpoints kept; with skip_nonfinite the run finishes, the
+    skipped updates are counted and leave the optimizer's step count behind. The
+    skipping run also writes TensorBoard scalars equal to metrics.jsonl's."""
+    real_loss = train_module.lm_loss
+
+    def poisoned(model, tokens):
+        loss, rest = real_loss(model, tokens)
+        return loss * jnp.where(jnp.any(tokens == 1), jnp.nan, 1.0), rest
+
+    monkeypatch.setattr(train_module, "lm_loss", poisoned)
+    corpus, bad = _poisoned_corpus(tmp_path, text_file, step=3)
+    first = min(bad)
+    config = _config(tmp_path, corpus, checkpoint_every=2)
+    with pytest.raises(FloatingPointError, match=f"step {first}: the loss or gradient"):
+        train(config)
+    checkpoints = Checkpoints(tmp_path / "run" / "checkpoints", every=2)
+    assert checkpoints.latest_step() == (first - 1) // 2 * 2
+    checkpoints.close()
+
+    summary = train(
+        dataclasses.replace(config, overwrite=True, skip_nonfinite=True, tensorboard=True)
+    )
+    assert summary["skipped_steps"] == len(bad) and math.isfinite(summary["final_val_loss"])
+    records = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if r["kind"] == "train"]
+    assert [r["step"] for r in records if r["skipped_steps"]] == sorted(bad)
+    model = MoETransformer(config.model, rngs=nnx.Rngs(0))
+    graphdef, like = nnx.split((model, nnx.Optimizer(model, optimizer(config), wrt=nnx.Param)))
+    checkpoints = Checkpoints(tmp_path / "run" / "checkpoints", every=2)
+    state, _ = checkpoints.restore(8, like)
+    checkpoints.close()
+    assert int(nnx.merge(graphdef, state)[1].step[...]) == 8 - len(bad)
+    scalars = _events(tmp_path / "run" / "tensorboard")
+    np.testing.assert_allclose(scalars["train/ce"], [r["ce"] for r in records], rtol=1e-6)
+    assert len(scalars["val/val_loss"]) == 5  # steps 0, 2, 4, 6, 8
+
+
+def _tiny_cli(out: Path, corpus: Path, *flags: str) -> list[str]:
+    sets = ["d_model=16", "num_heads=2", "num_layers=2", "max_seq_len=16", "moe.d_ff=32"]
+    sets += ["moe.num_experts=4", "moe.block_size=32", "moe.impl=xla"]
+    return [
+        sys.executable,
+        "-m",
+        "experiments.train",
+        *sum((["--set", s] for s in sets), []),
+        *("--data", str(corpus), "--out", str(out), "--steps", "300", "--batch-size", "2"),
+        *("--log-every", "4", "--eval-every", "300", "--checkpoint-every", "100"),
+        *("--eval-batches", "1", "--grad-accum", "2", *flags),
+    ]
+
+
+@pytest.mark.slow
+def test_sigterm_saves_and_the_relaunch_reproduces_the_run(tmp_path, text_file):
+    """SIGTERM mid-run (mid logging interval, most likely) saves a checkpoint and exits
+    with 143; rerunning the same command continues from it and logs exactly the losses
+    of an uninterrupted run."""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    full = _tiny_cli(tmp_path / "full", text_file)
+    assert subprocess.run(full, cwd=REPO, env=env, capture_output=True).returncode == 0
+
+    command = _tiny_cli(tmp_path / "run", text_file)
+    process = subprocess.Popen(command, cwd=REPO, env=env, stderr=subprocess.PIPE, text=True)
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    deadline = time.monotonic() + 600
+    while not (metrics.exists() and '"train"' in metrics.read_text()):
+        assert process.poll() is None and time.monotonic() < deadline
+        time.sleep(0.01)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=300)
+    assert process.returncode == 143, stderr[-2000:]
+    saved = Checkpoints(tmp_path / "run" / "checkpoints", every=100)
+    stopped = saved.latest_step()
+    saved.close()
+    assert 4 <= stopped < 300 and f"saved step {stopped}" in stderr
+
+    relaunch = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True)
+    assert relaunch.returncode == 0, relaunch.stderr[-2000:]
+    assert _losses(tmp_path / "run") == _losses(tmp_path / "full")
