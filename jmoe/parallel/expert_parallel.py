@@ -11,7 +11,7 @@ MegaBlocks' expert-parallel forward with static shapes. Tokens are split over
    padded block layout (`exchange.dispatch`);
 4. run the local experts' MLP on it (`experts.expert_mlp`, the routed MLP
    of ``config.impl`` on the plan's `Topology`, rows already in its layout);
-5. send the results back (`exchange.combine`), un-permute and weight.
+5. send the results back, un-permuted and weighted (`exchange.combine`).
 
 Static shapes: a rank can receive up to ``ep * T_local * min(k, L)`` rows
 (every token of every rank choosing its experts), so by default the receive
@@ -92,13 +92,18 @@ class _ExchangeSettings(NamedTuple):
 
 
 def _exchange_round(
-    settings: _ExchangeSettings, plan: ExchangePlan, x_sorted: jax.Array, weights: ExpertWeights
+    settings: _ExchangeSettings,
+    plan: ExchangePlan,
+    assignments: permutation.Dispatch,
+    x: jax.Array,
+    gates: jax.Array,
+    weights: ExpertWeights,
 ) -> jax.Array:
-    """One exchange: ``x_sorted [n, d]`` -> ``[n, d]``, the expert outputs of the
-    plan's rows (zero for rows it does not send)."""
-    rows = exchange_lib.dispatch(x_sorted, plan, settings.method)
+    """One exchange: tokens ``x [T_local, d]`` -> ``[T_local, d]``, each token's
+    gate-weighted sum of the expert outputs of its assignments in the plan."""
+    rows = exchange_lib.dispatch(x, assignments, plan, settings.method)
     out = expert_mlp(settings.config, rows, None, plan.topology, weights)
-    return exchange_lib.combine(out, plan, settings.method, x_sorted.shape[0])
+    return exchange_lib.combine(out, plan, settings.method, assignments, gates)
 
 
 def _plan(settings: _ExchangeSettings, counts: jax.Array, round_index=0) -> ExchangePlan:
@@ -114,11 +119,9 @@ def _plan(settings: _ExchangeSettings, counts: jax.Array, round_index=0) -> Exch
     )
 
 
-def _planned_round(settings: _ExchangeSettings, round_index, counts, x_sorted, *weights):
-    """Round ``round_index`` of the multi-round exchange (`rounds.sum_over_rounds`,
-    whose operands are flat: ``weights`` are the `ExpertWeights` fields)."""
-    plan = _plan(settings, counts, round_index)
-    return _exchange_round(settings, plan, x_sorted, ExpertWeights(*weights))
+def _planned_round(settings: _ExchangeSettings, round_index, counts, *operands):
+    """Round ``round_index`` of the multi-round exchange (`rounds.sum_over_rounds`)."""
+    return _exchange_round(settings, _plan(settings, counts, round_index), *operands)
 
 
 def _local_ffn(
@@ -130,24 +133,28 @@ def _local_ffn(
 ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
     """One device's part: ``x [T_local, d]``, ``gates/expert_ids [T_local, k]``,
     ``weights`` of its ``L`` (virtual) experts -> ``(y [T_local, d],
-    tokens_per_expert [E], dropped [], rounds [])``."""
+    tokens_per_expert [E], dropped [], rounds [])``.
+
+    Every round is bounded by ``T_local * k`` (the sorted assignments) and the
+    receive buffer: the rounds' outputs are ``[T_local, d]`` and their sum's
+    backward recomputes each round (no array of all rounds' rows exists).
+    """
     sharding = settings.sharding
     v_gates, v_expert_ids = sharding.split_routing(gates, expert_ids)
-    dispatch, send_topo = permutation.dropless_dispatch(v_expert_ids, sharding.num_virtual, 1)
-    x_sorted = permutation.permute(x, dispatch)
+    assignments, send_topo = permutation.dropless_dispatch(v_expert_ids, sharding.num_virtual, 1)
     counts = lax.all_gather(send_topo.group_sizes, EXPERT)
+    operands = (assignments, x, v_gates, weights)
     if settings.in_rounds:
         rounds = num_rounds(counts, sharding.num_local, settings.capacity)
         round_fn = functools.partial(_planned_round, settings)
-        y_sorted = sum_over_rounds(round_fn, rounds, (counts, x_sorted, *weights))
+        y = sum_over_rounds(round_fn, rounds, (counts, *operands))
         dropped = jnp.zeros((), jnp.int32)
         rounds = lax.pmax(rounds, DATA)  # the replicas may differ; each "expert" group agrees
     else:
         rounds = jnp.ones((), jnp.int32)
         plan = _plan(settings, counts)
-        y_sorted = _exchange_round(settings, plan, x_sorted, weights)
+        y = _exchange_round(settings, plan, *operands)
         dropped = lax.psum(plan.dropped, (DATA, EXPERT)) // sharding.hidden_splits
-    y = permutation.unpermute(y_sorted, dispatch, v_gates)
     local_counts = jnp.bincount(expert_ids.reshape(-1), length=settings.config.num_experts)
     tokens_per_expert = lax.psum(local_counts.astype(jnp.int32), (DATA, EXPERT))
     return y, tokens_per_expert, dropped, rounds
