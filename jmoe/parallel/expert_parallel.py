@@ -47,7 +47,7 @@ from jax.sharding import AbstractMesh, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jmoe import permutation
-from jmoe.config import MoEConfig
+from jmoe.config import EP_EXCHANGES, MoEConfig
 from jmoe.experts import ExpertWeights, expert_mlp
 from jmoe.parallel import exchange as exchange_lib
 from jmoe.parallel.mesh import DATA, EXPERT, TOKEN_SPEC, check_mesh, context_mesh, is_explicit
@@ -56,15 +56,14 @@ from jmoe.parallel.plan import ExchangePlan, make_plan, num_rounds
 from jmoe.parallel.rounds import sum_over_rounds
 from pallas_kernels.products import layout_block_size
 
-EXCHANGES = ("auto", *exchange_lib.METHODS)
 _RAGGED_PLATFORMS = ("gpu", "cuda", "rocm", "tpu")
 _EXPERT_SPEC = P(EXPERT, None, None)
 
 
 def exchange_method(exchange: str, mesh: Mesh | AbstractMesh) -> str:
     """``"auto"`` -> ``"ragged"`` on GPU/TPU meshes, ``"padded"`` elsewhere (XLA:CPU)."""
-    if exchange not in EXCHANGES:
-        raise ValueError(f"exchange must be one of {EXCHANGES}, got {exchange!r}")
+    if exchange not in EP_EXCHANGES:
+        raise ValueError(f"exchange must be one of {EP_EXCHANGES}, got {exchange!r}")
     if exchange != "auto":
         return exchange
     device = getattr(mesh, "abstract_mesh", mesh).abstract_device
@@ -172,7 +171,7 @@ def expert_parallel_ffn(
     mesh: Mesh | AbstractMesh | None = None,
     capacity_factor: float | None = None,
     buffer_factor: float | None = None,
-    exchange: str = "auto",
+    exchange: str | None = None,
     return_rounds: bool = False,
 ) -> tuple[jax.Array, ...]:
     """Routed experts of a dropless MoE, expert-parallel over ``mesh``.
@@ -194,7 +193,8 @@ def expert_parallel_ffn(
         each rank receives ``ceil(f * tokens_per_device * k)`` rows (times the
         hidden splits) per round, in as many rounds as the routing needs
         (dropless; `rounds`). Exclusive with ``capacity_factor``.
-      exchange: ``"auto"``, ``"ragged"`` or ``"padded"`` (see `exchange`).
+      exchange: None (default: ``config.ep_exchange``), ``"auto"``,
+        ``"ragged"`` or ``"padded"`` (see `exchange`).
       return_rounds: also return the number of exchange rounds.
 
     Returns:
@@ -220,7 +220,7 @@ def expert_parallel_ffn(
             f"drop) and buffer_factor={buffer_factor} (ep_buffer_factor: bound "
             "and exchange in rounds) are exclusive: set at most one of them"
         )
-    method = exchange_method(exchange, mesh)
+    method = exchange_method(config.ep_exchange if exchange is None else exchange, mesh)
     sharding = ExpertSharding.create(config, mesh.shape[EXPERT])
     devices = mesh.shape[DATA] * mesh.shape[EXPERT]
     if x.shape[0] % devices:
