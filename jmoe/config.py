@@ -12,6 +12,7 @@ from pallas_kernels.products import IMPLS, size_rule
 EXPERT_TYPES = ("mlp", "glu")
 SCORE_FUNCTIONS = ("softmax", "sigmoid")
 BLOCK_SIZES = (32, 64, 128)
+EP_EXCHANGES = ("auto", "ragged", "padded")
 
 
 def require(condition: bool, message: str) -> None:
@@ -55,6 +56,11 @@ class MoEConfig:
         exchanges in as many rounds as the routing needs, dropping nothing;
         ``aux["ep_rounds"]`` reports the rounds (docs/expert_parallel_rounds.md).
         Exclusive with ``ep_capacity_factor``.
+      ep_exchange: `DroplessMoE` under expert parallelism only: how token rows
+        move between ranks. ``"auto"`` (default): ``ragged_all_to_all`` on
+        GPU/TPU, the padded ``all_to_all`` elsewhere; ``"ragged"`` or
+        ``"padded"`` force one (``"padded"`` works around a misbehaving
+        ragged all-to-all; docs/expert_parallel.md).
       block_size: rows per block of the block-sparse layout (32, 64 or 128).
       load_balancing_loss_weight: weight of the Switch/MegaBlocks loss
         ``E / (T k) * dot(tokens_per_expert, mean_t(probs))``.
@@ -101,6 +107,7 @@ class MoEConfig:
     capacity_factor: float = 1.0
     ep_capacity_factor: float | None = None
     ep_buffer_factor: float | None = None
+    ep_exchange: str = "auto"
     block_size: int = 128
     load_balancing_loss_weight: float = 0.1
     router_z_loss_weight: float = 0.0
@@ -160,6 +167,10 @@ class MoEConfig:
             f"ep_buffer_factor={self.ep_buffer_factor} (bounded buffer, no drop) and "
             f"ep_capacity_factor={self.ep_capacity_factor} (bounded buffer, drops) are "
             "exclusive: set at most one of them",
+        )
+        require(
+            self.ep_exchange in EP_EXCHANGES,
+            f"ep_exchange must be one of {EP_EXCHANGES}, got {self.ep_exchange!r}",
         )
         require(
             self.block_size in BLOCK_SIZES,

@@ -161,6 +161,31 @@ def test_ragged_exchange_matches_single_device(monkeypatch, num_experts, top_k, 
     )
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("ep_exchange", ("ragged", "padded"))
+@pytest.mark.parametrize("buffer_factor", (None, 0.5))
+def test_config_ep_exchange_matches_single_device(monkeypatch, ep_exchange, buffer_factor):
+    """``MoEConfig.ep_exchange`` picks the exchange (the ragged one emulated, and
+    called only when chosen); both give the single-device result, in one round
+    and in rounds (1 x 8 mesh, every token on the last two ranks' experts)."""
+    calls = []
+
+    def ragged(*args, **kw):
+        calls.append(1)
+        return emulated_ragged_all_to_all(*args, **kw)
+
+    monkeypatch.setattr(jax.lax, "ragged_all_to_all", ragged)
+    config = ffn_config(8, 2, "glu").replace(ep_exchange=ep_exchange)
+    args, expert_ids, dy = ffn_problem(config, TOKENS_PER_DEVICE * 8, "one_expert")
+    want_y, _, want_grads = single_device_outputs(config, expert_ids, args, dy)
+    y, _, grads = expert_parallel_outputs(
+        config, expert_ids, args, dy, 1, 8, buffer_factor=buffer_factor
+    )
+    assert bool(calls) == (ep_exchange == "ragged")
+    chex.assert_trees_all_close(y, want_y, **TOL)
+    chex.assert_trees_all_close(grads, want_grads, **TOL)
+
+
 # ------------------------------------------------------------------ capacity bound
 
 
@@ -257,6 +282,11 @@ def _call(config, tokens=64, data=2, expert=4, mesh=None, **kw):
 def test_bad_configs_raise(config, kw, match):
     with pytest.raises(ValueError, match=match):
         _call(config, **kw)
+
+
+def test_bad_ep_exchange_raises():
+    with pytest.raises(ValueError, match="ep_exchange must be one of .*'padded'.*, got 'nccl'"):
+        ffn_config(8, 2).replace(ep_exchange="nccl")
 
 
 def test_bad_meshes_raise():

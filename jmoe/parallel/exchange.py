@@ -1,37 +1,50 @@
 """Moving token rows to the ranks that own their experts, and back.
 
-* `dispatch`: this rank's expert-sorted rows ``[n, d]`` -> its local experts'
-  padded block layout ``[topology.padded_rows, d]``, holding the kept rows of
-  every source rank (zeros elsewhere): with rounds, the plan's round's part.
-* `combine`: the reverse: layout rows ``[padded_rows, d]`` -> ``[n, d]`` in
-  this rank's send order; rows of dropped assignments are zero.
+* `dispatch`: this rank's tokens ``[T, d]`` -> its local experts' padded block
+  layout ``[topology.padded_rows, d]``, holding the plan's rows of every source
+  rank (zeros elsewhere): with rounds, the plan's round's part.
+* `combine`: the reverse, fused with the weighted un-permutation: layout rows
+  ``[padded_rows, d]`` -> ``y [T, d]``, each token's gate-weighted sum of the
+  expert outputs of its assignments in the plan (zero for the others).
 
+This rank's ``n = T * k`` assignments are sorted by expert (a
+`permutation.Dispatch` of block size 1: ``row_tokens [n]``, the token of each
+sorted row, and ``assignment_rows [T*k]``, the sorted row of each assignment).
 Two methods give exactly the same result (both only move data):
 
 * ``"ragged"``: one `jax.lax.ragged_all_to_all` each way with one slice per
-  (rank, expert) chunk, written straight into the receiver's layout; only the
-  kept rows travel. GPU and TPU.
-* ``"padded"``: `jax.lax.all_to_all` of ``[ep, slots, d]`` buckets with
-  ``slots = min(n, capacity)`` (the most rows one rank can send another), and
-  gathers to pack and unpack them. For XLA:CPU, which does not implement the
-  ragged all-to-all.
+  (rank, expert) chunk of the ``[n, d]`` sorted rows, written straight into
+  the receiver's layout; only the kept rows travel. GPU and TPU.
+* ``"padded"``: `jax.lax.all_to_all` of ``[ep, slots, d]`` buckets, gathered
+  from the tokens and unpacked into the layout (and back) by index arrays of
+  bucket size. For XLA:CPU, which does not implement the ragged all-to-all.
+  ``slots = ceil(capacity / ep)`` (at most the rows one rank can send another),
+  so a bucket is about one receive buffer, never the worst case; when a rank
+  sends another more than ``slots`` rows in one round (skewed routing), the
+  exchange takes several steps of ``slots`` rows each (`rounds.sum_over_rounds`).
 """
 
 from __future__ import annotations
+
+import dataclasses
+import functools
+import math
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
+from jmoe import permutation
 from jmoe.parallel.mesh import EXPERT
 from jmoe.parallel.plan import ExchangePlan
+from jmoe.parallel.rounds import sum_over_rounds
 
 METHODS = ("ragged", "padded")
 
 
-def _take(x: jax.Array, index: jax.Array) -> jax.Array:
-    """Rows ``x[index]``; out-of-range indices give zero rows."""
-    return jnp.take(x, index, axis=0, mode="fill", fill_value=0)
+def _take(x: jax.Array, index: jax.Array, fill=0) -> jax.Array:
+    """Rows ``x[index]``; out-of-range indices give ``fill`` rows."""
+    return jnp.take(x, index, axis=0, mode="fill", fill_value=fill)
 
 
 def _invert(index: jax.Array, size: int, fill: int) -> jax.Array:
@@ -43,64 +56,123 @@ def _invert(index: jax.Array, size: int, fill: int) -> jax.Array:
     return jnp.full((size,), fill, jnp.int32).at[index].set(positions, mode="drop")
 
 
-def _slots(plan: ExchangePlan, num_rows: int) -> int:
-    return min(num_rows, plan.capacity)
+def _slots(plan: ExchangePlan, num_tokens: int, num_rows: int) -> tuple[int, int]:
+    """``(slots, most steps)`` of the padded exchange: bucket rows per (sender,
+    receiver) pair, and the most steps one round can need.
+
+    In one round a rank sends another at most ``pair = min(n, capacity, T *
+    min(n / T, L))`` rows (a token's assignments go to distinct experts);
+    ``slots`` is the smaller of that and an even share ``ceil(capacity / ep)``
+    of the receive buffer.
+    """
+    per_token = min(num_rows // max(1, num_tokens), plan.num_local_experts)
+    pair = max(1, min(num_rows, plan.capacity, num_tokens * per_token))
+    slots = max(1, min(pair, math.ceil(plan.capacity / plan.num_ranks)))
+    return slots, math.ceil(pair / slots)
 
 
-def _bucket_of_sent_rows(plan: ExchangePlan, num_rows: int) -> jax.Array:
-    """``[n]``: bucket slot (of ``ep * slots``) of each sorted row; out of range if dropped."""
-    slots, num_local = _slots(plan, num_rows), plan.num_local_experts
+def _num_steps(plan: ExchangePlan, slots: int) -> jax.Array:
+    """``[] int32`` steps this round needs: the most rows any rank sends another,
+    over ``slots`` (at least 1; the same on every rank of the group)."""
+    pairs = jnp.sum(plan.kept.reshape(plan.num_ranks, plan.num_ranks, -1), axis=2)
+    return jnp.maximum(1, (jnp.max(pairs) + slots - 1) // slots).astype(jnp.int32)
+
+
+def _in_steps(step_fn, plan: ExchangePlan, num_tokens: int, num_rows: int, *operands):
+    """``sum_{j < steps} step_fn(slots, j, plan, *operands)`` over the steps of
+    the padded exchange; a single call, no loop, when one step always suffices."""
+    slots, most = _slots(plan, num_tokens, num_rows)
+    step = functools.partial(step_fn, slots)
+    if most == 1:
+        return step(0, plan, *operands)
+    return sum_over_rounds(step, _num_steps(plan, slots), (plan, *operands))
+
+
+def _bucket_of_sent_rows(plan: ExchangePlan, num_rows: int, slots: int, step) -> jax.Array:
+    """``[n]``: bucket slot (of ``ep * slots``) of each sorted row in step
+    ``step``; out of range if it is not sent then."""
+    num_local = plan.num_local_experts
     counts, kept, starts = plan.own(plan.counts), plan.own(plan.kept), plan.own(plan.send_offsets)
     rows = jnp.arange(num_rows, dtype=jnp.int32)
     expert = jnp.searchsorted(jnp.cumsum(counts), rows, side="right").astype(jnp.int32)
     expert = jnp.minimum(expert, counts.shape[0] - 1)
     rank_in_chunk = rows - starts[expert]  # negative for rows sent in earlier rounds
     kept_per_owner = kept.reshape(plan.num_ranks, num_local)
-    start_in_bucket = jnp.cumsum(kept_per_owner, axis=1) - kept_per_owner
-    slot = (expert // num_local) * slots + start_in_bucket.reshape(-1)[expert] + rank_in_chunk
+    start_in_pair = jnp.cumsum(kept_per_owner, axis=1) - kept_per_owner
+    position = start_in_pair.reshape(-1)[expert] + rank_in_chunk - step * slots
     sent_now = (rank_in_chunk >= 0) & (rank_in_chunk < kept[expert])
-    return jnp.where(sent_now, slot, plan.num_ranks * slots)
+    sent_now &= (position >= 0) & (position < slots)
+    return jnp.where(sent_now, (expert // num_local) * slots + position, plan.num_ranks * slots)
 
 
-def _layout_of_received_slots(plan: ExchangePlan, num_rows: int) -> jax.Array:
-    """``[ep * slots]``: layout row of each received bucket slot; out of range if empty."""
-    slots, num_local = _slots(plan, num_rows), plan.num_local_experts
+def _layout_of_received_slots(plan: ExchangePlan, slots: int, step) -> jax.Array:
+    """``[ep * slots]``: layout row of each bucket slot received in step
+    ``step``; out of range if empty."""
+    num_local = plan.num_local_experts
     kept = plan.local(plan.kept)  # [ep, L] chunks from each source
     ends = jnp.cumsum(kept, axis=1)
-    slot = jnp.arange(slots, dtype=jnp.int32)
-    expert = jax.vmap(lambda e: jnp.searchsorted(e, slot, side="right"))(ends)
+    position = jnp.arange(slots, dtype=jnp.int32) + step * slots
+    expert = jax.vmap(lambda e: jnp.searchsorted(e, position, side="right"))(ends)
     safe = jnp.minimum(expert, num_local - 1)
-    rank_in_chunk = slot - jnp.take_along_axis(ends - kept, safe, axis=1)
+    rank_in_chunk = position - jnp.take_along_axis(ends - kept, safe, axis=1)
     row = jnp.take_along_axis(plan.local(plan.recv_offsets), safe, axis=1) + rank_in_chunk
     return jnp.where(expert < num_local, row, plan.topology.padded_rows).reshape(-1)
 
 
-def dispatch(x_sorted: jax.Array, plan: ExchangePlan, method: str) -> jax.Array:
-    """``[n, d]`` expert-sorted rows -> ``[padded_rows, d]`` local layout."""
-    num_rows, width = x_sorted.shape
-    layout_rows = plan.topology.padded_rows
+def _dispatch_step(slots: int, step, plan: ExchangePlan, x, assignments) -> jax.Array:
+    """Step ``step`` of the padded `dispatch`: ``[padded_rows, d]``, its rows only."""
+    num_rows, bucket_rows = assignments.row_tokens.shape[0], plan.num_ranks * slots
+    sorted_rows = _invert(_bucket_of_sent_rows(plan, num_rows, slots, step), bucket_rows, num_rows)
+    buckets = _take(x, _take(assignments.row_tokens, sorted_rows, fill=x.shape[0]))
+    received = lax.all_to_all(buckets, EXPERT, 0, 0, tiled=True)
+    layout = _layout_of_received_slots(plan, slots, step)
+    return _take(received, _invert(layout, plan.topology.padded_rows, bucket_rows))
+
+
+def _combine_step(slots: int, step, plan: ExchangePlan, rows, assignments, gates) -> jax.Array:
+    """Step ``step`` of the padded `combine`: ``[T, d]``, its rows only."""
+    buckets = _take(rows, _layout_of_received_slots(plan, slots, step))
+    returned = lax.all_to_all(buckets, EXPERT, 0, 0, tiled=True)
+    slot = _bucket_of_sent_rows(plan, assignments.row_tokens.shape[0], slots, step)
+    bucket_of_assignment = _take(slot, assignments.assignment_rows, fill=returned.shape[0])
+    return permutation.unpermute(
+        returned, dataclasses.replace(assignments, assignment_rows=bucket_of_assignment), gates
+    )
+
+
+def dispatch(
+    x: jax.Array, assignments: permutation.Dispatch, plan: ExchangePlan, method: str
+) -> jax.Array:
+    """Tokens ``x [T, d]`` -> ``[padded_rows, d]`` local layout.
+
+    ``assignments``: this rank's expert-sorted assignments (block size 1).
+    """
+    width, num_rows = x.shape[1], assignments.row_tokens.shape[0]
     if method == "ragged":
         return lax.ragged_all_to_all(
-            x_sorted,
-            jnp.zeros((layout_rows, width), x_sorted.dtype),
+            _take(x, assignments.row_tokens),
+            jnp.zeros((plan.topology.padded_rows, width), x.dtype),
             plan.own(plan.send_offsets),
             plan.own(plan.kept),
             plan.own(plan.recv_offsets),
             plan.local(plan.kept).reshape(-1),
             axis_name=EXPERT,
         )
-    bucket_rows = plan.num_ranks * _slots(plan, num_rows)
-    buckets = _take(x_sorted, _invert(_bucket_of_sent_rows(plan, num_rows), bucket_rows, num_rows))
-    received = lax.all_to_all(buckets, EXPERT, 0, 0, tiled=True)
-    return _take(
-        received, _invert(_layout_of_received_slots(plan, num_rows), layout_rows, bucket_rows)
-    )
+    return _in_steps(_dispatch_step, plan, x.shape[0], num_rows, x, assignments)
 
 
-def combine(rows: jax.Array, plan: ExchangePlan, method: str, num_rows: int) -> jax.Array:
-    """``[padded_rows, d]`` expert outputs -> ``[num_rows, d]`` in this rank's send order."""
+def combine(
+    rows: jax.Array,
+    plan: ExchangePlan,
+    method: str,
+    assignments: permutation.Dispatch,
+    gates: jax.Array,
+) -> jax.Array:
+    """``[padded_rows, d]`` expert outputs -> ``y [T, d]``: every token's sum of
+    ``gates [T, k]`` times the outputs of its assignments in the plan."""
+    num_rows = assignments.row_tokens.shape[0]
     if method == "ragged":
-        return lax.ragged_all_to_all(
+        returned = lax.ragged_all_to_all(
             rows,
             jnp.zeros((num_rows, rows.shape[1]), rows.dtype),
             plan.local(plan.recv_offsets).reshape(-1),
@@ -109,6 +181,5 @@ def combine(rows: jax.Array, plan: ExchangePlan, method: str, num_rows: int) -> 
             plan.own(plan.kept),
             axis_name=EXPERT,
         )
-    buckets = _take(rows, _layout_of_received_slots(plan, num_rows))
-    returned = lax.all_to_all(buckets, EXPERT, 0, 0, tiled=True)
-    return _take(returned, _bucket_of_sent_rows(plan, num_rows))
+        return permutation.unpermute(returned, assignments, gates)
+    return _in_steps(_combine_step, plan, gates.shape[0], num_rows, rows, assignments, gates)

@@ -11,7 +11,7 @@ MegaBlocks' expert-parallel forward with static shapes. Tokens are split over
    padded block layout (`exchange.dispatch`);
 4. run the local experts' MLP on it (`experts.expert_mlp`, the routed MLP
    of ``config.impl`` on the plan's `Topology`, rows already in its layout);
-5. send the results back (`exchange.combine`), un-permute and weight.
+5. send the results back, un-permuted and weighted (`exchange.combine`).
 
 Static shapes: a rank can receive up to ``ep * T_local * min(k, L)`` rows
 (every token of every rank choosing its experts), so by default the receive
@@ -47,7 +47,7 @@ from jax.sharding import AbstractMesh, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jmoe import permutation
-from jmoe.config import MoEConfig
+from jmoe.config import EP_EXCHANGES, MoEConfig
 from jmoe.experts import ExpertWeights, expert_mlp
 from jmoe.parallel import exchange as exchange_lib
 from jmoe.parallel.mesh import DATA, EXPERT, TOKEN_SPEC, check_mesh, context_mesh, is_explicit
@@ -56,15 +56,14 @@ from jmoe.parallel.plan import ExchangePlan, make_plan, num_rounds
 from jmoe.parallel.rounds import sum_over_rounds
 from pallas_kernels.products import layout_block_size
 
-EXCHANGES = ("auto", *exchange_lib.METHODS)
 _RAGGED_PLATFORMS = ("gpu", "cuda", "rocm", "tpu")
 _EXPERT_SPEC = P(EXPERT, None, None)
 
 
 def exchange_method(exchange: str, mesh: Mesh | AbstractMesh) -> str:
     """``"auto"`` -> ``"ragged"`` on GPU/TPU meshes, ``"padded"`` elsewhere (XLA:CPU)."""
-    if exchange not in EXCHANGES:
-        raise ValueError(f"exchange must be one of {EXCHANGES}, got {exchange!r}")
+    if exchange not in EP_EXCHANGES:
+        raise ValueError(f"exchange must be one of {EP_EXCHANGES}, got {exchange!r}")
     if exchange != "auto":
         return exchange
     device = getattr(mesh, "abstract_mesh", mesh).abstract_device
@@ -92,13 +91,18 @@ class _ExchangeSettings(NamedTuple):
 
 
 def _exchange_round(
-    settings: _ExchangeSettings, plan: ExchangePlan, x_sorted: jax.Array, weights: ExpertWeights
+    settings: _ExchangeSettings,
+    plan: ExchangePlan,
+    assignments: permutation.Dispatch,
+    x: jax.Array,
+    gates: jax.Array,
+    weights: ExpertWeights,
 ) -> jax.Array:
-    """One exchange: ``x_sorted [n, d]`` -> ``[n, d]``, the expert outputs of the
-    plan's rows (zero for rows it does not send)."""
-    rows = exchange_lib.dispatch(x_sorted, plan, settings.method)
+    """One exchange: tokens ``x [T_local, d]`` -> ``[T_local, d]``, each token's
+    gate-weighted sum of the expert outputs of its assignments in the plan."""
+    rows = exchange_lib.dispatch(x, assignments, plan, settings.method)
     out = expert_mlp(settings.config, rows, None, plan.topology, weights)
-    return exchange_lib.combine(out, plan, settings.method, x_sorted.shape[0])
+    return exchange_lib.combine(out, plan, settings.method, assignments, gates)
 
 
 def _plan(settings: _ExchangeSettings, counts: jax.Array, round_index=0) -> ExchangePlan:
@@ -114,11 +118,9 @@ def _plan(settings: _ExchangeSettings, counts: jax.Array, round_index=0) -> Exch
     )
 
 
-def _planned_round(settings: _ExchangeSettings, round_index, counts, x_sorted, *weights):
-    """Round ``round_index`` of the multi-round exchange (`rounds.sum_over_rounds`,
-    whose operands are flat: ``weights`` are the `ExpertWeights` fields)."""
-    plan = _plan(settings, counts, round_index)
-    return _exchange_round(settings, plan, x_sorted, ExpertWeights(*weights))
+def _planned_round(settings: _ExchangeSettings, round_index, counts, *operands):
+    """Round ``round_index`` of the multi-round exchange (`rounds.sum_over_rounds`)."""
+    return _exchange_round(settings, _plan(settings, counts, round_index), *operands)
 
 
 def _local_ffn(
@@ -130,24 +132,28 @@ def _local_ffn(
 ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
     """One device's part: ``x [T_local, d]``, ``gates/expert_ids [T_local, k]``,
     ``weights`` of its ``L`` (virtual) experts -> ``(y [T_local, d],
-    tokens_per_expert [E], dropped [], rounds [])``."""
+    tokens_per_expert [E], dropped [], rounds [])``.
+
+    Every round is bounded by ``T_local * k`` (the sorted assignments) and the
+    receive buffer: the rounds' outputs are ``[T_local, d]`` and their sum's
+    backward recomputes each round (no array of all rounds' rows exists).
+    """
     sharding = settings.sharding
     v_gates, v_expert_ids = sharding.split_routing(gates, expert_ids)
-    dispatch, send_topo = permutation.dropless_dispatch(v_expert_ids, sharding.num_virtual, 1)
-    x_sorted = permutation.permute(x, dispatch)
+    assignments, send_topo = permutation.dropless_dispatch(v_expert_ids, sharding.num_virtual, 1)
     counts = lax.all_gather(send_topo.group_sizes, EXPERT)
+    operands = (assignments, x, v_gates, weights)
     if settings.in_rounds:
         rounds = num_rounds(counts, sharding.num_local, settings.capacity)
         round_fn = functools.partial(_planned_round, settings)
-        y_sorted = sum_over_rounds(round_fn, rounds, (counts, x_sorted, *weights))
+        y = sum_over_rounds(round_fn, rounds, (counts, *operands))
         dropped = jnp.zeros((), jnp.int32)
         rounds = lax.pmax(rounds, DATA)  # the replicas may differ; each "expert" group agrees
     else:
         rounds = jnp.ones((), jnp.int32)
         plan = _plan(settings, counts)
-        y_sorted = _exchange_round(settings, plan, x_sorted, weights)
+        y = _exchange_round(settings, plan, *operands)
         dropped = lax.psum(plan.dropped, (DATA, EXPERT)) // sharding.hidden_splits
-    y = permutation.unpermute(y_sorted, dispatch, v_gates)
     local_counts = jnp.bincount(expert_ids.reshape(-1), length=settings.config.num_experts)
     tokens_per_expert = lax.psum(local_counts.astype(jnp.int32), (DATA, EXPERT))
     return y, tokens_per_expert, dropped, rounds
@@ -165,7 +171,7 @@ def expert_parallel_ffn(
     mesh: Mesh | AbstractMesh | None = None,
     capacity_factor: float | None = None,
     buffer_factor: float | None = None,
-    exchange: str = "auto",
+    exchange: str | None = None,
     return_rounds: bool = False,
 ) -> tuple[jax.Array, ...]:
     """Routed experts of a dropless MoE, expert-parallel over ``mesh``.
@@ -187,7 +193,8 @@ def expert_parallel_ffn(
         each rank receives ``ceil(f * tokens_per_device * k)`` rows (times the
         hidden splits) per round, in as many rounds as the routing needs
         (dropless; `rounds`). Exclusive with ``capacity_factor``.
-      exchange: ``"auto"``, ``"ragged"`` or ``"padded"`` (see `exchange`).
+      exchange: None (default: ``config.ep_exchange``), ``"auto"``,
+        ``"ragged"`` or ``"padded"`` (see `exchange`).
       return_rounds: also return the number of exchange rounds.
 
     Returns:
@@ -213,7 +220,7 @@ def expert_parallel_ffn(
             f"drop) and buffer_factor={buffer_factor} (ep_buffer_factor: bound "
             "and exchange in rounds) are exclusive: set at most one of them"
         )
-    method = exchange_method(exchange, mesh)
+    method = exchange_method(config.ep_exchange if exchange is None else exchange, mesh)
     sharding = ExpertSharding.create(config, mesh.shape[EXPERT])
     devices = mesh.shape[DATA] * mesh.shape[EXPERT]
     if x.shape[0] % devices:

@@ -133,10 +133,11 @@ def make_plan(
     to_source_major = lambda m: m.reshape(num_experts, num_ranks).T
     kept, sent = to_source_major(kept), to_source_major(sent)
     owner_groups = jnp.sum(kept, axis=0).reshape(num_ranks, num_local_experts)
-    bin_starts = jax.vmap(lambda groups: make_topology(groups, capacity, block_size).bin_starts)(
-        owner_groups
+    # Every owner's bin starts (`Topology.bin_starts`), from its [L] group sizes alone.
+    bins = -(-owner_groups // block_size) * block_size
+    recv_offsets = _exclusive_cumsum(bins, axis=1).reshape(1, num_experts) + _exclusive_cumsum(
+        kept, axis=0
     )
-    recv_offsets = bin_starts.reshape(1, num_experts) + _exclusive_cumsum(kept, axis=0)
     topology = make_topology(
         lax.dynamic_index_in_dim(owner_groups, rank, keepdims=False), capacity, block_size
     )

@@ -44,31 +44,43 @@ def _loop(num_rounds: jax.Array, body, init):
     )[1]
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def sum_over_rounds(round_fn, num_rounds: jax.Array, operands: tuple):
+def sum_over_rounds(round_fn, num_rounds: jax.Array, operands):
     """``sum_{r < num_rounds} round_fn(r, *operands)``.
 
     Args:
       round_fn: ``(r [] int32, *operands) -> array``; it may close over static
         values only (it is called again in the backward pass).
       num_rounds: ``[] int32`` trip count (traced).
-      operands: tuple of arrays (or None); the integer ones get no gradient.
+      operands: tuple of pytrees of arrays (None entries allowed); the integer
+        leaves get no gradient.
 
     Returns:
       The sum, shaped like one round's output.
     """
+    leaves, treedef = jax.tree.flatten(tuple(operands))
+    flat_fn = functools.partial(_round_of_leaves, round_fn, treedef)
+    return _sum_over_rounds(flat_fn, num_rounds, tuple(leaves))
+
+
+def _round_of_leaves(round_fn, treedef, r, *leaves):
+    return round_fn(r, *jax.tree.unflatten(treedef, leaves))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _sum_over_rounds(round_fn, num_rounds: jax.Array, operands: tuple):
+    """`sum_over_rounds` on a flat tuple of array operands."""
     out = jax.eval_shape(round_fn, 0, *operands)
     return _loop(num_rounds, lambda r, acc: acc + round_fn(r, *operands), _zeros_like_shape(out))
 
 
 def _forward(round_fn, num_rounds, operands):
-    return sum_over_rounds(round_fn, num_rounds, operands), (num_rounds, operands)
+    return _sum_over_rounds(round_fn, num_rounds, operands), (num_rounds, operands)
 
 
 def _backward(round_fn, residuals, cotangent):
     """Per round: recompute the round's forward, pull ``cotangent`` back, accumulate."""
     num_rounds, operands = residuals
-    is_diff = [x is not None and _is_float(x) for x in operands]
+    is_diff = [_is_float(x) for x in operands]
     diff = [x for x, d in zip(operands, is_diff) if d]
 
     def round_of_diff(r, *diff_values):
@@ -83,4 +95,4 @@ def _backward(round_fn, residuals, cotangent):
     return None, tuple(next(grads) if d else None for d in is_diff)
 
 
-sum_over_rounds.defvjp(_forward, _backward)
+_sum_over_rounds.defvjp(_forward, _backward)
