@@ -9,6 +9,7 @@
         experiments.train --mesh 2x4 --host-devices 4
     python -m experiments.train --score-function sigmoid --expert-bias \
         --load-balancing-loss-weight 0 --num-expert-groups 4 --top-k-groups 2  # DeepSeek-V3
+    python -m experiments.train --init-from-hf path/to/hf --out runs/ft  # fine-tune (docs/hf.md)
 
 Loss = cross-entropy + the MoE aux losses; AdamW with linear warmup and cosine
 decay, global-norm clipping. A run directory holds ``checkpoints/`` (Orbax:
@@ -40,6 +41,8 @@ from experiments import distributed, plotting
 from experiments.checkpoint import Checkpoints
 from experiments.data import Batches, tokenized_corpus
 from experiments.presets import PRESET_TRAINING, PRESETS, preset
+from experiments.run_config import MODEL_CONFIG, config_to_json, with_hf_weights
+from jmoe.hf import load_config
 from jmoe.router import expert_biases, update_expert_bias
 from jmoe.transformer import FFN_KINDS, REMAT_KINDS, MoETransformer, TransformerConfig
 
@@ -65,6 +68,8 @@ class TrainConfig:
       resume: continue from the latest checkpoint in ``out`` (if any).
       mesh: ``(data, expert)``: train on that device mesh (see
         `experiments.distributed.Placement`); None: one device.
+      init_from_hf: a Hugging Face folder whose weights the model starts from
+        (``model`` must be its configuration, `jmoe.hf.load_config`).
     """
 
     model: TransformerConfig
@@ -85,6 +90,7 @@ class TrainConfig:
     seed: int = 0
     resume: bool = False
     mesh: tuple[int, int] | None = None
+    init_from_hf: str | None = None
 
     def __post_init__(self):
         for name in (
@@ -276,6 +282,7 @@ def train(config: TrainConfig, name: str = "run") -> dict | None:
         (out / "summary.json").unlink(missing_ok=True)  # written again when the run completes
         if not config.resume:
             shutil.rmtree(out / "checkpoints", ignore_errors=True)
+        (out / MODEL_CONFIG).write_text(json.dumps(config_to_json(config.model), indent=2) + "\n")
     distributed.barrier("train: run directory ready")
     batches = Batches(
         tokenized_corpus(config.data, config.cache_dir),
@@ -293,6 +300,8 @@ def train(config: TrainConfig, name: str = "run") -> dict | None:
         start = checkpoints.latest_step()
         state, meta = checkpoints.restore(start, state)
         train_time = meta["train_time_s"]
+    elif config.init_from_hf is not None:
+        state = with_hf_weights(state, config.init_from_hf, config.model, placement.mesh)
     if main:
         _start_metrics(out / "metrics.jsonl", start)
     shape = (config.batch_size, config.model.max_seq_len + 1)
@@ -480,6 +489,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         default=100,
         help="steps between Orbax checkpoints, a multiple of --log-every (default: %(default)s)",
     )
+    parser.add_argument(
+        "--init-from-hf",
+        metavar="PATH",
+        help="start from this Hugging Face checkpoint's weights; the model is its config.json's "
+        "(--preset, --ffn and the routing flags do not apply; docs/hf.md)",
+    )
     distributed.add_arguments(parser)
     routing = parser.add_argument_group("routing (default: the preset's; see docs/routing.md)")
     for flag, kind in ROUTING_FLAGS.items():
@@ -510,6 +525,14 @@ def config_from_args(args: argparse.Namespace) -> tuple[TrainConfig, str]:
     )
     model = model.replace(moe=model.moe.replace(**routing_changes(args)))
     name = run_name(args.preset, args.ffn, args.capacity_factor, args.moe_every)
+    if args.init_from_hf is not None:
+        model = load_config(args.init_from_hf).replace(remat=args.remat)
+        if model.vocab_size < 256:
+            raise ValueError(
+                f"--init-from-hf {args.init_from_hf}: vocab_size={model.vocab_size} is below "
+                "the 256 byte tokens of the training data"
+            )
+        name = f"hf-{Path(args.init_from_hf).name}"
     out = Path(args.out or Path("runs") / name)
     defaults = PRESET_TRAINING[args.preset]
     pick = lambda key: defaults[key] if getattr(args, key) is None else getattr(args, key)
@@ -528,6 +551,7 @@ def config_from_args(args: argparse.Namespace) -> tuple[TrainConfig, str]:
         seed=args.seed,
         resume=args.resume,
         mesh=args.mesh,
+        init_from_hf=args.init_from_hf,
     )
     return config, name
 
