@@ -8,7 +8,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -22,7 +21,7 @@ from jmoe.hf import config as hf_config
 from jmoe.hf import tensors as hf_tensors
 from jmoe.hf.files import ShardWriter
 from jmoe.parallel import make_mesh, state_shardings
-from jmoe.transformer import MoETransformer, TransformerConfig
+from jmoe.transformer import TransformerConfig
 
 
 def _flat(model) -> dict:
@@ -63,7 +62,8 @@ def test_mesh_load_is_sharded_like_the_trainer(mesh, name, fsdp):
 
 
 def test_mesh_save_round_trips(mesh, tmp_path):
-    """2 x 4 mesh (FSDP) -> save (small shards, fused and per expert) -> one device: same parameters."""
+    """2 x 4 mesh (FSDP) -> save (small shards; fused and per expert) -> one
+    device: the same parameters."""
     original = jmoe.hf.load(FIXTURES / "olmoe")
     sharded = jmoe.hf.load(FIXTURES / "olmoe", mesh=mesh, fsdp=True)
     for fused in (False, True):
@@ -119,7 +119,12 @@ def _write_large_checkpoint(folder: Path, layers: int) -> int:
 
 def _measure(folder: Path, *mesh: str) -> dict:
     out = subprocess.run(
-        [sys.executable, str(Path(__file__).parent / "helpers" / "hf_memory.py"), str(folder), *mesh],
+        [
+            sys.executable,
+            str(Path(__file__).parent / "helpers" / "hf_memory.py"),
+            str(folder),
+            *mesh,
+        ],
         capture_output=True,
         text=True,
         check=True,

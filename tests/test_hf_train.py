@@ -19,9 +19,7 @@ from jmoe.transformer import TransformerConfig
 
 
 def _params(model) -> dict:
-    return {
-        p: np.asarray(v.get_value()) for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))
-    }
+    return {p: np.asarray(v.get_value()) for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +52,7 @@ def byte_checkpoint(tmp_path_factory):
 
 @pytest.mark.slow
 def test_init_from_hf_then_export(byte_checkpoint, text_file, tmp_path):
-    """One step at lr 1e-9: the run's model is the checkpoint's (its config,
+    """Two steps at lr 1e-9: the run's model is the checkpoint's (its config,
     with transformers' loss scope), and its export loads back to the
     checkpoint's weights (up to that step)."""
     out = tmp_path / "run"
@@ -63,7 +61,7 @@ def test_init_from_hf_then_export(byte_checkpoint, text_file, tmp_path):
             "--init-from-hf",
             str(byte_checkpoint),
             "--steps",
-            "1",
+            "2",
             "--batch-size",
             "2",
             "--lr",

@@ -132,11 +132,13 @@ def load(
 
     graphdef, abstract = nnx.split(nnx.eval_shape(lambda: MoETransformer(config, rngs=nnx.Rngs(0))))
     shardings = (
-        dict(state_shardings(abstract, mesh, fsdp=fsdp).flat_state()) if mesh is not None else {}
+        dict(nnx.to_flat_state(state_shardings(abstract, mesh, fsdp=fsdp)))
+        if mesh is not None
+        else {}
     )
     by_path = {m.path: m for m in maps}
     leaves = []
-    for path, variable in abstract.flat_state():
+    for path, variable in nnx.to_flat_state(abstract):
         sharding = shardings[path].get_value() if mesh is not None else None
         value = _parameter(by_path[path], read, variable, sharding, config.moe.param_dtype)
         leaves.append((path, variable.replace(value)))
@@ -185,7 +187,7 @@ def save(
     hf = hf_config.to_hf(model.config)
     hf["router_aux_loss_coef"] = _aux_coef(model.config)
     arch = hf_config.architecture(hf)
-    params = dict(nnx.state(model, nnx.Param).flat_state())
+    params = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
     main = jax.process_index() == 0
     folder = Path(path)
     if main:
