@@ -197,14 +197,17 @@ def add_loss_expectations(name: str):
     )
     out.loss.backward()
     grads = {n: p.grad.numpy() for n, p in model.named_parameters()}
-    routers = [n for n in grads if n.endswith("gate.weight") and "experts" not in n]
+    routers = [n for n in grads if n.endswith(".gate.weight")]  # not shared_expert_gate
+    # architectures without an aux loss (DeepSeek-V3's "noaux_tc") report None
+    masked_aux = torch.zeros(()) if out.aux_loss is None else out.aux_loss.detach()
+    aux = torch.zeros(()) if aux is None else aux
     want.update(
         aux_loss=np.float32(aux),
         loss_mask=mask.numpy().astype(np.int32),
         loss_aux_coef=np.float32(LOSS_AUX_COEF),
         loss=np.float32(out.loss.detach()),
-        loss_ce=np.float32(out.loss.detach() - LOSS_AUX_COEF * out.aux_loss.detach()),
-        loss_aux=np.float32(out.aux_loss.detach()),
+        loss_ce=np.float32(out.loss.detach() - LOSS_AUX_COEF * masked_aux),
+        loss_aux=np.float32(masked_aux),
         grad_names=np.array(list(grads)),
         grad_norms=np.array([np.linalg.norm(g) for g in grads.values()], np.float32),
         **{f"grad.{n}": grads[n] for n in routers},
