@@ -15,6 +15,7 @@ import jax.numpy as jnp
 
 from experiments import distributed, overrides
 from experiments.presets import PRESET_TRAINING, PRESETS, preset
+from jmoe.hf import load_config
 from jmoe.transformer import FFN_KINDS, REMAT_KINDS, TransformerConfig
 from pallas_kernels.products import IMPLS
 
@@ -50,6 +51,8 @@ class TrainConfig:
         model and optimizer unchanged (counted as ``skipped_steps``); otherwise
         it stops the run.
       tensorboard: also write TensorBoard event files to ``out/tensorboard``.
+      init_from_hf: a Hugging Face folder whose weights the model starts from
+        (``model`` must be its configuration, `jmoe.hf.load_config`).
     """
 
     model: TransformerConfig
@@ -73,6 +76,7 @@ class TrainConfig:
     overwrite: bool = False
     skip_nonfinite: bool = False
     tensorboard: bool = False
+    init_from_hf: str | None = None
 
     def __post_init__(self):
         for name in (
@@ -181,6 +185,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         action="store_true",
         help="no-op, kept for old commands: runs always continue from their latest checkpoint "
         "(default: off)",
+    )
+    parser.add_argument(
+        "--init-from-hf",
+        metavar="PATH",
+        help="start from this Hugging Face checkpoint's weights; the model is its config.json's "
+        "(--preset, --ffn and the routing flags do not apply; --set overrides it; docs/hf.md)",
     )
     parser.add_argument(
         "--grad-accum",
@@ -295,9 +305,17 @@ def compute_dtype(flag: str) -> str:
 
 def model_from_args(args: argparse.Namespace) -> TransformerConfig:
     """The preset with the model flags, then ``--config``, then ``--set`` applied."""
-    model = preset(args.preset, ffn=args.ffn, capacity_factor=args.capacity_factor).replace(
-        moe_every=args.moe_every, remat=args.remat
-    )
+    if args.init_from_hf is None:
+        model = preset(args.preset, ffn=args.ffn, capacity_factor=args.capacity_factor).replace(
+            moe_every=args.moe_every, remat=args.remat
+        )
+    else:
+        model = load_config(args.init_from_hf).replace(remat=args.remat)
+        if model.vocab_size < 256:
+            raise ValueError(
+                f"--init-from-hf {args.init_from_hf}: vocab_size={model.vocab_size} is below "
+                "the 256 byte tokens of the training data"
+            )
     precision = dict(
         dtype=getattr(jnp, compute_dtype(args.dtype)),
         param_dtype=getattr(jnp, args.param_dtype),
@@ -316,6 +334,8 @@ def config_from_args(args: argparse.Namespace) -> tuple[TrainConfig, str]:
     """``(TrainConfig, run name)`` from parsed command-line arguments."""
     model = model_from_args(args)
     name = run_name(args.preset, model.ffn, model.moe.capacity_factor, model.moe_every)
+    if args.init_from_hf is not None:
+        name = f"hf-{Path(args.init_from_hf).name}"
     out = Path(args.out or Path("runs") / name)
     defaults = PRESET_TRAINING[args.preset]
     pick = lambda key: defaults[key] if getattr(args, key) is None else getattr(args, key)
@@ -337,5 +357,6 @@ def config_from_args(args: argparse.Namespace) -> tuple[TrainConfig, str]:
         overwrite=args.overwrite,
         skip_nonfinite=args.skip_nonfinite,
         tensorboard=args.tensorboard,
+        init_from_hf=args.init_from_hf,
     )
     return config, name

@@ -26,14 +26,12 @@ from pathlib import Path
 
 import jax
 import numpy as np
-from flax import nnx
 
 import jmoe
 import jmoe.hf
 from experiments import data
-from experiments.checkpoint import Checkpoints
 from experiments.presets import PRESETS, preset
-from experiments.train import TrainConfig, optimizer
+from experiments.run_config import latest_model
 from jmoe.transformer import FFN_KINDS, MoETransformer
 
 RUN_NAME = re.compile(
@@ -76,21 +74,7 @@ def load_run(run_dir: Path, args: argparse.Namespace) -> MoETransformer:
     config = preset(
         spec["preset"], ffn=spec["ffn"], capacity_factor=spec["capacity_factor"]
     ).replace(moe_every=spec["moe_every"])
-    abstract = nnx.eval_shape(lambda: MoETransformer(config, rngs=nnx.Rngs(0)))
-    # The checkpoint holds (model, optimizer) state; its structure, not its values, is needed.
-    opt = nnx.eval_shape(
-        lambda: nnx.Optimizer(
-            abstract, optimizer(TrainConfig(model=config, out="", cache_dir="")), wrt=nnx.Param
-        )
-    )
-    graphdef, state = nnx.split((abstract, opt))
-    checkpoints = Checkpoints(run_dir / "checkpoints", every=1)
-    step = checkpoints.latest_step()
-    if step is None:
-        raise FileNotFoundError(f"no checkpoint under {run_dir / 'checkpoints'}")
-    state, _ = checkpoints.restore(step, state)
-    checkpoints.close()
-    model, _ = nnx.merge(graphdef, state)
+    model, step = latest_model(run_dir, config)
     print(f"[{run_dir}] step {step}: {spec}", file=sys.stderr)
     return model
 

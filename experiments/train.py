@@ -9,6 +9,7 @@
     python -m experiments.train --mesh 2x4 --host-devices 8   # data x expert parallel on CPU
     python -m experiments.launch_local --processes 2 -- \\
         experiments.train --mesh 2x4 --host-devices 4
+    python -m experiments.train --init-from-hf path/to/hf --out runs/ft  # fine-tune (docs/hf.md)
     python -m experiments.train --score-function sigmoid --expert-bias \
         --load-balancing-loss-weight 0 --num-expert-groups 4 --top-k-groups 2  # DeepSeek-V3
 
@@ -46,6 +47,7 @@ from experiments.config import TrainConfig, config_from_args, parse_args
 from experiments.data import Batches, tokenized_corpus
 from experiments.logbook import Logbook, read_metrics
 from experiments.preemption import EXIT_CODE, Preempted, Preemption
+from experiments.run_config import MODEL_CONFIG, config_to_json, with_hf_weights
 from jmoe.router import expert_biases, update_expert_bias
 from jmoe.transformer import MoETransformer
 
@@ -345,6 +347,7 @@ def train(config: TrainConfig, name: str = "run") -> dict | None:
         if config.overwrite:
             for stale in ("checkpoints", "tensorboard"):
                 shutil.rmtree(out / stale, ignore_errors=True)
+        (out / MODEL_CONFIG).write_text(json.dumps(config_to_json(config.model), indent=2) + "\n")
     distributed.barrier("train: run directory ready")
     batches = Batches(
         tokenized_corpus(config.data, config.cache_dir),
@@ -363,6 +366,8 @@ def train(config: TrainConfig, name: str = "run") -> dict | None:
         _check_same_model(config, checkpoints.meta(start), start)
         state, meta = checkpoints.restore(start, state)
         train_time = meta["train_time_s"]
+    elif config.init_from_hf is not None:
+        state = with_hf_weights(state, config.init_from_hf, config.model, placement.mesh)
     log = Logbook(out, start, tensorboard=config.tensorboard) if main else None
     shape = (config.batch_size, config.model.max_seq_len + 1)
     train_batch = lambda step: placement.batch(functools.partial(batches.train_batch, step), shape)

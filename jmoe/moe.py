@@ -121,7 +121,9 @@ class _MoE(nnx.Module):
         sequence, all tokens of a 2-D ``x`` as one), ``tokens_per_expert [E]
         int32`` (assignments routed to each expert), ``dropped_tokens`` (int32
         scalar); with ``ep_buffer_factor`` set, ``ep_rounds`` (int32 scalar, 1
-        without a mesh).
+        without a mesh); ``router_probs [tokens, E]`` float32 and ``expert_ids
+        [tokens, k]`` int32 (tokens flattened), for the model's ``"global"``
+        balancing loss (`jmoe.loss_scope`).
         """
         check_input(x, self.config)
         lead = x.shape[:-1]
@@ -142,6 +144,7 @@ class _MoE(nnx.Module):
             num_sequences=math.prod(lead[:-1]),
             ep_rounds=ep_rounds,
         )
+        aux.update(router_probs=routing.probs, expert_ids=routing.expert_ids)
         return y.reshape(*lead, self.config.d_model), aux
 
 

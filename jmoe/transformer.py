@@ -21,6 +21,7 @@ from flax import nnx
 from jmoe.attention import QK_NORMS, CausalSelfAttention, KVCache
 from jmoe.config import MoEConfig, require
 from jmoe.dense import DenseMLP
+from jmoe.loss_scope import LOSS_SCOPES, combine_losses
 from jmoe.moe import CapacityMoE, DroplessMoE
 
 FFN_KINDS = ("dmoe", "moe", "dense")
@@ -58,6 +59,10 @@ class TransformerConfig:
         recomputes each FFN's (router, permutation, expert MLP) in the
         backward; ``"block"`` recomputes each whole block, keeping only its
         input.
+      load_balancing_loss_scope: how the MoE layers' routing losses combine
+        (`jmoe.loss_scope`): ``"layer_mean"`` (MegaBlocks: the mean of the
+        layers' own losses) or ``"global"`` (transformers: one balancing loss
+        over all layers' tokens pooled; `jmoe.hf.load` sets it).
     """
 
     vocab_size: int
@@ -75,6 +80,7 @@ class TransformerConfig:
     rope_base: float = 10_000.0
     norm_eps: float = 1e-6
     remat: str = "none"
+    load_balancing_loss_scope: str = "layer_mean"
 
     def __post_init__(self):
         for name in ("vocab_size", "d_model", "num_layers", "num_heads", "max_seq_len"):
@@ -128,6 +134,11 @@ class TransformerConfig:
         require(self.norm_eps > 0, f"norm_eps must be > 0, got {self.norm_eps}")
         require(
             self.remat in REMAT_KINDS, f"remat must be one of {REMAT_KINDS}, got {self.remat!r}"
+        )
+        require(
+            self.load_balancing_loss_scope in LOSS_SCOPES,
+            f"load_balancing_loss_scope must be one of {LOSS_SCOPES}, "
+            f"got {self.load_balancing_loss_scope!r}",
         )
 
     @property
@@ -215,25 +226,33 @@ def _recomputed(fn):
     return nnx.remat(fn, policy=jax.checkpoint_policies.nothing_saveable)
 
 
-def aggregate_aux(layer_aux: list[dict], moe_layers: tuple[int, ...], num_experts: int) -> dict:
-    """Sums the per-block aux dicts into the model's aux.
+def aggregate_aux(
+    layer_aux: list[dict],
+    moe_layers: tuple[int, ...],
+    num_experts: int,
+    *,
+    scope: str = "layer_mean",
+    balance_weight: float = 0.0,
+    mask: jax.Array | None = None,
+) -> dict:
+    """Combines the per-block aux dicts into the model's aux.
 
-    Returns ``aux_loss`` (sum over blocks of ``load_balancing_loss +
-    router_z_loss + sequence_aux_loss``), the three sums separately, ``tokens_per_expert
-    [len(moe_layers), E] int32`` (routed blocks only) and ``dropped_tokens``
-    (int32 sum); ``ep_rounds`` (the most of any block) when the blocks report it.
+    Returns ``aux_loss`` (``load_balancing_loss + router_z_loss +
+    sequence_aux_loss``), those three as ``scope`` combines them
+    (`jmoe.loss_scope.combine_losses`: ``"layer_mean"``, the mean over the
+    MoE layers, or ``"global"``, transformers' pooled balancing loss weighted
+    by ``balance_weight``, over the real tokens of ``mask [batch, seq]`` when
+    given), ``tokens_per_expert [len(moe_layers), E] int32`` (routed blocks
+    only) and ``dropped_tokens`` (int32 sum); ``ep_rounds`` (the most of any
+    block) when the blocks report it.
     """
-    balance = sum(aux["load_balancing_loss"] for aux in layer_aux)
-    z_loss = sum(aux["router_z_loss"] for aux in layer_aux)
-    sequence = sum(aux["sequence_aux_loss"] for aux in layer_aux)
+    losses = combine_losses(layer_aux, moe_layers, scope, balance_weight, mask)
     routed = [layer_aux[i]["tokens_per_expert"] for i in moe_layers]
     rounds = [aux["ep_rounds"] for aux in layer_aux if "ep_rounds" in aux]
     return {
         **({"ep_rounds": jnp.max(jnp.stack(rounds))} if rounds else {}),
-        "aux_loss": balance + z_loss + sequence,
-        "load_balancing_loss": balance,
-        "router_z_loss": z_loss,
-        "sequence_aux_loss": sequence,
+        "aux_loss": sum(losses.values()),
+        **losses,
         "tokens_per_expert": (
             jnp.stack(routed) if routed else jnp.zeros((0, num_experts), jnp.int32)
         ),
@@ -314,8 +333,14 @@ class MoETransformer(nnx.Module):
             updated.append(cache)
         return self._logits(x), updated
 
-    def __call__(self, tokens: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
-        """``tokens [batch, seq]`` int -> ``(logits [batch, seq, vocab] float32, aux)``."""
+    def __call__(
+        self, tokens: jax.Array, *, mask: jax.Array | None = None
+    ) -> tuple[jax.Array, dict[str, jax.Array]]:
+        """``tokens [batch, seq]`` int -> ``(logits [batch, seq, vocab] float32, aux)``.
+
+        ``mask [batch, seq]`` (nonzero: real tokens) leaves padding out of the
+        ``"global"`` balancing loss (`aggregate_aux`); it does not change attention.
+        """
         self._check_tokens(tokens, self.config.max_seq_len, "max_seq_len")
         x = self.embed(tokens)
         layer_aux = []
@@ -323,5 +348,10 @@ class MoETransformer(nnx.Module):
             x, aux = block(x)
             layer_aux.append(aux)
         return self._logits(x), aggregate_aux(
-            layer_aux, self.config.moe_layers, self.config.moe.num_experts
+            layer_aux,
+            self.config.moe_layers,
+            self.config.moe.num_experts,
+            scope=self.config.load_balancing_loss_scope,
+            balance_weight=self.config.moe.load_balancing_loss_weight,
+            mask=mask,
         )

@@ -14,11 +14,15 @@ logits of ``logits_tokens`` and the greedy continuation ``generated`` of
 Mixtral weights as transformers keeps them in memory (fused experts,
 ``mlp.experts.gate_up_proj``), for the fused-layout loader. Weights are random
 with scales large enough that routing is far from uniform (printed).
+
+`add_loss_expectations` adds transformers' training loss to ``expected.npz``
+(``--loss-only``: for the existing fixtures, leaving the other arrays as they are).
 """
 
 from __future__ import annotations
 
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -162,12 +166,67 @@ def write_fused(model, source: Path, name: str):
     print(f"{name}: {len(state)} tensors, e.g. {fused[0]} {list(state[fused[0]].shape)}")
 
 
+LOSS_AUX_COEF, LOSS_PAD = 0.5, 4  # a coefficient that makes the aux gradient count
+
+
+def add_loss_expectations(name: str):
+    """transformers' training loss on ``logits_tokens`` into ``expected.npz``:
+    ``aux_loss`` (``output_router_logits=True``, no mask, unweighted) and,
+    with ``router_aux_loss_coef=LOSS_AUX_COEF``, the last ``LOSS_PAD`` tokens
+    of row 1 padding (``loss_mask``, labels -100 there): ``loss`` (CE +
+    coef * aux), ``loss_ce``, ``loss_aux`` (masked, unweighted), every
+    parameter's gradient norm (``grad_names``, ``grad_norms``; in-memory names,
+    fused experts) and the routers' full gradients (``grad.<name>``)."""
+    folder = OUT / name
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        folder, attn_implementation="eager", dtype=torch.float32
+    ).eval()
+    with np.load(folder / "expected.npz") as data:
+        want = dict(data)
+    tokens = torch.tensor(want["logits_tokens"], dtype=torch.long)
+    with torch.no_grad():
+        aux = model(tokens, output_router_logits=True).aux_loss
+    mask = torch.ones_like(tokens)
+    mask[1, -LOSS_PAD:] = 0
+    model.router_aux_loss_coef = LOSS_AUX_COEF
+    out = model(
+        tokens,
+        attention_mask=mask,
+        labels=tokens.masked_fill(mask == 0, -100),
+        output_router_logits=True,
+    )
+    out.loss.backward()
+    grads = {n: p.grad.numpy() for n, p in model.named_parameters()}
+    routers = [n for n in grads if n.endswith(".gate.weight")]  # not shared_expert_gate
+    # architectures without an aux loss (DeepSeek-V3's "noaux_tc") report None
+    masked_aux = torch.zeros(()) if out.aux_loss is None else out.aux_loss.detach()
+    aux = torch.zeros(()) if aux is None else aux
+    want.update(
+        aux_loss=np.float32(aux),
+        loss_mask=mask.numpy().astype(np.int32),
+        loss_aux_coef=np.float32(LOSS_AUX_COEF),
+        loss=np.float32(out.loss.detach()),
+        loss_ce=np.float32(out.loss.detach() - LOSS_AUX_COEF * masked_aux),
+        loss_aux=np.float32(masked_aux),
+        grad_names=np.array(list(grads)),
+        grad_norms=np.array([np.linalg.norm(g) for g in grads.values()], np.float32),
+        **{f"grad.{n}": grads[n] for n in routers},
+    )
+    np.savez(folder / "expected.npz", **want)
+    print(f"{name}: loss {float(out.loss.detach()):.5f}, aux {float(aux):.5f}, routers {routers}")
+
+
 def main():
     torch.set_num_threads(1)
+    if "--loss-only" in sys.argv[1:]:
+        for name in MODELS:
+            add_loss_expectations(name)
+        return
     for seed, (name, config) in enumerate(MODELS.items()):
         model, folder = make(name, config, seed)
         if name == "mixtral":
             write_fused(model, folder, "mixtral_fused")
+        add_loss_expectations(name)
     total = sum(p.stat().st_size for p in OUT.rglob("*") if p.is_file())
     print(
         f"transformers {transformers.__version__}, torch {torch.__version__}: "

@@ -112,8 +112,9 @@ def test_layer_structure(ffn, moe_every, routed, expected_layer):
 
 @pytest.mark.parametrize("ffn,moe_every", [("moe", 2), ("dmoe", 1)])
 def test_aux_aggregation(ffn, moe_every):
-    """Model aux == sums of the FFN aux of each block, from a forward pass
-    written out block by block here."""
+    """Model aux == the FFN aux of each block combined (losses: the mean over
+    the routed blocks, the default "layer_mean" scope; counts: summed), from a
+    forward pass written out block by block here."""
     config = _config(ffn=ffn, moe_every=moe_every, capacity_factor=0.5)
     model = MoETransformer(config, rngs=nnx.Rngs(2))
     tokens = _tokens(batch=3)
@@ -132,7 +133,7 @@ def test_aux_aggregation(ffn, moe_every):
     ref_logits, layer_aux = by_block(model, tokens)
     chex.assert_trees_all_close(logits, ref_logits, atol=1e-5)
     routed = [layer_aux[i] for i in config.moe_layers]
-    expected_loss = sum(float(a["load_balancing_loss"]) + float(a["router_z_loss"]) for a in routed)
+    expected_loss = np.mean([float(a["load_balancing_loss"] + a["router_z_loss"]) for a in routed])
     np.testing.assert_allclose(float(aux["aux_loss"]), expected_loss, rtol=1e-5)
     assert float(aux["router_z_loss"]) > 0 and float(aux["load_balancing_loss"]) > 0
     np.testing.assert_array_equal(

@@ -23,56 +23,112 @@ def _safetensors():
     return safetensors
 
 
+class Checkpoint:
+    """The tensors of a folder's ``model.safetensors`` or of the shards its
+    index names, read on demand: `shapes` comes from the file headers, `read`
+    maps one tensor's file only while it reads a slice of it (so host memory
+    holds the slice, not the file).
+    """
+
+    def __init__(self, folder: Path):
+        safetensors = _safetensors()
+        self.folder = Path(folder)
+        if (self.folder / INDEX).exists():
+            weight_map = json.loads((self.folder / INDEX).read_text())["weight_map"]
+            files = sorted(set(weight_map.values()))
+        elif (self.folder / SINGLE).exists():
+            weight_map, files = None, [SINGLE]
+        else:
+            raise FileNotFoundError(f"{self.folder} has neither {SINGLE} nor {INDEX}")
+        self.files: dict[str, str] = {}
+        self.shapes: dict[str, tuple[int, ...]] = {}
+        for file in files:
+            with safetensors.safe_open(self.folder / file, framework="np") as f:
+                for name in f.keys():
+                    if weight_map is not None and weight_map.get(name) != file:
+                        raise ValueError(
+                            f"{name}: stored in {file} but {INDEX} maps it to "
+                            f"{weight_map.get(name)!r}"
+                        )
+                    self.files[name] = file
+                    self.shapes[name] = tuple(f.get_slice(name).get_shape())
+        if weight_map is not None and set(weight_map) != set(self.files):
+            missing = sorted(set(weight_map) - set(self.files))
+            raise ValueError(f"{missing[0]}: listed in {INDEX} but in none of its files")
+
+    def read(self, name: str, index: tuple = ()) -> np.ndarray:
+        """``tensor[index]`` (a tuple of slices and ints) of tensor ``name``."""
+        with _safetensors().safe_open(self.folder / self.files[name], framework="np") as f:
+            part = f.get_slice(name)
+            return np.array(part[index] if index else part[:])
+
+
 def read_tensors(folder: Path) -> dict[str, np.ndarray]:
-    """Every tensor of the folder's ``model.safetensors`` or of the shards its
-    index names, by name."""
-    safetensors = _safetensors()
-    if (folder / INDEX).exists():
-        weight_map = json.loads((folder / INDEX).read_text())["weight_map"]
-        files = sorted(set(weight_map.values()))
-    elif (folder / SINGLE).exists():
-        weight_map, files = None, [SINGLE]
-    else:
-        raise FileNotFoundError(f"{folder} has neither {SINGLE} nor {INDEX}")
-    tensors = {}
-    for file in files:
-        with safetensors.safe_open(folder / file, framework="np") as f:
-            for name in f.keys():
-                if weight_map is not None and weight_map.get(name) != file:
-                    raise ValueError(
-                        f"{name}: stored in {file} but {INDEX} maps it to {weight_map.get(name)!r}"
-                    )
-                tensors[name] = f.get_tensor(name)
-    if weight_map is not None and set(weight_map) != set(tensors):
-        missing = sorted(set(weight_map) - set(tensors))
-        raise ValueError(f"{missing[0]}: listed in {INDEX} but in none of its files")
-    return tensors
+    """Every tensor of the folder (see `Checkpoint`), by name."""
+    checkpoint = Checkpoint(folder)
+    return {name: checkpoint.read(name) for name in checkpoint.shapes}
+
+
+class ShardWriter:
+    """Writes tensors as they come: each shard is written once it would exceed
+    ``max_shard_bytes`` (None: no limit; a tensor larger than the limit gets a
+    shard of its own), so host memory holds at most one shard. `close` names
+    them ``model-0000i-of-0000n.safetensors`` with the index, or
+    ``model.safetensors`` when there is one. ``write=False`` (processes other
+    than 0) only counts.
+    """
+
+    def __init__(self, folder: Path, max_shard_bytes: int | None = None, *, write: bool = True):
+        self.folder, self.max_shard_bytes, self.write = Path(folder), max_shard_bytes, write
+        self.pending: dict[str, np.ndarray] = {}
+        self.shards: list[list[str]] = []
+        self.size = self.total = 0
+
+    def _partial(self, i: int) -> Path:
+        return self.folder / f"model-{i + 1:05d}.partial.safetensors"
+
+    def _flush(self):
+        if self.pending:
+            if self.write:
+                _safetensors().numpy.save_file(
+                    self.pending, self._partial(len(self.shards)), metadata={"format": "pt"}
+                )
+            self.shards.append(list(self.pending))
+            self.pending, self.size = {}, 0
+
+    def add(self, tensors: dict[str, np.ndarray]):
+        """Queues ``tensors`` (in order), writing the current shard first when full."""
+        for name, tensor in tensors.items():
+            limit = self.max_shard_bytes
+            if limit is not None and self.size + tensor.nbytes > limit:
+                self._flush()
+            self.pending[name] = tensor
+            self.size += tensor.nbytes
+            self.total += tensor.nbytes
+
+    def close(self):
+        """Writes the last shard, renames the shards and writes the index."""
+        self._flush()
+        if not self.write:
+            return
+        count = len(self.shards)
+        if count == 1:
+            self._partial(0).rename(self.folder / SINGLE)
+            return
+        weight_map = {}
+        for i, names in enumerate(self.shards):
+            file = f"model-{i + 1:05d}-of-{count:05d}.safetensors"
+            self._partial(i).rename(self.folder / file)
+            weight_map.update(dict.fromkeys(names, file))
+        (self.folder / INDEX).write_text(
+            json.dumps({"metadata": {"total_size": self.total}, "weight_map": weight_map}, indent=2)
+            + "\n"
+        )
 
 
 def write_tensors(folder: Path, tensors: dict[str, np.ndarray], max_shard_bytes: int | None = None):
     """Writes ``tensors`` as ``model.safetensors``, or, when they exceed
-    ``max_shard_bytes``, as ``model-0000i-of-0000n.safetensors`` shards
-    (names in order, each shard up to that size unless one tensor is larger)
-    plus the index."""
-    safetensors = _safetensors()
-    shards, size = [[]], 0
-    for name in tensors:
-        nbytes = tensors[name].nbytes
-        if max_shard_bytes is not None and shards[-1] and size + nbytes > max_shard_bytes:
-            shards.append([])
-            size = 0
-        shards[-1].append(name)
-        size += nbytes
-    meta = {"format": "pt"}
-    if len(shards) == 1:
-        safetensors.numpy.save_file(tensors, folder / SINGLE, metadata=meta)
-        return
-    weight_map = {}
-    for i, names in enumerate(shards):
-        file = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        safetensors.numpy.save_file({n: tensors[n] for n in names}, folder / file, metadata=meta)
-        weight_map.update(dict.fromkeys(names, file))
-    total = sum(t.nbytes for t in tensors.values())
-    (folder / INDEX).write_text(
-        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n"
-    )
+    ``max_shard_bytes``, as shards plus the index (see `ShardWriter`)."""
+    writer = ShardWriter(folder, max_shard_bytes)
+    writer.add(tensors)
+    writer.close()

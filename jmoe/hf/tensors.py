@@ -10,6 +10,7 @@ parameter can gather several Hugging Face tensors stacked along one axis:
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import numpy as np
 
@@ -122,22 +123,54 @@ def mappings(config: TransformerConfig, arch: Architecture) -> list[Mapping]:
     return maps
 
 
-def to_param(mapping: Mapping, tensors: list[np.ndarray], shape: tuple[int, ...]) -> np.ndarray:
-    """The jmoe parameter of ``shape`` made of ``tensors`` (checked shapes)."""
-    if mapping.linear:
-        slice_shape = (
-            shape
-            if mapping.stack_axis is None
-            else (shape[: mapping.stack_axis] + shape[mapping.stack_axis + 1 :])
-        )
-        tensors = [t.T.reshape(slice_shape) for t in tensors]
-    if mapping.stack_axis is None:
-        return tensors[0]
-    return np.stack(tensors, axis=mapping.stack_axis)
+def normalized(index: tuple, shape: tuple[int, ...]) -> tuple[slice, ...]:
+    """``index`` (slices, as `jax.make_array_from_callback` passes them) with
+    explicit starts and stops, one per dim of ``shape``."""
+    index = tuple(index) + (slice(None),) * (len(shape) - len(index))
+    return tuple(slice(*s.indices(n)[:2]) for s, n in zip(index, shape))
+
+
+def _group(dims: tuple[int, ...], box: tuple[slice, ...]):
+    """A row-major group of ``dims`` flattened: the flat range covering the
+    ``box``, that range's shape as ``(rows of dims[0], *dims[1:])`` and the
+    slices cutting the box out of it."""
+    rest = math.prod(dims[1:])
+    first = box[0]
+    flat = slice(first.start * rest, first.stop * rest)
+    return flat, (first.stop - first.start, *dims[1:]), (slice(None), *box[1:])
+
+
+def _tensor_slice(mapping: Mapping, read, name: str, shape: tuple, box: tuple) -> np.ndarray:
+    if not mapping.linear:
+        return read(name, box)
+    in_width = mapping.shapes[0][1]
+    split = next(k for k in range(1, len(shape)) if math.prod(shape[:k]) == in_width)
+    cols, in_shape, in_cut = _group(shape[:split], box[:split])
+    rows, out_shape, out_cut = _group(shape[split:], box[split:])
+    block = read(name, (rows, cols)).T.reshape(*in_shape, *out_shape)
+    return block[(*in_cut, *out_cut)]
+
+
+def param_slice(mapping: Mapping, read, shape: tuple[int, ...], index: tuple = ()) -> np.ndarray:
+    """``param[index]`` of the jmoe parameter of ``shape`` made of the mapping's
+    tensors, reading only what the slice needs: ``read(name, (slices...))``
+    returns a slice of a Hugging Face tensor; a stacked parameter reads each
+    stacked tensor (e.g. expert) in ``index`` separately. ``index``: one slice
+    per dim (missing trailing ones: whole dims)."""
+    box = normalized(index, shape)
+    axis = mapping.stack_axis
+    if axis is None:
+        return _tensor_slice(mapping, read, mapping.names[0], shape, box)
+    inner_shape, inner_box = shape[:axis] + shape[axis + 1 :], box[:axis] + box[axis + 1 :]
+    pieces = [
+        _tensor_slice(mapping, read, name, inner_shape, inner_box)
+        for name in mapping.names[box[axis]]
+    ]
+    return np.stack(pieces, axis=axis)
 
 
 def from_param(mapping: Mapping, param: np.ndarray) -> list[np.ndarray]:
-    """The Hugging Face tensors of a jmoe parameter (inverse of `to_param`)."""
+    """The Hugging Face tensors of a jmoe parameter (inverse of `param_slice`)."""
     pieces = (
         [param] if mapping.stack_axis is None else list(np.moveaxis(param, mapping.stack_axis, 0))
     )
@@ -156,46 +189,69 @@ def is_fused(names) -> bool:
     return any(name.endswith("experts.gate_up_proj") for name in names)
 
 
-def unfuse(tensors: dict, config: TransformerConfig, arch: Architecture) -> dict:
-    """Renames a fused checkpoint into the per-expert layout: ``gate_up_proj
-    [E, 2f, d]`` (gate rows first) and ``down_proj [E, d, f]`` become one
-    tensor per expert; Mixtral's ``mlp.gate`` becomes ``block_sparse_moe.gate``."""
-    out = dict(tensors)
+@dataclasses.dataclass(frozen=True)
+class Source:
+    """Where a tensor of the per-expert layout is stored in a checkpoint:
+    ``name[expert, row_offset + rows, ...]`` of a fused tensor, or the whole
+    tensor ``name`` (``expert`` None). ``shape``: the per-expert tensor's."""
+
+    name: str
+    shape: tuple[int, ...]
+    expert: int | None = None
+    row_offset: int = 0
+
+    def index(self, index: tuple) -> tuple:
+        """The checkpoint index of ``index`` (slices with starts and stops) into this tensor."""
+        if self.expert is None:
+            return index
+        rows, *rest = index
+        shifted = slice(rows.start + self.row_offset, rows.stop + self.row_offset)
+        return (self.expert, shifted, *rest)
+
+
+def sources(shapes: dict, config: TransformerConfig, arch: Architecture) -> dict[str, Source]:
+    """The per-expert layout's tensors of a checkpoint whose tensors have
+    ``shapes`` (by name): itself, or, for a fused checkpoint, ``gate_up_proj
+    [E, 2f, d]`` (gate rows first) and ``down_proj [E, d, f]`` seen as one
+    tensor per expert, and Mixtral's ``mlp.gate`` as ``block_sparse_moe.gate``."""
+    out = {name: Source(name, tuple(shape)) for name, shape in shapes.items()}
+    if not is_fused(shapes):
+        return out
     gate, up, down = arch.expert_names
     f = config.moe.d_ff
     for layer in range(config.num_layers):
         gate_up_name, down_name = _fused_names(layer)
         block = f"model.layers.{layer}.{arch.moe_prefix}"
         for name, rows in ((gate_up_name, 2 * f), (down_name, config.d_model)):
-            tensor = out.get(name)
-            if tensor is None or tensor.ndim != 3 or tensor.shape[1] != rows:
+            shape = shapes.get(name)
+            if shape is None or len(shape) != 3 or shape[1] != rows:
                 raise ValueError(
                     f"{name}: the fused layout needs this tensor as "
-                    f"[E, {rows}, ...], got "
-                    f"{'nothing' if tensor is None else list(tensor.shape)}"
+                    f"[E, {rows}, ...], got {'nothing' if shape is None else list(shape)}"
                 )
         gate_up, down_proj = out.pop(gate_up_name), out.pop(down_name)
         for i in range(gate_up.shape[0]):
-            out[f"{block}.experts.{i}.{gate}.weight"] = gate_up[i, :f]
-            out[f"{block}.experts.{i}.{up}.weight"] = gate_up[i, f:]
-            out[f"{block}.experts.{i}.{down}.weight"] = down_proj[i]
+            half = (f, gate_up.shape[2])
+            out[f"{block}.experts.{i}.{gate}.weight"] = Source(gate_up_name, half, i)
+            out[f"{block}.experts.{i}.{up}.weight"] = Source(gate_up_name, half, i, f)
+            out[f"{block}.experts.{i}.{down}.weight"] = Source(down_name, down_proj.shape[1:], i)
         fused_router = f"model.layers.{layer}.{FUSED_PREFIX}.gate.weight"
         if fused_router in out:
             out[f"{block}.gate.weight"] = out.pop(fused_router)
     return out
 
 
-def fuse(tensors: dict, config: TransformerConfig, arch: Architecture) -> dict:
-    """The fused layout of per-expert ``tensors`` (inverse of `unfuse`)."""
+def fuse_layer(tensors: dict, layer: int, config: TransformerConfig, arch: Architecture) -> dict:
+    """``tensors`` with layer ``layer``'s per-expert tensors and router in the
+    fused layout (the inverse of `sources`)."""
     out = dict(tensors)
     gate, up, down = arch.expert_names
-    for layer in range(config.num_layers):
-        block = f"model.layers.{layer}.{arch.moe_prefix}"
-        pop = lambda name, block=block: np.stack(
-            [out.pop(f"{block}.experts.{i}.{name}.weight") for i in range(config.moe.num_experts)]
-        )
-        gate_up_name, down_name = _fused_names(layer)
-        out[gate_up_name] = np.concatenate([pop(gate), pop(up)], axis=1)
-        out[down_name] = pop(down)
-        out[f"model.layers.{layer}.{FUSED_PREFIX}.gate.weight"] = out.pop(f"{block}.gate.weight")
+    block = f"model.layers.{layer}.{arch.moe_prefix}"
+    pop = lambda name: np.stack(
+        [out.pop(f"{block}.experts.{i}.{name}.weight") for i in range(config.moe.num_experts)]
+    )
+    gate_up_name, down_name = _fused_names(layer)
+    out[gate_up_name] = np.concatenate([pop(gate), pop(up)], axis=1)
+    out[down_name] = pop(down)
+    out[f"model.layers.{layer}.{FUSED_PREFIX}.gate.weight"] = out.pop(f"{block}.gate.weight")
     return out
