@@ -22,6 +22,7 @@ from jmoe.attention import QK_NORMS, CausalSelfAttention, KVCache
 from jmoe.config import MoEConfig, require
 from jmoe.dense import DenseMLP
 from jmoe.moe import CapacityMoE, DroplessMoE
+from jmoe.scanned_blocks import ScannedBlocks
 
 FFN_KINDS = ("dmoe", "moe", "dense")
 MOE_EVERY = (1, 2)
@@ -58,6 +59,10 @@ class TransformerConfig:
         recomputes each FFN's (router, permutation, expert MLP) in the
         backward; ``"block"`` recomputes each whole block, keeping only its
         input.
+      scan_layers: stack the blocks' parameters on a leading layer axis and
+        run them under ``nnx.scan`` (one compiled group of ``moe_every``
+        blocks at any depth; see `jmoe.scanned_blocks`); needs ``num_layers``
+        a multiple of ``moe_every``.
     """
 
     vocab_size: int
@@ -75,6 +80,7 @@ class TransformerConfig:
     rope_base: float = 10_000.0
     norm_eps: float = 1e-6
     remat: str = "none"
+    scan_layers: bool = False
 
     def __post_init__(self):
         for name in ("vocab_size", "d_model", "num_layers", "num_heads", "max_seq_len"):
@@ -128,6 +134,15 @@ class TransformerConfig:
         require(self.norm_eps > 0, f"norm_eps must be > 0, got {self.norm_eps}")
         require(
             self.remat in REMAT_KINDS, f"remat must be one of {REMAT_KINDS}, got {self.remat!r}"
+        )
+        require(
+            isinstance(self.scan_layers, bool),
+            f"scan_layers must be a bool, got {self.scan_layers!r}",
+        )
+        require(
+            not self.scan_layers or self.num_layers % self.moe_every == 0,
+            f"num_layers={self.num_layers} must be a multiple of moe_every={self.moe_every} "
+            "with scan_layers",
         )
 
     @property
@@ -256,8 +271,10 @@ class MoETransformer(nnx.Module):
         dtypes = dict(dtype=config.moe.dtype, param_dtype=config.moe.param_dtype)
         self.embed = nnx.Embed(config.vocab_size, config.d_model, **dtypes, rngs=rngs)
         routed = set(config.moe_layers)
-        self.blocks = nnx.List(
-            [Block(config, i in routed, rngs=rngs) for i in range(config.num_layers)]
+        self.blocks = (
+            ScannedBlocks(config, Block, rngs=rngs)
+            if config.scan_layers
+            else nnx.List([Block(config, i in routed, rngs=rngs) for i in range(config.num_layers)])
         )
         self.final_norm = nnx.RMSNorm(config.d_model, epsilon=config.norm_eps, **dtypes, rngs=rngs)
         self.lm_head = (
@@ -289,14 +306,16 @@ class MoETransformer(nnx.Module):
 
     def init_cache(self, batch: int, max_len: int) -> list[KVCache]:
         """Zeroed KV caches of every block, ``[batch, max_len, kv_heads, head_dim]``
-        in the compute dtype."""
+        in the compute dtype (with ``scan_layers``: ``moe_every`` caches stacked
+        ``[num_layers / moe_every, ...]``, see `ScannedBlocks.stack`)."""
         c = self.config
         require(
             1 <= max_len <= c.max_seq_len,
             f"max_len must be in [1, max_seq_len={c.max_seq_len}], got {max_len}",
         )
         zeros = lambda: jnp.zeros((batch, max_len, c.kv_heads, c.head_size), c.moe.dtype)
-        return [KVCache(zeros(), zeros()) for _ in range(c.num_layers)]
+        caches = [KVCache(zeros(), zeros()) for _ in range(c.num_layers)]
+        return self.blocks.stack(caches) if c.scan_layers else caches
 
     def cached(
         self, tokens: jax.Array, caches: list[KVCache], position: jax.Array
@@ -306,8 +325,11 @@ class MoETransformer(nnx.Module):
         `init_cache`): ``-> (logits [batch, seq, vocab] float32, updated caches)``.
         Used by `jmoe.generate` for the prefill (``position`` 0) and each decode step.
         """
-        self._check_tokens(tokens, caches[0].k.shape[1], "the cache length")
+        self._check_tokens(tokens, caches[0].k.shape[-3], "the cache length")
         x = self.embed(tokens)
+        if self.config.scan_layers:
+            x, updated = self.blocks.cached(x, caches, position)
+            return self._logits(x), updated
         updated = []
         for block, cache in zip(self.blocks, caches):
             x, _, cache = block.cached(x, cache, position)
@@ -318,10 +340,13 @@ class MoETransformer(nnx.Module):
         """``tokens [batch, seq]`` int -> ``(logits [batch, seq, vocab] float32, aux)``."""
         self._check_tokens(tokens, self.config.max_seq_len, "max_seq_len")
         x = self.embed(tokens)
-        layer_aux = []
-        for block in self.blocks:
-            x, aux = block(x)
-            layer_aux.append(aux)
+        if self.config.scan_layers:
+            x, layer_aux = self.blocks(x)
+        else:
+            layer_aux = []
+            for block in self.blocks:
+                x, aux = block(x)
+                layer_aux.append(aux)
         return self._logits(x), aggregate_aux(
             layer_aux, self.config.moe_layers, self.config.moe.num_experts
         )

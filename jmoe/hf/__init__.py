@@ -21,6 +21,7 @@ from jmoe.hf import config as hf_config
 from jmoe.hf import tensors as hf_tensors
 from jmoe.hf.architectures import MODEL_TYPES
 from jmoe.hf.files import read_tensors, write_tensors
+from jmoe.scanned_blocks import relayout
 from jmoe.transformer import MoETransformer
 
 __all__ = ["MODEL_TYPES", "load", "save"]
@@ -50,13 +51,17 @@ def _checked_tensors(tensors: dict, maps: list) -> None:
             )
 
 
-def load(path, *, dtype=jnp.float32, impl: str = "auto") -> MoETransformer:
+def load(
+    path, *, dtype=jnp.float32, impl: str = "auto", scan_layers: bool = False
+) -> MoETransformer:
     """A `MoETransformer` with the weights of the Hugging Face folder ``path``.
 
     Args:
       path: folder with ``config.json`` and safetensors weights.
       dtype: parameter and compute dtype of the model.
       impl: expert product kernels (`MoEConfig.impl`).
+      scan_layers: return the model with stacked, scanned layers
+        (`TransformerConfig.scan_layers`).
 
     Raises:
       ValueError: an unsupported ``model_type`` or configuration option, or a
@@ -79,7 +84,7 @@ def load(path, *, dtype=jnp.float32, impl: str = "auto") -> MoETransformer:
         mapping = by_path[path]
         value = hf_tensors.to_param(mapping, [tensors[n] for n in mapping.names], variable.shape)
         leaves.append((path, variable.replace(jnp.asarray(value, dtype))))
-    return nnx.merge(graphdef, nnx.from_flat_state(leaves))
+    return relayout(nnx.merge(graphdef, nnx.from_flat_state(leaves)), scan_layers)
 
 
 def save(
@@ -96,6 +101,7 @@ def save(
         ``experts.down_proj [E, d, f]``) instead of one tensor per expert.
       max_shard_bytes: split the weights into shards of at most this size.
     """
+    model = relayout(model, scan_layers=False)  # HF names one tensor per layer
     hf = hf_config.to_hf(model.config)
     arch = hf_config.architecture(hf)
     params = {
