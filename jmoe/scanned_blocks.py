@@ -87,17 +87,22 @@ class ScannedBlocks(nnx.Module):
     ) -> tuple[jax.Array, list[KVCache]]:
         """`jmoe.transformer.Block.cached` of every layer: ``caches`` (from
         `stack`) are ``period`` `KVCache` of ``[groups, batch, max_len, kv_heads,
-        head_dim]``; ``-> (x, updated caches)``."""
+        head_dim]``; ``-> (x, updated caches)``.
 
-        @nnx.scan(in_axes=(nnx.Carry, 0, 0, None), out_axes=(nnx.Carry, 0))
-        def group(x, blocks, group_caches, position):
+        Decoding only reads the blocks, so this scans their split state with
+        ``jax.lax.scan``: unlike `nnx.scan` it accepts blocks merged outside an
+        enclosing loop (`jmoe.generate`'s ``fori_loop`` over tokens)."""
+        graphdef, state = nnx.split(self.layers)
+
+        def group(x, xs):
+            blocks, group_caches = nnx.merge(graphdef, xs[0]), xs[1]
             updated = []
             for b, cache in zip(blocks, group_caches):
                 x, _, cache = b.cached(x, cache, position)
                 updated.append(cache)
             return x, updated
 
-        return group(x, self.layers, caches, position)
+        return jax.lax.scan(group, x, (state, caches))
 
 
 def _blocks_index(path: tuple) -> int | None:

@@ -148,11 +148,11 @@ def test_train_step_with_expert_bias_matches_the_loop():
     scan_graphdef, _ = nnx.split((scan, nnx.Optimizer(scan, tx, wrt=nnx.Param)))
     scan_state = stack_layers(state, 2)
     tokens = _tokens(batch=4)
+    step = jax.jit(functools.partial(train_step, graphdef))
+    scan_step = jax.jit(functools.partial(train_step, scan_graphdef))
     for _ in range(2):
-        state, metrics = jax.jit(functools.partial(train_step, graphdef))(state, tokens)
-        scan_state, scan_metrics = jax.jit(functools.partial(train_step, scan_graphdef))(
-            scan_state, tokens
-        )
+        state, metrics = step(state, tokens)
+        scan_state, scan_metrics = scan_step(scan_state, tokens)
         assert scan_metrics.keys() == metrics.keys()
         for key in metrics:
             np.testing.assert_allclose(scan_metrics[key], metrics[key], **TOL, err_msg=key)
