@@ -237,9 +237,10 @@ def update_expert_bias(model: nnx.Module, aux: dict) -> None:
     of that step's forward pass (it works inside ``nnx.jit``). ``model`` is a
     MoE layer (``tokens_per_expert [E]``) or a model whose biased routers, in
     `nnx.iter_modules` order, match the rows of ``tokens_per_expert [L, E]``
-    (`jmoe.transformer.MoETransformer`). Under expert parallelism the layers'
-    counts are already summed over the mesh, so every replica applies the same
-    update. No-op for a model without expert bias.
+    (`jmoe.transformer.MoETransformer`); a router stacked by ``scan_layers``
+    (bias ``[groups, E]``) takes that many consecutive rows. Under expert
+    parallelism the layers' counts are already summed over the mesh, so every
+    replica applies the same update. No-op for a model without expert bias.
     """
     routers = [
         m for _, m in nnx.iter_modules(model) if isinstance(m, Router) and m.expert_bias is not None
@@ -248,14 +249,18 @@ def update_expert_bias(model: nnx.Module, aux: dict) -> None:
         return
     counts = jnp.asarray(aux["tokens_per_expert"])
     counts = counts.reshape(-1, counts.shape[-1])
-    if counts.shape != (len(routers), routers[0].config.num_experts):
+    rows = [r.expert_bias.get_value().size // r.config.num_experts for r in routers]
+    if counts.shape != (sum(rows), routers[0].config.num_experts):
         raise ValueError(
             f"aux['tokens_per_expert'] must have one row of "
-            f"{routers[0].config.num_experts} counts per biased router "
-            f"({len(routers)}), got shape {tuple(counts.shape)}"
+            f"{routers[0].config.num_experts} counts per biased router layer "
+            f"({sum(rows)}), got shape {tuple(counts.shape)}"
         )
-    for router, layer_counts in zip(routers, counts):
+    first = 0
+    for router, n in zip(routers, rows):
         bias = router.expert_bias.get_value()
+        layer_counts = counts[first : first + n].reshape(bias.shape)
+        first += n
         router.expert_bias.set_value(
             expert_bias_update(bias, layer_counts, router.config.expert_bias_update_rate)
         )
@@ -263,10 +268,10 @@ def update_expert_bias(model: nnx.Module, aux: dict) -> None:
 
 def expert_biases(model: nnx.Module) -> jax.Array | None:
     """``[L, E]`` float32: the ``router.expert_bias`` of every biased router of
-    ``model`` in `nnx.iter_modules` order, or None if it has none."""
+    ``model`` in `nnx.iter_modules` order (stacked ones row by row), or None if it has none."""
     biases = [
-        m.expert_bias.get_value()
+        m.expert_bias.get_value().reshape(-1, m.config.num_experts)
         for _, m in nnx.iter_modules(model)
         if isinstance(m, Router) and m.expert_bias is not None
     ]
-    return jnp.stack(biases) if biases else None
+    return jnp.concatenate(biases) if biases else None

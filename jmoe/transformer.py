@@ -23,6 +23,7 @@ from jmoe.config import MoEConfig, require
 from jmoe.dense import DenseMLP
 from jmoe.loss_scope import LOSS_SCOPES, combine_losses
 from jmoe.moe import CapacityMoE, DroplessMoE
+from jmoe.scanned_blocks import ScannedBlocks
 
 FFN_KINDS = ("dmoe", "moe", "dense")
 MOE_EVERY = (1, 2)
@@ -63,6 +64,10 @@ class TransformerConfig:
         (`jmoe.loss_scope`): ``"layer_mean"`` (MegaBlocks: the mean of the
         layers' own losses) or ``"global"`` (transformers: one balancing loss
         over all layers' tokens pooled; `jmoe.hf.load` sets it).
+      scan_layers: stack the blocks' parameters on a leading layer axis and
+        run them under ``nnx.scan`` (one compiled group of ``moe_every``
+        blocks at any depth; see `jmoe.scanned_blocks`); needs ``num_layers``
+        a multiple of ``moe_every``.
     """
 
     vocab_size: int
@@ -81,6 +86,7 @@ class TransformerConfig:
     norm_eps: float = 1e-6
     remat: str = "none"
     load_balancing_loss_scope: str = "layer_mean"
+    scan_layers: bool = False
 
     def __post_init__(self):
         for name in ("vocab_size", "d_model", "num_layers", "num_heads", "max_seq_len"):
@@ -139,6 +145,15 @@ class TransformerConfig:
             self.load_balancing_loss_scope in LOSS_SCOPES,
             f"load_balancing_loss_scope must be one of {LOSS_SCOPES}, "
             f"got {self.load_balancing_loss_scope!r}",
+        )
+        require(
+            isinstance(self.scan_layers, bool),
+            f"scan_layers must be a bool, got {self.scan_layers!r}",
+        )
+        require(
+            not self.scan_layers or self.num_layers % self.moe_every == 0,
+            f"num_layers={self.num_layers} must be a multiple of moe_every={self.moe_every} "
+            "with scan_layers",
         )
 
     @property
@@ -275,8 +290,10 @@ class MoETransformer(nnx.Module):
         dtypes = dict(dtype=config.moe.dtype, param_dtype=config.moe.param_dtype)
         self.embed = nnx.Embed(config.vocab_size, config.d_model, **dtypes, rngs=rngs)
         routed = set(config.moe_layers)
-        self.blocks = nnx.List(
-            [Block(config, i in routed, rngs=rngs) for i in range(config.num_layers)]
+        self.blocks = (
+            ScannedBlocks(config, Block, rngs=rngs)
+            if config.scan_layers
+            else nnx.List([Block(config, i in routed, rngs=rngs) for i in range(config.num_layers)])
         )
         self.final_norm = nnx.RMSNorm(config.d_model, epsilon=config.norm_eps, **dtypes, rngs=rngs)
         self.lm_head = (
@@ -308,14 +325,16 @@ class MoETransformer(nnx.Module):
 
     def init_cache(self, batch: int, max_len: int) -> list[KVCache]:
         """Zeroed KV caches of every block, ``[batch, max_len, kv_heads, head_dim]``
-        in the compute dtype."""
+        in the compute dtype (with ``scan_layers``: ``moe_every`` caches stacked
+        ``[num_layers / moe_every, ...]``, see `ScannedBlocks.stack`)."""
         c = self.config
         require(
             1 <= max_len <= c.max_seq_len,
             f"max_len must be in [1, max_seq_len={c.max_seq_len}], got {max_len}",
         )
         zeros = lambda: jnp.zeros((batch, max_len, c.kv_heads, c.head_size), c.moe.dtype)
-        return [KVCache(zeros(), zeros()) for _ in range(c.num_layers)]
+        caches = [KVCache(zeros(), zeros()) for _ in range(c.num_layers)]
+        return self.blocks.stack(caches) if c.scan_layers else caches
 
     def cached(
         self, tokens: jax.Array, caches: list[KVCache], position: jax.Array
@@ -325,8 +344,11 @@ class MoETransformer(nnx.Module):
         `init_cache`): ``-> (logits [batch, seq, vocab] float32, updated caches)``.
         Used by `jmoe.generate` for the prefill (``position`` 0) and each decode step.
         """
-        self._check_tokens(tokens, caches[0].k.shape[1], "the cache length")
+        self._check_tokens(tokens, caches[0].k.shape[-3], "the cache length")
         x = self.embed(tokens)
+        if self.config.scan_layers:
+            x, updated = self.blocks.cached(x, caches, position)
+            return self._logits(x), updated
         updated = []
         for block, cache in zip(self.blocks, caches):
             x, _, cache = block.cached(x, cache, position)
@@ -343,10 +365,13 @@ class MoETransformer(nnx.Module):
         """
         self._check_tokens(tokens, self.config.max_seq_len, "max_seq_len")
         x = self.embed(tokens)
-        layer_aux = []
-        for block in self.blocks:
-            x, aux = block(x)
-            layer_aux.append(aux)
+        if self.config.scan_layers:
+            x, layer_aux = self.blocks(x)
+        else:
+            layer_aux = []
+            for block in self.blocks:
+                x, aux = block(x)
+                layer_aux.append(aux)
         return self._logits(x), aggregate_aux(
             layer_aux,
             self.config.moe_layers,

@@ -28,6 +28,7 @@ from jmoe.hf import tensors as hf_tensors
 from jmoe.hf.architectures import MODEL_TYPES
 from jmoe.hf.files import Checkpoint, ShardWriter
 from jmoe.parallel import state_shardings
+from jmoe.scanned_blocks import relayout
 from jmoe.transformer import MoETransformer, TransformerConfig
 
 __all__ = ["MODEL_TYPES", "load", "load_config", "save"]
@@ -108,16 +109,14 @@ def load(
         weights under a bfloat16 ``dtype``, upcast from the checkpoint's.
       dtype: compute dtype of the model.
       impl: expert product kernels (`MoEConfig.impl`).
-      scan_layers: must be False for now (the stacked-layers layout is wired
-        in when `TransformerConfig.scan_layers` lands).
+      scan_layers: return the model with stacked, scanned layers
+        (`TransformerConfig.scan_layers`).
       fsdp: with ``mesh``, split the other parameters over ``"data"`` too.
 
     Raises:
       ValueError: an unsupported ``model_type`` or configuration option, or a
         missing, unexpected or misshapen tensor (the message names it).
     """
-    if scan_layers:
-        raise ValueError("scan_layers=True: the stacked-layers layout is not supported yet")
     folder = Path(path)
     config = load_config(folder, param_dtype=param_dtype, dtype=dtype, impl=impl)
     arch = hf_config.architecture(json.loads((folder / "config.json").read_text()))
@@ -142,7 +141,7 @@ def load(
         sharding = shardings[path].get_value() if mesh is not None else None
         value = _parameter(by_path[path], read, variable, sharding, config.moe.param_dtype)
         leaves.append((path, variable.replace(value)))
-    return nnx.merge(graphdef, nnx.from_flat_state(leaves))
+    return relayout(nnx.merge(graphdef, nnx.from_flat_state(leaves)), scan_layers)
 
 
 def _host(value) -> np.ndarray:
@@ -184,6 +183,7 @@ def save(
       max_shard_bytes: shard size limit (None: one file); a model that fits
         one shard is written as ``model.safetensors``.
     """
+    model = relayout(model, scan_layers=False)  # HF names one tensor per layer
     hf = hf_config.to_hf(model.config)
     hf["router_aux_loss_coef"] = _aux_coef(model.config)
     arch = hf_config.architecture(hf)
