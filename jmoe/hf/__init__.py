@@ -1,4 +1,5 @@
-"""Hugging Face checkpoints of Mixtral, Qwen3-MoE and OLMoE models as jmoe models.
+"""Hugging Face checkpoints of Mixtral, Qwen3-MoE, OLMoE, Qwen2-MoE and
+DeepSeek-V3 models as jmoe models.
 
 ``model = jmoe.hf.load(path)`` reads a local folder (``config.json`` plus
 ``model.safetensors``, or shards with ``model.safetensors.index.json``), in the
@@ -21,6 +22,7 @@ from jmoe.hf import config as hf_config
 from jmoe.hf import tensors as hf_tensors
 from jmoe.hf.architectures import MODEL_TYPES
 from jmoe.hf.files import read_tensors, write_tensors
+from jmoe.router import ExpertBias
 from jmoe.transformer import MoETransformer
 
 __all__ = ["MODEL_TYPES", "load", "save"]
@@ -99,7 +101,8 @@ def save(
     hf = hf_config.to_hf(model.config)
     arch = hf_config.architecture(hf)
     params = {
-        path: np.asarray(v.get_value()) for path, v in nnx.state(model, nnx.Param).flat_state()
+        path: np.asarray(v.get_value())
+        for path, v in nnx.state(model, nnx.Any(nnx.Param, ExpertBias)).flat_state()
     }
     tensors = {}
     for mapping in hf_tensors.mappings(model.config, arch):
