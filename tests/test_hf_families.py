@@ -171,3 +171,13 @@ def test_save_refuses_what_the_family_cannot_express(config, match, tmp_path):
     model = nnx.eval_shape(lambda: MoETransformer(config, rngs=nnx.Rngs(0)))
     with pytest.raises(ValueError, match=match):
         jmoe.hf.save(model, tmp_path)
+
+
+def test_bfloat16_load_keeps_the_selection_bias_in_float32():
+    model = jmoe.hf.load(FIXTURES / "deepseek_v3", dtype=jnp.bfloat16)
+    assert model.blocks[1].ffn.router.expert_bias.get_value().dtype == jnp.float32
+    assert model.blocks[1].attn.kv_b.kernel.get_value().dtype == jnp.bfloat16
+
+
+def test_five_architectures():
+    assert jmoe.hf.MODEL_TYPES == ("mixtral", "qwen3_moe", "olmoe", "qwen2_moe", "deepseek_v3")

@@ -80,7 +80,7 @@ def load(path, *, dtype=jnp.float32, impl: str = "auto") -> MoETransformer:
     for path, variable in abstract.flat_state():
         mapping = by_path[path]
         value = hf_tensors.to_param(mapping, [tensors[n] for n in mapping.names], variable.shape)
-        leaves.append((path, variable.replace(jnp.asarray(value, dtype))))
+        leaves.append((path, variable.replace(jnp.asarray(value, variable.dtype))))
     return nnx.merge(graphdef, nnx.from_flat_state(leaves))
 
 
