@@ -12,18 +12,23 @@ from flax import nnx
 QK_NORMS = (None, "projection", "head")
 
 
-def rotary_embedding(x: jax.Array, base: float, positions: jax.Array | None = None) -> jax.Array:
+def rotary_embedding(
+    x: jax.Array, base: float, positions: jax.Array | None = None, inv_freq=None
+) -> jax.Array:
     """Rotates ``x [batch, seq, heads, head_dim]`` by its positions.
 
     Half-split RoPE (GPT-NeoX layout, Hugging Face's ``rotate_half``): channel
     ``i`` and ``i + head_dim/2`` form a pair rotated by
-    ``position * base**(-2i/head_dim)``. ``positions [seq] int`` defaults to
-    ``0..seq-1``. Computed in float32, returned in ``x.dtype``.
+    ``position * base**(-2i/head_dim)``, or by ``position * inv_freq[i]`` when
+    ``inv_freq [head_dim/2]`` is given (scaled RoPE, `jmoe.yarn`).
+    ``positions [seq] int`` defaults to ``0..seq-1``. Computed in float32,
+    returned in ``x.dtype``.
     """
     seq, head_dim = x.shape[1], x.shape[-1]
     if positions is None:
         positions = jnp.arange(seq)
-    inv_freq = base ** (-jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)
+    if inv_freq is None:
+        inv_freq = base ** (-jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)
     angles = positions.astype(jnp.float32)[:, None] * inv_freq  # [seq, head_dim/2]
     sin, cos = jnp.sin(angles)[:, None, :], jnp.cos(angles)[:, None, :]
     x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
@@ -47,7 +52,9 @@ class CausalSelfAttention(nnx.Module):
     ``qkv.kernel [d_model, 3, heads, head_dim]``; with fewer (grouped-query),
     ``q.kernel [d_model, heads, head_dim]`` and
     ``kv.kernel [d_model, 2, kv_heads, head_dim]``; then
-    ``out.kernel [heads, head_dim, d_model]`` (no biases). ``qk_norm``:
+    ``out.kernel [heads, head_dim, d_model]``; ``qkv_bias`` adds a ``bias``
+    of each projection's output shape to ``qkv``, ``q`` and ``kv`` (Qwen2),
+    ``out`` never has one. ``qk_norm``:
     ``"projection"`` adds ``q_norm.scale [heads * head_dim]`` and
     ``k_norm.scale [kv_heads * head_dim]`` (RMSNorm over the whole projection,
     OLMoE); ``"head"`` adds ``q_norm.scale`` and ``k_norm.scale [head_dim]``
@@ -67,13 +74,14 @@ class CausalSelfAttention(nnx.Module):
         head_dim: int | None = None,
         qk_norm: str | None = None,
         norm_eps: float = 1e-6,
+        qkv_bias: bool = False,
     ):
         kv_heads = num_kv_heads or num_heads
         head_dim = head_dim or d_model // num_heads
         self.rope_base, self.qk_norm = rope_base, qk_norm
         dtypes = dict(dtype=dtype, param_dtype=param_dtype)
         linear = lambda shape: nnx.LinearGeneral(
-            d_model, shape, use_bias=False, **dtypes, rngs=rngs
+            d_model, shape, use_bias=qkv_bias, **dtypes, rngs=rngs
         )
         grouped = kv_heads != num_heads
         self.qkv = None if grouped else linear((3, num_heads, head_dim))

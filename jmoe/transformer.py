@@ -22,6 +22,7 @@ from jmoe.attention import QK_NORMS, CausalSelfAttention, KVCache
 from jmoe.config import MoEConfig, require
 from jmoe.dense import DenseMLP
 from jmoe.loss_scope import LOSS_SCOPES, combine_losses
+from jmoe.mla import LatentAttention, MLAConfig
 from jmoe.moe import CapacityMoE, DroplessMoE
 from jmoe.scanned_blocks import ScannedBlocks
 
@@ -55,6 +56,14 @@ class TransformerConfig:
         (no ``lm_head`` parameter).
       rope_base: RoPE wavelength base.
       norm_eps: RMSNorm epsilon.
+      routed_layers: indices of the blocks whose FFN is routed, overriding
+        ``moe_every`` (Qwen2-MoE's ``mlp_only_layers``, DeepSeek-V3's
+        ``first_k_dense_replace``); None: from ``moe_every``.
+      dense_hidden: hidden width of the dense-MLP blocks; None: ``top_k * d_ff``.
+      attention_bias: q/k/v projections with biases (Qwen2).
+      mla: multi-head latent attention (DeepSeek-V3, `jmoe.mla`) instead of
+        `CausalSelfAttention`; ``num_kv_heads``, ``head_dim`` and ``qk_norm``
+        do not apply.
       remat: activation memory (``jax.checkpoint``, saving nothing inside):
         ``"none"`` keeps every activation for the backward; ``"ffn"``
         recomputes each FFN's (router, permutation, expert MLP) in the
@@ -87,6 +96,10 @@ class TransformerConfig:
     remat: str = "none"
     load_balancing_loss_scope: str = "layer_mean"
     scan_layers: bool = False
+    routed_layers: tuple[int, ...] | None = None
+    dense_hidden: int | None = None
+    attention_bias: bool = False
+    mla: MLAConfig | None = None
 
     def __post_init__(self):
         for name in ("vocab_size", "d_model", "num_layers", "num_heads", "max_seq_len"):
@@ -155,12 +168,47 @@ class TransformerConfig:
             f"num_layers={self.num_layers} must be a multiple of moe_every={self.moe_every} "
             "with scan_layers",
         )
+        self._check_layer_options()
+
+    def _check_layer_options(self):
+        layers = self.routed_layers
+        require(
+            layers is None
+            or (
+                isinstance(layers, tuple)
+                and list(layers) == sorted(set(layers))
+                and all(isinstance(i, int) and 0 <= i < self.num_layers for i in layers)
+            ),
+            f"routed_layers must be None or a sorted tuple of distinct block indices in "
+            f"[0, num_layers={self.num_layers}), got {layers!r}",
+        )
+        require(
+            self.dense_hidden is None
+            or (isinstance(self.dense_hidden, int) and self.dense_hidden >= 1),
+            f"dense_hidden must be None or a positive int, got {self.dense_hidden!r}",
+        )
+        require(
+            self.mla is None or isinstance(self.mla, MLAConfig),
+            f"mla must be None or an MLAConfig, got {type(self.mla).__name__}",
+        )
+        require(
+            self.mla is None or (self.qk_norm is None and not self.attention_bias),
+            "qk_norm and attention_bias do not apply to mla attention",
+        )
+        require(
+            not self.scan_layers or (self.routed_layers is None and self.mla is None),
+            "scan_layers needs the regular moe_every pattern and standard attention "
+            f"(routed_layers=None, mla=None), got routed_layers={self.routed_layers!r}, "
+            f"mla={'set' if self.mla is not None else None}",
+        )
 
     @property
     def moe_layers(self) -> tuple[int, ...]:
         """Indices of the blocks whose FFN is routed (empty for ``ffn="dense"``)."""
         if self.ffn == "dense":
             return ()
+        if self.routed_layers is not None:
+            return self.routed_layers
         return tuple(i for i in range(self.num_layers) if i % self.moe_every == self.moe_every - 1)
 
     @property
@@ -175,8 +223,9 @@ class TransformerConfig:
 
     @property
     def dense_d_ff(self) -> int:
-        """Hidden width of the dense MLPs: ``top_k * d_ff`` (same active FLOPs)."""
-        return self.moe.top_k * self.moe.d_ff
+        """Hidden width of the dense MLPs: ``dense_hidden``, else ``top_k * d_ff``
+        (same active FLOPs)."""
+        return self.dense_hidden or self.moe.top_k * self.moe.d_ff
 
     def replace(self, **changes) -> TransformerConfig:
         return dataclasses.replace(self, **changes)
@@ -195,16 +244,28 @@ class Block(nnx.Module):
     def __init__(self, config: TransformerConfig, routed: bool, *, rngs: nnx.Rngs):
         dtypes = dict(dtype=config.moe.dtype, param_dtype=config.moe.param_dtype)
         self.attn_norm = nnx.RMSNorm(config.d_model, epsilon=config.norm_eps, **dtypes, rngs=rngs)
-        self.attn = CausalSelfAttention(
-            config.d_model,
-            config.num_heads,
-            rope_base=config.rope_base,
-            **dtypes,
-            rngs=rngs,
-            num_kv_heads=config.kv_heads,
-            head_dim=config.head_size,
-            qk_norm=config.qk_norm,
-            norm_eps=config.norm_eps,
+        self.attn = (
+            CausalSelfAttention(
+                config.d_model,
+                config.num_heads,
+                rope_base=config.rope_base,
+                **dtypes,
+                rngs=rngs,
+                num_kv_heads=config.kv_heads,
+                head_dim=config.head_size,
+                qk_norm=config.qk_norm,
+                norm_eps=config.norm_eps,
+                qkv_bias=config.attention_bias,
+            )
+            if config.mla is None
+            else LatentAttention(
+                config.d_model,
+                config.num_heads,
+                config.mla,
+                rope_base=config.rope_base,
+                **dtypes,
+                rngs=rngs,
+            )
         )
         self.ffn_norm = nnx.RMSNorm(config.d_model, epsilon=config.norm_eps, **dtypes, rngs=rngs)
         self.ffn = _ffn(config, routed, rngs)
@@ -326,12 +387,15 @@ class MoETransformer(nnx.Module):
     def init_cache(self, batch: int, max_len: int) -> list[KVCache]:
         """Zeroed KV caches of every block, ``[batch, max_len, kv_heads, head_dim]``
         in the compute dtype (with ``scan_layers``: ``moe_every`` caches stacked
-        ``[num_layers / moe_every, ...]``, see `ScannedBlocks.stack`)."""
+        ``[num_layers / moe_every, ...]``, see `ScannedBlocks.stack`;
+        with ``mla``, `jmoe.mla.LatentCache`s)."""
         c = self.config
         require(
             1 <= max_len <= c.max_seq_len,
             f"max_len must be in [1, max_seq_len={c.max_seq_len}], got {max_len}",
         )
+        if c.mla is not None:
+            return [block.attn.init_cache(batch, max_len) for block in self.blocks]
         zeros = lambda: jnp.zeros((batch, max_len, c.kv_heads, c.head_size), c.moe.dtype)
         caches = [KVCache(zeros(), zeros()) for _ in range(c.num_layers)]
         return self.blocks.stack(caches) if c.scan_layers else caches
@@ -344,7 +408,10 @@ class MoETransformer(nnx.Module):
         `init_cache`): ``-> (logits [batch, seq, vocab] float32, updated caches)``.
         Used by `jmoe.generate` for the prefill (``position`` 0) and each decode step.
         """
-        self._check_tokens(tokens, caches[0].k.shape[-3], "the cache length")
+        length_axis = 2 if self.config.scan_layers else 1  # stacked: [groups, batch, len, ...]
+        self._check_tokens(
+            tokens, jax.tree.leaves(caches[0])[0].shape[length_axis], "the cache length"
+        )
         x = self.embed(tokens)
         if self.config.scan_layers:
             x, updated = self.blocks.cached(x, caches, position)

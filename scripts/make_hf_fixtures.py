@@ -10,7 +10,12 @@ For each architecture, ``tests/fixtures/hf/<name>/`` gets ``config.json`` and
 safetensors weights written by transformers' ``save_pretrained`` (per-expert
 layout; ``qwen3_moe`` sharded with an index), and ``expected.npz``: the
 logits of ``logits_tokens`` and the greedy continuation ``generated`` of
-``generate_prompt`` by transformers' ``generate``. ``mixtral_fused/`` holds the
+``generate_prompt`` by transformers' ``generate``; for ``qwen2_moe`` also
+transformers' training loss of ``logits_tokens`` as their own labels with
+``output_router_logits=True``: ``loss`` (cross-entropy + coef * aux),
+``aux_loss`` (its ``load_balancing_loss_func``, unweighted) and
+``router_aux_loss_coef``. Names on the command line write only those
+architectures (``... make_hf_fixtures.py qwen2_moe deepseek_v3``). ``mixtral_fused/`` holds the
 Mixtral weights as transformers keeps them in memory (fused experts,
 ``mlp.experts.gate_up_proj``), for the fused-layout loader. Weights are random
 with scales large enough that routing is far from uniform (printed).
@@ -21,8 +26,8 @@ with scales large enough that routing is far from uniform (printed).
 
 from __future__ import annotations
 
+import argparse
 import shutil
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -76,8 +81,56 @@ MODELS = {
         rope_theta=10_000.0,
         tie_word_embeddings=False,
     ),
+    "qwen2_moe": transformers.Qwen2MoeConfig(
+        **{**COMMON, "num_hidden_layers": 3},
+        vocab_size=88,
+        num_key_value_heads=2,
+        intermediate_size=48,
+        moe_intermediate_size=16,
+        shared_expert_intermediate_size=40,
+        num_experts=8,
+        norm_topk_prob=False,
+        mlp_only_layers=[1],
+        qkv_bias=True,
+        router_aux_loss_coef=0.02,
+        rope_theta=10_000.0,
+        tie_word_embeddings=False,
+    ),
+    "deepseek_v3": transformers.DeepseekV3Config(
+        **{**COMMON, "num_hidden_layers": 3},
+        vocab_size=72,
+        num_key_value_heads=4,
+        intermediate_size=40,
+        moe_intermediate_size=16,
+        n_routed_experts=8,
+        n_shared_experts=1,
+        n_group=4,
+        topk_group=2,
+        routed_scaling_factor=2.5,
+        norm_topk_prob=True,
+        first_k_dense_replace=1,
+        q_lora_rank=24,
+        kv_lora_rank=16,
+        qk_nope_head_dim=8,
+        qk_rope_head_dim=4,
+        v_head_dim=6,
+        rope_interleave=True,
+        rope_parameters={
+            "rope_type": "yarn",
+            "rope_theta": 10_000.0,
+            "factor": 4.0,
+            "original_max_position_embeddings": 16,
+            "beta_fast": 32,
+            "beta_slow": 1,
+            "mscale": 0.8,
+            "mscale_all_dim": 1.0,
+        },
+        tie_word_embeddings=False,
+    ),
 }
 SHARD = {"qwen3_moe": "150KB"}
+# Architectures whose expected.npz also holds transformers' training loss.
+WITH_LOSS = ("qwen2_moe",)
 
 
 def randomize(model: torch.nn.Module, generator: torch.Generator):
@@ -96,12 +149,20 @@ def randomize(model: torch.nn.Module, generator: torch.Generator):
                 param.copy_(0.6 * noise)
             else:
                 param.copy_(0.2 * noise)
+        for name, buffer in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):  # DeepSeek-V3's selection bias
+                buffer.copy_(0.1 * torch.randn(buffer.shape, generator=generator))
 
 
 def routing_sharpness(model, tokens) -> float:
     """Mean over tokens and layers of the top router probability (1/E: uniform)."""
     out = model(tokens, output_router_logits=True)
-    probs = [torch.softmax(logits.float(), dim=-1) for logits in out.router_logits]
+    probs = [
+        torch.sigmoid(logits.float()) / torch.sigmoid(logits.float()).sum(-1, keepdim=True)
+        if model.config.model_type == "deepseek_v3"  # sigmoid scores, normalised
+        else torch.softmax(logits.float(), dim=-1)
+        for logits in out.router_logits
+    ]
     return float(torch.stack([p.max(-1).values.mean() for p in probs]).mean())
 
 
@@ -135,6 +196,14 @@ def make(name: str, config, seed: int):
         assert generated.shape == (2, PROMPT_LEN + NEW_TOKENS), generated.shape
         margin = greedy_margin(model, generated, PROMPT_LEN)
         sharpness = routing_sharpness(model, logits_tokens)
+        losses = {}
+        if name in WITH_LOSS:
+            out = model(logits_tokens, labels=logits_tokens, output_router_logits=True)
+            losses = dict(
+                loss=np.float32(out.loss.item()),
+                aux_loss=np.float32(out.aux_loss.item()),
+                router_aux_loss_coef=np.float32(config.router_aux_loss_coef),
+            )
     folder = OUT / name
     shutil.rmtree(folder, ignore_errors=True)
     model.save_pretrained(folder, max_shard_size=SHARD.get(name, "10GB"))
@@ -145,6 +214,7 @@ def make(name: str, config, seed: int):
         logits=logits.numpy().astype(np.float32),
         generate_prompt=prompt.numpy().astype(np.int32),
         generated=generated.numpy().astype(np.int32),
+        **losses,
     )
     print(
         f"{name}: files {sorted(p.name for p in folder.iterdir())}, "
@@ -216,13 +286,27 @@ def add_loss_expectations(name: str):
     print(f"{name}: loss {float(out.loss.detach()):.5f}, aux {float(aux):.5f}, routers {routers}")
 
 
-def main():
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="Writes tests/fixtures/hf.")
+    parser.add_argument("names", nargs="*", help=f"some of {list(MODELS)} (default: all)")
+    parser.add_argument(
+        "--loss-only",
+        action="store_true",
+        help="only add transformers' training loss and gradients to existing fixtures",
+    )
+    args = parser.parse_args(argv)
+    names = args.names or list(MODELS)
+    unknown = sorted(set(names) - set(MODELS))
+    if unknown:
+        parser.error(f"unknown architectures {unknown}; choose from {list(MODELS)}")
     torch.set_num_threads(1)
-    if "--loss-only" in sys.argv[1:]:
-        for name in MODELS:
+    if args.loss_only:
+        for name in names:
             add_loss_expectations(name)
         return
-    for seed, (name, config) in enumerate(MODELS.items()):
+    for seed, (name, config) in enumerate(MODELS.items()):  # seeds fixed by the order
+        if name not in names:
+            continue
         model, folder = make(name, config, seed)
         if name == "mixtral":
             write_fused(model, folder, "mixtral_fused")

@@ -16,7 +16,9 @@ from helpers.hf_fixtures import FIXTURES, expected, random_model
 from helpers.jaxpr_tools import all_eqns
 from jmoe import MoEConfig
 from jmoe.decoding import sample_logits
+from jmoe.mla import MLAConfig
 from jmoe.transformer import MoETransformer, TransformerConfig
+from jmoe.yarn import YarnScaling
 
 VOCAB = 40
 
@@ -111,7 +113,7 @@ def test_decode_step_is_traced_once(mixtral_runs):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["qwen3_moe", "olmoe"])
+@pytest.mark.parametrize("name", ["qwen3_moe", "olmoe", "qwen2_moe", "deepseek_v3"])
 def test_greedy_matches_transformers_other_architectures(name):
     want = expected(name)
     model = jmoe.hf.load(FIXTURES / name)
@@ -140,9 +142,31 @@ def test_greedy_equals_recomputation(kw):
 
 
 @pytest.mark.slow
-def test_cached_forward_equals_full_forward():
-    """Prefill of 5 positions then 3 single-token steps give the full forward's logits."""
-    model = _reference_model(_config(qk_norm="head"))
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(qk_norm="head"),
+        dict(
+            mla=MLAConfig(
+                kv_lora_rank=12,
+                qk_nope_head_dim=6,
+                qk_rope_head_dim=4,
+                v_head_dim=5,
+                q_lora_rank=10,
+                yarn=YarnScaling(
+                    factor=2.0, original_max_position_embeddings=4, mscale=0.9, mscale_all_dim=1.0
+                ),
+            ),
+            routed_layers=(1,),
+            dense_hidden=24,
+        ),
+    ],
+    ids=["gqa", "mla"],
+)
+def test_cached_forward_equals_full_forward(kw):
+    """Prefill of 5 positions then 3 single-token steps give the full forward's
+    logits (for MLA: the absorbed latent-cache path vs expanded keys/values)."""
+    model = _reference_model(_config(**kw))
     tokens = jnp.asarray(_prompt(length=8))
     full, _ = jax.jit(lambda m, t: m(t))(model, tokens)
     cached = jax.jit(lambda m, t, c, p: m.cached(t, c, p))

@@ -60,6 +60,8 @@ def test_config_of_each_architecture(loaded):
         "mixtral": (None, 2, 8, False, 1.0),
         "qwen3_moe": ("head", 2, 16, True, 1.0),
         "olmoe": ("projection", 4, 8, False, None),
+        "qwen2_moe": (None, 2, 8, False, None),
+        "deepseek_v3": (None, 4, 8, False, 1.0),
     }[name]
     assert (c.qk_norm, c.kv_heads, c.head_size, c.tie_embeddings, c.moe.normalize_top_k) == (
         qk,
@@ -218,8 +220,15 @@ def test_refuses_index_naming_a_missing_tensor(tmp_path):
         ),
         ("mixtral", lambda c: c.pop("num_local_experts"), r"missing keys \['num_local_experts'\]"),
         ("qwen3_moe", lambda c: c.update(attention_bias=True), "attention_bias"),
-        ("qwen3_moe", lambda c: c.update(mlp_only_layers=[1]), "mlp_only_layers"),
-        ("qwen3_moe", lambda c: c.update(decoder_sparse_step=2), "decoder_sparse_step"),
+        ("mixtral", lambda c: c.update(mlp_only_layers=[1]), "mlp_only_layers"),
+        ("olmoe", lambda c: c.update(decoder_sparse_step=2), "decoder_sparse_step"),
+        ("deepseek_v3", lambda c: c.update(scoring_func="softmax"), "scoring_func must be"),
+        ("deepseek_v3", lambda c: c.pop("kv_lora_rank"), r"missing keys \['kv_lora_rank'\]"),
+        (
+            "qwen2_moe",
+            lambda c: c.pop("shared_expert_intermediate_size"),
+            r"missing keys \['shared_expert_intermediate_size'\]",
+        ),
         (
             "qwen3_moe",
             lambda c: c.update(use_sliding_window=True, sliding_window=8),

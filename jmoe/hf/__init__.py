@@ -1,4 +1,5 @@
-"""Hugging Face checkpoints of Mixtral, Qwen3-MoE and OLMoE models as jmoe models.
+"""Hugging Face checkpoints of Mixtral, Qwen3-MoE, OLMoE, Qwen2-MoE and
+DeepSeek-V3 models as jmoe models.
 
 ``model = jmoe.hf.load(path)`` reads a local folder (``config.json`` plus
 ``model.safetensors``, or shards with ``model.safetensors.index.json``), in the
@@ -28,6 +29,7 @@ from jmoe.hf import tensors as hf_tensors
 from jmoe.hf.architectures import MODEL_TYPES
 from jmoe.hf.files import Checkpoint, ShardWriter
 from jmoe.parallel import state_shardings
+from jmoe.router import ExpertBias
 from jmoe.scanned_blocks import relayout
 from jmoe.transformer import MoETransformer, TransformerConfig
 
@@ -139,7 +141,7 @@ def load(
     leaves = []
     for path, variable in nnx.to_flat_state(abstract):
         sharding = shardings[path].get_value() if mesh is not None else None
-        value = _parameter(by_path[path], read, variable, sharding, config.moe.param_dtype)
+        value = _parameter(by_path[path], read, variable, sharding, variable.dtype)
         leaves.append((path, variable.replace(value)))
     return relayout(nnx.merge(graphdef, nnx.from_flat_state(leaves)), scan_layers)
 
@@ -187,7 +189,7 @@ def save(
     hf = hf_config.to_hf(model.config)
     hf["router_aux_loss_coef"] = _aux_coef(model.config)
     arch = hf_config.architecture(hf)
-    params = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
+    params = dict(nnx.to_flat_state(nnx.state(model, nnx.Any(nnx.Param, ExpertBias))))
     main = jax.process_index() == 0
     folder = Path(path)
     if main:
@@ -202,7 +204,7 @@ def save(
         for mapping in members:
             value = _host(params[mapping.path].get_value())
             tensors.update(zip(mapping.names, hf_tensors.from_param(mapping, value)))
-        if fused and key[-1] == "ffn":
+        if fused and key[-1] == "ffn" and key[1] in model.config.moe_layers:
             tensors = hf_tensors.fuse_layer(tensors, key[1], model.config, arch)
         writer.add(tensors)
     writer.close()

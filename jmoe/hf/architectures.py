@@ -26,6 +26,12 @@ class Architecture:
       has_head_dim: ``config.json`` may set ``head_dim`` (else it is
         ``hidden_size / num_attention_heads``).
       default_rope_theta: RoPE base when ``config.json`` names none.
+      dense_layers: how ``config.json`` names the dense-MLP blocks:
+        ``"qwen"`` (``mlp_only_layers`` and ``decoder_sparse_step``),
+        ``"deepseek"`` (the first ``first_k_dense_replace``) or None (none).
+      shared_expert: module of the shared expert(s) in the MoE block, or None.
+      shared_expert_gate: module of the shared expert's sigmoid gate, or None.
+      latent_attention: multi-head latent attention (`jmoe.mla`).
     """
 
     model_type: str
@@ -38,6 +44,10 @@ class Architecture:
     always_renormalize: bool
     has_head_dim: bool
     default_rope_theta: float
+    dense_layers: str | None = None
+    shared_expert: str | None = None
+    shared_expert_gate: str | None = None
+    latent_attention: bool = False
 
 
 ARCHITECTURES = {
@@ -66,6 +76,7 @@ ARCHITECTURES = {
             False,
             True,
             10_000.0,
+            dense_layers="qwen",
         ),
         Architecture(
             "olmoe",
@@ -78,6 +89,36 @@ ARCHITECTURES = {
             False,
             False,
             10_000.0,
+        ),
+        Architecture(
+            "qwen2_moe",
+            "Qwen2MoeForCausalLM",
+            "mlp",
+            ("gate_proj", "up_proj", "down_proj"),
+            None,
+            "moe_intermediate_size",
+            ("num_experts",),
+            False,
+            False,
+            10_000.0,
+            dense_layers="qwen",
+            shared_expert="shared_expert",
+            shared_expert_gate="shared_expert_gate",
+        ),
+        Architecture(
+            "deepseek_v3",
+            "DeepseekV3ForCausalLM",
+            "mlp",
+            ("gate_proj", "up_proj", "down_proj"),
+            None,
+            "moe_intermediate_size",
+            ("n_routed_experts", "num_local_experts"),
+            False,
+            False,
+            10_000.0,
+            dense_layers="deepseek",
+            shared_expert="shared_experts",
+            latent_attention=True,
         ),
     )
 }

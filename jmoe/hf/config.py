@@ -5,6 +5,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 
 from jmoe.config import MoEConfig
+from jmoe.hf import families
 from jmoe.hf.architectures import ARCHITECTURES, MODEL_TYPES, Architecture
 from jmoe.transformer import TransformerConfig
 
@@ -28,6 +29,8 @@ def _rope_theta(hf: dict, arch: Architecture) -> float:
     params = hf.get("rope_parameters") or {}
     for key in ("rope_parameters", "rope_scaling"):
         rope_type = (hf.get(key) or {}).get("rope_type", (hf.get(key) or {}).get("type"))
+        if arch.latent_attention and rope_type == "yarn":  # read by families.yarn_of
+            continue
         _refuse(
             rope_type not in (None, "default"),
             f"{key}.rope_type must be 'default' (no RoPE scaling), got {rope_type!r}",
@@ -44,11 +47,11 @@ def _refuse_unsupported(hf: dict, arch: Architecture):
     _refuse(bool(hf.get("attention_bias")), "attention_bias=true is not supported")
     _refuse(hf.get("clip_qkv") is not None, f"clip_qkv must be null, got {hf.get('clip_qkv')!r}")
     _refuse(
-        bool(hf.get("mlp_only_layers")),
+        arch.dense_layers != "qwen" and bool(hf.get("mlp_only_layers")),
         f"mlp_only_layers must be empty (every layer an MoE), got {hf.get('mlp_only_layers')}",
     )
     _refuse(
-        hf.get("decoder_sparse_step", 1) != 1,
+        arch.dense_layers != "qwen" and hf.get("decoder_sparse_step", 1) != 1,
         f"decoder_sparse_step must be 1, got {hf.get('decoder_sparse_step')}",
     )
     window = hf.get("sliding_window")
@@ -59,15 +62,18 @@ def _refuse_unsupported(hf: dict, arch: Architecture):
         and window < hf.get("max_position_embeddings", window + 1),
         f"sliding_window attention is not supported, got sliding_window={window}",
     )
+    families.refuse_unsupported(hf, arch, _refuse)
     _refuse(
         not arch.has_head_dim
+        and not arch.latent_attention
         and hf.get("head_dim") not in (None, hf["hidden_size"] // hf["num_attention_heads"]),
         f"head_dim of {arch.model_type} must be hidden_size / num_attention_heads",
     )
 
 
 def from_hf(hf: dict, *, dtype=jnp.float32, impl: str = "auto") -> TransformerConfig:
-    """`TransformerConfig` of a ``config.json`` dict (dropless MoE in every block)."""
+    """`TransformerConfig` of a ``config.json`` dict (dropless MoE blocks, dense
+    MLPs where the architecture puts them)."""
     arch = architecture(hf)
     _refuse_unsupported(hf, arch)
     missing = [
@@ -98,6 +104,7 @@ def from_hf(hf: dict, *, dtype=jnp.float32, impl: str = "auto") -> TransformerCo
         dtype=dtype,
         param_dtype=dtype,
         impl=impl,
+        **families.moe_options(hf, arch),
     )
     return TransformerConfig(
         vocab_size=hf["vocab_size"],
@@ -113,12 +120,18 @@ def from_hf(hf: dict, *, dtype=jnp.float32, impl: str = "auto") -> TransformerCo
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
         rope_base=_rope_theta(hf, arch),
         norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+        **families.model_options(hf, arch),
     )
 
 
 def model_type_of(config: TransformerConfig) -> str:
-    """The architecture a jmoe model is saved as: chosen by its QK-norm
-    (none: Mixtral, per head: Qwen3-MoE, whole projection: OLMoE)."""
+    """The architecture a jmoe model is saved as: DeepSeek-V3 with latent
+    attention, Qwen2-MoE with a gated shared expert, otherwise chosen by its
+    QK-norm (none: Mixtral, per head: Qwen3-MoE, whole projection: OLMoE)."""
+    if config.mla is not None:
+        return "deepseek_v3"
+    if config.moe.shared_expert_gate:
+        return "qwen2_moe"
     return {None: "mixtral", "head": "qwen3_moe", "projection": "olmoe"}[config.qk_norm]
 
 
@@ -135,6 +148,7 @@ def to_hf(config: TransformerConfig) -> dict:
         "moe.num_shared_experts": (moe.num_shared_experts, 0),
         "moe.uniform_expert_assignment": (moe.uniform_expert_assignment, False),
     }
+    problems = families.save_problems(config, arch, problems)
     if arch.always_renormalize:
         problems["moe.normalize_top_k"] = (moe.normalize_top_k, 1.0)
     elif moe.normalize_top_k not in (None, 1.0):
@@ -170,6 +184,5 @@ def to_hf(config: TransformerConfig) -> dict:
         hf["head_dim"] = config.head_size
     if not arch.always_renormalize:
         hf["norm_topk_prob"] = moe.normalize_top_k is not None
-    if arch.model_type == "qwen3_moe":
-        hf.update(decoder_sparse_step=1, mlp_only_layers=[])
+    hf.update(families.hf_options(config, arch))
     return hf

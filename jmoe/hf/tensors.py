@@ -47,7 +47,49 @@ def _linear(path, names, out_width, in_width, stack_axis=None):
     )
 
 
+def _latent_attention(config: TransformerConfig, layer: int, prefix: str) -> list[Mapping]:
+    """DeepSeek-V3's MLA projections (`jmoe.mla.LatentAttention`)."""
+    mla, d, heads = config.mla, config.d_model, config.num_heads
+    path = ("blocks", layer, "attn")
+    proj = lambda name: f"{prefix}.self_attn.{name}.weight"
+    q_width = heads * mla.qk_head_dim
+    if mla.q_lora_rank is None:
+        maps = [_linear((*path, "q", "kernel"), [proj("q_proj")], q_width, d)]
+    else:
+        maps = [
+            _linear((*path, "q_a", "kernel"), [proj("q_a_proj")], mla.q_lora_rank, d),
+            _norm((*path, "q_a_norm", "scale"), proj("q_a_layernorm"), mla.q_lora_rank),
+            _linear((*path, "q", "kernel"), [proj("q_b_proj")], q_width, mla.q_lora_rank),
+        ]
+    kv_width = heads * (mla.qk_nope_head_dim + mla.v_head_dim)
+    return maps + [
+        _linear((*path, "kv_a", "kernel"), [proj("kv_a_proj_with_mqa")], mla.cache_width, d),
+        _norm((*path, "kv_a_norm", "scale"), proj("kv_a_layernorm"), mla.kv_lora_rank),
+        _linear((*path, "kv_b", "kernel"), [proj("kv_b_proj")], kv_width, mla.kv_lora_rank),
+        _linear((*path, "out", "kernel"), [proj("o_proj")], d, heads * mla.v_head_dim),
+    ]
+
+
+def _attention_biases(config: TransformerConfig, layer: int, prefix: str) -> list[Mapping]:
+    """Qwen2's q/k/v_proj biases (``attn.qkv.bias [3, heads, head_dim]``, or
+    ``attn.q.bias`` and ``attn.kv.bias [2, kv_heads, head_dim]``)."""
+    q_width, kv_width = config.num_heads * config.head_size, config.kv_heads * config.head_size
+    path = ("blocks", layer, "attn")
+    bias = lambda name: f"{prefix}.self_attn.{name}.bias"
+    if config.kv_heads == config.num_heads:
+        names = tuple(map(bias, ("q_proj", "k_proj", "v_proj")))
+        return [Mapping((*path, "qkv", "bias"), names, ((q_width,),) * 3, False, 0)]
+    return [
+        Mapping((*path, "q", "bias"), (bias("q_proj"),), ((q_width,),), linear=False),
+        Mapping(
+            (*path, "kv", "bias"), (bias("k_proj"), bias("v_proj")), ((kv_width,),) * 2, False, 0
+        ),
+    ]
+
+
 def _attention(config: TransformerConfig, layer: int, prefix: str) -> list[Mapping]:
+    if config.mla is not None:
+        return _latent_attention(config, layer, prefix)
     d, hd = config.d_model, config.head_size
     q_width, kv_width = config.num_heads * hd, config.kv_heads * hd
     path = ("blocks", layer, "attn")
@@ -76,6 +118,37 @@ def _attention(config: TransformerConfig, layer: int, prefix: str) -> list[Mappi
             _norm((*path, "q_norm", "scale"), proj("q_norm"), hd if per_head else q_width),
             _norm((*path, "k_norm", "scale"), proj("k_norm"), hd if per_head else kv_width),
         ]
+    if config.attention_bias:
+        maps += _attention_biases(config, layer, prefix)
+    return maps
+
+
+def _mlp(path: tuple, block: str, d: int, hidden: int) -> list[Mapping]:
+    """A `DenseMLP`'s ``mlp.w1/w3/w2`` from ``<block>.gate/up/down_proj.weight``."""
+    return [
+        _linear((*path, "mlp", "w1"), [f"{block}.gate_proj.weight"], hidden, d),
+        _linear((*path, "mlp", "w3"), [f"{block}.up_proj.weight"], hidden, d),
+        _linear((*path, "mlp", "w2"), [f"{block}.down_proj.weight"], d, hidden),
+    ]
+
+
+def _moe_extras(config: TransformerConfig, arch: Architecture, layer: int, block: str):
+    """Shared expert(s), the shared expert's gate and the selection bias of an MoE block."""
+    moe, path, maps = config.moe, ("blocks", layer, "ffn"), []
+    if moe.num_shared_experts:
+        shared = f"{block}.{arch.shared_expert}"
+        maps += _mlp((*path, "shared"), shared, config.d_model, moe.shared_hidden)
+    if moe.num_shared_experts and moe.shared_expert_gate:
+        gate = f"{block}.{arch.shared_expert_gate}.weight"
+        maps.append(_linear((*path, "shared_gate"), [gate], 1, config.d_model))
+    if moe.expert_bias:
+        maps.append(
+            _norm(
+                (*path, "router", "expert_bias"),
+                f"{block}.gate.e_score_correction_bias",
+                moe.num_experts,
+            )
+        )
     return maps
 
 
@@ -85,11 +158,14 @@ def _moe(config: TransformerConfig, arch: Architecture, layer: int, prefix: str)
     path = ("blocks", layer, "ffn")
     experts = lambda name: [f"{block}.experts.{i}.{name}.weight" for i in range(moe.num_experts)]
     gate, up, down = arch.expert_names
+    if layer not in config.moe_layers:  # a dense MLP block
+        return _mlp(path, f"{prefix}.mlp", d, config.dense_d_ff)
     return [
         _linear((*path, "router", "kernel"), [f"{block}.gate.weight"], moe.num_experts, d),
         _linear((*path, "experts", "w1"), experts(gate), moe.d_ff, d, stack_axis=0),
         _linear((*path, "experts", "w3"), experts(up), moe.d_ff, d, stack_axis=0),
         _linear((*path, "experts", "w2"), experts(down), d, moe.d_ff, stack_axis=0),
+        *_moe_extras(config, arch, layer, block),
     ]
 
 
@@ -142,7 +218,11 @@ def _group(dims: tuple[int, ...], box: tuple[slice, ...]):
 
 def _tensor_slice(mapping: Mapping, read, name: str, shape: tuple, box: tuple) -> np.ndarray:
     if not mapping.linear:
-        return read(name, box)
+        hf_shape = mapping.shapes[0]
+        if tuple(hf_shape) == tuple(shape):
+            return read(name, box)
+        # a small tensor kept in another shape (e.g. a bias [heads * head_dim]): whole, reshaped
+        return read(name, tuple(slice(0, n) for n in hf_shape)).reshape(shape)[box]
     in_width = mapping.shapes[0][1]
     split = next(k for k in range(1, len(shape)) if math.prod(shape[:k]) == in_width)
     cols, in_shape, in_cut = _group(shape[:split], box[:split])
@@ -176,6 +256,8 @@ def from_param(mapping: Mapping, param: np.ndarray) -> list[np.ndarray]:
     )
     if mapping.linear:
         pieces = [p.reshape(shape[::-1]).T for p, shape in zip(pieces, mapping.shapes)]
+    else:
+        pieces = [p.reshape(shape) for p, shape in zip(pieces, mapping.shapes)]
     return [np.ascontiguousarray(p) for p in pieces]
 
 
@@ -219,7 +301,7 @@ def sources(shapes: dict, config: TransformerConfig, arch: Architecture) -> dict
         return out
     gate, up, down = arch.expert_names
     f = config.moe.d_ff
-    for layer in range(config.num_layers):
+    for layer in config.moe_layers:
         gate_up_name, down_name = _fused_names(layer)
         block = f"model.layers.{layer}.{arch.moe_prefix}"
         for name, rows in ((gate_up_name, 2 * f), (down_name, config.d_model)):

@@ -11,7 +11,7 @@ from flax import nnx
 from jmoe.transformer import MoETransformer, TransformerConfig
 
 FIXTURES = Path(__file__).parents[1] / "fixtures" / "hf"
-MODEL_TYPES = ("mixtral", "qwen3_moe", "olmoe")
+MODEL_TYPES = ("mixtral", "qwen3_moe", "olmoe", "qwen2_moe", "deepseek_v3")
 
 
 def expected(name: str) -> dict[str, np.ndarray]:
