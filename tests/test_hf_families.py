@@ -98,6 +98,7 @@ QWEN2 = TransformerConfig(
     routed_layers=(1,),
     dense_hidden=20,
     attention_bias=True,
+    load_balancing_loss_scope="global",  # what a loaded checkpoint trains with
 )
 DEEPSEEK = TransformerConfig(
     vocab_size=30,
@@ -118,9 +119,11 @@ DEEPSEEK = TransformerConfig(
         top_k_groups=1,
         routed_scaling_factor=1.5,
         expert_bias=True,
+        load_balancing_loss_weight=0.0,  # DeepSeek-V3 balances by the bias alone
     ),
     routed_layers=(1, 2),
     dense_hidden=20,
+    load_balancing_loss_scope="global",
     mla=MLAConfig(
         kv_lora_rank=6, qk_nope_head_dim=4, qk_rope_head_dim=2, v_head_dim=3, rope_interleave=False
     ),

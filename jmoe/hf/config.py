@@ -100,11 +100,13 @@ def from_hf(hf: dict, *, dtype=jnp.float32, impl: str = "auto") -> TransformerCo
         top_k=hf["num_experts_per_tok"],
         expert_type="glu",
         normalize_top_k=1.0 if renormalize else None,
-        load_balancing_loss_weight=float(hf.get("router_aux_loss_coef", 0.0)),
         dtype=dtype,
         param_dtype=dtype,
         impl=impl,
-        **families.moe_options(hf, arch),
+        **{
+            "load_balancing_loss_weight": float(hf.get("router_aux_loss_coef", 0.0)),
+            **families.moe_options(hf, arch),
+        },
     )
     return TransformerConfig(
         vocab_size=hf["vocab_size"],

@@ -86,6 +86,9 @@ def moe_options(hf: dict, arch: Architecture) -> dict:
             top_k_groups=hf.get("topk_group") or 1,
             routed_scaling_factor=float(hf.get("routed_scaling_factor", 1.0)),
             expert_bias=True,
+            # transformers' DeepSeek-V3 balances by the bias alone ("noaux_tc"): no aux loss,
+            # whatever router_aux_loss_coef says
+            load_balancing_loss_weight=0.0,
         )
     return {}
 
