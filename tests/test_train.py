@@ -448,8 +448,8 @@ def _run_steps(model_config, batches):
 @pytest.mark.slow
 def test_bfloat16_compute_tracks_float32():
     """bfloat16 compute with float32 parameters and optimizer state (impl xla, CPU)
-    follows the float32 run's cross-entropy within 0.05 nats over 30 steps (measured:
-    0.009); the parameters and Adam moments stay float32."""
+    follows the float32 run's cross-entropy within 0.05 nats over 30 steps (measured
+    0.009 with top-2 routing); the parameters and Adam moments stay float32."""
     rng = np.random.default_rng(0)
     batches = [rng.integers(0, 64, (8, SEQ + 1)).astype(np.int32) for _ in range(30)]
     model = _model()
@@ -457,7 +457,8 @@ def test_bfloat16_compute_tracks_float32():
     state, bf16 = _run_steps(model.replace(moe=model.moe.replace(dtype=jnp.bfloat16)), batches)
     assert f32[-1] < f32[0] - 0.5  # it learns, so the comparison covers training
     np.testing.assert_allclose(bf16, f32, atol=0.05)
-    assert {leaf.dtype for leaf in jax.tree.leaves(state)} <= {jnp.float32, jnp.int32, jnp.uint32}
+    kept = {jnp.dtype(t) for t in (jnp.float32, jnp.int32, jnp.uint32)}  # params, steps, rngs
+    assert {leaf.dtype for leaf in jax.tree.leaves(state)} <= kept
 
 
 # ------------------------------------------------------------------ runs that survive a scheduler
