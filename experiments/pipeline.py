@@ -7,7 +7,8 @@ order every epoch, repeated forever -> read by ``num_threads`` threads ->
 concatenated and split into sequences of ``seq_len + 1`` tokens
 (`grain.experimental.ConcatThenSplitIterDataset`: no padding; each sequence
 carries ``segment_ids``, 1, 2, ... per record, and ``positions``, restarting
-at 0 in every record) -> shuffled in windows of ``window`` sequences (so a
+at 0 in every record; the rest of a record cut at the end of one sequence
+continues its positions in the next) -> shuffled in windows of ``window`` sequences (so a
 batch mixes distant parts of the corpus) -> batches -> prefetched by a
 background thread. Every array is ``[rows, seq_len + 1] int32``; the iterator's
 ``get_state()`` (JSON) restores it exactly (`experiments.checkpoint`).
@@ -35,6 +36,7 @@ from experiments.prepare_data import METADATA, prepare
 from experiments.tokenizer import BYTES, Tokenizer
 
 FIELDS = ("tokens", "segment_ids", "positions")
+MAX_HELD_OUT = 10_000_000  # tokens held out for validation when there is no --eval-data
 
 
 class Corpus:
@@ -66,15 +68,20 @@ class Corpus:
         return Tokenizer(spec if spec == BYTES else self.directory / spec)
 
     def split(self, val_fraction: float) -> tuple[grain.MapDataset, grain.MapDataset]:
-        """``(train, validation)`` records: the last ``val_fraction`` of them validate."""
+        """``(train, validation)`` records: the fewest last records that hold
+        ``val_fraction`` of the tokens (at most `MAX_HELD_OUT` tokens) validate."""
         total = len(self.records)
-        val = int(round(total * val_fraction))
-        if not 0 < val < total:
+        want = min(val_fraction * self.metadata["tokens"], MAX_HELD_OUT)
+        start, held = total, 0
+        while held < want and start > 1:
+            start -= 1
+            held += len(self.records[start])
+        if not 0 < start < total:
             raise ValueError(
                 f"data: {total} records cannot hold out val_fraction={val_fraction}; "
                 "give --eval-data or a corpus of more records (--record-tokens)"
             )
-        return self.records[: total - val], self.records[total - val :]
+        return self.records[:start], self.records[start:]
 
 
 def _packed(records: grain.IterDataset, seq_len: int) -> grain.IterDataset:
@@ -113,7 +120,45 @@ def train_batches(
     )
     packed = WindowShuffleIterDataset(_packed(read, seq_len), window_size=window, seed=seed)
     batched = packed.batch(batch_size, drop_remainder=True)
-    return iter(ThreadPrefetchIterDataset(batched, prefetch_buffer_size=prefetch))
+    return _JsonStateIterator(
+        iter(ThreadPrefetchIterDataset(batched, prefetch_buffer_size=prefetch))
+    )
+
+
+class _JsonStateIterator(grain.DatasetIterator):
+    """``parent`` whose ``set_state`` also takes its state after a JSON round trip.
+
+    Grain 0.2.18's packing compares its state's ``remainder_slices`` with the
+    tuple ``(-1, -1)``; JSON (Grain's own Orbax handler) turns it into a list,
+    and the restored iterator then yields other sequences. Lists are turned
+    back into tuples here.
+    """
+
+    def __init__(self, parent: grain.DatasetIterator):
+        super().__init__(parent)
+
+    def __next__(self):
+        return next(self._parent)
+
+    def get_state(self):
+        return self._parent.get_state()
+
+    def set_state(self, state):
+        self._parent.set_state(_with_tuples(state))
+
+
+def _with_tuples(state):
+    """``state`` with every ``remainder_slices`` entry (a list) turned into a tuple."""
+    if not isinstance(state, dict):
+        return state
+    return {
+        key: (
+            {name: tuple(span) for name, span in value.items()}
+            if key == "remainder_slices"
+            else _with_tuples(value)
+        )
+        for key, value in state.items()
+    }
 
 
 def eval_batches(
@@ -173,3 +218,21 @@ def prepared(data: str | None, cache_dir: str | Path) -> Path:
     if not (out / METADATA).is_file():
         prepare([str(path)], out)
     return out
+
+
+def prediction_mask(segment_ids):
+    """``[batch, seq + 1]`` segment ids -> ``[batch, seq]`` bool: True where the
+    target (position ``i + 1``) is a real token of the input's (position ``i``)
+    document, so padding and a document's first token (predicted from the
+    previous document) are not scored. Works on NumPy and JAX arrays."""
+    return (segment_ids[:, 1:] == segment_ids[:, :-1]) & (segment_ids[:, 1:] > 0)
+
+
+def unpacked(tokens: np.ndarray) -> dict[str, np.ndarray]:
+    """A `FIELDS` batch of ``tokens [batch, seq + 1]`` holding one document per row."""
+    tokens = np.asarray(tokens, np.int32)
+    return {
+        "tokens": tokens,
+        "segment_ids": np.ones_like(tokens),
+        "positions": np.broadcast_to(np.arange(tokens.shape[1], dtype=np.int32), tokens.shape),
+    }

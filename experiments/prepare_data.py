@@ -2,7 +2,7 @@
 
     python -m experiments.prepare_data --input 'corpus/*.jsonl' --out data/corpus
     python -m experiments.prepare_data --input book.txt --train-tokenizer 4096 --out data/book
-    python -m experiments.prepare_data --input 'web/*.parquet' --tokenizer tok.json --out data/web \\
+    python -m experiments.prepare_data --input 'web/*.parquet' --tokenizer t.json --out web \\
         --process-index 0 --process-count 4   # and 1, 2, 3 on other machines, same --out
 
 Inputs: ``.txt`` (a whole file is one document), ``.jsonl`` (one document per
@@ -146,9 +146,7 @@ def write_shard(
         position=position,
         leave=False,
     ) as bar:
-        for record, info in _records(
-            tokenizer, text_pieces(source, text_field), record_tokens
-        ):
+        for record, info in _records(tokenizer, text_pieces(source, text_field), record_tokens):
             if record is None:
                 bar.update(info)
                 continue
@@ -185,7 +183,9 @@ def _finish(out: Path, count: int, tokenizer: Tokenizer, record_tokens: int) -> 
         "tokens": total("tokens"),
         "documents": total("documents"),
         "records": total("records"),
-        "shards": [{k: s[k] for k in ("path", "input", "tokens", "documents", "records")} for s in shards],
+        "shards": [
+            {k: s[k] for k in ("path", "input", "tokens", "documents", "records")} for s in shards
+        ],
     }
     tmp = out / f"{METADATA}.tmp{os.getpid()}"
     tmp.write_text(json.dumps(metadata, indent=2) + "\n")

@@ -31,14 +31,14 @@ import time
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
 from tqdm import tqdm
 
-from experiments import distributed, plotting
+from experiments import distributed, pipeline, plotting
 from experiments.checkpoint import Checkpoints
-from experiments.data import Batches, tokenized_corpus
 from experiments.presets import PRESET_TRAINING, PRESETS, preset
 from jmoe.router import expert_biases, update_expert_bias
 from jmoe.transformer import FFN_KINDS, REMAT_KINDS, MoETransformer, TransformerConfig
@@ -52,7 +52,11 @@ class TrainConfig:
       model: the model to train.
       out: run directory.
       cache_dir: where tokenized corpora are stored (shared between runs).
-      data: a text file, or None for the KJV Bible.
+      data: a prepared directory (`experiments.prepare_data`), a text file
+        (prepared byte-level into ``cache_dir`` on first use), or None for
+        the KJV Bible. The model's vocab size is the data's.
+      eval_data: a prepared directory (same tokenizer) to validate on; None:
+        the last 5% of ``data``'s records.
       steps, batch_size: optimizer steps and sequences per step.
       lr, warmup_fraction, min_lr_ratio: peak learning rate, share of the
         steps spent in linear warmup, final lr as a fraction of the peak.
@@ -71,6 +75,7 @@ class TrainConfig:
     out: str
     cache_dir: str
     data: str | None = None
+    eval_data: str | None = None
     steps: int = 300
     batch_size: int = 16
     lr: float = 3e-3
@@ -143,17 +148,22 @@ def optimizer(config: TrainConfig) -> optax.GradientTransformation:
     )
 
 
-def lm_loss(model: MoETransformer, tokens: jax.Array):
-    """``tokens [batch, seq + 1]`` -> ``(ce + aux_loss, (ce, aux))``; ce in nats/token."""
-    logits, aux = model(tokens[:, :-1])
-    ce = optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]).mean()
+def lm_loss(model: MoETransformer, batch: dict):
+    """``batch``: `pipeline.FIELDS` arrays ``[batch, seq + 1]`` (packed documents)
+    -> ``(ce + aux_loss, (ce, aux))``; ce in nats/token, averaged over the
+    predictions inside a document (`pipeline.prediction_mask`)."""
+    inputs = {name: batch[name][:, :-1] for name in ("segment_ids", "positions")}
+    logits, aux = model(batch["tokens"][:, :-1], **inputs)
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["tokens"][:, 1:])
+    scored = pipeline.prediction_mask(batch["segment_ids"])
+    ce = jnp.sum(jnp.where(scored, ce, 0.0)) / jnp.maximum(jnp.sum(scored), 1)
     return ce + aux["aux_loss"], (ce, aux)
 
 
-def train_step(graphdef: nnx.GraphDef, state: nnx.State, tokens: jax.Array):
+def train_step(graphdef: nnx.GraphDef, state: nnx.State, batch: dict):
     """One AdamW step on ``(model, optimizer)`` state: ``-> (new state, metrics)``."""
     model, opt = nnx.merge(graphdef, state)
-    (loss, (ce, aux)), grads = nnx.value_and_grad(lm_loss, has_aux=True)(model, tokens)
+    (loss, (ce, aux)), grads = nnx.value_and_grad(lm_loss, has_aux=True)(model, batch)
     opt.update(model, grads)
     update_expert_bias(model, aux)  # aux-loss-free balancing (no-op without expert bias)
     metrics = {
@@ -169,10 +179,10 @@ def train_step(graphdef: nnx.GraphDef, state: nnx.State, tokens: jax.Array):
     return nnx.state((model, opt)), metrics
 
 
-def eval_step(graphdef: nnx.GraphDef, state: nnx.State, tokens: jax.Array) -> jax.Array:
-    """Validation cross-entropy (no aux loss) of ``tokens [batch, seq + 1]``."""
+def eval_step(graphdef: nnx.GraphDef, state: nnx.State, batch: dict) -> jax.Array:
+    """Validation cross-entropy (no aux loss) of a batch (see `lm_loss`)."""
     model, _ = nnx.merge(graphdef, state)
-    return lm_loss(model, tokens)[1][0]
+    return lm_loss(model, batch)[1][0]
 
 
 def read_metrics(path: str | Path) -> list[dict]:
@@ -241,16 +251,40 @@ def _start_metrics(path: Path, resume_step: int):
         f.writelines(json.dumps(r) + "\n" for r in kept)
 
 
-def _evaluate(evaluate, state, batches: Batches, placement: distributed.Placement) -> float:
-    shape = (batches.batch_size, batches.seq_len + 1)
-    return float(
-        np.mean(
-            [
-                evaluate(state, placement.batch(functools.partial(batches.val_batch, index), shape))
-                for index in range(batches.num_val_batches)
-            ]
+def _evaluate(evaluate, state, batches: list[dict]) -> float:
+    return float(np.mean([evaluate(state, batch) for batch in batches]))
+
+
+def _global_batch(placement: distributed.Placement, local: dict) -> dict:
+    """This process's rows of a batch -> the batch the step takes (global on a mesh)."""
+    if placement.mesh is None:
+        return local
+    return {
+        name: jax.make_array_from_process_local_data(placement.batch_sharding, rows)
+        for name, rows in local.items()
+    }
+
+
+def _corpora(config: TrainConfig, main: bool):
+    """``(training records, validation records, vocab size)``; process 0
+    prepares a text file or the default corpus, the others wait for it."""
+    if main:
+        pipeline.prepared(config.data, config.cache_dir)
+        if config.eval_data is not None:
+            pipeline.prepared(config.eval_data, config.cache_dir)
+    distributed.barrier("train: data prepared")
+    corpus = pipeline.Corpus(pipeline.prepared(config.data, config.cache_dir))
+    if config.eval_data is None:
+        return *corpus.split(0.05), corpus.vocab_size
+    held_out = pipeline.Corpus(pipeline.prepared(config.eval_data, config.cache_dir))
+    if held_out.metadata["tokenizer"] != corpus.metadata["tokenizer"] or (
+        held_out.vocab_size != corpus.vocab_size
+    ):
+        raise ValueError(
+            f"eval_data {config.eval_data!r} must share data's tokenizer "
+            f"({corpus.metadata['tokenizer']}, vocab {corpus.vocab_size})"
         )
-    )
+    return corpus.records, held_out.records, corpus.vocab_size
 
 
 def _model_and_optimizer(config: TrainConfig):
@@ -277,13 +311,19 @@ def train(config: TrainConfig, name: str = "run") -> dict | None:
         if not config.resume:
             shutil.rmtree(out / "checkpoints", ignore_errors=True)
     distributed.barrier("train: run directory ready")
-    batches = Batches(
-        tokenized_corpus(config.data, config.cache_dir),
-        seq_len=config.model.max_seq_len,
-        batch_size=config.batch_size,
-        seed=config.seed,
-        eval_batches=config.eval_batches,
+    train_records, val_records, vocab_size = _corpora(config, main)
+    config = dataclasses.replace(config, model=config.model.replace(vocab_size=vocab_size))
+    shard = dict(process_index=jax.process_index(), process_count=jax.process_count())
+    rows = dict(
+        seq_len=config.model.max_seq_len, batch_size=config.batch_size // jax.process_count()
     )
+    data = pipeline.train_batches(train_records, seed=config.seed, **rows, **shard)
+    val_batches = [
+        _global_batch(placement, batch)
+        for batch in pipeline.eval_batches(
+            val_records, num_batches=config.eval_batches, **rows, **shard
+        )
+    ]
     graphdef, state = placement.init_state(functools.partial(_model_and_optimizer, config))
     params = sum(p.size for p in jax.tree.leaves(nnx.filter_state(state[0], nnx.Param)))
 
@@ -291,12 +331,10 @@ def train(config: TrainConfig, name: str = "run") -> dict | None:
     start, train_time = 0, 0.0
     if config.resume and checkpoints.latest_step() is not None:
         start = checkpoints.latest_step()
-        state, meta = checkpoints.restore(start, state)
+        state, meta = checkpoints.restore(start, state, data)
         train_time = meta["train_time_s"]
     if main:
         _start_metrics(out / "metrics.jsonl", start)
-    shape = (config.batch_size, config.model.max_seq_len + 1)
-    train_batch = lambda step: placement.batch(functools.partial(batches.train_batch, step), shape)
 
     with (
         placement.context(),
@@ -305,7 +343,7 @@ def train(config: TrainConfig, name: str = "run") -> dict | None:
         t0 = time.perf_counter()
         step_fn = (
             placement.jit_step(functools.partial(train_step, graphdef), donate_argnums=0)
-            .lower(state, train_batch(start))
+            .lower(state, val_batches[0])
             .compile()
         )
         compile_s = time.perf_counter() - t0
@@ -317,7 +355,7 @@ def train(config: TrainConfig, name: str = "run") -> dict | None:
                 {
                     "kind": "val",
                     "step": 0,
-                    "val_loss": _evaluate(evaluate, state, batches, placement),
+                    "val_loss": _evaluate(evaluate, state, val_batches),
                     "train_time_s": 0.0,
                 }
             )
@@ -331,7 +369,7 @@ def train(config: TrainConfig, name: str = "run") -> dict | None:
         )
         pending, mark = [], time.perf_counter()
         for i in range(start, config.steps):
-            state, metrics = step_fn(state, train_batch(i))
+            state, metrics = step_fn(state, _global_batch(placement, next(data)))
             pending.append(metrics)
             step = i + 1
             last = step == config.steps
@@ -346,7 +384,7 @@ def train(config: TrainConfig, name: str = "run") -> dict | None:
             bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:,.0f}")
             pending = []
             if step % config.eval_every == 0 or last:
-                val_loss = _evaluate(evaluate, state, batches, placement)
+                val_loss = _evaluate(evaluate, state, val_batches)
                 write(
                     {"kind": "val", "step": step, "val_loss": val_loss, "train_time_s": train_time}
                 )
@@ -355,10 +393,11 @@ def train(config: TrainConfig, name: str = "run") -> dict | None:
                     val=f"{val_loss:.3f}",
                     tok_s=f"{record['tokens_per_s']:,.0f}",
                 )
-            checkpoints.save(step, state, {"train_time_s": train_time}, force=last)
+            checkpoints.save(step, state, {"train_time_s": train_time}, data, force=last)
             mark = time.perf_counter()
         bar.close()
     checkpoints.close()
+    data.close()
     if not main:
         return None
     return _finish(config, name, {"params": int(params), "compile_s": compile_s})
@@ -446,7 +485,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, help="optimizer steps (default: per preset)")
     parser.add_argument("--batch-size", type=int, help="sequences per step (default: per preset)")
     parser.add_argument("--lr", type=float, help="peak learning rate (default: per preset)")
-    parser.add_argument("--data", help="UTF-8 text file to train on (default: the KJV Bible)")
+    parser.add_argument(
+        "--data",
+        help="prepared directory (python -m experiments.prepare_data) or a .txt/.jsonl/.parquet "
+        "file, prepared byte-level into --cache-dir (default: the KJV Bible)",
+    )
+    parser.add_argument(
+        "--eval-data",
+        help="prepared directory to validate on (default: the last 5%% of --data's records)",
+    )
     parser.add_argument(
         "--out",
         help="run directory (default: runs/<preset>-<ffn>, with -cf<cf> for --ffn moe and "
@@ -518,6 +565,7 @@ def config_from_args(args: argparse.Namespace) -> tuple[TrainConfig, str]:
         out=str(out),
         cache_dir=args.cache_dir or str(out.absolute().parent / "cache"),
         data=args.data,
+        eval_data=args.eval_data,
         steps=pick("steps"),
         batch_size=pick("batch_size"),
         lr=pick("lr"),

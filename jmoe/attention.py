@@ -17,18 +17,23 @@ def rotary_embedding(x: jax.Array, base: float, positions: jax.Array | None = No
 
     Half-split RoPE (GPT-NeoX layout, Hugging Face's ``rotate_half``): channel
     ``i`` and ``i + head_dim/2`` form a pair rotated by
-    ``position * base**(-2i/head_dim)``. ``positions [seq] int`` defaults to
-    ``0..seq-1``. Computed in float32, returned in ``x.dtype``.
+    ``position * base**(-2i/head_dim)``. ``positions [seq]`` or ``[batch, seq]``
+    int defaults to ``0..seq-1``. Computed in float32, returned in ``x.dtype``.
     """
     seq, head_dim = x.shape[1], x.shape[-1]
     if positions is None:
         positions = jnp.arange(seq)
     inv_freq = base ** (-jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)
-    angles = positions.astype(jnp.float32)[:, None] * inv_freq  # [seq, head_dim/2]
-    sin, cos = jnp.sin(angles)[:, None, :], jnp.cos(angles)[:, None, :]
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [(batch,) seq, head_dim/2]
+    sin, cos = jnp.sin(angles)[..., None, :], jnp.cos(angles)[..., None, :]
     x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
     rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
     return rotated.astype(x.dtype)
+
+
+def same_segment(segment_ids: jax.Array) -> jax.Array:
+    """``[batch, seq]`` -> ``[batch, 1, seq, seq]`` bool: query and key share a segment."""
+    return (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None]
 
 
 class KVCache(NamedTuple):
@@ -113,9 +118,18 @@ class CausalSelfAttention(nnx.Module):
             v,
         )
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        q, k, v = self.project(x)
-        return self.out(jax.nn.dot_product_attention(q, k, v, is_causal=True))
+    def __call__(
+        self,
+        x: jax.Array,
+        segment_ids: jax.Array | None = None,
+        positions: jax.Array | None = None,
+    ) -> jax.Array:
+        """``segment_ids [batch, seq] int`` (packed documents): a position attends
+        only to the positions of its own segment; ``positions [batch, seq] int``:
+        the RoPE positions (default ``0..seq-1``)."""
+        q, k, v = self.project(x, positions)
+        mask = None if segment_ids is None else same_segment(segment_ids)
+        return self.out(jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True))
 
     def cached(self, x: jax.Array, cache: KVCache, position: jax.Array):
         """Attention of ``x [batch, seq, d_model]`` at positions

@@ -19,7 +19,7 @@ import optax
 import pytest
 from flax import nnx
 
-from experiments import compare, data
+from experiments import compare, data, pipeline
 from experiments.checkpoint import Checkpoints
 from experiments.train import TrainConfig, learning_rate, optimizer, read_metrics, train, train_step
 from jmoe import MoEConfig
@@ -60,6 +60,7 @@ def test_one_step_lowers_loss_on_fixed_batch(tmp_path, text_file, ffn):
     model = MoETransformer(config.model, rngs=nnx.Rngs(0))
     graphdef, state = nnx.split((model, nnx.Optimizer(model, optimizer(config), wrt=nnx.Param)))
     tokens = np.random.default_rng(0).integers(0, 256, (4, SEQ + 1)).astype(np.int32)
+    tokens = pipeline.unpacked(tokens)
     step = jax.jit(functools.partial(train_step, graphdef))
     state, first = step(state, tokens)
     state, second = step(state, tokens)
