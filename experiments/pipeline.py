@@ -7,8 +7,8 @@ order every epoch, repeated forever -> read by ``num_threads`` threads ->
 concatenated and split into sequences of ``seq_len + 1`` tokens
 (`grain.experimental.ConcatThenSplitIterDataset`: no padding; each sequence
 carries ``segment_ids``, 1, 2, ... per record, and ``positions``, restarting
-at 0 in every record; the rest of a record cut at the end of one sequence
-continues its positions in the next) -> shuffled in windows of ``window`` sequences (so a
+at 0 in every record and in every sequence: the rest of a record cut at
+the end of one sequence starts a segment of the next) -> shuffled in windows of ``window`` sequences (so a
 batch mixes distant parts of the corpus) -> batches -> prefetched by a
 background thread. Every array is ``[rows, seq_len + 1] int32``; the iterator's
 ``get_state()`` (JSON) restores it exactly (`experiments.checkpoint`).
