@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 from flax import nnx
 
-from experiments import pipeline, prepare_data
+from experiments import data, pipeline, prepare_data
 from experiments.tokenizer import BPE_EOS, Tokenizer
 from experiments.train import TrainConfig, train
 from jmoe import MoEConfig
@@ -177,6 +177,8 @@ def test_kjv_default_corpus(tmp_path):
     assert chapters[0]["text"].startswith("In the beginning God created the heaven")
     corpus = pipeline.Corpus(pipeline.prepared(None, tmp_path))
     assert corpus.metadata["documents"] == 1189 and corpus.vocab_size == 256
+    assert 4_000_000 < corpus.metadata["tokens"] < 5_000_000
+    assert data.decode(data.encode("Amen. ✝")) == "Amen. ✝"
 
 
 @pytest.mark.slow

@@ -1,6 +1,6 @@
-"""Training: one step lowers the loss, the learning-rate schedule, the data
-pipeline (tensorstore cache, deterministic batches, split), exact resume from
-a checkpoint, and the command line end to end."""
+"""Training: one step lowers the loss, the learning-rate schedule, exact resume
+from a checkpoint (model, optimizer and the packed data pipeline), and the
+command line end to end (the data pipeline: tests/test_data_pipeline.py)."""
 
 import dataclasses
 import functools
@@ -19,7 +19,7 @@ import optax
 import pytest
 from flax import nnx
 
-from experiments import compare, data, pipeline
+from experiments import compare, pipeline
 from experiments.checkpoint import Checkpoints
 from experiments.train import TrainConfig, learning_rate, optimizer, read_metrics, train, train_step
 from jmoe import MoEConfig
@@ -137,48 +137,6 @@ def test_learning_rate_schedule(tmp_path, text_file):
     expected = {0: 0.1, 5: 0.55, 10: 1.0, 55: 0.1 + 0.9 * 0.5, 100: 0.1}
     for step, lr in expected.items():
         assert float(schedule(step)) == pytest.approx(lr, abs=1e-5), step
-
-
-def test_corpus_cache_and_bible(tmp_path, text_file):
-    store = data.tokenized_corpus(str(text_file), tmp_path)
-    cached = list(tmp_path.glob("words-*.zarr"))
-    assert len(cached) == 1
-    mtime = os.path.getmtime(cached[0])
-    again = data.tokenized_corpus(str(text_file), tmp_path)
-    assert os.path.getmtime(cached[0]) == mtime and again.shape == store.shape
-    raw = text_file.read_bytes()
-    np.testing.assert_array_equal(
-        store[100:164].read().result(), np.frombuffer(raw[100:164], np.uint8)
-    )
-    assert data.decode(data.encode("Amen. ✝")) == "Amen. ✝"
-    bible = data.bible_text()
-    assert bible.startswith("In the beginning God created the heaven and the earth.\n")
-    assert 4_000_000 < len(bible) < 5_000_000 and bible.count("\n") == 31_103
-    with pytest.raises(ValueError, match="data"):
-        data.corpus_text(str(tmp_path / "missing.txt"))
-
-
-def test_batches_are_deterministic_and_split(tmp_path, text_file):
-    store = data.tokenized_corpus(str(text_file), tmp_path)
-    raw = np.frombuffer(text_file.read_bytes(), np.uint8)
-    make = lambda seed: data.Batches(store, seq_len=SEQ, batch_size=8, seed=seed, eval_batches=2)
-    a, b, other = make(0), make(0), make(1)
-    np.testing.assert_array_equal(a.train_batch(5), b.train_batch(5))
-    assert not np.array_equal(a.train_batch(5), other.train_batch(5))
-    batch, starts = a.train_batch(3), a.train_starts(3)
-    chex.assert_shape(batch, (8, SEQ + 1))
-    np.testing.assert_array_equal(batch, raw[starts[:, None] + np.arange(SEQ + 1)])
-    # One epoch visits every training window exactly once, all before the val split.
-    steps_per_epoch = a.train_windows // 8
-    epoch = np.concatenate([a.train_starts(i) for i in range(steps_per_epoch)])
-    assert len(set(epoch.tolist())) == len(epoch)
-    assert epoch.max() + SEQ + 1 <= a.train_tokens
-    val = np.concatenate(list(a.val_batches()))
-    chex.assert_shape(val, (16, SEQ + 1))
-    val_text = raw[a.train_tokens :].tobytes()
-    assert all(row.astype(np.uint8).tobytes() in val_text for row in val)
-    with pytest.raises(ValueError, match="too few"):
-        data.Batches(store, seq_len=SEQ, batch_size=8, seed=0, eval_batches=1000)
 
 
 def _losses(out: Path) -> list:
