@@ -8,10 +8,11 @@ concatenated and split into sequences of ``seq_len + 1`` tokens
 (`grain.experimental.ConcatThenSplitIterDataset`: no padding; each sequence
 carries ``segment_ids``, 1, 2, ... per record, and ``positions``, restarting
 at 0 in every record and in every sequence: the rest of a record cut at
-the end of one sequence starts a segment of the next) -> shuffled in windows of ``window`` sequences (so a
-batch mixes distant parts of the corpus) -> batches -> prefetched by a
-background thread. Every array is ``[rows, seq_len + 1] int32``; the iterator's
-``get_state()`` (JSON) restores it exactly (`experiments.checkpoint`).
+the end of one sequence starts a segment of the next) -> shuffled in windows
+of ``window`` sequences (so a batch mixes distant parts of the corpus) ->
+batches -> prefetched by a background thread. Every array is
+``[rows, seq_len + 1] int32``; the iterator's ``get_state()`` (JSON) restores
+it exactly (`experiments.checkpoint`).
 
 Validation: the same packing of the validation records in corpus order, the
 last sequence zero-padded (segment id 0), cut into a fixed list of batches.
