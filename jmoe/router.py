@@ -123,7 +123,7 @@ def load_balancing_loss(
     tokens, num_experts = probs.shape
     weights = _token_weights(tokens, mask)
     real = jnp.maximum(jnp.sum(weights), 1.0)
-    mean_probs = weights @ probs / real
+    mean_probs = jnp.sum(weights[:, None] * probs, axis=0) / real  # no [E, T] transpose
     scale = num_experts / (real * top_k)
     return scale * jnp.dot(jnp.asarray(tokens_per_expert, jnp.float32), mean_probs)
 
@@ -163,9 +163,9 @@ def sequence_aux_loss(
     weights = _token_weights(tokens, mask).reshape(num_sequences, -1)  # [S, T_seq]
     by_sequence = lambda a: a.reshape(num_sequences, -1, num_experts)  # [S, T_seq, E]
     chosen = jax.nn.one_hot(expert_ids, num_experts, dtype=jnp.float32)  # id E: no expert
-    counts = jnp.einsum("st,ste->se", weights, by_sequence(jnp.sum(chosen, axis=1)))
+    counts = jnp.sum(weights[..., None] * by_sequence(jnp.sum(chosen, axis=1)), axis=1)
     real = jnp.sum(weights, axis=1)  # [S]
-    mean_probs = jnp.einsum("st,ste->se", weights, by_sequence(probs))
+    mean_probs = jnp.sum(weights[..., None] * by_sequence(probs), axis=1)
     mean_probs = mean_probs / jnp.maximum(real, 1.0)[:, None]
     f = num_experts / top_k * counts / jnp.maximum(real, 1.0)[:, None]
     present = (real > 0).astype(jnp.float32)
