@@ -227,13 +227,3 @@ def prediction_mask(segment_ids):
     document, so padding and a document's first token (predicted from the
     previous document) are not scored. Works on NumPy and JAX arrays."""
     return (segment_ids[:, 1:] == segment_ids[:, :-1]) & (segment_ids[:, 1:] > 0)
-
-
-def unpacked(tokens: np.ndarray) -> dict[str, np.ndarray]:
-    """A `FIELDS` batch of ``tokens [batch, seq + 1]`` holding one document per row."""
-    tokens = np.asarray(tokens, np.int32)
-    return {
-        "tokens": tokens,
-        "segment_ids": np.ones_like(tokens),
-        "positions": np.broadcast_to(np.arange(tokens.shape[1], dtype=np.int32), tokens.shape),
-    }

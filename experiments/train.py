@@ -148,10 +148,15 @@ def optimizer(config: TrainConfig) -> optax.GradientTransformation:
     )
 
 
-def lm_loss(model: MoETransformer, batch: dict):
-    """``batch``: `pipeline.FIELDS` arrays ``[batch, seq + 1]`` (packed documents)
-    -> ``(ce + aux_loss, (ce, aux))``; ce in nats/token, averaged over the
+def lm_loss(model: MoETransformer, batch):
+    """``batch``: ``tokens [batch, seq + 1]`` (one document per row) or a dict of
+    `pipeline.FIELDS` arrays of that shape (packed documents) -> ``(ce + aux_loss,
+    (ce, aux))``; ce in nats/token, for packed documents averaged over the
     predictions inside a document (`pipeline.prediction_mask`)."""
+    if not isinstance(batch, dict):
+        logits, aux = model(batch[:, :-1])
+        ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch[:, 1:]).mean()
+        return ce + aux["aux_loss"], (ce, aux)
     inputs = {name: batch[name][:, :-1] for name in ("segment_ids", "positions")}
     logits, aux = model(batch["tokens"][:, :-1], **inputs)
     ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["tokens"][:, 1:])
@@ -160,7 +165,7 @@ def lm_loss(model: MoETransformer, batch: dict):
     return ce + aux["aux_loss"], (ce, aux)
 
 
-def train_step(graphdef: nnx.GraphDef, state: nnx.State, batch: dict):
+def train_step(graphdef: nnx.GraphDef, state: nnx.State, batch):
     """One AdamW step on ``(model, optimizer)`` state: ``-> (new state, metrics)``."""
     model, opt = nnx.merge(graphdef, state)
     (loss, (ce, aux)), grads = nnx.value_and_grad(lm_loss, has_aux=True)(model, batch)
@@ -179,7 +184,7 @@ def train_step(graphdef: nnx.GraphDef, state: nnx.State, batch: dict):
     return nnx.state((model, opt)), metrics
 
 
-def eval_step(graphdef: nnx.GraphDef, state: nnx.State, batch: dict) -> jax.Array:
+def eval_step(graphdef: nnx.GraphDef, state: nnx.State, batch) -> jax.Array:
     """Validation cross-entropy (no aux loss) of a batch (see `lm_loss`)."""
     model, _ = nnx.merge(graphdef, state)
     return lm_loss(model, batch)[1][0]
