@@ -31,7 +31,11 @@ class TrainConfig:
       model: the model to train.
       out: run directory.
       cache_dir: where tokenized corpora are stored (shared between runs).
-      data: a text file, or None for the KJV Bible.
+      data: a prepared directory (`experiments.prepare_data`), a text file
+        (prepared byte-level into ``cache_dir`` on first use), or None for
+        the KJV Bible. The model's vocab size is the data's.
+      eval_data: a prepared directory (same tokenizer) to validate on; None:
+        the last 5% of ``data``'s records.
       steps, batch_size: optimizer steps and sequences per step.
       lr, warmup_fraction, min_lr_ratio: peak learning rate, share of the
         steps spent in linear warmup, final lr as a fraction of the peak.
@@ -59,6 +63,7 @@ class TrainConfig:
     out: str
     cache_dir: str
     data: str | None = None
+    eval_data: str | None = None
     steps: int = 300
     batch_size: int = 16
     lr: float = 3e-3
@@ -167,7 +172,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, help="optimizer steps (default: per preset)")
     parser.add_argument("--batch-size", type=int, help="sequences per step (default: per preset)")
     parser.add_argument("--lr", type=float, help="peak learning rate (default: per preset)")
-    parser.add_argument("--data", help="UTF-8 text file to train on (default: the KJV Bible)")
+    parser.add_argument(
+        "--data",
+        help="prepared directory (python -m experiments.prepare_data) or a .txt/.jsonl/.parquet "
+        "file, prepared byte-level into --cache-dir (default: the KJV Bible)",
+    )
+    parser.add_argument(
+        "--eval-data",
+        help="prepared directory to validate on (default: the last 5%% of --data's records)",
+    )
     parser.add_argument(
         "--out",
         help="run directory (default: runs/<preset>-<ffn>, with -cf<cf> for --ffn moe and "
@@ -344,6 +357,7 @@ def config_from_args(args: argparse.Namespace) -> tuple[TrainConfig, str]:
         out=str(out),
         cache_dir=args.cache_dir or str(out.absolute().parent / "cache"),
         data=args.data,
+        eval_data=args.eval_data,
         steps=pick("steps"),
         batch_size=pick("batch_size"),
         lr=pick("lr"),

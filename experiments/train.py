@@ -27,6 +27,7 @@ Model fields: `experiments.config` and `experiments.overrides`; FLOPs:
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import shutil
@@ -41,10 +42,9 @@ import optax
 from flax import nnx
 from tqdm import tqdm
 
-from experiments import distributed, flops, overrides, plotting
+from experiments import distributed, flops, overrides, pipeline, plotting
 from experiments.checkpoint import Checkpoints
 from experiments.config import TrainConfig, config_from_args, parse_args
-from experiments.data import Batches, tokenized_corpus
 from experiments.logbook import Logbook, read_metrics
 from experiments.preemption import EXIT_CODE, Preempted, Preemption
 from experiments.run_config import MODEL_CONFIG, config_to_json, with_hf_weights
@@ -81,15 +81,25 @@ def optimizer(config: TrainConfig) -> optax.GradientTransformation:
     )
 
 
-def lm_loss(model: MoETransformer, tokens: jax.Array):
-    """``tokens [batch, seq + 1]`` -> ``(ce + aux_loss, (ce, aux))``; ce in nats/token."""
-    logits, aux = model(tokens[:, :-1])
-    ce = optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]).mean()
+def lm_loss(model: MoETransformer, batch):
+    """``batch``: ``tokens [batch, seq + 1]`` (one document per row) or a dict of
+    `pipeline.FIELDS` arrays of that shape (packed documents) -> ``(ce + aux_loss,
+    (ce, aux))``; ce in nats/token, for packed documents averaged over the
+    predictions inside a document (`pipeline.prediction_mask`)."""
+    if not isinstance(batch, dict):
+        logits, aux = model(batch[:, :-1])
+        ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch[:, 1:]).mean()
+        return ce + aux["aux_loss"], (ce, aux)
+    inputs = {name: batch[name][:, :-1] for name in ("segment_ids", "positions")}
+    logits, aux = model(batch["tokens"][:, :-1], **inputs)
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["tokens"][:, 1:])
+    scored = pipeline.prediction_mask(batch["segment_ids"])
+    ce = jnp.sum(jnp.where(scored, ce, 0.0)) / jnp.maximum(jnp.sum(scored), 1)
     return ce + aux["aux_loss"], (ce, aux)
 
 
-def accumulated_loss_and_grads(model: MoETransformer, tokens: jax.Array, micro_batches: int):
-    """``((loss, (ce, aux)), grads)`` of `lm_loss` over ``tokens [batch, seq + 1]`` in
+def accumulated_loss_and_grads(model: MoETransformer, batch, micro_batches: int):
+    """``((loss, (ce, aux)), grads)`` of `lm_loss` over ``batch`` (see `lm_loss`) in
     ``micro_batches`` forward and backward passes under one ``lax.scan``.
 
     Micro-batch ``j`` holds rows ``j, j + n, j + 2n, ...`` (so each device of a
@@ -99,8 +109,9 @@ def accumulated_loss_and_grads(model: MoETransformer, tokens: jax.Array, micro_b
     Non-parameter state the forward changes (e.g. router-jitter rng counts) is carried.
     """
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    rows = tokens.shape[0] // micro_batches
-    micro = tokens.reshape(rows, micro_batches, -1).swapaxes(0, 1)  # [n, rows, seq + 1]
+    rows = jax.tree.leaves(batch)[0].shape[0] // micro_batches
+    # each array [n, rows, seq + 1]
+    micro = jax.tree.map(lambda a: a.reshape(rows, micro_batches, -1).swapaxes(0, 1), batch)
 
     def loss_of(params, rest, batch):
         model = nnx.merge(graphdef, params, rest)
@@ -115,7 +126,7 @@ def accumulated_loss_and_grads(model: MoETransformer, tokens: jax.Array, micro_b
         total = jax.tree.map(jnp.add, total, ((loss, (ce, aux)), grads))
         return (rest, total), None
 
-    shapes = jax.eval_shape(grad_fn, params, rest, micro[0])
+    shapes = jax.eval_shape(grad_fn, params, rest, jax.tree.map(lambda a: a[0], micro))
     zeros = jax.tree.map(
         jnp.zeros_like, ((shapes[0][0], shapes[0][1][:2]), shapes[1])
     )  # ((loss, (ce, aux)), grads)
@@ -128,14 +139,14 @@ def accumulated_loss_and_grads(model: MoETransformer, tokens: jax.Array, micro_b
 def train_step(
     graphdef: nnx.GraphDef,
     state: nnx.State,
-    tokens: jax.Array,
+    batch,
     *,
     grad_accum: int = 1,
     skip_nonfinite: bool = False,
 ):
     """One AdamW step on ``(model, optimizer)`` state: ``-> (new state, metrics)``.
 
-    ``grad_accum > 1``: the gradient of ``tokens [batch, seq + 1]`` is accumulated over
+    ``grad_accum > 1``: the gradient of ``batch`` (see `lm_loss`) is accumulated over
     that many micro-batches (`accumulated_loss_and_grads`). ``metrics["nonfinite"]`` is
     1 when the loss or the gradient norm is NaN or inf; with ``skip_nonfinite`` such a
     step returns the state unchanged (model, optimizer moments and count, expert biases).
@@ -144,9 +155,9 @@ def train_step(
     before = jax.tree.map(lambda x: x, state) if skip_nonfinite else None
     model, opt = nnx.merge(graphdef, state)
     if grad_accum == 1:
-        (loss, (ce, aux)), grads = nnx.value_and_grad(lm_loss, has_aux=True)(model, tokens)
+        (loss, (ce, aux)), grads = nnx.value_and_grad(lm_loss, has_aux=True)(model, batch)
     else:
-        (loss, (ce, aux)), grads = accumulated_loss_and_grads(model, tokens, grad_accum)
+        (loss, (ce, aux)), grads = accumulated_loss_and_grads(model, batch, grad_accum)
     grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     opt.update(model, grads)
@@ -169,10 +180,10 @@ def train_step(
     return new_state, metrics
 
 
-def eval_step(graphdef: nnx.GraphDef, state: nnx.State, tokens: jax.Array) -> jax.Array:
-    """Validation cross-entropy (no aux loss) of ``tokens [batch, seq + 1]``."""
+def eval_step(graphdef: nnx.GraphDef, state: nnx.State, batch) -> jax.Array:
+    """Validation cross-entropy (no aux loss) of a batch (see `lm_loss`)."""
     model, _ = nnx.merge(graphdef, state)
-    return lm_loss(model, tokens)[1][0]
+    return lm_loss(model, batch)[1][0]
 
 
 def _interval_record(
@@ -245,16 +256,52 @@ def summarize(config: TrainConfig, records: list[dict], name: str, extra: dict) 
     }
 
 
-def _evaluate(evaluate, state, batches: Batches, placement: distributed.Placement) -> float:
-    shape = (batches.batch_size, batches.seq_len + 1)
-    return float(
-        np.mean(
-            [
-                evaluate(state, placement.batch(functools.partial(batches.val_batch, index), shape))
-                for index in range(batches.num_val_batches)
-            ]
+def _evaluate(evaluate, state, batches: list[dict]) -> float:
+    return float(np.mean([evaluate(state, batch) for batch in batches]))
+
+
+def _global_batch(placement: distributed.Placement, local: dict) -> dict:
+    """This process's rows of a batch -> the batch the step takes (global on a mesh)."""
+    if placement.mesh is None:
+        return local
+    return {
+        name: jax.make_array_from_process_local_data(placement.batch_sharding, rows)
+        for name, rows in local.items()
+    }
+
+
+def _corpora(config: TrainConfig, main: bool):
+    """``(training records, validation records, vocab size)``; process 0
+    prepares a text file or the default corpus, the others wait for it."""
+    if main:
+        pipeline.prepared(config.data, config.cache_dir)
+        if config.eval_data is not None:
+            pipeline.prepared(config.eval_data, config.cache_dir)
+    distributed.barrier("train: data prepared")
+    corpus = pipeline.Corpus(pipeline.prepared(config.data, config.cache_dir))
+    if config.eval_data is None:
+        return *corpus.split(0.05), corpus.vocab_size
+    held_out = pipeline.Corpus(pipeline.prepared(config.eval_data, config.cache_dir))
+    if held_out.metadata["tokenizer"] != corpus.metadata["tokenizer"] or (
+        held_out.vocab_size != corpus.vocab_size
+    ):
+        raise ValueError(
+            f"eval_data {config.eval_data!r} must share data's tokenizer "
+            f"({corpus.metadata['tokenizer']}, vocab {corpus.vocab_size})"
         )
-    )
+    return corpus.records, held_out.records, corpus.vocab_size
+
+
+def _with_data_vocab(config: TrainConfig, vocab_size: int) -> TrainConfig:
+    """The model's vocab is the data's; a Hugging Face start keeps its own (which must cover it)."""
+    if config.init_from_hf is None:
+        return dataclasses.replace(config, model=config.model.replace(vocab_size=vocab_size))
+    if vocab_size > config.model.vocab_size:
+        raise ValueError(
+            f"--init-from-hf {config.init_from_hf}: vocab_size={config.model.vocab_size} is "
+            f"below the data's {vocab_size} token ids"
+        )
+    return config
 
 
 def _model_and_optimizer(config: TrainConfig):
@@ -341,6 +388,8 @@ def train(config: TrainConfig, name: str = "run") -> dict | None:
             f"{config.batch_size // config.grad_accum} sequences do not split over the "
             f"{placement.mesh.size} devices of the mesh"
         )
+    train_records, val_records, vocab_size = _corpora(config, main)
+    config = _with_data_vocab(config, vocab_size)
     if main:
         out.mkdir(parents=True, exist_ok=True)
         (out / "summary.json").unlink(missing_ok=True)  # written again when the run completes
@@ -349,13 +398,17 @@ def train(config: TrainConfig, name: str = "run") -> dict | None:
                 shutil.rmtree(out / stale, ignore_errors=True)
         (out / MODEL_CONFIG).write_text(json.dumps(config_to_json(config.model), indent=2) + "\n")
     distributed.barrier("train: run directory ready")
-    batches = Batches(
-        tokenized_corpus(config.data, config.cache_dir),
-        seq_len=config.model.max_seq_len,
-        batch_size=config.batch_size,
-        seed=config.seed,
-        eval_batches=config.eval_batches,
+    shard = dict(process_index=jax.process_index(), process_count=jax.process_count())
+    rows = dict(
+        seq_len=config.model.max_seq_len, batch_size=config.batch_size // jax.process_count()
     )
+    data = pipeline.train_batches(train_records, seed=config.seed, **rows, **shard)
+    val_batches = [
+        _global_batch(placement, batch)
+        for batch in pipeline.eval_batches(
+            val_records, num_batches=config.eval_batches, **rows, **shard
+        )
+    ]
     graphdef, state = placement.init_state(functools.partial(_model_and_optimizer, config))
     params = sum(p.size for p in jax.tree.leaves(nnx.filter_state(state[0], nnx.Param)))
 
@@ -364,13 +417,11 @@ def train(config: TrainConfig, name: str = "run") -> dict | None:
     if checkpoints.latest_step() is not None:
         start = checkpoints.latest_step()
         _check_same_model(config, checkpoints.meta(start), start)
-        state, meta = checkpoints.restore(start, state)
+        state, meta = checkpoints.restore(start, state, data)
         train_time = meta["train_time_s"]
     elif config.init_from_hf is not None:
         state = with_hf_weights(state, config.init_from_hf, config.model, placement.mesh)
     log = Logbook(out, start, tensorboard=config.tensorboard) if main else None
-    shape = (config.batch_size, config.model.max_seq_len + 1)
-    train_batch = lambda step: placement.batch(functools.partial(batches.train_batch, step), shape)
     peak = _device_peak(config, placement)
     save_meta = lambda **more: {
         "train_time_s": train_time,
@@ -387,7 +438,7 @@ def train(config: TrainConfig, name: str = "run") -> dict | None:
             skip_nonfinite=config.skip_nonfinite,
         )
         step_fn = (
-            placement.jit_step(step_of, donate_argnums=0).lower(state, train_batch(start)).compile()
+            placement.jit_step(step_of, donate_argnums=0).lower(state, val_batches[0]).compile()
         )
         compile_s = time.perf_counter() - t0
         evaluate = placement.jit_eval(functools.partial(eval_step, graphdef))
@@ -398,7 +449,7 @@ def train(config: TrainConfig, name: str = "run") -> dict | None:
                 {
                     "kind": "val",
                     "step": 0,
-                    "val_loss": _evaluate(evaluate, state, batches, placement),
+                    "val_loss": _evaluate(evaluate, state, val_batches),
                     "train_time_s": 0.0,
                 }
             )
@@ -415,7 +466,7 @@ def train(config: TrainConfig, name: str = "run") -> dict | None:
         mark = time.perf_counter() - meta.get("interval_s", 0.0)
         try:
             for i in range(start, config.steps):
-                state, metrics = step_fn(state, train_batch(i))
+                state, metrics = step_fn(state, _global_batch(placement, next(data)))
                 pending.append(metrics)
                 step = i + 1
                 last = step == config.steps
@@ -425,7 +476,7 @@ def train(config: TrainConfig, name: str = "run") -> dict | None:
                         interval = time.perf_counter() - mark
                         pending = [_host_json(m) for m in jax.device_get(pending)]
                         meta = save_meta(pending=pending, interval_s=interval)
-                        checkpoints.save(step, state, meta, force=True)
+                        checkpoints.save(step, state, meta, data, force=True)
                         raise Preempted(step, str(out))
                     continue
                 host = jax.device_get(pending)
@@ -445,7 +496,7 @@ def train(config: TrainConfig, name: str = "run") -> dict | None:
                 bar.update(len(pending))
                 pending, val_loss = [], None
                 if step % config.eval_every == 0 or last:
-                    val_loss = _evaluate(evaluate, state, batches, placement)
+                    val_loss = _evaluate(evaluate, state, val_batches)
                     write(
                         {
                             "kind": "val",
@@ -456,13 +507,14 @@ def train(config: TrainConfig, name: str = "run") -> dict | None:
                     )
                 bar.set_postfix(_postfix(record, val_loss))
                 stop = preemption.requested(agree=True)
-                checkpoints.save(step, state, save_meta(), force=last or stop)
+                checkpoints.save(step, state, save_meta(), data, force=last or stop)
                 if stop and not last:
                     raise Preempted(step, str(out))
                 mark = time.perf_counter()
         finally:
             bar.close()
             checkpoints.close()
+            data.close()
             if main:
                 log.close()
     if not main:

@@ -21,19 +21,24 @@ def rotary_embedding(
     ``i`` and ``i + head_dim/2`` form a pair rotated by
     ``position * base**(-2i/head_dim)``, or by ``position * inv_freq[i]`` when
     ``inv_freq [head_dim/2]`` is given (scaled RoPE, `jmoe.yarn`).
-    ``positions [seq] int`` defaults to ``0..seq-1``. Computed in float32,
-    returned in ``x.dtype``.
+    ``positions [seq]`` or ``[batch, seq]`` int defaults to ``0..seq-1``.
+    Computed in float32, returned in ``x.dtype``.
     """
     seq, head_dim = x.shape[1], x.shape[-1]
     if positions is None:
         positions = jnp.arange(seq)
     if inv_freq is None:
         inv_freq = base ** (-jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)
-    angles = positions.astype(jnp.float32)[:, None] * inv_freq  # [seq, head_dim/2]
-    sin, cos = jnp.sin(angles)[:, None, :], jnp.cos(angles)[:, None, :]
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [(batch,) seq, head_dim/2]
+    sin, cos = jnp.sin(angles)[..., None, :], jnp.cos(angles)[..., None, :]
     x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
     rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
     return rotated.astype(x.dtype)
+
+
+def same_segment(segment_ids: jax.Array) -> jax.Array:
+    """``[batch, seq]`` -> ``[batch, 1, seq, seq]`` bool: query and key share a segment."""
+    return (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None]
 
 
 class KVCache(NamedTuple):
@@ -121,9 +126,18 @@ class CausalSelfAttention(nnx.Module):
             v,
         )
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        q, k, v = self.project(x)
-        return self.out(jax.nn.dot_product_attention(q, k, v, is_causal=True))
+    def __call__(
+        self,
+        x: jax.Array,
+        segment_ids: jax.Array | None = None,
+        positions: jax.Array | None = None,
+    ) -> jax.Array:
+        """``segment_ids [batch, seq] int`` (packed documents): a position attends
+        only to the positions of its own segment; ``positions [batch, seq] int``:
+        the RoPE positions (default ``0..seq-1``)."""
+        q, k, v = self.project(x, positions)
+        mask = None if segment_ids is None else same_segment(segment_ids)
+        return self.out(jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True))
 
     def cached(self, x: jax.Array, cache: KVCache, position: jax.Array):
         """Attention of ``x [batch, seq, d_model]`` at positions

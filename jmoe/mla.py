@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jmoe.attention import rotary_embedding
+from jmoe.attention import rotary_embedding, same_segment
 from jmoe.config import require
 from jmoe.yarn import YarnScaling
 
@@ -162,16 +162,24 @@ class LatentAttention(nnx.Module):
         rope_key = self._rope(compressed[..., None, lora:], positions)[..., 0, :]
         return q[..., :nope], self._rope(q[..., nope:], positions), latent, rope_key
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        """Full causal forward with per-head keys and values expanded from the latents."""
+    def __call__(
+        self,
+        x: jax.Array,
+        segment_ids: jax.Array | None = None,
+        positions: jax.Array | None = None,
+    ) -> jax.Array:
+        """Full causal forward with per-head keys and values expanded from the
+        latents; ``segment_ids``, ``positions``: as `CausalSelfAttention`."""
         seq = x.shape[1]
-        q_nope, q_pe, latent, rope_key = self._project(x, None)
+        q_nope, q_pe, latent, rope_key = self._project(x, positions)
         kv = self.kv_b(latent)  # [b, s, heads, nope + v]
         k_nope, v = kv[..., : self.mla.qk_nope_head_dim], kv[..., self.mla.qk_nope_head_dim :]
         scores = _einsum("bqhn,bkhn->bhqk", q_nope, k_nope) + _einsum(
             "bqhr,bkr->bhqk", q_pe, rope_key
         )
         causal = jnp.tril(jnp.ones((seq, seq), bool))
+        if segment_ids is not None:
+            causal = causal & same_segment(segment_ids)  # [batch, 1, seq, seq]
         probs = _softmax(scores * self.scale, causal, v.dtype)
         return self.out(_einsum("bhqk,bkhv->bqhv", probs, v).astype(v.dtype))
 

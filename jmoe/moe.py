@@ -112,8 +112,16 @@ class _MoE(nnx.Module):
             out = (jax.nn.sigmoid(gate) * out).astype(out.dtype)
         return out
 
-    def __call__(self, x: ArrayLike) -> tuple[jax.Array, dict[str, jax.Array]]:
+    def __call__(
+        self, x: ArrayLike, mask: ArrayLike | None = None
+    ) -> tuple[jax.Array, dict[str, jax.Array]]:
         """``x [..., d_model]`` -> ``(y [..., d_model], aux)``.
+
+        ``mask``: None or ``[...]`` bool (``x.shape[:-1]``, e.g. ``[batch, seq]``
+        or ``[tokens]``), True for real tokens. A masked token (padding) is
+        routed to no expert, adds nothing to ``tokens_per_expert``, the aux
+        losses (they average over real tokens only) or the expert-bias update,
+        and its output is 0.
 
         ``aux``: ``load_balancing_loss``, ``router_z_loss`` and
         ``sequence_aux_loss`` (scalars, already weighted by the config; the
@@ -125,24 +133,30 @@ class _MoE(nnx.Module):
         [tokens, k]`` int32 (tokens flattened), for the model's ``"global"``
         balancing loss (`jmoe.loss_scope`).
         """
-        check_input(x, self.config)
+        check_input(x, self.config, mask)
         lead = x.shape[:-1]
         tokens = x.reshape(-1, self.config.d_model).astype(self.config.dtype)
         routing = self.router(tokens)
-        y, tokens_per_expert, dropped, ep_rounds = self._routed(
-            tokens, routing.gates, routing.expert_ids
-        )
+        gates, expert_ids = routing.gates, routing.expert_ids
+        if mask is not None:
+            mask = jnp.asarray(mask).reshape(-1)
+            gates = jnp.where(mask[:, None], gates, 0.0)
+            expert_ids = jnp.where(mask[:, None], expert_ids, self.config.num_experts)
+        y, tokens_per_expert, dropped, ep_rounds = self._routed(tokens, gates, expert_ids)
         if self.shared is not None:
             y = y + self._shared(tokens)
+        if mask is not None:
+            y = jnp.where(mask[:, None], y, jnp.zeros((), y.dtype))
         aux = routing_aux(
             self.config,
             routing.logits,
             routing.probs,
             tokens_per_expert,
             dropped,
-            routing.expert_ids,
+            expert_ids,
             num_sequences=math.prod(lead[:-1]),
             ep_rounds=ep_rounds,
+            mask=mask,
         )
         aux.update(router_probs=routing.probs, expert_ids=routing.expert_ids)
         return y.reshape(*lead, self.config.d_model), aux

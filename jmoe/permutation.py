@@ -8,6 +8,9 @@ A `Dispatch` maps the ``tokens * top_k`` assignments (token ``t``, choice
 * capacity (token-dropping): ``E`` fixed slots of ``capacity`` rows; an
   assignment whose rank within its expert is ``>= capacity`` is dropped.
 
+An expert id of ``E`` (out of range) marks a masked token's assignment: it
+gets no row and counts in no group (nor as dropped).
+
 Both are built from one stable sort of the expert ids: no ``[tokens, E]``
 one-hot dispatch tensor, static shapes, no host sync. `permute` and
 `unpermute` are gathers, so autodiff gives the right gradients for the
@@ -85,7 +88,7 @@ def dropless_dispatch(
     flat = expert_ids.reshape(-1)
     rank, group_sizes = rank_within_expert(flat, num_experts)
     topo = make_topology(group_sizes, tokens * top_k, block_size)
-    rows = topo.bin_starts[flat] + rank
+    rows = jnp.where(flat < num_experts, topo.bin_starts[flat] + rank, topo.padded_rows)
     return _dispatch(rows, topo.padded_rows, top_k), topo
 
 
@@ -102,9 +105,10 @@ def capacity_dispatch(
     flat = expert_ids.reshape(-1)
     rank, group_sizes = rank_within_expert(flat, num_experts)
     num_rows = num_experts * capacity
-    kept = rank < capacity
+    routed = flat < num_experts
+    kept = routed & (rank < capacity)
     rows = jnp.where(kept, flat * capacity + rank, num_rows)
-    dropped = jnp.sum(~kept, dtype=jnp.int32)
+    dropped = jnp.sum(routed & ~kept, dtype=jnp.int32)
     return _dispatch(rows, num_rows, top_k), group_sizes, dropped
 
 

@@ -102,49 +102,74 @@ def select_experts(
     return gates, expert_ids.astype(jnp.int32), probs
 
 
-def load_balancing_loss(probs: ArrayLike, tokens_per_expert: ArrayLike, top_k: int) -> jax.Array:
+def _token_weights(tokens: int, mask: ArrayLike | None) -> jax.Array:
+    """``[tokens] float32``: 1 for real tokens (``mask`` True or None), 0 for masked."""
+    if mask is None:
+        return jnp.ones((tokens,), jnp.float32)
+    return jnp.asarray(mask, jnp.float32).reshape(tokens)
+
+
+def load_balancing_loss(
+    probs: ArrayLike, tokens_per_expert: ArrayLike, top_k: int, mask: ArrayLike | None = None
+) -> jax.Array:
     """Switch/MegaBlocks loss ``E / (T k) * dot(tokens_per_expert, mean_t(probs))``.
 
     Equals 1 for perfectly balanced routing with uniform probabilities.
-    ``probs``: ``[tokens, E]``; ``tokens_per_expert``: ``[E]`` counts.
+    ``probs``: ``[tokens, E]``; ``tokens_per_expert``: ``[E]`` counts;
+    ``mask``: None or ``[tokens]`` bool, only True tokens count in ``T`` and
+    the mean (0 when none is).
     """
     probs = jnp.asarray(probs)
     tokens, num_experts = probs.shape
-    mean_probs = jnp.mean(probs, axis=0)
-    scale = num_experts / (tokens * top_k)
+    weights = _token_weights(tokens, mask)
+    real = jnp.maximum(jnp.sum(weights), 1.0)
+    mean_probs = jnp.sum(weights[:, None] * probs, axis=0) / real  # no [E, T] transpose
+    scale = num_experts / (real * top_k)
     return scale * jnp.dot(jnp.asarray(tokens_per_expert, jnp.float32), mean_probs)
 
 
-def router_z_loss(logits: ArrayLike) -> jax.Array:
-    """ST-MoE z-loss ``mean_t(logsumexp(logits)^2)`` of ``[tokens, E]`` logits."""
-    return jnp.mean(jnp.square(jax.nn.logsumexp(logits, axis=-1)))
+def router_z_loss(logits: ArrayLike, mask: ArrayLike | None = None) -> jax.Array:
+    """ST-MoE z-loss ``mean_t(logsumexp(logits)^2)`` of ``[tokens, E]`` logits
+    (the mean over the True tokens of a ``[tokens]`` bool ``mask``; 0 if none)."""
+    z = jnp.square(jax.nn.logsumexp(logits, axis=-1))
+    weights = _token_weights(z.shape[0], mask)
+    return weights @ z / jnp.maximum(jnp.sum(weights), 1.0)
 
 
-def sequence_aux_loss(probs: ArrayLike, expert_ids: ArrayLike, num_sequences: int = 1) -> jax.Array:
+def sequence_aux_loss(
+    probs: ArrayLike,
+    expert_ids: ArrayLike,
+    num_sequences: int = 1,
+    mask: ArrayLike | None = None,
+) -> jax.Array:
     """DeepSeek-V3's sequence-wise balance loss, unweighted.
 
     The ``tokens`` rows form ``num_sequences`` consecutive sequences of
     ``T_seq`` tokens. Per sequence, ``f_e = E / (k T_seq) * (assignments to
     e)`` and ``P_e = mean over its tokens of probs[:, e]``; returns the mean
-    over sequences of ``sum_e f_e P_e`` (1 when balanced and uniform).
+    over sequences of ``sum_e f_e P_e`` (1 when balanced and uniform). With a
+    ``mask``, only its True tokens count (in ``T_seq``, the assignments and
+    the mean) and sequences without any are left out of the mean.
 
     Args:
       probs: ``[tokens, E]`` normalised scores.
-      expert_ids: ``[tokens, k]`` chosen experts.
+      expert_ids: ``[tokens, k]`` chosen experts (``E`` for none).
       num_sequences: divides ``tokens``.
+      mask: None or ``[tokens]`` bool, True for real tokens.
     """
     probs, expert_ids = jnp.asarray(probs), jnp.asarray(expert_ids)
     tokens, num_experts = probs.shape
     top_k = expert_ids.shape[-1]
-    seq_len = tokens // num_sequences
-    by_sequence = lambda a: (
-        a.reshape(num_sequences, seq_len, num_experts) if num_sequences > 1 else a[None]
-    )  # [S, T_seq, E]
-    counts = jnp.sum(jax.nn.one_hot(expert_ids, num_experts, dtype=jnp.float32), axis=1)
-    counts = jnp.sum(by_sequence(counts), axis=1)
-    mean_probs = jnp.mean(by_sequence(probs), axis=1)
-    f = num_experts / (top_k * seq_len) * counts
-    return jnp.mean(jnp.sum(f * mean_probs, axis=-1))
+    weights = _token_weights(tokens, mask).reshape(num_sequences, -1)  # [S, T_seq]
+    by_sequence = lambda a: a.reshape(num_sequences, -1, num_experts)  # [S, T_seq, E]
+    chosen = jax.nn.one_hot(expert_ids, num_experts, dtype=jnp.float32)  # id E: no expert
+    counts = jnp.sum(weights[..., None] * by_sequence(jnp.sum(chosen, axis=1)), axis=1)
+    real = jnp.sum(weights, axis=1)  # [S]
+    mean_probs = jnp.sum(weights[..., None] * by_sequence(probs), axis=1)
+    mean_probs = mean_probs / jnp.maximum(real, 1.0)[:, None]
+    f = num_experts / top_k * counts / jnp.maximum(real, 1.0)[:, None]
+    present = (real > 0).astype(jnp.float32)
+    return present @ jnp.sum(f * mean_probs, axis=-1) / jnp.maximum(jnp.sum(present), 1.0)
 
 
 def routing_aux(
@@ -156,6 +181,7 @@ def routing_aux(
     expert_ids: ArrayLike | None = None,
     num_sequences: int = 1,
     ep_rounds: ArrayLike | None = None,
+    mask: ArrayLike | None = None,
 ) -> dict[str, jax.Array]:
     """The aux dict every MoE layer returns (losses already weighted).
 
@@ -164,19 +190,20 @@ def routing_aux(
     may be None when ``sequence_aux_loss_weight`` is 0. ``ep_rounds``
     (expert-parallel exchange rounds, `DroplessMoE` with ``ep_buffer_factor``)
     is added as an int32 scalar when not None, so the keys depend on the
-    config only, never on the mesh.
+    config only, never on the mesh. ``mask`` (None or ``[tokens]`` bool): the
+    losses average over its True tokens only.
     """
     sequence_loss = jnp.zeros((), jnp.float32)
     if config.sequence_aux_loss_weight > 0:
         if expert_ids is None:
             raise ValueError("routing_aux needs expert_ids when sequence_aux_loss_weight > 0")
         sequence_loss = config.sequence_aux_loss_weight * sequence_aux_loss(
-            probs, expert_ids, num_sequences
+            probs, expert_ids, num_sequences, mask
         )
     aux = {
         "load_balancing_loss": config.load_balancing_loss_weight
-        * load_balancing_loss(probs, tokens_per_expert, config.top_k),
-        "router_z_loss": config.router_z_loss_weight * router_z_loss(logits),
+        * load_balancing_loss(probs, tokens_per_expert, config.top_k, mask),
+        "router_z_loss": config.router_z_loss_weight * router_z_loss(logits, mask),
         "sequence_aux_loss": sequence_loss,
         "tokens_per_expert": jnp.asarray(tokens_per_expert, jnp.int32),
         "dropped_tokens": jnp.asarray(dropped_tokens, jnp.int32),

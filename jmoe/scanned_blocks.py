@@ -70,12 +70,17 @@ class ScannedBlocks(nnx.Module):
             for p in range(self.period)
         ]
 
-    def __call__(self, x: jax.Array) -> tuple[jax.Array, list[dict[str, jax.Array]]]:
+    def __call__(
+        self, x: jax.Array, segment_ids: jax.Array | None = None, positions: jax.Array | None = None
+    ) -> tuple[jax.Array, list[dict[str, jax.Array]]]:
+        """Every block in layer order (``segment_ids``, ``positions``: see
+        `jmoe.transformer.MoETransformer.__call__`) ``-> (x, per-layer aux)``."""
+
         @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=(nnx.Carry, 0))
         def group(x, blocks):
             auxes = []
             for b in blocks:
-                x, aux = b(x)
+                x, aux = b(x, segment_ids, positions)
                 auxes.append(aux)
             return x, auxes
 

@@ -271,17 +271,21 @@ class Block(nnx.Module):
         self.ffn = _ffn(config, routed, rngs)
         self.remat = config.remat
 
-    def __call__(self, x: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+    def __call__(
+        self, x: jax.Array, segment_ids: jax.Array | None = None, positions: jax.Array | None = None
+    ) -> tuple[jax.Array, dict[str, jax.Array]]:
+        """``segment_ids``, ``positions``: see `MoETransformer.__call__`."""
         if self.remat == "block":
-            return _recomputed(Block._forward)(self, x)
-        return self._forward(x)
+            return _recomputed(Block._forward)(self, x, segment_ids, positions)
+        return self._forward(x, segment_ids, positions)
 
-    def _forward(self, x: jax.Array):
-        return self._ffn_residual(x + self.attn(self.attn_norm(x)))
+    def _forward(self, x: jax.Array, segment_ids=None, positions=None):
+        attended = self.attn(self.attn_norm(x), segment_ids, positions)
+        return self._ffn_residual(x + attended, None if segment_ids is None else segment_ids > 0)
 
-    def _ffn_residual(self, x: jax.Array):
+    def _ffn_residual(self, x: jax.Array, mask: jax.Array | None = None):
         ffn = _recomputed(_call) if self.remat == "ffn" else _call
-        y, aux = ffn(self.ffn, self.ffn_norm(x))
+        y, aux = ffn(self.ffn, self.ffn_norm(x), mask)
         return x + y.astype(x.dtype), aux
 
     def cached(
@@ -293,8 +297,9 @@ class Block(nnx.Module):
         return *self._ffn_residual(x + attended), cache
 
 
-def _call(module: nnx.Module, x: jax.Array):
-    return module(x)
+def _call(module: nnx.Module, x: jax.Array, mask: jax.Array | None = None):
+    """``module(x)``; a MoE layer also gets ``mask`` (a dense MLP is per token)."""
+    return module(x) if mask is None or isinstance(module, DenseMLP) else module(x, mask=mask)
 
 
 def _recomputed(fn):
@@ -423,21 +428,41 @@ class MoETransformer(nnx.Module):
         return self._logits(x), updated
 
     def __call__(
-        self, tokens: jax.Array, *, mask: jax.Array | None = None
+        self,
+        tokens: jax.Array,
+        segment_ids: jax.Array | None = None,
+        positions: jax.Array | None = None,
+        *,
+        mask: jax.Array | None = None,
     ) -> tuple[jax.Array, dict[str, jax.Array]]:
         """``tokens [batch, seq]`` int -> ``(logits [batch, seq, vocab] float32, aux)``.
 
-        ``mask [batch, seq]`` (nonzero: real tokens) leaves padding out of the
-        ``"global"`` balancing loss (`aggregate_aux`); it does not change attention.
+        Packed documents: ``segment_ids [batch, seq]`` int (1, 2, ... per
+        document, 0 for padding) keep attention inside each document and keep
+        padding out of the MoE layers (no expert, no count, no aux loss; the
+        ``"global"`` balancing loss pools the real tokens only);
+        ``positions [batch, seq]`` int restart the RoPE positions in each
+        document (default ``0..seq-1``). ``mask [batch, seq]`` (nonzero: real
+        tokens, Hugging Face's ``attention_mask``) marks padding the same way
+        (segment 0).
         """
         self._check_tokens(tokens, self.config.max_seq_len, "max_seq_len")
+        for name, value in (("segment_ids", segment_ids), ("positions", positions), ("mask", mask)):
+            if value is not None and value.shape != tokens.shape:
+                raise ValueError(
+                    f"{name} must have the tokens' shape {tuple(tokens.shape)}, "
+                    f"got {tuple(value.shape)}"
+                )
+        if mask is not None:
+            real = jnp.asarray(mask) != 0
+            segment_ids = jnp.where(real, 1 if segment_ids is None else segment_ids, 0)
         x = self.embed(tokens)
         if self.config.scan_layers:
-            x, layer_aux = self.blocks(x)
+            x, layer_aux = self.blocks(x, segment_ids, positions)
         else:
             layer_aux = []
             for block in self.blocks:
-                x, aux = block(x)
+                x, aux = block(x, segment_ids, positions)
                 layer_aux.append(aux)
         return self._logits(x), aggregate_aux(
             layer_aux,
@@ -445,5 +470,10 @@ class MoETransformer(nnx.Module):
             self.config.moe.num_experts,
             scope=self.config.load_balancing_loss_scope,
             balance_weight=self.config.moe.load_balancing_loss_weight,
-            mask=mask,
+            # the layers leave padding out of their own losses; the pooled loss needs the mask
+            mask=(
+                segment_ids > 0
+                if segment_ids is not None and self.config.load_balancing_loss_scope == "global"
+                else None
+            ),
         )

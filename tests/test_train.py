@@ -1,6 +1,6 @@
-"""Training: one step lowers the loss, the learning-rate schedule, the data
-pipeline (tensorstore cache, deterministic batches, split), exact resume from
-a checkpoint, and the command line end to end."""
+"""Training: one step lowers the loss, the learning-rate schedule, exact resume
+from a checkpoint (model, optimizer and the packed data pipeline), and the
+command line end to end (the data pipeline: tests/test_data_pipeline.py)."""
 
 import dataclasses
 import functools
@@ -23,7 +23,7 @@ import optax
 import pytest
 from flax import nnx
 
-from experiments import compare, data, flops, overrides
+from experiments import compare, flops, overrides, pipeline
 from experiments import train as train_module
 from experiments.checkpoint import Checkpoints
 from experiments.presets import preset
@@ -126,12 +126,15 @@ def test_moe_learns_beyond_unigram(tmp_path, text_file):
     token then routes alike; zeroing attention does not, as a bigram model
     beats the unigram entropy)."""
     config = _config(tmp_path, text_file, warmup_fraction=0.0, steps=60)
-    store = data.tokenized_corpus(str(text_file), tmp_path)
-    batches = data.Batches(store, seq_len=SEQ, batch_size=8, seed=0, eval_batches=4)
-    assert config.steps < batches.train_windows // 8  # no window is seen twice
-    unigram = _unigram_entropy(text_file.read_bytes()[: batches.train_tokens])
+    corpus = pipeline.Corpus(pipeline.prepared(str(text_file), tmp_path))
+    records = corpus.split(0.05)[0]
+    train_bytes = np.concatenate([records[i] for i in range(len(records))])
+    assert config.steps * 8 * (SEQ + 1) < len(train_bytes)  # no token is seen twice
+    unigram = _unigram_entropy(train_bytes.astype(np.uint8).tobytes())
+    batches = pipeline.train_batches(records, seq_len=SEQ, batch_size=8, seed=0)
     model = MoETransformer(config.model, rngs=nnx.Rngs(0))
-    for router, experts in _router_and_expert_grads(model, batches.train_batch(0)):
+    first = next(batches)
+    for router, experts in _router_and_expert_grads(model, first["tokens"]):
         assert np.abs(np.asarray(router)).sum() > 0
         moved = [np.abs(np.asarray(w)).sum(axis=(1, 2)) > 0 for w in experts.values()]
         assert np.count_nonzero(moved[0]) >= 2  # tokens reached several experts
@@ -140,8 +143,9 @@ def test_moe_learns_beyond_unigram(tmp_path, text_file):
     step = jax.jit(functools.partial(train_step, graphdef))
     unseen = []
     for i in range(config.steps):
-        state, metrics = step(state, batches.train_batch(i))
+        state, metrics = step(state, first if i == 0 else next(batches))
         unseen.append(float(metrics["ce"]))
+    batches.close()
     assert np.mean(unseen[-10:]) < unigram - 0.5, (unseen[-10:], unigram)
 
 
@@ -152,48 +156,6 @@ def test_learning_rate_schedule(tmp_path, text_file):
     expected = {0: 0.1, 5: 0.55, 10: 1.0, 55: 0.1 + 0.9 * 0.5, 100: 0.1}
     for step, lr in expected.items():
         assert float(schedule(step)) == pytest.approx(lr, abs=1e-5), step
-
-
-def test_corpus_cache_and_bible(tmp_path, text_file):
-    store = data.tokenized_corpus(str(text_file), tmp_path)
-    cached = list(tmp_path.glob("words-*.zarr"))
-    assert len(cached) == 1
-    mtime = os.path.getmtime(cached[0])
-    again = data.tokenized_corpus(str(text_file), tmp_path)
-    assert os.path.getmtime(cached[0]) == mtime and again.shape == store.shape
-    raw = text_file.read_bytes()
-    np.testing.assert_array_equal(
-        store[100:164].read().result(), np.frombuffer(raw[100:164], np.uint8)
-    )
-    assert data.decode(data.encode("Amen. ✝")) == "Amen. ✝"
-    bible = data.bible_text()
-    assert bible.startswith("In the beginning God created the heaven and the earth.\n")
-    assert 4_000_000 < len(bible) < 5_000_000 and bible.count("\n") == 31_103
-    with pytest.raises(ValueError, match="data"):
-        data.corpus_text(str(tmp_path / "missing.txt"))
-
-
-def test_batches_are_deterministic_and_split(tmp_path, text_file):
-    store = data.tokenized_corpus(str(text_file), tmp_path)
-    raw = np.frombuffer(text_file.read_bytes(), np.uint8)
-    make = lambda seed: data.Batches(store, seq_len=SEQ, batch_size=8, seed=seed, eval_batches=2)
-    a, b, other = make(0), make(0), make(1)
-    np.testing.assert_array_equal(a.train_batch(5), b.train_batch(5))
-    assert not np.array_equal(a.train_batch(5), other.train_batch(5))
-    batch, starts = a.train_batch(3), a.train_starts(3)
-    chex.assert_shape(batch, (8, SEQ + 1))
-    np.testing.assert_array_equal(batch, raw[starts[:, None] + np.arange(SEQ + 1)])
-    # One epoch visits every training window exactly once, all before the val split.
-    steps_per_epoch = a.train_windows // 8
-    epoch = np.concatenate([a.train_starts(i) for i in range(steps_per_epoch)])
-    assert len(set(epoch.tolist())) == len(epoch)
-    assert epoch.max() + SEQ + 1 <= a.train_tokens
-    val = np.concatenate(list(a.val_batches()))
-    chex.assert_shape(val, (16, SEQ + 1))
-    val_text = raw[a.train_tokens :].tobytes()
-    assert all(row.astype(np.uint8).tobytes() in val_text for row in val)
-    with pytest.raises(ValueError, match="too few"):
-        data.Batches(store, seq_len=SEQ, batch_size=8, seed=0, eval_batches=1000)
 
 
 def _losses(out: Path) -> list:
@@ -281,7 +243,7 @@ def test_cli_end_to_end(tmp_path):
     np.testing.assert_allclose(load * 512, np.round(load * 512), atol=1e-6)
     assert (out / "training.png").stat().st_size > 10_000
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["2", "4"]
-    assert list((tmp_path / "cache").glob("kjv-*.zarr"))
+    assert list((tmp_path / "cache").glob("kjv-chapters-*/metadata.json"))
 
 
 def test_compare_time_to_reach_and_table():
@@ -464,20 +426,19 @@ def test_bfloat16_compute_tracks_float32():
 # ------------------------------------------------------------------ runs that survive a scheduler
 
 
-def _poisoned_corpus(tmp_path, text_file, step: int) -> tuple[Path, set[int]]:
-    """The corpus with one byte replaced by 0x01 at the first window of ``step``'s
-    batch (same length, so the same windows), and the steps (from 1) whose batch has it."""
-    store = data.tokenized_corpus(str(text_file), tmp_path / "clean")
-    batches = data.Batches(store, seq_len=SEQ, batch_size=4, seed=0, eval_batches=2)
-    position = int(batches.train_starts(step)[0])
-    raw = bytearray(text_file.read_bytes())
-    raw[position] = 1
-    path = tmp_path / "poisoned.txt"
-    path.write_bytes(bytes(raw))
-    covers = lambda i: bool(
-        np.any((batches.train_starts(i) <= position) & (position <= batches.train_starts(i) + SEQ))
-    )
-    return path, {i + 1 for i in range(8) if covers(i)}
+def _poisoned_token(config: TrainConfig, step: int) -> tuple[int, set[int]]:
+    """A token id of ``step``'s batch (from 1) and the steps (from 1) whose batches
+    hold it: of the batch's ids, the one in the fewest of the run's batches (read
+    from the run's own data pipeline)."""
+    corpus = pipeline.Corpus(pipeline.prepared(config.data, config.cache_dir))
+    records, _ = corpus.split(0.05)
+    shape = dict(seq_len=SEQ, batch_size=config.batch_size, seed=config.seed)
+    iterator = pipeline.train_batches(records, **shape)
+    batches = [next(iterator)["tokens"] for _ in range(config.steps)]
+    iterator.close()
+    holds = lambda v: {i + 1 for i, b in enumerate(batches) if np.any(b == v)}
+    token = min(np.unique(batches[step - 1]), key=lambda v: len(holds(v)))
+    return int(token), holds(token)
 
 
 def _events(directory: Path) -> dict[str, list[float]]:
@@ -499,20 +460,21 @@ def _events(directory: Path) -> dict[str, list[float]]:
 
 @pytest.mark.slow
 def test_nonfinite_loss_stops_or_is_skipped(tmp_path, text_file, monkeypatch):
-    """A NaN loss (planted: any batch holding byte 0x01) stops the run naming its step,
+    """A NaN loss (planted: any batch holding one token id) stops the run naming its step,
     with the earlier checkpoints kept; with skip_nonfinite the run finishes, the
     skipped updates are counted and leave the optimizer's step count behind. The
     skipping run also writes TensorBoard scalars equal to metrics.jsonl's."""
     real_loss = train_module.lm_loss
 
-    def poisoned(model, tokens):
-        loss, rest = real_loss(model, tokens)
-        return loss * jnp.where(jnp.any(tokens == 1), jnp.nan, 1.0), rest
+    config = _config(tmp_path, text_file, checkpoint_every=2)
+    token, bad = _poisoned_token(config, step=3)
+    first = min(bad)
+
+    def poisoned(model, batch):
+        loss, rest = real_loss(model, batch)
+        return loss * jnp.where(jnp.any(batch["tokens"] == token), jnp.nan, 1.0), rest
 
     monkeypatch.setattr(train_module, "lm_loss", poisoned)
-    corpus, bad = _poisoned_corpus(tmp_path, text_file, step=3)
-    first = min(bad)
-    config = _config(tmp_path, corpus, checkpoint_every=2)
     with pytest.raises(FloatingPointError, match=f"step {first}: the loss or gradient"):
         train(config)
     checkpoints = Checkpoints(tmp_path / "run" / "checkpoints", every=2)

@@ -193,8 +193,11 @@ def _dlogits(logits, scores, probs, dscores, dprobs, config):
     return ds * scores * (1 - scores)
 
 
-def moe(params: dict, x, config, dy):
+def moe(params: dict, x, config, dy, mask=None):
     """Dropless MoE on ``x [T, d_model]`` by a loop over tokens, in float64.
+
+    ``mask`` (None or ``[T]`` bool): only its True tokens are routed, counted
+    and averaged in the losses; the others' outputs and gradients are 0.
 
     Args:
       params: nested dict of arrays named like the layer's parameters
@@ -216,16 +219,18 @@ def moe(params: dict, x, config, dy):
     w1, w3, w2 = f64(ex["w1"]), f64(ex.get("w3")), f64(ex["w2"])
     tokens, num_experts, top_k = x.shape[0], kernel.shape[1], config.top_k
 
+    real = [t for t in range(tokens) if mask is None or mask[t]]
     routes = [_route_token(x[t] @ kernel, t, config) for t in range(tokens)]
     counts = np.zeros(num_experts, np.int64)
-    for _, _, chosen, _, _ in routes:
-        np.add.at(counts, chosen, 1)
-    mean_probs = np.mean([r[1] for r in routes], axis=0)
-    lb_scale = config.load_balancing_loss_weight * num_experts / (tokens * top_k)
+    for t in real:
+        np.add.at(counts, routes[t][2], 1)
+    n_real = max(len(real), 1)
+    mean_probs = np.sum([routes[t][1] for t in real] or [np.zeros(num_experts)], axis=0) / n_real
+    lb_scale = config.load_balancing_loss_weight * num_experts / (n_real * top_k)
     lse = np.array([np.log(np.sum(np.exp(x[t] @ kernel))) for t in range(tokens)])
     aux = {
         "load_balancing_loss": lb_scale * np.dot(counts, mean_probs),
-        "router_z_loss": config.router_z_loss_weight * np.mean(lse**2),
+        "router_z_loss": config.router_z_loss_weight * np.sum(lse[real] ** 2) / n_real,
         "tokens_per_expert": counts,
         "expert_ids": np.array([r[2] for r in routes]),
         "gates": np.array([r[3] for r in routes]),
@@ -247,7 +252,7 @@ def moe(params: dict, x, config, dy):
             grads["shared_gate"] = np.zeros_like(gate_w)
 
     y = np.zeros_like(x)
-    for t in range(tokens):
+    for t in real:
         scores, probs, chosen, weights, dscores_fn = routes[t]
         dweights = np.zeros(top_k)
         for j, e in enumerate(chosen):
@@ -272,10 +277,10 @@ def moe(params: dict, x, config, dy):
             for name, value in g.items():
                 grads["shared"]["mlp"][name] += value
         logits = x[t] @ kernel
-        dprobs = lb_scale * counts / tokens
+        dprobs = lb_scale * counts / n_real
         dlogits = _dlogits(logits, scores, probs, dscores_fn(dweights), dprobs, config)
         softmax = np.exp(logits - lse[t])
-        dlogits += config.router_z_loss_weight * 2 * lse[t] / tokens * softmax
+        dlogits += config.router_z_loss_weight * 2 * lse[t] / n_real * softmax
         grads["router"]["kernel"] += np.outer(x[t], dlogits)
         grads["x"][t] += kernel @ dlogits
     return y, aux, grads
