@@ -23,6 +23,7 @@ import pytest
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from benchmarks.ep_memory import all_to_one_rounds, layer_config
 from helpers.expert_parallel import abstract_gpu_mesh
 from helpers.host_devices import host_cpus
 from jmoe import MoEConfig
@@ -161,3 +162,12 @@ def test_ragged_rounds_hold_no_worst_case_array(case):
 def test_padded_rounds_hold_no_worst_case_array(case):
     assert _padded_offenders(case, case[-1]) == set()
     assert _padded_offenders(case, None)  # the worst-case buffer is found
+
+
+def test_benchmark_all_to_one_rounds():
+    """`benchmarks.ep_memory.all_to_one_rounds` against counts worked out by hand."""
+    goal = layer_config("goal")  # E 64, k 8: rank 0 receives 8 ranks x 1024 x 8 = 65536 rows
+    assert all_to_one_rounds(goal, 1024, 8, 1.25) == math.ceil(65536 / 10240)
+    assert all_to_one_rounds(goal, 1024, 8, 2.0) == 4
+    mixtral = layer_config("Mixtral-8x7B")  # E 8, k 2, L 1: 8 x 1024 rows over 2048 per round
+    assert all_to_one_rounds(mixtral, 1024, 8, 1.0) == 4
