@@ -8,15 +8,25 @@ hidden width ``top_k * d_ff``, so all FFN kinds of a preset spend the same FLOPs
 
 from __future__ import annotations
 
+import jax.numpy as jnp
+
 from jmoe.config import MoEConfig, require
 from jmoe.transformer import TransformerConfig
 
-PRESETS = ("xs", "s")
+# Published shapes (planning, GPUs): (layers, d_model, heads, kv heads, head_dim, experts, top-k,
+# d_ff, vocab, qk_norm, normalize_top_k, rope base); seq 4096, SwiGLU experts, untied embeddings.
+PUBLISHED = {
+    "olmoe-1b-7b": (16, 2048, 16, 16, 128, 64, 8, 1024, 50304, "projection", None, 10_000.0),
+    "qwen3-30b-a3b": (48, 2048, 32, 4, 128, 128, 8, 768, 151936, "head", 1.0, 1_000_000.0),
+    "mixtral-8x7b": (32, 4096, 32, 8, 128, 8, 2, 14336, 32000, None, 1.0, 1_000_000.0),
+}
+PRESETS = ("xs", "s", *PUBLISHED)
 
 # Training defaults per model preset (the command line overrides them).
 PRESET_TRAINING = {
     "xs": dict(steps=300, batch_size=16, lr=3e-3),
     "s": dict(steps=300, batch_size=16, lr=1.5e-3),
+    **{name: dict(steps=1000, batch_size=256, lr=3e-4) for name in PUBLISHED},
 }
 
 
@@ -31,6 +41,8 @@ def preset(name: str, ffn: str = "dmoe", capacity_factor: float = 1.0) -> Transf
     ``capacity_factor`` only matters for ``ffn="moe"``.
     """
     require(name in PRESETS, f"name must be one of {PRESETS}, got {name!r}")
+    if name in PUBLISHED:
+        return _published(name, ffn, capacity_factor)
     d_model, num_layers, num_heads, seq, d_ff = {
         "xs": (128, 4, 4, 128, 512),
         "s": (256, 6, 8, 256, 1024),
@@ -49,6 +61,37 @@ def preset(name: str, ffn: str = "dmoe", capacity_factor: float = 1.0) -> Transf
         num_layers=num_layers,
         num_heads=num_heads,
         max_seq_len=seq,
+        moe=moe,
+        ffn=ffn,
+    )
+
+
+def _published(name: str, ffn: str, capacity_factor: float) -> TransformerConfig:
+    """A `PUBLISHED` model's shapes (bfloat16 compute, float32 parameters)."""
+    layers, d_model, heads, kv_heads, head_dim, experts, top_k, d_ff, vocab, qk_norm, norm, rope = (
+        PUBLISHED[name]
+    )
+    moe = MoEConfig(
+        d_model=d_model,
+        d_ff=d_ff,
+        num_experts=experts,
+        top_k=top_k,
+        expert_type="glu",
+        normalize_top_k=norm,
+        capacity_factor=capacity_factor,
+        load_balancing_loss_weight=0.01,
+        dtype=jnp.bfloat16,
+    )
+    return TransformerConfig(
+        vocab_size=vocab,
+        d_model=d_model,
+        num_layers=layers,
+        num_heads=heads,
+        num_kv_heads=kv_heads,
+        head_dim=head_dim,
+        max_seq_len=4096,
+        qk_norm=qk_norm,
+        rope_base=rope,
         moe=moe,
         ffn=ffn,
     )

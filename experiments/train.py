@@ -5,6 +5,7 @@
     python -m experiments.train --ffn dense --data my.txt --out runs/mine
     python -m experiments.train --out runs/xs-dmoe --resume   # continue a run
     python -m experiments.train --mesh 2x4 --host-devices 8   # data x expert parallel on CPU
+    python -m experiments.train --mesh data=2,fsdp=2,expert=2 --host-devices 8  # + FSDP
     python -m experiments.launch_local --processes 2 -- \\
         experiments.train --mesh 2x4 --host-devices 4
     python -m experiments.train --score-function sigmoid --expert-bias \
@@ -40,6 +41,7 @@ from experiments import distributed, plotting
 from experiments.checkpoint import Checkpoints
 from experiments.data import Batches, tokenized_corpus
 from experiments.presets import PRESET_TRAINING, PRESETS, preset
+from jmoe.parallel.mesh import bytes_per_device
 from jmoe.router import expert_biases, update_expert_bias
 from jmoe.transformer import FFN_KINDS, REMAT_KINDS, MoETransformer, TransformerConfig
 
@@ -63,8 +65,11 @@ class TrainConfig:
       eval_batches: validation batches per evaluation.
       seed: parameter initialisation and data order.
       resume: continue from the latest checkpoint in ``out`` (if any).
-      mesh: ``(data, expert)``: train on that device mesh (see
+      mesh: ``(data, expert)`` or ``{axis name: size}`` (``"data"``,
+        ``"fsdp"``, ``"expert"``): train on that device mesh (see
         `experiments.distributed.Placement`); None: one device.
+      fsdp: also split the state over the mesh's ``"data"`` axis (it is
+        always split over ``"fsdp"``).
     """
 
     model: TransformerConfig
@@ -84,7 +89,8 @@ class TrainConfig:
     checkpoint_every: int = 100
     seed: int = 0
     resume: bool = False
-    mesh: tuple[int, int] | None = None
+    mesh: tuple[int, int] | dict[str, int] | None = None
+    fsdp: bool = False
 
     def __post_init__(self):
         for name in (
@@ -270,6 +276,7 @@ def train(config: TrainConfig, name: str = "run") -> dict | None:
         config.mesh,
         batch_size=config.batch_size,
         num_experts=config.model.moe.num_experts if config.model.moe_layers else None,
+        fsdp=config.fsdp,
     )
     if main:
         out.mkdir(parents=True, exist_ok=True)
@@ -286,6 +293,7 @@ def train(config: TrainConfig, name: str = "run") -> dict | None:
     )
     graphdef, state = placement.init_state(functools.partial(_model_and_optimizer, config))
     params = sum(p.size for p in jax.tree.leaves(nnx.filter_state(state[0], nnx.Param)))
+    state_bytes = bytes_per_device(state, jax.tree.map(lambda a: a.sharding, state))
 
     checkpoints = Checkpoints(out / "checkpoints", config.checkpoint_every)
     start, train_time = 0, 0.0
@@ -361,7 +369,11 @@ def train(config: TrainConfig, name: str = "run") -> dict | None:
     checkpoints.close()
     if not main:
         return None
-    return _finish(config, name, {"params": int(params), "compile_s": compile_s})
+    return _finish(
+        config,
+        name,
+        {"params": int(params), "compile_s": compile_s, "state_bytes_per_device": state_bytes},
+    )
 
 
 def _finish(config: TrainConfig, name: str, extra: dict) -> dict:
@@ -410,7 +422,8 @@ ROUTING_FLAGS = {
 }
 
 
-def parse_args(argv=None) -> argparse.Namespace:
+def parse_args(argv=None, extend=None) -> argparse.Namespace:
+    """The command line; ``extend(parser)`` may add flags first (`experiments.plan`)."""
     parser = argparse.ArgumentParser(
         prog="python -m experiments.train", description=__doc__.split("\n\n")[0]
     )
@@ -493,6 +506,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         default=None,
         help="aux-loss-free balancing bias (DeepSeek-V3)",
     )
+    if extend is not None:
+        extend(parser)
     return parser.parse_args(argv)
 
 
@@ -528,6 +543,7 @@ def config_from_args(args: argparse.Namespace) -> tuple[TrainConfig, str]:
         seed=args.seed,
         resume=args.resume,
         mesh=args.mesh,
+        fsdp=args.fsdp,
     )
     return config, name
 
