@@ -82,10 +82,12 @@ def abstract_state(config: train.TrainConfig) -> nnx.State:
     return nnx.split(nnx.eval_shape(functools.partial(train._model_and_optimizer, config)))[1]
 
 
-def state_bytes(config: train.TrainConfig, mesh: AbstractMesh | None) -> dict[str, int]:
+def state_bytes(
+    config: train.TrainConfig, state: nnx.State, mesh: AbstractMesh | None
+) -> dict[str, int]:
     """Per-device bytes of the parameters, the rest of the model state, the
-    optimizer state and the gradients (the parameters' shards and dtype)."""
-    state = abstract_state(config)
+    optimizer state and the gradients (the parameters' shards and dtype), from
+    the `abstract_state` ``state``."""
     placed = lambda tree: (
         sum(math.prod(a.shape) * a.dtype.itemsize for a in jax.tree.leaves(tree))
         if mesh is None
@@ -205,9 +207,10 @@ def _names(part) -> tuple[str, ...]:
 
 
 def communication(
-    config: train.TrainConfig, mesh: AbstractMesh | None, tokens: int
+    config: train.TrainConfig, params: nnx.State, mesh: AbstractMesh | None, tokens: int
 ) -> dict[str, float]:
-    """Bytes one device sends per step, per mesh axis (ring collectives).
+    """Bytes one device sends per step, per mesh axis (ring collectives), for the
+    abstract parameters ``params`` and ``tokens`` local tokens.
 
     Per state leaf of ``s`` bytes per device: over its FSDP group of ``n``
     devices, all-gathers in the forward and the backward (``2 (n-1) s``, compute
@@ -224,7 +227,6 @@ def communication(
     axes = dict(mesh.shape)
     model = config.model
     compute = jnp.dtype(model.moe.dtype).itemsize
-    params = nnx.filter_state(abstract_state(config)[0], nnx.Param)
     shardings = state_shardings(params, mesh, fsdp=config.fsdp)
     volume = dict.fromkeys(axes, 0.0)
     for leaf, sharding in zip(jax.tree.leaves(params), jax.tree.leaves(shardings)):
@@ -266,7 +268,8 @@ def make_plan(config: train.TrainConfig, device: str) -> dict:
     if model.moe_layers and EXPERT in axes:
         ExpertSharding.create(model.moe, axes[EXPERT])  # ValueError unless the experts fit
     tokens = config.tokens_per_step // devices
-    memory = state_bytes(config, mesh)
+    state = abstract_state(config)
+    memory = state_bytes(config, state, mesh)
     activations = activation_bytes(model, tokens, axes, spec)
     memory["activations"] = sum(activations.values())
     ep = {}
@@ -280,7 +283,7 @@ def make_plan(config: train.TrainConfig, device: str) -> dict:
         }
     flops = flops_per_token(model)
     step_flops = flops["with_remat"] * tokens
-    comm = communication(config, mesh, tokens)
+    comm = communication(config, nnx.filter_state(state[0], nnx.Param), mesh, tokens)
     comm_s = {
         name: volume / _axis_bandwidth(axes, name.split("+")[0], spec)
         for name, volume in comm.items()
