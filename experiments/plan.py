@@ -128,12 +128,13 @@ def activation_bytes(
 ) -> dict[str, int]:
     """Per-device activation bytes of one training step, ``tokens`` local tokens.
 
-    What the backward keeps (``kept``) plus the working set of the part being
-    differentiated at the peak (``working``):
+    What the backward keeps (``kept``) plus the working set of the block being
+    differentiated at the peak (``working``: the cotangents of one block's
+    activations, and under remat the recomputed activations too):
 
     * per block, attention: its input and normalised input, q/k/v, the
       attention output ``[T, d]``-sized tensors in the compute dtype, and (without
-      fused attention) the ``[b, heads, seq, seq]`` float32 probabilities;
+      fused attention) two ``[b, heads, seq, seq]`` float32 tensors (scores, probabilities);
     * per MoE block: the normalised input, router logits and probabilities
       ``[T, E]`` (float32), the layout rows ``R`` (`layout_rows`) at width
       ``d`` in and out and ``d_ff`` hidden (two or three tensors for glu), the
@@ -141,13 +142,15 @@ def activation_bytes(
     * remat ``"ffn"`` keeps only the FFN's input, ``"block"`` only the block's
       input; the recomputed part's activations are then live once, for the
       block being differentiated;
+
+    Calibrated against XLA:CPU's compiled temporaries (docs/scale_out.md).
     * the logits ``[T, vocab]`` float32 (logits, log-softmax and their gradient).
     """
     moe = model.moe
     c = jnp.dtype(moe.dtype).itemsize
     d, hd, seq = model.d_model, model.head_size, model.max_seq_len
     heads, kv = model.num_heads, model.kv_heads
-    scores = 0 if device.fused_attention else 4 * (tokens // seq) * heads * seq * seq
+    scores = 0 if device.fused_attention else 2 * 4 * (tokens // seq) * heads * seq * seq
     attention = c * tokens * (2 * d + (heads + 2 * kv) * hd + heads * hd) + scores
     hidden = 3 if moe.expert_type == "glu" else 2
     rows = layout_rows(model, tokens, axes, ep_bound(model))
@@ -160,13 +163,13 @@ def activation_bytes(
     dense = c * tokens * (d + hidden * model.dense_d_ff)
     ffn = [routed if i in model.moe_layers else dense for i in range(model.num_layers)]
     block_input = c * tokens * d
-    largest = attention + max(ffn)
+    largest = attention + max(ffn)  # the cotangents of one block's activations
     if model.remat == "none":
-        kept, working = model.num_layers * attention + sum(ffn), 0
+        kept, working = model.num_layers * attention + sum(ffn), largest
     elif model.remat == "ffn":
-        kept, working = model.num_layers * (attention + block_input), max(ffn)
+        kept, working = model.num_layers * (attention + block_input), largest + max(ffn)
     else:
-        kept, working = model.num_layers * block_input, largest
+        kept, working = model.num_layers * block_input, 2 * largest
     logits = 3 * 4 * tokens * model.vocab_size
     return {"kept": kept, "working": working, "logits": logits}
 
