@@ -45,8 +45,11 @@ class TrainConfig:
         evaluates and checkpoints.
       eval_batches: validation batches per evaluation.
       seed: parameter initialisation and data order.
-      mesh: ``(data, expert)``: train on that device mesh (see
+      mesh: ``(data, expert)`` or ``{axis name: size}`` (``"data"``,
+        ``"fsdp"``, ``"expert"``): train on that device mesh (see
         `experiments.distributed.Placement`); None: one device.
+      fsdp: also split the state over the mesh's ``"data"`` axis (it is
+        always split over ``"fsdp"``).
       grad_accum: micro-batches per optimizer step (``batch_size`` sequences
         in all, ``batch_size / grad_accum`` per forward and backward).
       overwrite: discard the checkpoints and metrics in ``out``; otherwise a
@@ -76,7 +79,8 @@ class TrainConfig:
     eval_batches: int = 4
     checkpoint_every: int = 100
     seed: int = 0
-    mesh: tuple[int, int] | None = None
+    mesh: tuple[int, int] | dict[str, int] | None = None
+    fsdp: bool = False
     grad_accum: int = 1
     overwrite: bool = False
     skip_nonfinite: bool = False
@@ -135,7 +139,8 @@ ROUTING_FLAGS = {
 }
 
 
-def parse_args(argv=None) -> argparse.Namespace:
+def parse_args(argv=None, extend=None) -> argparse.Namespace:
+    """The command line; ``extend(parser)`` may add flags first (`experiments.plan`)."""
     parser = argparse.ArgumentParser(prog="python -m experiments.train", description=DESCRIPTION)
     parser.add_argument(
         "--preset",
@@ -299,6 +304,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         default=None,
         help="aux-loss-free balancing bias (DeepSeek-V3)",
     )
+    if extend is not None:
+        extend(parser)
     return parser.parse_args(argv)
 
 
@@ -367,6 +374,7 @@ def config_from_args(args: argparse.Namespace) -> tuple[TrainConfig, str]:
         checkpoint_every=args.checkpoint_every,
         seed=args.seed,
         mesh=args.mesh,
+        fsdp=args.fsdp,
         grad_accum=args.grad_accum,
         overwrite=args.overwrite,
         skip_nonfinite=args.skip_nonfinite,

@@ -1,15 +1,18 @@
 """Scale-out of a training run: host devices, JAX's distributed runtime and the mesh.
 
-Command-line flags (`add_arguments`): ``--mesh DATAxEXPERT``, ``--host-devices N``,
+Command-line flags (`add_arguments`): ``--mesh DATAxEXPERT`` or ``--mesh
+data=D,fsdp=F,expert=E``, ``--fsdp``, ``--host-devices N``,
 ``--coordinator HOST:PORT``, ``--num-processes N``, ``--process-id I`` and
-``--coordinator-timeout S``. `start_runtime` applies the first and the
+``--coordinator-timeout S``. `start_runtime` applies the host devices and the
 multi-process ones; it must run before jax creates its backends (the first
 ``jax.devices()`` or computation). `Placement` then puts a run's state and
-batches on one device or on a ``data x expert`` mesh:
+batches on one device or on a mesh of named axes (``data``, ``fsdp``, ``expert``):
 
 * expert weights ``[E, ...]`` (and their optimizer moments) are split over
-  ``"expert"``, every other leaf is replicated (`jmoe.parallel.state_shardings`);
-* the batch ``[batch, seq + 1]`` is split over ``data x expert``; each
+  ``"expert"``; every leaf (expert weights along another dimension) is split
+  FSDP-style over ``"fsdp"``, and over ``"data"`` too with ``--fsdp``; what
+  does not divide is replicated (`jmoe.parallel.state_shardings`);
+* the batch ``[batch, seq + 1]`` is split over all axes; each
   process reads only the rows of its own devices from the corpus;
 * the train step is compiled under ``jax.set_mesh`` with those shardings, so
   `jmoe.DroplessMoE` runs expert-parallel; its metrics come back replicated.
@@ -19,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import math
 import socket
 import time
 from collections.abc import Callable
@@ -30,7 +34,10 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jmoe.parallel import DATA, EXPERT, make_mesh, state_shardings
+from jmoe.parallel import DATA, EXPERT, FSDP, make_named_mesh, state_shardings
+from jmoe.parallel.mesh import token_spec
+
+MESH_AXES = (DATA, FSDP, EXPERT)  # --mesh NAME=SIZE names, in mesh order
 
 
 def add_arguments(parser: argparse.ArgumentParser):
@@ -39,9 +46,15 @@ def add_arguments(parser: argparse.ArgumentParser):
     group.add_argument(
         "--mesh",
         type=parse_mesh,
-        metavar="DATAxEXPERT",
-        help="train data + expert parallel on a data x expert device mesh, "
-        "e.g. 2x4 (default: one device, no mesh)",
+        metavar="DATAxEXPERT|data=D,fsdp=F,expert=E",
+        help="train on a device mesh: DATAxEXPERT (e.g. 2x4) or named axes, e.g. "
+        "data=2,fsdp=2,expert=2 (tokens split over all axes, expert weights over expert, "
+        "the rest of the state over fsdp; default: one device, no mesh)",
+    )
+    group.add_argument(
+        "--fsdp",
+        action="store_true",
+        help="also split the state (parameters, optimizer moments) over the data axis",
     )
     group.add_argument(
         "--host-devices",
@@ -78,12 +91,41 @@ def add_arguments(parser: argparse.ArgumentParser):
     )
 
 
-def parse_mesh(text: str) -> tuple[int, int]:
-    """``"2x4"`` -> ``(2, 4)`` (data, expert); ValueError naming ``--mesh`` otherwise."""
-    parts = text.lower().split("x")
-    if len(parts) != 2 or not all(p.isdigit() and int(p) >= 1 for p in parts):
-        raise ValueError(f"--mesh must be DATAxEXPERT with positive ints, e.g. 2x4, got {text!r}")
-    return int(parts[0]), int(parts[1])
+def parse_mesh(text: str) -> dict[str, int]:
+    """``"2x4"`` -> ``{"data": 2, "expert": 4}``; ``"fsdp=2,expert=8"`` -> ``{"fsdp": 2,
+    "expert": 8}`` (axes in `MESH_AXES` order); ValueError naming ``--mesh`` otherwise."""
+    error = ValueError(
+        f"--mesh must be DATAxEXPERT (e.g. 2x4) or NAME=SIZE,... with names from "
+        f"{MESH_AXES}, each at most once (e.g. data=2,fsdp=2,expert=2), sizes positive "
+        f"ints, got {text!r}"
+    )
+    if "=" not in text:
+        parts = text.lower().split("x")
+        if len(parts) != 2 or not all(p.isdigit() and int(p) >= 1 for p in parts):
+            raise error
+        return {DATA: int(parts[0]), EXPERT: int(parts[1])}
+    pairs = [part.partition("=") for part in text.split(",")]
+    sizes = {name.strip(): size.strip() for name, _, size in pairs}
+    if len(sizes) != len(pairs) or not all(
+        name in MESH_AXES and size.isdigit() and int(size) >= 1 for name, size in sizes.items()
+    ):
+        raise error
+    return {name: int(sizes[name]) for name in MESH_AXES if name in sizes}
+
+
+def mesh_axes(mesh_shape: tuple[int, int] | dict[str, int]) -> dict[str, int]:
+    """``(data, expert)`` or ``{name: size}`` (`parse_mesh`) -> ``{name: size}``."""
+    if isinstance(mesh_shape, dict):
+        return dict(mesh_shape)
+    data, expert = mesh_shape
+    return {DATA: data, EXPERT: expert}
+
+
+def mesh_flag(axes: dict[str, int]) -> str:
+    """``--mesh`` as a user writes it: ``--mesh 2x4`` or ``--mesh fsdp=2,expert=8``."""
+    if tuple(axes) == (DATA, EXPERT):
+        return f"--mesh {axes[DATA]}x{axes[EXPERT]}"
+    return "--mesh " + ",".join(f"{name}={size}" for name, size in axes.items())
 
 
 def start_runtime(args: argparse.Namespace):
@@ -185,23 +227,33 @@ def barrier(name: str):
 
 
 class Placement:
-    """Where a run's state and batches live: one device, or a ``data x expert`` mesh.
+    """Where a run's state and batches live: one device, or a mesh of named axes.
 
     Args:
-      mesh_shape: ``(data, expert)``, or None for the default device.
+      mesh_shape: ``(data, expert)`` or ``{name: size}`` (`parse_mesh`), or
+        None for the default device.
       num_experts: experts per MoE layer, or None for a model without any.
       batch_size: sequences per step (training and validation).
+      fsdp: also split the state over ``"data"`` (it is always split over ``"fsdp"``).
     """
 
     def __init__(
-        self, mesh_shape: tuple[int, int] | None, *, num_experts: int | None, batch_size: int
+        self,
+        mesh_shape: tuple[int, int] | dict[str, int] | None,
+        *,
+        num_experts: int | None,
+        batch_size: int,
+        fsdp: bool = False,
     ):
         self.mesh = (
-            None if mesh_shape is None else _training_mesh(mesh_shape, num_experts, batch_size)
+            None
+            if mesh_shape is None
+            else _training_mesh(mesh_axes(mesh_shape), num_experts, batch_size)
         )
+        self.fsdp = fsdp
         self.state_sharding = None
         if self.mesh is not None:
-            self.batch_sharding = NamedSharding(self.mesh, P((DATA, EXPERT), None))
+            self.batch_sharding = NamedSharding(self.mesh, token_spec(self.mesh))
             self.replicated = NamedSharding(self.mesh, P())
 
     def context(self):
@@ -214,7 +266,7 @@ class Placement:
         if self.mesh is None:
             return nnx.split(make())
         graphdef, abstract = nnx.split(nnx.eval_shape(make))
-        self.state_sharding = state_shardings(abstract, self.mesh)
+        self.state_sharding = state_shardings(abstract, self.mesh, fsdp=self.fsdp)
         with self.context():
             state = jax.jit(lambda: nnx.split(make())[1], out_shardings=self.state_sharding)()
         return graphdef, state
@@ -253,24 +305,23 @@ class Placement:
         )
 
 
-def _training_mesh(mesh_shape: tuple[int, int], num_experts: int | None, batch_size: int):
-    """The ``data x expert`` mesh, after checking it against devices, experts and batch."""
-    data, expert = mesh_shape
-    flag = f"--mesh {data}x{expert}"
+def _training_mesh(axes: dict[str, int], num_experts: int | None, batch_size: int):
+    """The mesh of ``axes``, after checking it against devices, experts and batch."""
+    flag, count = mesh_flag(axes), math.prod(axes.values())
     devices, processes = jax.device_count(), jax.process_count()
-    if data * expert > devices or (processes > 1 and data * expert != devices):
+    if count > devices or (processes > 1 and count != devices):
         raise ValueError(
-            f"{flag} needs {data * expert} devices, but {processes} process(es) have "
+            f"{flag} needs {count} devices, but {processes} process(es) have "
             f"{devices}{' (a multi-process mesh must use all of them)' if processes > 1 else ''}; "
             "on CPU set --host-devices"
         )
+    expert = axes.get(EXPERT, 1)
     if num_experts is not None and num_experts % expert:
         raise ValueError(
             f"{flag}: the {num_experts} experts are not divisible by the expert axis {expert}"
         )
-    if batch_size % (data * expert):
+    if batch_size % count:
         raise ValueError(
-            f"--batch-size {batch_size} is not divisible by data x expert = "
-            f"{data * expert} ({flag})"
+            f"--batch-size {batch_size} is not divisible by {' x '.join(axes)} = {count} ({flag})"
         )
-    return make_mesh(data, expert)
+    return make_named_mesh(axes)

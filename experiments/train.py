@@ -7,6 +7,7 @@
     python -m experiments.train --preset m --grad-accum 4 --tensorboard   # one GPU, bf16
     python -m experiments.train --out runs/xs-dmoe --overwrite   # start over (rerun: continue)
     python -m experiments.train --mesh 2x4 --host-devices 8   # data x expert parallel on CPU
+    python -m experiments.train --mesh data=2,fsdp=2,expert=2 --host-devices 8  # + FSDP
     python -m experiments.launch_local --processes 2 -- \\
         experiments.train --mesh 2x4 --host-devices 4
     python -m experiments.train --init-from-hf path/to/hf --out runs/ft  # fine-tune (docs/hf.md)
@@ -48,6 +49,7 @@ from experiments.config import TrainConfig, config_from_args, parse_args
 from experiments.logbook import Logbook, read_metrics
 from experiments.preemption import EXIT_CODE, Preempted, Preemption
 from experiments.run_config import MODEL_CONFIG, config_to_json, with_hf_weights
+from jmoe.parallel.mesh import bytes_per_device
 from jmoe.router import expert_biases, update_expert_bias
 from jmoe.transformer import MoETransformer
 
@@ -378,6 +380,7 @@ def train(config: TrainConfig, name: str = "run") -> dict | None:
         config.mesh,
         batch_size=config.batch_size,
         num_experts=config.model.moe.num_experts if config.model.moe_layers else None,
+        fsdp=config.fsdp,
     )
     if (
         placement.mesh is not None
@@ -411,6 +414,7 @@ def train(config: TrainConfig, name: str = "run") -> dict | None:
     ]
     graphdef, state = placement.init_state(functools.partial(_model_and_optimizer, config))
     params = sum(p.size for p in jax.tree.leaves(nnx.filter_state(state[0], nnx.Param)))
+    state_bytes = bytes_per_device(state, jax.tree.map(lambda a: a.sharding, state))
 
     checkpoints = Checkpoints(out / "checkpoints", config.checkpoint_every)
     start, train_time, meta = 0, 0.0, {}
@@ -519,7 +523,11 @@ def train(config: TrainConfig, name: str = "run") -> dict | None:
                 log.close()
     if not main:
         return None
-    return _finish(config, name, {"params": int(params), "compile_s": compile_s})
+    return _finish(
+        config,
+        name,
+        {"params": int(params), "compile_s": compile_s, "state_bytes_per_device": state_bytes},
+    )
 
 
 def _finish(config: TrainConfig, name: str, extra: dict) -> dict:

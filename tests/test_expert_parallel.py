@@ -291,9 +291,9 @@ def test_bad_ep_exchange_raises():
 
 def test_bad_meshes_raise():
     config = ffn_config(8, 2)
-    no_data = jax.make_mesh((8,), ("expert",), devices=host_cpus())
-    with pytest.raises(ValueError, match="mesh must have axes named 'data' and 'expert'"):
-        _call(config, mesh=no_data)
+    no_expert = jax.make_mesh((8,), ("data",), devices=host_cpus())
+    with pytest.raises(ValueError, match="mesh must have an axis named 'expert'"):
+        _call(config, mesh=no_expert)
     auto, explicit = jax.sharding.AxisType.Auto, jax.sharding.AxisType.Explicit
     mixed = jax.make_mesh(
         (2, 4), ("data", "expert"), axis_types=(auto, explicit), devices=host_cpus()

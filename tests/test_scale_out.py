@@ -34,7 +34,7 @@ LOSS_TOL = 2e-4  # the issue's bound on the logged loss
 def test_bad_mesh_flag(text):
     with pytest.raises(ValueError, match="--mesh must be DATAxEXPERT"):
         distributed.parse_mesh(text)
-    assert distributed.parse_mesh("2X4") == (2, 4)
+    assert distributed.parse_mesh("2X4") == {"data": 2, "expert": 4}
 
 
 @pytest.mark.parametrize(

@@ -1,7 +1,9 @@
 """Dropless expert parallelism: the routed experts of a dMoE inside ``shard_map``.
 
 MegaBlocks' expert-parallel forward with static shapes. Tokens are split over
-``"data" x "expert"``, experts over ``"expert"``. On each device:
+every mesh axis (``"data" x "expert"``, or e.g. ``"data" x "fsdp" x
+"expert"``: the axes other than ``"expert"`` are all token axes), experts over
+``"expert"``. On each device:
 
 1. sort its assignments by expert (unpadded, `permutation.dropless_dispatch`
    with block size 1);
@@ -27,9 +29,9 @@ all are served (docs/expert_parallel_rounds.md).
 With fewer experts than ranks, every expert's ``d_ff`` is split over several
 ranks (hidden sharding, `placement.ExpertSharding`).
 
-Gradients: the expert weights enter replicated over ``"data"``, so the
-transpose of ``shard_map`` sums their per-device gradients over ``"data"``
-once; the router gates flow back through the un-permutation. ``shard_map``
+Gradients: the expert weights enter replicated over the token axes other
+than ``"expert"``, so the transpose of ``shard_map`` sums their per-device
+gradients over those axes once; the router gates flow back through the un-permutation. ``shard_map``
 runs with ``check_vma=False`` because the product kernels' loop carries are
 not typed as device-varying; the transpose then psums the cotangent of every
 input over the mesh axes its spec leaves out, which is exactly that sum.
@@ -38,6 +40,7 @@ input over the mesh axes its spec leaves out, which is exactly that sum.
 from __future__ import annotations
 
 import functools
+import math
 from typing import NamedTuple
 
 import jax
@@ -50,7 +53,15 @@ from jmoe import permutation
 from jmoe.config import EP_EXCHANGES, MoEConfig
 from jmoe.experts import ExpertWeights, expert_mlp
 from jmoe.parallel import exchange as exchange_lib
-from jmoe.parallel.mesh import DATA, EXPERT, TOKEN_SPEC, check_mesh, context_mesh, is_explicit
+from jmoe.parallel.mesh import (
+    EXPERT,
+    batch_axes,
+    check_mesh,
+    context_mesh,
+    is_explicit,
+    token_axes,
+    token_spec,
+)
 from jmoe.parallel.placement import ExpertSharding
 from jmoe.parallel.plan import ExchangePlan, make_plan, num_rounds
 from jmoe.parallel.rounds import sum_over_rounds
@@ -81,6 +92,8 @@ class _ExchangeSettings(NamedTuple):
       in_rounds: exchange ``capacity`` rows per round until every assignment
         is served; otherwise one round, dropping what does not fit.
       method: ``"ragged"`` or ``"padded"`` (`exchange.METHODS`).
+      token_axes: every mesh axis (the tokens are split over all of them).
+      batch_axes: the token axes other than ``"expert"``.
     """
 
     config: MoEConfig
@@ -88,6 +101,8 @@ class _ExchangeSettings(NamedTuple):
     capacity: int
     in_rounds: bool
     method: str
+    token_axes: tuple[str, ...]
+    batch_axes: tuple[str, ...]
 
 
 def _exchange_round(
@@ -148,14 +163,15 @@ def _local_ffn(
         round_fn = functools.partial(_planned_round, settings)
         y = sum_over_rounds(round_fn, rounds, (counts, *operands))
         dropped = jnp.zeros((), jnp.int32)
-        rounds = lax.pmax(rounds, DATA)  # the replicas may differ; each "expert" group agrees
+        if settings.batch_axes:  # the replicas may differ; each "expert" group agrees
+            rounds = lax.pmax(rounds, settings.batch_axes)
     else:
         rounds = jnp.ones((), jnp.int32)
         plan = _plan(settings, counts)
         y = _exchange_round(settings, plan, *operands)
-        dropped = lax.psum(plan.dropped, (DATA, EXPERT)) // sharding.hidden_splits
+        dropped = lax.psum(plan.dropped, settings.token_axes) // sharding.hidden_splits
     local_counts = jnp.bincount(expert_ids.reshape(-1), length=settings.config.num_experts)
-    tokens_per_expert = lax.psum(local_counts.astype(jnp.int32), (DATA, EXPERT))
+    tokens_per_expert = lax.psum(local_counts.astype(jnp.int32), settings.token_axes)
     return y, tokens_per_expert, dropped, rounds
 
 
@@ -180,12 +196,13 @@ def expert_parallel_ffn(
 
     Args:
       x: ``[tokens, d_model]`` in the compute dtype; ``tokens`` divisible by
-        the ``data * expert`` device count.
+        the mesh's device count.
       gates, expert_ids: ``[tokens, k]`` router output (`RouterOutput`; each
         token's k experts distinct, as top-k gives them).
       w1, w3, w2: ``[E, d_model, d_ff]``, same or None, ``[E, d_ff, d_model]``.
-      mesh: a mesh with ``"data"`` and ``"expert"`` axes (concrete or
-        abstract); defaults to the `jax.set_mesh` one.
+      mesh: a mesh with an ``"expert"`` axis (concrete or abstract; its other
+        axes, e.g. ``"data"`` and ``"fsdp"``, split the tokens too); defaults
+        to the `jax.set_mesh` one.
       capacity_factor: None (default: ``config.ep_capacity_factor``; None
         there is dropless) or ``c > 0``: each rank receives at
         most ``ceil(c * tokens_per_device * k)`` rows (times the hidden splits).
@@ -222,21 +239,30 @@ def expert_parallel_ffn(
         )
     method = exchange_method(config.ep_exchange if exchange is None else exchange, mesh)
     sharding = ExpertSharding.create(config, mesh.shape[EXPERT])
-    devices = mesh.shape[DATA] * mesh.shape[EXPERT]
+    devices = math.prod(mesh.shape[name] for name in token_axes(mesh))
     if x.shape[0] % devices:
         raise ValueError(
             f"x has {x.shape[0]} tokens, not divisible by the {devices} devices "
-            f"of the mesh's 'data' x 'expert' axes "
-            f"({mesh.shape[DATA]} x {mesh.shape[EXPERT]})"
+            f"of the mesh's {' x '.join(token_axes(mesh))} axes "
+            f"({' x '.join(str(mesh.shape[name]) for name in token_axes(mesh))})"
         )
     bound = capacity_factor if buffer_factor is None else buffer_factor
     capacity = sharding.capacity(x.shape[0] // devices, expert_ids.shape[1], bound)
-    settings = _ExchangeSettings(config, sharding, capacity, buffer_factor is not None, method)
+    settings = _ExchangeSettings(
+        config,
+        sharding,
+        capacity,
+        buffer_factor is not None,
+        method,
+        token_axes(mesh),
+        batch_axes(mesh),
+    )
+    tokens = token_spec(mesh)
     y, tokens_per_expert, dropped, rounds = jax.shard_map(
         functools.partial(_local_ffn, settings),
         mesh=mesh,
-        in_specs=(TOKEN_SPEC,) * 3 + (_EXPERT_SPEC,),
-        out_specs=(TOKEN_SPEC, P(), P(), P()),
+        in_specs=(tokens,) * 3 + (_EXPERT_SPEC,),
+        out_specs=(tokens, P(), P(), P()),
         check_vma=False,
     )(*_operands(mesh, sharding, x, gates, expert_ids, ExpertWeights(w1, w3, w2)))
     if is_explicit(mesh) and not jax.typeof(x).sharding.mesh.empty:
@@ -261,7 +287,7 @@ def _operands(
         weights = _reshard(weights, mesh, P())
     weights = sharding.split_weights(weights)
     return (
-        *_reshard((x, gates, expert_ids), mesh, TOKEN_SPEC),
+        *_reshard((x, gates, expert_ids), mesh, token_spec(mesh)),
         _reshard(weights, mesh, _EXPERT_SPEC),
     )
 

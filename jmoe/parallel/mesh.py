@@ -1,11 +1,16 @@
 """Device meshes for expert parallelism, and how to shard a model's state on them.
 
-A mesh has two named axes: ``"data"`` (pure data parallelism) and
-``"expert"`` (expert parallelism). Tokens are split over both axes, so every
-device holds ``tokens / (data * expert)`` of them; the expert weights
-``[E, ...]`` are split over ``"expert"`` along ``E`` (MegaBlocks: the
-expert-parallel group is a subset of the data-parallel one). Other parameters
-are replicated, or FSDP-style split over ``"data"``.
+A mesh has named axes. ``"expert"`` is the expert-parallel axis: the expert
+weights ``[E, ...]`` are split over it along ``E``. Every axis splits the
+tokens, so each device holds ``tokens / devices`` of them (MegaBlocks: the
+expert-parallel group is a subset of the data-parallel one); the axes other
+than ``"expert"`` are the token (batch) axes of the expert-parallel layer.
+The names the experiments use are ``"data"`` (pure data parallelism),
+``"fsdp"`` (data parallelism with the state split over it) and ``"expert"``;
+`jmoe.parallel` accepts any others as token axes too.
+
+Other parameters (and the optimizer moments beside them) are replicated, or
+FSDP-split over ``"fsdp"`` and, with ``fsdp=True``, over ``"data"`` as well.
 
 Under ``with jax.set_mesh(mesh):`` `DroplessMoE` runs expert-parallel when the
 mesh has an ``"expert"`` axis; without one, plain data parallelism.
@@ -13,13 +18,17 @@ mesh has an ``"expert"`` axis; without one, plain data parallelism.
 
 from __future__ import annotations
 
+import math
+from collections.abc import Mapping
+
 import jax
 from jax.sharding import AbstractMesh, AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 DATA = "data"
+FSDP = "fsdp"
 EXPERT = "expert"
-TOKEN_SPEC = P((DATA, EXPERT), None)  # [tokens, ...] split over every device
+TOKEN_SPEC = P((DATA, EXPERT), None)  # [tokens, ...] split over every device of a make_mesh mesh
 
 
 def make_mesh(
@@ -31,19 +40,27 @@ def make_mesh(
     through the model) or `AxisType.Explicit` (shardings are part of the
     array types). The expert-parallel layer works with either.
     """
-    for name, size in (("data", data), ("expert", expert)):
+    return make_named_mesh({DATA: data, EXPERT: expert}, axis_type=axis_type, devices=devices)
+
+
+def make_named_mesh(
+    axes: Mapping[str, int], *, axis_type: AxisType = AxisType.Auto, devices=None
+) -> jax.sharding.Mesh:
+    """A mesh with the named axes of ``axes`` (in order), e.g.
+    ``{"data": 2, "fsdp": 2, "expert": 2}``, over the first ``prod(sizes)`` devices."""
+    for name, size in axes.items():
         if not isinstance(size, int) or size < 1:
             raise ValueError(f"{name} must be a positive int, got {size!r}")
     devices = jax.devices() if devices is None else list(devices)
-    if data * expert > len(devices):
-        raise ValueError(
-            f"a {data} x {expert} mesh needs {data * expert} devices, {len(devices)} are available"
-        )
+    count = math.prod(axes.values())
+    if count > len(devices):
+        shape = " x ".join(str(size) for size in axes.values())
+        raise ValueError(f"a {shape} mesh needs {count} devices, {len(devices)} are available")
     return jax.make_mesh(
-        (data, expert),
-        (DATA, EXPERT),
-        axis_types=(axis_type, axis_type),
-        devices=devices[: data * expert],
+        tuple(axes.values()),
+        tuple(axes),
+        axis_types=(axis_type,) * len(axes),
+        devices=devices[:count],
     )
 
 
@@ -51,8 +68,8 @@ def context_mesh() -> AbstractMesh | None:
     """The `jax.set_mesh` mesh if it has an ``"expert"`` axis, else None.
 
     Raises ValueError for an ``"expert"`` mesh that the expert-parallel layer
-    cannot use: no ``"data"`` axis, axes already manual (inside a
-    ``shard_map``), or ``"data"`` and ``"expert"`` of different axis types.
+    cannot use: axes already manual (inside a ``shard_map``), or axes of
+    different axis types.
     """
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty or EXPERT not in mesh.axis_names:
@@ -64,30 +81,50 @@ def context_mesh() -> AbstractMesh | None:
 def check_mesh(mesh: Mesh | AbstractMesh) -> None:
     """Raises ValueError unless ``mesh`` (concrete or abstract) suits expert parallelism."""
     names = tuple(mesh.axis_names)
-    if DATA not in names or EXPERT not in names:
+    if EXPERT not in names:
         raise ValueError(
-            f"mesh must have axes named {DATA!r} and {EXPERT!r} "
-            f"(use jmoe.parallel.make_mesh), got axes {names}"
+            f"mesh must have an axis named {EXPERT!r} (use jmoe.parallel.make_mesh), "
+            f"got axes {names}"
         )
-    manual = set(getattr(mesh, "manual_axes", ())) & {DATA, EXPERT}
+    manual = set(getattr(mesh, "manual_axes", ())) & set(names)
     if manual:
         raise ValueError(
             f"mesh axes {sorted(manual)} are already manual (inside a "
             "shard_map): call the MoE layer outside shard_map"
         )
-    if _axis_type(mesh, DATA) != _axis_type(mesh, EXPERT):
-        raise ValueError(
-            f"mesh axes {DATA!r} and {EXPERT!r} must have the same AxisType, got {mesh.axis_types}"
-        )
+    if len(set(mesh.axis_types)) != 1:
+        raise ValueError(f"mesh axes {names} must have the same AxisType, got {mesh.axis_types}")
+
+
+def token_axes(mesh: Mesh | AbstractMesh) -> tuple[str, ...]:
+    """Every axis of ``mesh``, in order: the ones ``[tokens, ...]`` is split over."""
+    return tuple(mesh.axis_names)
+
+
+def batch_axes(mesh: Mesh | AbstractMesh) -> tuple[str, ...]:
+    """The token axes other than ``"expert"`` (replicas of the expert-parallel group)."""
+    return tuple(name for name in mesh.axis_names if name != EXPERT)
+
+
+def token_spec(mesh: Mesh | AbstractMesh) -> P:
+    """``[tokens, ...]`` split over every device of ``mesh``."""
+    return P(token_axes(mesh), None)
+
+
+def fsdp_axes(mesh: Mesh | AbstractMesh, fsdp: bool = False) -> tuple[str, ...]:
+    """The axes non-expert state is split over: ``"fsdp"`` if the mesh has it,
+    and ``"data"`` too when ``fsdp``."""
+    wanted = (DATA, FSDP) if fsdp else (FSDP,)
+    return tuple(name for name in wanted if name in mesh.axis_names)
+
+
+def is_explicit(mesh: Mesh | AbstractMesh) -> bool:
+    """Whether the mesh's axes carry shardings in the array types."""
+    return _axis_type(mesh, EXPERT) == AxisType.Explicit
 
 
 def _axis_type(mesh, name: str) -> AxisType:
     return dict(zip(mesh.axis_names, mesh.axis_types))[name]
-
-
-def is_explicit(mesh: Mesh | AbstractMesh) -> bool:
-    """Whether the ``"data"``/``"expert"`` axes carry shardings in the array types."""
-    return _axis_type(mesh, EXPERT) == AxisType.Explicit
 
 
 def _names(path) -> list:
@@ -105,37 +142,38 @@ def param_spec(path, shape: tuple[int, ...], mesh, *, fsdp: bool = False) -> P:
     Expert weights (3-D leaves under an ``experts`` module, ``[E, a, b]``)
     are split over ``"expert"`` along ``E`` when ``E`` divides evenly;
     otherwise (hidden sharding, ``E < expert``) they stay whole on every expert
-    rank and the layer slices each rank's part of ``d_ff``. With ``fsdp``, the
-    largest other dimension divisible by the ``"data"`` size is split over
-    ``"data"`` (FSDP: XLA all-gathers it before use and reduce-scatters its
+    rank and the layer slices each rank's part of ``d_ff``. FSDP: the largest
+    other dimension divisible by the product of the `fsdp_axes` sizes is split
+    over them (XLA all-gathers it before use and reduce-scatters its
     gradient); leaves it does not fit are replicated.
     """
     spec: list = [None] * len(shape)
     expert_dim = None
-    if "experts" in _names(path) and len(shape) == 3:
+    if EXPERT in mesh.axis_names and "experts" in _names(path) and len(shape) == 3:
         expert_dim = 0
         if shape[0] % mesh.shape[EXPERT] == 0:
             spec[0] = EXPERT
-    if fsdp:
-        dim = _largest_divisible_dim(shape, expert_dim, mesh.shape[DATA])
-        if dim is not None:
-            spec[dim] = DATA
+    axes = fsdp_axes(mesh, fsdp)
+    dim = _largest_divisible_dim(shape, expert_dim, math.prod(mesh.shape[a] for a in axes))
+    if dim is not None:
+        spec[dim] = axes[0] if len(axes) == 1 else axes
     return P(*spec)
 
 
-def state_shardings(state, mesh: Mesh, *, fsdp: bool = False):
+def state_shardings(state, mesh: Mesh | AbstractMesh, *, fsdp: bool = False):
     """NamedSharding of every leaf of ``state`` (e.g. ``nnx.state(model)``).
 
     Use as ``nnx.update(model, jax.device_put(state, state_shardings(state,
-    mesh)))``; see `param_spec` for the rules. ``fsdp`` needs `AxisType.Auto`
-    axes: on Explicit axes the layers would have to gather the weights
-    themselves.
+    mesh)))``; see `param_spec` for the rules. FSDP (``fsdp`` or an
+    ``"fsdp"`` axis) needs `AxisType.Auto` axes: on Explicit axes the layers
+    would have to gather the weights themselves.
     """
-    check_mesh(mesh)
-    if fsdp and is_explicit(mesh):
+    if EXPERT in mesh.axis_names:
+        check_mesh(mesh)
+    if fsdp_axes(mesh, fsdp) and any(t == AxisType.Explicit for t in mesh.axis_types):
         raise ValueError(
-            "fsdp=True needs a mesh with AxisType.Auto axes "
-            "(jmoe.parallel.make_mesh's default), got Explicit axes"
+            f"fsdp=True needs a mesh with AxisType.Auto axes (so does an {FSDP!r} axis; "
+            "jmoe.parallel.make_mesh's default), got Explicit axes"
         )
     return jax.tree_util.tree_map_with_path(
         lambda path, leaf: NamedSharding(
@@ -143,3 +181,15 @@ def state_shardings(state, mesh: Mesh, *, fsdp: bool = False):
         ),
         state,
     )
+
+
+def bytes_per_device(state, shardings) -> int:
+    """The most bytes any one device holds of ``state`` (arrays or
+    `jax.ShapeDtypeStruct`s) placed by ``shardings`` (a matching tree of
+    shardings, e.g. `state_shardings`; concrete or abstract meshes)."""
+
+    def shard_bytes(leaf, sharding) -> int:
+        shape = sharding.shard_shape(tuple(leaf.shape))
+        return math.prod(shape) * jax.numpy.dtype(leaf.dtype).itemsize
+
+    return sum(jax.tree.leaves(jax.tree.map(shard_bytes, state, shardings)))
