@@ -30,7 +30,8 @@ def _olmoe_param_counts():
 
 
 def test_olmoe_plan_on_abstract_mesh(capsys):
-    got = plan.main(["--preset", "olmoe-1b-7b", "--mesh", "fsdp=2,expert=8", "--device", "h100"])
+    argv = ["--preset", "olmoe-1b-7b", "--mesh", "fsdp=2,expert=8", "--device", "h100"]
+    got = plan.main([*argv, "--batch-size", "256"])
     dense, routed = _olmoe_param_counts()
     params = 4 * (dense // 2 + routed // 16)  # float32; experts over 8 x 2, the rest over fsdp 2
     assert got["memory"]["parameters"] == got["memory"]["gradients"] == params
