@@ -3,11 +3,13 @@
 
 XLA reads the flag when its CPU client starts, so it must be set before jax is
 first imported; pytest imports this file before any test module. Single-device
-tests are unaffected: they run on device 0 exactly as before. Tests marked
+tests are unaffected: they run on device 0 exactly as before. Compiled
+programs are shared through a persistent compilation cache. Tests marked
 ``gpu`` skip without a GPU.
 """
 
 import os
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +18,15 @@ import pytest
 _FLAG = "--xla_force_host_platform_device_count"
 if _FLAG not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {_FLAG}=8".strip()
+
+# One persistent XLA compilation cache for the run's processes: both pytest-xdist workers
+# and the CLI subprocesses the tests start (they inherit the environment) compile the same
+# train steps, and on 2 cores compiling is most of the suite's time. Keyed by the program,
+# the compile options and the jax version, so a changed program is compiled anew.
+os.environ.setdefault(
+    "JAX_COMPILATION_CACHE_DIR", str(Path(tempfile.gettempdir()) / f"jmoe-tests-xla-{os.getuid()}")
+)
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 
 
 @pytest.fixture(scope="session")

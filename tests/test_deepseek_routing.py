@@ -33,6 +33,7 @@ from experiments.train import (
     train_step,
 )
 from helpers import numpy_reference as ref
+from helpers.expert_parallel import LOGIC_IMPL
 from helpers.host_devices import host_cpus
 from jmoe import DroplessMoE, ExpertBias, MoEConfig, update_expert_bias
 from jmoe.parallel import make_mesh, state_shardings
@@ -51,7 +52,7 @@ def _config(**kw):
         top_k=2,
         expert_type="glu",
         block_size=32,
-        impl="xla",
+        impl=LOGIC_IMPL,
         score_function="sigmoid",
         load_balancing_loss_weight=0.0,
     )

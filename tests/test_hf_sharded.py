@@ -91,11 +91,6 @@ def test_shard_writer_limits_each_shard(tmp_path):
     assert index["metadata"]["total_size"] == 4 * 76
 
 
-def test_scan_layers_not_yet(tmp_path):
-    with pytest.raises(ValueError, match="scan_layers=True"):
-        jmoe.hf.load(FIXTURES / "olmoe", scan_layers=True)
-
-
 def _write_large_checkpoint(folder: Path, layers: int) -> int:
     """A Mixtral-layout checkpoint of random float32 tensors, written tensor
     by tensor in 100 MB shards (safetensors numpy, no torch); its size in bytes."""

@@ -16,6 +16,7 @@ from jax.sharding import PartitionSpec as P
 
 from experiments.pipeline import prediction_mask
 from helpers import numpy_reference as ref
+from helpers.expert_parallel import LOGIC_IMPL
 from helpers.host_devices import host_cpus
 from jmoe import CapacityMoE, DroplessMoE, MoEConfig
 from jmoe.parallel import make_mesh
@@ -39,7 +40,7 @@ def _config(**kw):
         top_k=2,
         expert_type="glu",
         block_size=32,
-        impl="xla",
+        impl=LOGIC_IMPL,
         num_shared_experts=1,
         shared_expert_gate=True,
         load_balancing_loss_weight=0.1,
@@ -159,7 +160,7 @@ def test_bad_mask_is_rejected():
 
 @functools.cache
 def _transformer():
-    moe = MoEConfig(d_model=16, d_ff=32, num_experts=4, top_k=2, block_size=32, impl="xla")
+    moe = MoEConfig(d_model=16, d_ff=32, num_experts=4, top_k=2, block_size=32, impl=LOGIC_IMPL)
     config = TransformerConfig(
         vocab_size=64, d_model=16, num_layers=2, num_heads=2, max_seq_len=16, moe=moe
     )

@@ -15,7 +15,13 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from helpers.expert_parallel import ffn_config, ffn_problem, single_device_outputs, value_and_grads
+from helpers.expert_parallel import (
+    LOGIC_IMPL,
+    ffn_config,
+    ffn_problem,
+    single_device_outputs,
+    value_and_grads,
+)
 from helpers.host_devices import host_cpus
 from jmoe import DroplessMoE, MoEConfig
 from jmoe.parallel import expert_parallel_ffn, make_named_mesh, state_shardings
@@ -34,7 +40,7 @@ def _config():
         top_k=2,
         expert_type="glu",
         block_size=32,
-        impl="xla",
+        impl=LOGIC_IMPL,
         num_shared_experts=1,
         router_z_loss_weight=0.01,
     )
