@@ -1,9 +1,13 @@
 """`jmoe.hf.load` on a mesh (each parameter created sharded as the trainer
 shards it, from slices of the checkpoint) and `jmoe.hf.save` of a sharded
 model (gathered one tensor at a time, streamed into shards): the same
-parameters as a one-device load, round trips, and (slow) peak host memory."""
+parameters as a one-device load, round trips, (slow) peak host memory, and
+(slow) load and save across 2 processes (`helpers.hf_multiprocess_worker`
+through ``python -m experiments.launch_local``)."""
 
 import json
+import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -76,6 +80,70 @@ def test_mesh_save_round_trips(mesh, tmp_path):
         again = jmoe.hf.load(folder)
         assert len(again.blocks[0].ffn.experts.w1.get_value().sharding.device_set) == 1
         _assert_same(again, original)
+
+
+@pytest.mark.slow
+def test_load_and_save_across_two_processes(tmp_path):
+    """2 processes x 4 host devices, one 2 x 4 mesh with FSDP: each process
+    reads only its half of the checkpoint, process 0 alone writes the shards,
+    and the saved folder loads (on one device) to the fixture's parameters."""
+    repo = Path(__file__).resolve().parents[1]
+    out, report = tmp_path / "saved", tmp_path / "report"
+    command = [
+        sys.executable,
+        "-m",
+        "experiments.launch_local",
+        "--processes",
+        "2",
+        "--",
+        "helpers.hf_multiprocess_worker",
+        str(FIXTURES / "olmoe"),
+        str(out),
+        "--report",
+        str(report),
+        "--host-devices",
+        "4",
+        "--max-shard-bytes",
+        "60000",
+    ]
+    # XLA_FLAGS="": --host-devices, not conftest's 8 devices, sets each process's 4.
+    env = {**os.environ, "PYTHONPATH": f"{repo}{os.pathsep}{repo / 'tests'}", "XLA_FLAGS": ""}
+    # Its own session: a timeout stops the launcher and both workers.
+    launcher = subprocess.Popen(
+        command,
+        cwd=repo,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        stdout, _ = launcher.communicate(timeout=180)
+    except subprocess.TimeoutExpired:
+        os.killpg(launcher.pid, signal.SIGKILL)
+        stdout, _ = launcher.communicate()
+    assert launcher.returncode == 0, stdout[-6000:]
+
+    reports = [json.loads((report / f"process-{i}.json").read_text()) for i in range(2)]
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    files = sorted(set(index["weight_map"].values()))
+    assert len(files) == 5 and files[-1] == "model-00005-of-00005.safetensors"
+    for i, got in enumerate(reports):
+        assert got["process"] == i and got["local_devices"] == 4
+        # FSDP over "data", one mesh row per process: half the checkpoint each.
+        assert got["read_bytes"] * 2 == got["checkpoint_bytes"], got
+    # Process 0 wrote each shard once (as a .partial file, renamed by close); process 1 none.
+    assert reports[0]["written"] == [f"model-0000{i}.partial.safetensors" for i in range(1, 6)]
+    assert reports[1]["written"] == []
+    assert sorted(p.name for p in out.iterdir()) == [
+        "config.json",
+        *files,
+        "model.safetensors.index.json",
+    ]
+    again = jmoe.hf.load(out)
+    assert len(again.blocks[0].ffn.experts.w1.get_value().sharding.device_set) == 1
+    _assert_same(again, jmoe.hf.load(FIXTURES / "olmoe"))
 
 
 def test_shard_writer_limits_each_shard(tmp_path):
