@@ -41,13 +41,23 @@ def _ffn(config: TransformerConfig, routed: bool) -> tuple[int, int]:
     return always + moe.num_experts * mlp(moe.d_ff), always + moe.top_k * mlp(moe.d_ff)
 
 
-def matmul_params_active(config: TransformerConfig) -> int:
-    """Weights one token multiplies by: attention projections, router, the
-    ``top_k`` routed experts, shared experts, dense MLPs and the output
-    projection (tied or not); not the embedding lookup or the norm scales."""
+def ffn_params_active(config: TransformerConfig) -> int:
+    """FFN weights one token multiplies by, over all blocks: router, the ``top_k``
+    routed experts, shared experts (and their gate), dense MLPs."""
     routed = set(config.moe_layers)
-    ffn = sum(_ffn(config, i in routed)[1] for i in range(config.num_layers))
-    return config.num_layers * _attention(config)[0] + ffn + config.vocab_size * config.d_model
+    return sum(_ffn(config, i in routed)[1] for i in range(config.num_layers))
+
+
+def attention_params(config: TransformerConfig) -> int:
+    """Attention projection weights over all blocks."""
+    return config.num_layers * _attention(config)[0]
+
+
+def matmul_params_active(config: TransformerConfig) -> int:
+    """Weights one token multiplies by: attention projections, the FFNs'
+    (`ffn_params_active`) and the output projection (tied or not); not the
+    embedding lookup or the norm scales."""
+    return attention_params(config) + ffn_params_active(config) + config.vocab_size * config.d_model
 
 
 def param_counts(config: TransformerConfig) -> tuple[int, int]:

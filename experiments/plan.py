@@ -24,7 +24,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import AbstractMesh, AxisType
 
-from experiments import train
+from experiments import flops, train
 from experiments.distributed import mesh_axes, mesh_flag
 from jmoe.parallel.mesh import EXPERT, bytes_per_device, state_shardings
 from jmoe.parallel.placement import ExpertSharding
@@ -175,26 +175,17 @@ def activation_bytes(
 
 
 def flops_per_token(model: TransformerConfig) -> dict[str, float]:
-    """Training FLOPs per token: ``6 * N_active`` (matmul parameters a token uses:
-    attention projections, router, top-k experts, shared experts, dense MLPs,
-    the output projection) plus attention's ``6 * layers * heads * head_dim *
-    seq`` (causal: half of PaLM's 12; forward 1x, backward 2x); ``remat``
-    adds the recomputed forward of each FFN or block."""
-    moe, d, hd = model.moe, model.d_model, model.head_size
-    glu = 3 if moe.expert_type == "glu" else 2
-    attention = d * hd * (2 * model.num_heads + 2 * model.kv_heads)
-    routed = d * moe.num_experts + moe.top_k * glu * d * moe.d_ff + glu * d * moe.shared_hidden
-    dense = glu * d * model.dense_d_ff
-    ffn = [routed if i in model.moe_layers else dense for i in range(model.num_layers)]
-    active = model.num_layers * attention + sum(ffn) + d * model.vocab_size
-    scores = 2 * model.num_layers * model.num_heads * hd * model.max_seq_len  # forward
-    forward = 2 * active + scores
+    """Training FLOPs per token (`experiments.flops`: ``6 * N_active`` plus causal
+    attention's scores); ``remat`` adds the recomputed forward of each FFN or block
+    (everything but the output projection)."""
+    train = flops.flops_per_token(model)
     recompute = {
         "none": 0,
-        "ffn": 2 * sum(ffn),
-        "block": 2 * (model.num_layers * attention + sum(ffn)) + scores,
+        "ffn": 2 * flops.ffn_params_active(model),
+        "block": train / 3 - 2 * model.d_model * model.vocab_size,
     }[model.remat]
-    return {"active_params": active, "train": 3 * forward, "with_remat": 3 * forward + recompute}
+    active = flops.matmul_params_active(model)
+    return {"active_params": active, "train": train, "with_remat": train + recompute}
 
 
 def _axis_bandwidth(axes: dict[str, int], name: str, device: Device) -> float:
@@ -284,8 +275,8 @@ def make_plan(config: train.TrainConfig, device: str) -> dict:
             "buffer_factor": factor,
             "with_buffer_factor": layout_rows(model, tokens, axes, factor) * width,
         }
-    flops = flops_per_token(model)
-    step_flops = flops["with_remat"] * tokens
+    per_token = flops_per_token(model)
+    step_flops = per_token["with_remat"] * tokens
     comm = communication(config, nnx.filter_state(state[0], nnx.Param), mesh, tokens)
     comm_s = {
         name: volume / _axis_bandwidth(axes, name.split("+")[0], spec)
@@ -301,7 +292,7 @@ def make_plan(config: train.TrainConfig, device: str) -> dict:
         "total_bytes": sum(memory.values()),
         "device_memory_bytes": spec.memory_bytes,
         "ep_exchange_bytes": ep,
-        "flops_per_token": flops,
+        "flops_per_token": per_token,
         "flops_per_device_step": step_flops,
         "communication_bytes": comm,
         "compute_s": step_flops / spec.peak_flops,
@@ -347,12 +338,12 @@ def format_plan(plan: dict, config: train.TrainConfig, name: str) -> str:
             f"| ... with ep_buffer_factor={ep['buffer_factor']:g} | "
             f"{_size(ep['with_buffer_factor'])} |"
         )
-    flops = plan["flops_per_token"]
+    per_token = plan["flops_per_token"]
     lines += [
         "",
-        f"FLOPs per token (training): {flops['train'] / 1e9:,.2f} GFLOP "
-        f"({flops['active_params'] / 1e9:,.2f} B active matmul parameters); "
-        f"with remat {flops['with_remat'] / 1e9:,.2f} GFLOP; "
+        f"FLOPs per token (training): {per_token['train'] / 1e9:,.2f} GFLOP "
+        f"({per_token['active_params'] / 1e9:,.2f} B active matmul parameters); "
+        f"with remat {per_token['with_remat'] / 1e9:,.2f} GFLOP; "
         f"per device per step {plan['flops_per_device_step'] / 1e12:,.1f} TFLOP",
     ]
     if plan["communication_bytes"]:

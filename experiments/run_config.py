@@ -3,7 +3,6 @@ checkpoint's model, and starting a run from a Hugging Face checkpoint."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
 
@@ -12,23 +11,17 @@ from flax import nnx
 
 import jmoe.hf
 from experiments.checkpoint import Checkpoints
+from experiments.overrides import DTYPE_FIELDS
 from jmoe import MoEConfig
 from jmoe.transformer import MoETransformer, TransformerConfig
 
 MODEL_CONFIG = "model_config.json"
-_DTYPES = ("dtype", "param_dtype")
-
-
-def config_to_json(config: TransformerConfig) -> dict:
-    """``config`` as JSON-able dict (dtypes by name); inverse of `config_from_json`."""
-    out = dataclasses.asdict(config)
-    out["moe"].update({k: jnp.dtype(getattr(config.moe, k)).name for k in _DTYPES})
-    return out
 
 
 def config_from_json(data: dict) -> TransformerConfig:
+    """The inverse of `experiments.overrides.model_dict` (what ``model_config.json`` holds)."""
     moe = dict(data["moe"])
-    moe.update({k: jnp.dtype(moe[k]) for k in _DTYPES})
+    moe.update({k: jnp.dtype(moe[k]) for k in DTYPE_FIELDS})
     return TransformerConfig(**{**data, "moe": MoEConfig(**moe)})
 
 

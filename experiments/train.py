@@ -48,7 +48,7 @@ from experiments.checkpoint import Checkpoints
 from experiments.config import TrainConfig, config_from_args, parse_args
 from experiments.logbook import Logbook, read_metrics
 from experiments.preemption import EXIT_CODE, Preempted, Preemption
-from experiments.run_config import MODEL_CONFIG, config_to_json, with_hf_weights
+from experiments.run_config import MODEL_CONFIG, with_hf_weights
 from jmoe.parallel.mesh import bytes_per_device
 from jmoe.router import expert_biases, update_expert_bias
 from jmoe.transformer import MoETransformer
@@ -399,7 +399,9 @@ def train(config: TrainConfig, name: str = "run") -> dict | None:
         if config.overwrite:
             for stale in ("checkpoints", "tensorboard"):
                 shutil.rmtree(out / stale, ignore_errors=True)
-        (out / MODEL_CONFIG).write_text(json.dumps(config_to_json(config.model), indent=2) + "\n")
+        (out / MODEL_CONFIG).write_text(
+            json.dumps(overrides.model_dict(config.model), indent=2) + "\n"
+        )
     distributed.barrier("train: run directory ready")
     shard = dict(process_index=jax.process_index(), process_count=jax.process_count())
     rows = dict(

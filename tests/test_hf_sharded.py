@@ -136,11 +136,10 @@ def test_load_and_save_across_two_processes(tmp_path):
     # Process 0 wrote each shard once (as a .partial file, renamed by close); process 1 none.
     assert reports[0]["written"] == [f"model-0000{i}.partial.safetensors" for i in range(1, 6)]
     assert reports[1]["written"] == []
-    assert sorted(p.name for p in out.iterdir()) == [
-        "config.json",
-        *files,
-        "model.safetensors.index.json",
-    ]
+    complete = ["config.json", *files, "model.safetensors.index.json"]
+    assert sorted(p.name for p in out.iterdir()) == complete
+    # save returns on every process only once process 0 has written the whole folder
+    assert [got["folder_after_save"] for got in reports] == [complete, complete]
     again = jmoe.hf.load(out)
     assert len(again.blocks[0].ffn.experts.w1.get_value().sharding.device_set) == 1
     _assert_same(again, jmoe.hf.load(FIXTURES / "olmoe"))

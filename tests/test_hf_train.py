@@ -11,8 +11,9 @@ from flax import nnx
 
 import jmoe.hf
 from experiments import export_hf, train
+from experiments.overrides import model_dict
 from experiments.presets import preset
-from experiments.run_config import MODEL_CONFIG, config_from_json, config_to_json
+from experiments.run_config import MODEL_CONFIG, config_from_json
 from helpers.hf_fixtures import FIXTURES, random_model
 from jmoe import MoEConfig
 from jmoe.transformer import TransformerConfig
@@ -100,7 +101,7 @@ def test_init_from_hf_needs_the_byte_vocabulary():
 
 def test_model_config_round_trips():
     config = preset("xs").replace(load_balancing_loss_scope="global")
-    assert config_from_json(json.loads(json.dumps(config_to_json(config)))) == config
+    assert config_from_json(json.loads(json.dumps(model_dict(config)))) == config
 
 
 @pytest.mark.parametrize(
@@ -112,6 +113,6 @@ def test_model_config_round_trips():
     ],
 )
 def test_export_refuses_what_hf_cannot_express(tmp_path, model, field):
-    (tmp_path / MODEL_CONFIG).write_text(json.dumps(config_to_json(model)))
+    (tmp_path / MODEL_CONFIG).write_text(json.dumps(model_dict(model)))
     with pytest.raises(SystemExit, match=rf"cannot be saved: {field} must be"):
         export_hf.main(["--run", str(tmp_path), "--out", str(tmp_path / "hf")])

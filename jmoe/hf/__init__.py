@@ -174,7 +174,8 @@ def save(
     Works on models sharded over devices and processes: every process calls
     it; the parameters are gathered one at a time (a layer's experts together
     with ``fused``) and process 0 writes shards as they fill, so its host
-    memory holds at most one shard plus the tensor being gathered.
+    memory holds at most one shard plus the tensor being gathered. Returns on
+    every process once the folder is complete.
 
     Args:
       model: a `MoETransformer` whose configuration one of the supported
@@ -208,3 +209,5 @@ def save(
             tensors = hf_tensors.fuse_layer(tensors, key[1], model.config, arch)
         writer.add(tensors)
     writer.close()
+    if jax.process_count() > 1:  # return when the folder is complete, on every process
+        multihost_utils.sync_global_devices(f"jmoe.hf.save {folder}")

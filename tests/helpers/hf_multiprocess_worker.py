@@ -66,8 +66,8 @@ def main(argv=None):
     safetensors.numpy.save_file = recording_save_file  # what ShardWriter writes with
     jmoe.hf.save(model, args.out, max_shard_bytes=args.max_shard_bytes)
     safetensors.numpy.save_file = original_save_file
-    distributed.barrier("hf-saved")  # process 1 exits only once process 0 has written
     report = dict(
+        folder_after_save=sorted(p.name for p in Path(args.out).iterdir()),  # save waits
         process=jax.process_index(),
         local_devices=jax.local_device_count(),
         read_bytes=read_bytes,
