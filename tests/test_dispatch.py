@@ -114,6 +114,7 @@ def _routed_case(glu: bool, seed=0):
     return dispatch, topo, ops
 
 
+@pytest.mark.slow
 def test_composed_expert_mlp_matches_the_fused_xla_one():
     """Output and gradients of x, router gates and all weights (SwiGLU),
     through `permutation.row_map` as the layer builds it."""

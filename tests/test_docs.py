@@ -72,7 +72,7 @@ EPILOGUES = {
 
 
 # documents whose blocks train or compile a full-size layer: in the slow suite
-SLOW = {"docs/layer.md", "docs/routing.md"}
+SLOW = {"docs/layer.md", "docs/routing.md", "docs/hf.md"}
 
 
 def _documents():

@@ -119,7 +119,7 @@ _slow = pytest.mark.slow
 CASES = [
     ("random", None),
     ("sparse", None),
-    ("one_expert", ROWS),
+    pytest.param("one_expert", ROWS, marks=_slow),
     pytest.param("one_expert", None, marks=_slow),
     pytest.param("random", ROWS // 2, marks=_slow),
 ]

@@ -114,7 +114,12 @@ def _random_indices(tokens, num_experts, top_k, seed=0):
 
 @pytest.mark.parametrize(
     "block_size,expert_type",
-    [(1, "glu"), (32, "mlp"), (128, "glu"), pytest.param(1, "mlp", marks=pytest.mark.slow)],
+    [
+        (1, "glu"),
+        (32, "mlp"),
+        pytest.param(128, "glu", marks=pytest.mark.slow),
+        pytest.param(1, "mlp", marks=pytest.mark.slow),
+    ],
 )
 def test_random_routing_matches_reference(block_size, expert_type):
     """37 tokens x top-2 over 4 experts: groups of ~18 rows, none a multiple of a tile."""

@@ -167,6 +167,7 @@ def _transformer():
     return MoETransformer(config, rngs=nnx.Rngs(0))
 
 
+@pytest.mark.slow
 def test_packed_documents_equal_separate_documents():
     """Two documents packed into one row (then padding) give the logits of
     each run alone (at the start of a row, whatever follows: attention is

@@ -62,7 +62,7 @@ def _layer_outputs(model, x):
 
 @pytest.mark.parametrize(
     "fsdp",
-    (pytest.param(False, marks=pytest.mark.slow), True),
+    (pytest.param(False, marks=pytest.mark.slow), pytest.param(True, marks=pytest.mark.slow)),
     ids=["fsdp-axis", "fsdp-axis+data"],
 )
 def test_layer_on_data_fsdp_expert_mesh_matches_single_device(fsdp):

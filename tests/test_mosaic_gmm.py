@@ -69,7 +69,9 @@ FAST_CASES = (
 
 
 def _cases(variants):
-    """``(case, variant)`` params; those not in `FAST_CASES` are marked slow."""
+    """``(case, variant)`` params: `FAST_CASES`, and (slow) each case once, the variants
+    taken in turn, so every case and every variant runs."""
+    chosen = {(case, variants[i % len(variants)]) for i, case in enumerate(CASES)}
     return [
         pytest.param(
             case,
@@ -79,6 +81,7 @@ def _cases(variants):
         )
         for case in CASES
         for variant in variants
+        if (case, variant) in chosen or (case, variant) in FAST_CASES
     ]
 
 
@@ -472,6 +475,7 @@ def _layer_step(impl, x):
     return y, grads, _mosaic_kernels(step, params, x)
 
 
+@pytest.mark.slow
 def test_dropless_layer_forward_backward_matches_xla():
     """21 tokens x top-2 = 42 rows (not a multiple of 8: the row-padding path).
     Kernels: forward x@W1, act@W2; backward dy@W2ᵀ, dh@W1ᵀ and two tgmm."""
@@ -516,7 +520,7 @@ def test_production_tiles_match_numpy():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("seed", range(2))  # even: rhs [E, k, n]; odd: transposed
 def test_random_sweep_default_tiles(seed):
     """Larger random problems with the default tiles (many groups per tile, long K)."""
     rng = np.random.default_rng(seed)

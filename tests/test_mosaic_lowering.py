@@ -164,6 +164,7 @@ def test_over_budget_config_fails_to_lower():
         )
 
 
+@pytest.mark.slow
 def test_dropless_layer_step_lowers_to_mosaic_kernels():
     """Forward + backward of a SwiGLU dMoE layer with impl="mosaic": 3 forward
     gmm (x@W1, x@W3, act@W2), 3 backward gmm with transposed weights (dy@W2ᵀ,

@@ -15,6 +15,7 @@ nbformat = pytest.importorskip("nbformat")
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_quickstart_notebook_runs():
     """Catches a notebook whose training does not train (planted by hand:
     a learning rate of 0 leaves step 59 at the step-0 loss)."""

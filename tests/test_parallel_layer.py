@@ -207,6 +207,7 @@ def _train(model, tokens, steps: int):
     return jnp.stack(losses), nnx.to_pure_dict(nnx.state(model, nnx.Param))
 
 
+@pytest.mark.slow
 def test_transformer_train_step_on_2x4_mesh_matches_single_device():
     config = _lm_config()
     tokens = jnp.asarray(np.random.default_rng(0).integers(0, 256, (8, 17)), jnp.int32)

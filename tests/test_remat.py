@@ -44,6 +44,7 @@ def _loss_and_grads(remat: str, tokens):
     return value, nnx.to_pure_dict(nnx.state(grads)), checkpoints
 
 
+@pytest.mark.slow
 def test_remat_keeps_loss_and_gradients():
     tokens = np.random.default_rng(0).integers(0, 256, (2, 17)).astype(np.int32)
     want_loss, want_grads, none_checkpoints = _loss_and_grads("none", tokens)

@@ -79,7 +79,7 @@ def _loss_and_grads(model, tokens):
 @pytest.mark.parametrize(
     "kw",
     [
-        dict(moe_every=2, remat="ffn"),
+        pytest.param(dict(moe_every=2, remat="ffn"), marks=pytest.mark.slow),
         pytest.param(
             dict(num_layers=2, moe_kw=dict(router_jitter_eps=0.1)), marks=pytest.mark.slow
         ),

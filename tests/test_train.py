@@ -109,6 +109,7 @@ def _router_and_expert_grads(model, tokens):
     ]
 
 
+@pytest.mark.slow
 def test_moe_learns_beyond_unigram(tmp_path, text_file):
     """The dMoE LM learns context: within 60 steps the cross-entropy it
     reports on batches it has not trained on yet (each step's loss is taken
@@ -165,6 +166,7 @@ def _losses(out: Path) -> list:
     ]
 
 
+@pytest.mark.slow
 def test_resume_is_exact(tmp_path, text_file):
     """An interrupted run resumed from its step-4 checkpoint reproduces the
     uninterrupted run's losses and final parameters exactly."""
@@ -376,6 +378,7 @@ def test_param_counts_and_flops():
 # ------------------------------------------------------------------ precision and accumulation
 
 
+@pytest.mark.slow
 def test_grad_accum_equals_the_large_batch_step():
     """With the aux losses off, 4 accumulated micro-batches of 2 give the loss and the
     gradients of one batch of 8 (measured: 1e-8 apart), and the summed expert counts."""
