@@ -197,7 +197,7 @@ def _measure(folder: Path, *mesh: str) -> dict:
 
 @pytest.mark.slow
 def test_load_peak_memory(tmp_path):
-    """~650 MB float32 checkpoint: peak RSS growth during the load <= 1.3x the
+    """~650 MB float32 checkpoint: peak anonymous RSS growth during the load <= 1.3x the
     process's shards + the largest parameter, on one device and on a 2 x 4
     mesh with FSDP (8 host devices in one process)."""
     size = _write_large_checkpoint(tmp_path / "ckpt", layers=6)

@@ -10,6 +10,7 @@ import os
 import re
 import shutil
 import signal
+import string
 import subprocess
 import sys
 import time
@@ -430,8 +431,8 @@ def test_bfloat16_compute_tracks_float32():
 
 
 def _poisoned_token(config: TrainConfig, step: int) -> tuple[int, set[int]]:
-    """A token id of ``step``'s batch (from 1) and the steps (from 1) whose batches
-    hold it: of the batch's ids, the one in the fewest of the run's batches (read
+    """A token id first seen in ``step``'s batch (from 1) and the steps (from 1) whose
+    batches hold it: of those ids, the one in the fewest of the run's batches (read
     from the run's own data pipeline)."""
     corpus = pipeline.Corpus(pipeline.prepared(config.data, config.cache_dir))
     records, _ = corpus.split(0.05)
@@ -440,7 +441,9 @@ def _poisoned_token(config: TrainConfig, step: int) -> tuple[int, set[int]]:
     batches = [next(iterator)["tokens"] for _ in range(config.steps)]
     iterator.close()
     holds = lambda v: {i + 1 for i, b in enumerate(batches) if np.any(b == v)}
-    token = min(np.unique(batches[step - 1]), key=lambda v: len(holds(v)))
+    first_seen = [v for v in np.unique(batches[step - 1]) if min(holds(v)) == step]
+    assert first_seen, f"no token id is first seen at step {step}"
+    token = min(first_seen, key=lambda v: len(holds(v)))
     return int(token), holds(token)
 
 
@@ -468,8 +471,12 @@ def test_nonfinite_loss_stops_or_is_skipped(tmp_path, text_file, monkeypatch):
     skipped updates are counted and leave the optimizer's step count behind. The
     skipping run also writes TensorBoard scalars equal to metrics.jsonl's."""
     real_loss = train_module.lm_loss
-
-    config = _config(tmp_path, text_file, checkpoint_every=2)
+    # One of 36 rare characters on each line: ids that first show up in a later batch.
+    rare = string.ascii_uppercase + string.digits
+    lines = text_file.read_text().splitlines()
+    corpus = tmp_path / "rare.txt"
+    corpus.write_text("".join(f"{line} {rare[i % 36]}\n" for i, line in enumerate(lines)))
+    config = _config(tmp_path, corpus, checkpoint_every=2)
     token, bad = _poisoned_token(config, step=3)
     first = min(bad)
 

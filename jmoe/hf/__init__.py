@@ -70,9 +70,12 @@ def load_config(path, *, param_dtype=None, dtype=jnp.float32, impl: str = "auto"
 
 def _parameter(mapping, read, variable, sharding, dtype) -> jax.Array:
     """One parameter as a jax.Array in ``sharding`` (None: the default device),
-    each distinct shard read once from the checkpoint."""
+    each distinct shard read once from the checkpoint. Waits for the copies to
+    the devices, so host memory never holds more than this parameter's slices
+    (transfers are asynchronous: on a busy host they would pile up)."""
     if sharding is None:
-        return jax.device_put(hf_tensors.param_slice(mapping, read, variable.shape).astype(dtype))
+        value = jax.device_put(hf_tensors.param_slice(mapping, read, variable.shape).astype(dtype))
+        return value.block_until_ready()
 
     @functools.cache
     def shard(box):
@@ -81,7 +84,7 @@ def _parameter(mapping, read, variable, sharding, dtype) -> jax.Array:
     def callback(index):
         return shard(hf_tensors.normalized(index, variable.shape))
 
-    return jax.make_array_from_callback(variable.shape, sharding, callback)
+    return jax.make_array_from_callback(variable.shape, sharding, callback).block_until_ready()
 
 
 def load(
