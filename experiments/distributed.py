@@ -23,7 +23,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import math
+import os
 import socket
+import sys
 import time
 from collections.abc import Callable
 
@@ -213,6 +215,17 @@ def initialize(coordinator: str | None, num_processes: int, process_id: int, tim
         process_id=process_id,
         initialization_timeout=timeout,
     )
+    sys.excepthook = _exit_at_once
+
+
+def _exit_at_once(kind, error, traceback):
+    """Prints an uncaught exception and exits with status 1 at once: the normal exit
+    would wait at jax's shutdown barrier for the other processes, which are stuck in a
+    collective with this one, so the run would hang instead of failing (`launch_local`
+    then stops the others)."""
+    sys.__excepthook__(kind, error, traceback)
+    sys.stderr.flush()
+    os._exit(1)
 
 
 def is_main_process() -> bool:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.metadata
+import itertools
 import json
 from pathlib import Path
 
@@ -172,15 +173,22 @@ def eval_batches(
     process_count: int = 1,
 ) -> list[dict[str, np.ndarray]]:
     """The fixed validation set of this process: ``num_batches`` dicts of
-    ``[batch_size, seq_len + 1] int32`` arrays."""
-    local = records[process_index::process_count].to_iter_dataset()
-    batches = list(_packed(local, seq_len).batch(batch_size, drop_remainder=True))
+    ``[batch_size, seq_len + 1] int32`` arrays.
+
+    Every process packs the whole (small) validation split into the global
+    batches of ``batch_size * process_count`` rows and keeps its own rows of
+    each, so the validation set is the same for any number of processes and
+    no process is left without rows when the split has few documents."""
+    global_rows = batch_size * process_count
+    packed = _packed(records.to_iter_dataset(), seq_len).batch(global_rows, drop_remainder=True)
+    batches = list(itertools.islice(packed, num_batches))
     if len(batches) < num_batches:
         raise ValueError(
-            f"data: the validation records hold {len(batches)} batches of {batch_size} x "
-            f"{seq_len + 1} tokens per process, fewer than eval_batches={num_batches}"
+            f"data: the validation records hold {len(batches)} batches of {global_rows} x "
+            f"{seq_len + 1} tokens, fewer than eval_batches={num_batches}"
         )
-    return batches[:num_batches]
+    rows = slice(process_index * batch_size, (process_index + 1) * batch_size)
+    return [{name: array[rows] for name, array in batch.items()} for batch in batches]
 
 
 def kjv_chapters() -> list[dict]:
