@@ -6,8 +6,6 @@ parameters as a one-device load, round trips, (slow) peak host memory, and
 through ``python -m experiments.launch_local``)."""
 
 import json
-import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -20,6 +18,7 @@ from flax import nnx
 import jmoe.hf
 from helpers.hf_fixtures import FIXTURES
 from helpers.host_devices import host_cpus
+from helpers.launch import launch_two_processes
 from jmoe import MoEConfig
 from jmoe.hf import config as hf_config
 from jmoe.hf import tensors as hf_tensors
@@ -87,43 +86,11 @@ def test_load_and_save_across_two_processes(tmp_path):
     """2 processes x 4 host devices, one 2 x 4 mesh with FSDP: each process
     reads only its half of the checkpoint, process 0 alone writes the shards,
     and the saved folder loads (on one device) to the fixture's parameters."""
-    repo = Path(__file__).resolve().parents[1]
     out, report = tmp_path / "saved", tmp_path / "report"
-    command = [
-        sys.executable,
-        "-m",
-        "experiments.launch_local",
-        "--processes",
-        "2",
-        "--",
-        "helpers.hf_multiprocess_worker",
-        str(FIXTURES / "olmoe"),
-        str(out),
-        "--report",
-        str(report),
-        "--host-devices",
-        "4",
-        "--max-shard-bytes",
-        "60000",
-    ]
-    # XLA_FLAGS="": --host-devices, not conftest's 8 devices, sets each process's 4.
-    env = {**os.environ, "PYTHONPATH": f"{repo}{os.pathsep}{repo / 'tests'}", "XLA_FLAGS": ""}
-    # Its own session: a timeout stops the launcher and both workers.
-    launcher = subprocess.Popen(
-        command,
-        cwd=repo,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
+    worker_args = [str(FIXTURES / "olmoe"), str(out), "--report", str(report)]
+    launch_two_processes(
+        "helpers.hf_multiprocess_worker", *worker_args, "--max-shard-bytes", "60000", timeout=180
     )
-    try:
-        stdout, _ = launcher.communicate(timeout=180)
-    except subprocess.TimeoutExpired:
-        os.killpg(launcher.pid, signal.SIGKILL)
-        stdout, _ = launcher.communicate()
-    assert launcher.returncode == 0, stdout[-6000:]
 
     reports = [json.loads((report / f"process-{i}.json").read_text()) for i in range(2)]
     index = json.loads((out / "model.safetensors.index.json").read_text())

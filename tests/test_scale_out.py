@@ -10,10 +10,7 @@ line with a tiny model) through ``python -m experiments.launch_local``.
 
 import dataclasses
 import json
-import os
 import shutil
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -22,9 +19,9 @@ import pytest
 
 from experiments import distributed, launch_local
 from experiments.train import TrainConfig, read_metrics, train
+from helpers.launch import launch_two_processes
 from helpers.scale_out_worker import tiny_model
 
-REPO = Path(__file__).resolve().parents[1]
 LOSS_TOL = 2e-4  # the issue's bound on the logged loss
 
 
@@ -111,33 +108,9 @@ def _launch(out: Path, corpus: Path, *extra: str):
     """``launch_local --processes 2 -- helpers.scale_out_worker ...`` on a 2x4 mesh, 4 host
     devices per process."""
     flags = [f"--{k.replace('_', '-')}={v}" for k, v in FLAGS.items()]
-    command = [
-        sys.executable,
-        "-m",
-        "experiments.launch_local",
-        "--processes",
-        "2",
-        "--",
-        "helpers.scale_out_worker",
-        *flags,
-        "--data",
-        str(corpus),
-        "--out",
-        str(out),
-        "--cache-dir",
-        str(out.parent / "cache"),
-        "--mesh",
-        "2x4",
-        "--host-devices",
-        "4",
-        *extra,
-    ]
-    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{REPO / 'tests'}", "XLA_FLAGS": ""}
-    result = subprocess.run(
-        command, cwd=REPO, env=env, capture_output=True, text=True, timeout=1800
-    )
-    assert result.returncode == 0, result.stdout[-4000:]
-    return result.stdout
+    cache = str(out.parent / "cache")
+    run = ["--data", str(corpus), "--out", str(out), "--cache-dir", cache, "--mesh", "2x4"]
+    return launch_two_processes("helpers.scale_out_worker", *flags, *run, *extra, timeout=1800)
 
 
 def _logged(out: Path) -> dict:

@@ -12,4 +12,7 @@
 * `hf_fixtures`: the Hugging Face fixtures in ``tests/fixtures/hf``.
 * `scale_out_worker`: ``experiments.train`` with a tiny model, run as
   ``python -m helpers.scale_out_worker`` by the multi-process tests.
+* `launch`: running such a worker module in 2 JAX processes (`launch_local`).
+* `hf_multiprocess_worker`, `hf_memory`: `jmoe.hf` load/save across 2 processes, and
+  the peak host memory of a load (subprocesses of test_hf_sharded.py).
 """
