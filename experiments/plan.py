@@ -178,14 +178,14 @@ def flops_per_token(model: TransformerConfig) -> dict[str, float]:
     """Training FLOPs per token (`experiments.flops`: ``6 * N_active`` plus causal
     attention's scores); ``remat`` adds the recomputed forward of each FFN or block
     (everything but the output projection)."""
-    train = flops.flops_per_token(model)
+    training = flops.flops_per_token(model)  # 3x the forward's
     recompute = {
         "none": 0,
         "ffn": 2 * flops.ffn_params_active(model),
-        "block": train / 3 - 2 * model.d_model * model.vocab_size,
+        "block": training / 3 - 2 * model.d_model * model.vocab_size,
     }[model.remat]
     active = flops.matmul_params_active(model)
-    return {"active_params": active, "train": train, "with_remat": train + recompute}
+    return {"active_params": active, "train": training, "with_remat": training + recompute}
 
 
 def _axis_bandwidth(axes: dict[str, int], name: str, device: Device) -> float:
