@@ -19,10 +19,11 @@ _FLAG = "--xla_force_host_platform_device_count"
 if _FLAG not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {_FLAG}=8".strip()
 
-# One persistent XLA compilation cache (per user, in the temp dir, kept between runs) for the
-# run's processes: both pytest-xdist workers and the CLI subprocesses the tests start (they inherit the environment) compile the same
-# train steps, and on 2 cores compiling is most of the suite's time. Keyed by the program,
-# the compile options and the jax version, so a changed program is compiled anew.
+# One persistent XLA compilation cache (per user, in the temp dir, kept between runs) for
+# the run's processes: both pytest-xdist workers and the CLI subprocesses the tests start
+# (they inherit the environment) compile the same train steps, and on 2 cores compiling is
+# most of the suite's time. Keyed by the program, the compile options and the jax version,
+# so a changed program is compiled anew.
 os.environ.setdefault(
     "JAX_COMPILATION_CACHE_DIR", str(Path(tempfile.gettempdir()) / f"jmoe-tests-xla-{os.getuid()}")
 )
