@@ -21,6 +21,9 @@ from pallas_kernels.products import IMPLS
 
 DESCRIPTION = "Train an MoE transformer language model (byte-level presets on the KJV Bible)."
 DTYPES = ("float32", "bfloat16")
+# The dropless layer's expert-parallel receive buffer in training: 1.25x the balanced rows,
+# more rounds when routing is skewed (docs/expert_parallel_rounds.md#measured-step-time).
+TRAINING_EP_BUFFER_FACTOR = 1.25
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -324,7 +327,13 @@ def compute_dtype(flag: str) -> str:
 
 
 def model_from_args(args: argparse.Namespace) -> TransformerConfig:
-    """The preset with the model flags, then ``--config``, then ``--set`` applied."""
+    """The preset with the model flags, then ``--config``, then ``--set`` applied.
+
+    Training bounds the dropless layer's expert-parallel buffers by default:
+    ``moe.ep_buffer_factor`` is `TRAINING_EP_BUFFER_FACTOR` unless the model
+    sets it or ``moe.ep_capacity_factor`` (``--set moe.ep_buffer_factor=none``
+    restores worst-case buffers).
+    """
     if args.init_from_hf is None:
         model = preset(args.preset, ffn=args.ffn, capacity_factor=args.capacity_factor).replace(
             moe_every=args.moe_every, remat=args.remat
@@ -341,7 +350,10 @@ def model_from_args(args: argparse.Namespace) -> TransformerConfig:
         param_dtype=getattr(jnp, args.param_dtype),
         **({} if args.impl is None else {"impl": args.impl}),
     )
-    model = model.replace(moe=model.moe.replace(**routing_changes(args), **precision))
+    moe = model.moe.replace(**routing_changes(args), **precision)
+    if moe.ep_buffer_factor is None and moe.ep_capacity_factor is None:
+        moe = moe.replace(ep_buffer_factor=TRAINING_EP_BUFFER_FACTOR)
+    model = model.replace(moe=moe)
     if args.config is not None:
         model = overrides.apply(
             model, overrides.read_config_file(args.config), f"--config {args.config}"

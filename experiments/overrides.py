@@ -7,7 +7,8 @@ writes a model in the nested form, which `apply` reads back to the same config. 
 are converted to the field's type: ``int``, ``float``, ``bool`` (``true``/``false``),
 ``str``, ``none``/``null`` where a field may be None, and dtype names (``bfloat16``) for
 ``moe.dtype`` and ``moe.param_dtype``. Setting ``d_model`` also sets ``moe.d_model``
-unless that is given too.
+unless that is given too, and setting ``moe.ep_capacity_factor`` clears
+``moe.ep_buffer_factor`` (the two are exclusive) unless that is given too.
 """
 
 from __future__ import annotations
@@ -122,6 +123,8 @@ def apply(model: TransformerConfig, changes: dict[str, object], source: str) -> 
             )
     if "d_model" in top:
         moe.setdefault("d_model", top["d_model"])
+    if moe.get("ep_capacity_factor") is not None:  # the two factors are exclusive
+        moe.setdefault("ep_buffer_factor", None)
     return model.replace(**top, moe=model.moe.replace(**moe))
 
 

@@ -333,6 +333,22 @@ def test_set_and_config_override_the_preset(tmp_path, capsys):
     assert "error: top_k must be a positive int, got 0" in capsys.readouterr().err
 
 
+def test_training_bounds_the_expert_parallel_buffer_by_default():
+    """The trainer's dMoE gets ep_buffer_factor=1.25 unless the model sets it or the
+    (exclusive) ep_capacity_factor; ``none`` restores worst-case buffers."""
+    moe_of = lambda *sets: config_from_args(parse_args([a for s in sets for a in ("--set", s)]))[
+        0
+    ].model.moe
+    assert preset("xs").moe.ep_buffer_factor is None  # the library's default stays
+    assert moe_of().ep_buffer_factor == 1.25
+    assert moe_of("moe.ep_buffer_factor=2").ep_buffer_factor == 2.0
+    assert moe_of("moe.ep_buffer_factor=none").ep_buffer_factor is None
+    capped = moe_of("moe.ep_capacity_factor=1.5")
+    assert (capped.ep_buffer_factor, capped.ep_capacity_factor) == (None, 1.5)
+    with pytest.raises(ValueError, match="ep_buffer_factor=2.0 .* and"):
+        moe_of("moe.ep_capacity_factor=1.5", "moe.ep_buffer_factor=2")
+
+
 def test_param_counts_and_flops():
     """`flops.param_counts` equals the parameters the model creates (variants of
     attention, FFN and embeddings) and the published totals of the large presets;
