@@ -336,9 +336,9 @@ def test_set_and_config_override_the_preset(tmp_path, capsys):
 def test_training_bounds_the_expert_parallel_buffer_by_default():
     """The trainer's dMoE gets ep_buffer_factor=1.25 unless the model sets it or the
     (exclusive) ep_capacity_factor; ``none`` restores worst-case buffers."""
-    moe_of = lambda *sets: config_from_args(parse_args([a for s in sets for a in ("--set", s)]))[
-        0
-    ].model.moe
+    moe_of = lambda *sets: (
+        config_from_args(parse_args([a for s in sets for a in ("--set", s)]))[0].model.moe
+    )
     assert preset("xs").moe.ep_buffer_factor is None  # the library's default stays
     assert moe_of().ep_buffer_factor == 1.25
     assert moe_of("moe.ep_buffer_factor=2").ep_buffer_factor == 2.0
