@@ -59,7 +59,7 @@ def _generate(graphdef, state, prompt, keys, *, max_new_tokens, sampling):
     model = nnx.merge(graphdef, state)
     batch, prompt_len = prompt.shape
     caches = model.init_cache(batch, prompt_len + max_new_tokens)
-    logits, caches = model.cached(prompt, caches, jnp.int32(0))
+    logits, caches = model.cached(prompt, caches, jnp.int32(0), last_only=True)
     first = sample_logits(logits[:, -1], keys[0], *sampling)
     out = jnp.zeros((batch, max_new_tokens), jnp.int32).at[:, 0].set(first)
 

@@ -406,11 +406,18 @@ class MoETransformer(nnx.Module):
         return self.blocks.stack(caches) if c.scan_layers else caches
 
     def cached(
-        self, tokens: jax.Array, caches: list[KVCache], position: jax.Array
+        self,
+        tokens: jax.Array,
+        caches: list[KVCache],
+        position: jax.Array,
+        *,
+        last_only: bool = False,
     ) -> tuple[jax.Array, list[KVCache]]:
         """Logits of ``tokens [batch, seq]`` at positions ``position ..
         position + seq - 1`` given the earlier positions' KV caches (from
-        `init_cache`): ``-> (logits [batch, seq, vocab] float32, updated caches)``.
+        `init_cache`): ``-> (logits [batch, seq, vocab] float32, updated caches)``;
+        ``[batch, 1, vocab]``, the last position's, with ``last_only`` (a
+        prefill then skips ``seq - 1`` positions' ``[d_model, vocab]`` GEMMs).
         Used by `jmoe.generate` for the prefill (``position`` 0) and each decode step.
         """
         length_axis = 2 if self.config.scan_layers else 1  # stacked: [groups, batch, len, ...]
@@ -420,12 +427,12 @@ class MoETransformer(nnx.Module):
         x = self.embed(tokens)
         if self.config.scan_layers:
             x, updated = self.blocks.cached(x, caches, position)
-            return self._logits(x), updated
-        updated = []
-        for block, cache in zip(self.blocks, caches):
-            x, _, cache = block.cached(x, cache, position)
-            updated.append(cache)
-        return self._logits(x), updated
+        else:
+            updated = []
+            for block, cache in zip(self.blocks, caches):
+                x, _, cache = block.cached(x, cache, position)
+                updated.append(cache)
+        return self._logits(x[:, -1:] if last_only else x), updated
 
     def __call__(
         self,

@@ -80,9 +80,9 @@ def mixtral_runs():
     traces = []
     original = MoETransformer.cached
 
-    def counting(self, tokens, caches, position):
+    def counting(self, tokens, caches, position, **kw):
         traces.append(tokens.shape)
-        return original(self, tokens, caches, position)
+        return original(self, tokens, caches, position, **kw)
 
     MoETransformer.cached = counting
     try:
@@ -177,6 +177,10 @@ def test_cached_forward_equals_full_forward(kw):
         logits, caches = cached(model, tokens[:, p : p + 1], caches, jnp.int32(p))
         steps.append(logits)
     np.testing.assert_allclose(np.concatenate(steps, axis=1), full, atol=1e-5, rtol=1e-5)
+    last, _ = jax.jit(lambda m, t, c: m.cached(t, c, jnp.int32(0), last_only=True))(
+        model, tokens[:, :5], model.init_cache(3, 8)
+    )
+    np.testing.assert_allclose(last, full[:, 4:5], atol=1e-5, rtol=1e-5)
 
 
 def test_decode_expert_gemms_scale_with_assignments():
