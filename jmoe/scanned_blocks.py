@@ -115,6 +115,15 @@ def _blocks_index(path: tuple) -> int | None:
     return path.index(_BLOCKS) if _BLOCKS in path else None
 
 
+def is_stacked(path: Sequence) -> bool:
+    """Whether the state leaf at ``path`` (its keys, e.g. ``("blocks", "layers", 0, "ffn",
+    "experts", "w1")``, under any prefix such as an optimizer's ``opt_state/0/mu``) is
+    stacked: its leading axis is the scanned layout's ``[groups]`` layer axis."""
+    path = tuple(path)
+    at = _blocks_index(path)
+    return at is not None and path[at + 1 : at + 2] == (_LAYERS,)
+
+
 def _replace_leaf(leaf, value):
     return leaf.replace(value) if isinstance(leaf, nnx.Variable) else value
 
