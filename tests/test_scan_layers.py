@@ -23,6 +23,7 @@ import jmoe
 import jmoe.hf
 from experiments.checkpoint import Checkpoints
 from experiments.train import lm_loss, train_step
+from helpers.expert_parallel import LOGIC_IMPL
 from helpers.hf_fixtures import FIXTURES, expected, random_model
 from helpers.host_devices import host_cpus
 from jmoe import MoEConfig
@@ -116,7 +117,8 @@ def test_same_loss_aux_and_gradients_as_the_loop(kw):
 def test_on_a_data_fsdp_expert_mesh_matches_one_device():
     """Expert-parallel dMoE layers inside `nnx.scan`: the scanned body sees the ``[E, a, b]``
     slice of each group's ``[groups, E, a, b]`` expert weights, split over ``"expert"``."""
-    scan = random_model(_config(moe_every=2, scan_layers=True))
+    config = _config(moe_every=2, scan_layers=True)
+    scan = random_model(config.replace(moe=config.moe.replace(impl=LOGIC_IMPL)))
     tokens = _tokens(batch=8)
     with jax.default_device(host_cpus()[0]):
         (loss, (ce, aux)), grads = _loss_and_grads(scan, tokens)
