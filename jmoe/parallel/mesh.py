@@ -11,6 +11,8 @@ The names the experiments use are ``"data"`` (pure data parallelism),
 
 Other parameters (and the optimizer moments beside them) are replicated, or
 FSDP-split over ``"fsdp"`` and, with ``fsdp=True``, over ``"data"`` as well.
+A scanned model's stacked leaves ``[groups, ...]`` keep their layer axis whole
+(`param_spec`).
 
 Under ``with jax.set_mesh(mesh):`` `DroplessMoE` runs expert-parallel when the
 mesh has an ``"expert"`` axis; without one, plain data parallelism.
