@@ -163,9 +163,9 @@ def stack_layers(state: nnx.State, period: int) -> nnx.State:
 def unstack_layers(state: nnx.State) -> nnx.State:
     """The loop layout of a scanned-layout ``state`` (inverse of `stack_layers`)."""
     positions = {
-        path[at + 2] + 1
+        path[_blocks_index(path) + 2] + 1
         for path, _ in nnx.to_flat_state(state)
-        if (at := _blocks_index(path)) is not None and path[at + 1] == _LAYERS
+        if is_stacked(path)
     }
     period = max(positions, default=1)
     flat = []
