@@ -115,6 +115,15 @@ def _blocks_index(path: tuple) -> int | None:
     return path.index(_BLOCKS) if _BLOCKS in path else None
 
 
+def is_stacked(path: Sequence) -> bool:
+    """Whether the state leaf at ``path`` (its keys, e.g. ``("blocks", "layers", 0, "ffn",
+    "experts", "w1")``, under any prefix such as an optimizer's ``opt_state/0/mu``) is
+    stacked: its leading axis is the scanned layout's ``[groups]`` layer axis."""
+    path = tuple(path)
+    at = _blocks_index(path)
+    return at is not None and path[at + 1 : at + 2] == (_LAYERS,)
+
+
 def _replace_leaf(leaf, value):
     return leaf.replace(value) if isinstance(leaf, nnx.Variable) else value
 
@@ -154,9 +163,9 @@ def stack_layers(state: nnx.State, period: int) -> nnx.State:
 def unstack_layers(state: nnx.State) -> nnx.State:
     """The loop layout of a scanned-layout ``state`` (inverse of `stack_layers`)."""
     positions = {
-        path[at + 2] + 1
+        path[_blocks_index(path) + 2] + 1
         for path, _ in nnx.to_flat_state(state)
-        if (at := _blocks_index(path)) is not None and path[at + 1] == _LAYERS
+        if is_stacked(path)
     }
     period = max(positions, default=1)
     flat = []

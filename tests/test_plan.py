@@ -1,8 +1,8 @@
 """`experiments.plan`: the published OLMoE-1B-7B's per-device state on an abstract 16-device
-``fsdp=2,expert=8`` mesh against its shapes counted by hand, and (slow, 8 host devices) a small
-model's planned state against the compiled train step's argument bytes (within 1%) and its
-activation estimate against XLA's compiled temporary memory of the gradient under each remat
-policy (within 25%).
+``fsdp=2,expert=8`` mesh against its shapes counted by hand, a scanned small model's against
+its placed arrays (8 host devices), and (slow) a small model's planned state against the
+compiled train step's argument bytes (within 1%) and its activation estimate against XLA's
+compiled temporary memory of the gradient under each remat policy (within 25%).
 
 The activation check runs a small model (d_model 32, 2 blocks, seq 128, 8 experts, top-2, batch
 32 on a 4 x 2 mesh), not the ``s`` preset: the ``s`` gradient takes minutes to compile on 2 CPU
@@ -14,11 +14,14 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 from flax import nnx
 
 from experiments import distributed, plan, train
+from helpers.host_devices import held_bytes, host_cpus
 from jmoe import MoEConfig
+from jmoe.parallel import make_named_mesh, state_shardings
 from jmoe.transformer import MoETransformer, TransformerConfig
 
 
@@ -81,6 +84,25 @@ def _batch(placement, model):
     return jax.ShapeDtypeStruct(
         (BATCH, model.max_seq_len + 1), jnp.int32, sharding=placement.batch_sharding
     )
+
+
+def test_planned_state_bytes_of_a_scanned_model_equal_the_placed_arrays():
+    """``scan_layers``: the planned per-device state equals what the ``(model, optimizer)``
+    arrays hold once placed as the trainer places them (zeros, to compile nothing), and, the
+    stacked ``[groups, ...]`` layer axis never being split, the loop model's plan (checked
+    against XLA below)."""
+    axes = {"data": 2, "fsdp": 2, "expert": 2}
+    config = _config(_small().replace(scan_layers=True), axes, fsdp=True)
+    abstract = plan.abstract_state(config)
+    mesh = make_named_mesh(axes, devices=host_cpus())
+    zeros = jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), abstract)
+    placed = jax.device_put(zeros, state_shardings(abstract, mesh, fsdp=True))
+    memory = plan.make_plan(config, "cpu")["memory"]
+    planned = memory["parameters"] + memory["other_model_state"] + memory["optimizer_state"]
+    assert planned == held_bytes(placed)
+    loop = plan.make_plan(dataclasses.replace(config, model=_small()), "cpu")["memory"]
+    for key in ("parameters", "optimizer_state"):
+        assert memory[key] == loop[key], key
 
 
 @pytest.mark.slow

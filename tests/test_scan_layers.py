@@ -3,7 +3,9 @@ of blocks: parameters copied between the two layouts give the same loss, aux
 and gradients (float32, tight tolerance), the same training step (optimizer
 moments and DeepSeek expert-bias updates included), the same generated tokens,
 and the same Hugging Face files; Orbax checkpoints round-trip; the layout
-conversions are exact inverses and refuse the wrong layout."""
+conversions are exact inverses and refuse the wrong layout. On a ``data=2,fsdp=2,expert=2``
+mesh of 8 host devices (tests/conftest.py) the scanned model, its stacked expert weights split
+``P(None, "expert", ...)``, gives the one-device loss and gradients."""
 
 import functools
 
@@ -14,14 +16,20 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 import jmoe
 import jmoe.hf
 from experiments.checkpoint import Checkpoints
 from experiments.train import lm_loss, train_step
+from helpers.expert_parallel import LOGIC_IMPL
 from helpers.hf_fixtures import FIXTURES, expected, random_model
+from helpers.host_devices import host_cpus
 from jmoe import MoEConfig
 from jmoe.hf.files import read_tensors
+from jmoe.parallel import make_named_mesh, state_shardings
+from jmoe.parallel.mesh import token_spec
 from jmoe.scanned_blocks import relayout, stack_layers, unstack_layers
 from jmoe.transformer import MoETransformer, TransformerConfig
 
@@ -103,6 +111,31 @@ def test_same_loss_aux_and_gradients_as_the_loop(kw):
     # the leading layer axis really is there (the comparison is not loop vs loop)
     groups = scan.config.num_layers // scan.config.moe_every
     assert scan.blocks.layers[0].attn_norm.scale.shape == (groups, D)
+
+
+@pytest.mark.slow
+def test_on_a_data_fsdp_expert_mesh_matches_one_device():
+    """Expert-parallel dMoE layers inside `nnx.scan`: the scanned body sees the ``[E, a, b]``
+    slice of each group's ``[groups, E, a, b]`` expert weights, split over ``"expert"``."""
+    config = _config(moe_every=2, scan_layers=True)
+    scan = random_model(config.replace(moe=config.moe.replace(impl=LOGIC_IMPL)))
+    tokens = _tokens(batch=8)
+    with jax.default_device(host_cpus()[0]):
+        (loss, (ce, aux)), grads = _loss_and_grads(scan, tokens)
+    mesh = make_named_mesh({"data": 2, "fsdp": 2, "expert": 2}, devices=host_cpus())
+    state = nnx.state(scan)
+    placed = nnx.merge(nnx.graphdef(scan), jax.device_put(state, state_shardings(state, mesh)))
+    experts = placed.blocks.layers[1].ffn.experts
+    assert experts.w1.get_value().sharding.spec == P(None, "expert", None, "fsdp")  # [2, 4, D, 32]
+    assert experts.w2.get_value().sharding.spec == P(None, "expert", "fsdp", None)  # [2, 4, 32, D]
+    with jax.set_mesh(mesh):
+        (got, (got_ce, got_aux)), got_grads = _loss_and_grads(
+            placed, jax.device_put(tokens, NamedSharding(mesh, token_spec(mesh)))
+        )
+    assert int(got_aux["dropped_tokens"]) == 0
+    np.testing.assert_array_equal(got_aux["tokens_per_expert"], aux["tokens_per_expert"])
+    np.testing.assert_allclose((got, got_ce), (loss, ce), **TOL)
+    _assert_states_close(got_grads, grads, **TOL)
 
 
 def test_built_scanned_model_has_the_stacked_layout():

@@ -11,6 +11,8 @@ The names the experiments use are ``"data"`` (pure data parallelism),
 
 Other parameters (and the optimizer moments beside them) are replicated, or
 FSDP-split over ``"fsdp"`` and, with ``fsdp=True``, over ``"data"`` as well.
+A scanned model's stacked leaves ``[groups, ...]`` keep their layer axis whole
+(`param_spec`).
 
 Under ``with jax.set_mesh(mesh):`` `DroplessMoE` runs expert-parallel when the
 mesh has an ``"expert"`` axis; without one, plain data parallelism.
@@ -24,6 +26,8 @@ from collections.abc import Mapping
 import jax
 from jax.sharding import AbstractMesh, AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
+
+from jmoe.scanned_blocks import is_stacked
 
 DATA = "data"
 FSDP = "fsdp"
@@ -146,10 +150,24 @@ def param_spec(path, shape: tuple[int, ...], mesh, *, fsdp: bool = False) -> P:
     other dimension divisible by the product of the `fsdp_axes` sizes is split
     over them (XLA all-gathers it before use and reduce-scatters its
     gradient); leaves it does not fit are replicated.
+
+    Stacked leaves of a scanned model (``blocks/layers/...``, also under an
+    optimizer's state; `jmoe.scanned_blocks.is_stacked`) are ``[groups, ...]``:
+    the leading layer axis is never split (`nnx.scan` slices one group per
+    step, so splitting it would gather every layer at once) and the rules
+    above apply to the trailing dimensions, e.g. expert weights ``[groups, E,
+    a, b]`` -> ``P(None, "expert", ...)``.
     """
+    names = _names(path)
+    lead = 1 if is_stacked(names) else 0
+    return P(*(None,) * lead, *_layer_spec(names, shape[lead:], mesh, fsdp))
+
+
+def _layer_spec(names: list, shape: tuple[int, ...], mesh, fsdp: bool) -> list:
+    """`param_spec` of one layer's leaf ``shape`` (no stacked layer axis)."""
     spec: list = [None] * len(shape)
     expert_dim = None
-    if EXPERT in mesh.axis_names and "experts" in _names(path) and len(shape) == 3:
+    if EXPERT in mesh.axis_names and "experts" in names and len(shape) == 3:
         expert_dim = 0
         if shape[0] % mesh.shape[EXPERT] == 0:
             spec[0] = EXPERT
@@ -157,7 +175,7 @@ def param_spec(path, shape: tuple[int, ...], mesh, *, fsdp: bool = False) -> P:
     dim = _largest_divisible_dim(shape, expert_dim, math.prod(mesh.shape[a] for a in axes))
     if dim is not None:
         spec[dim] = axes[0] if len(axes) == 1 else axes
-    return P(*spec)
+    return spec
 
 
 def state_shardings(state, mesh: Mesh | AbstractMesh, *, fsdp: bool = False):

@@ -6,7 +6,8 @@
   permutation, layers, DeepSeek routing) that share no code with the library.
 * `jaxpr_tools`: tracing a layer on abstract shapes and walking its jaxpr.
 * `product_harness`: every block-sparse product's output and VJPs in one call.
-* `host_devices`: the 8 host CPU devices of the multi-device tests.
+* `host_devices`: the 8 host CPU devices of the multi-device tests, and the bytes
+  placed arrays hold per device.
 * `expert_parallel`: the expert-parallel tests' problems, single-device and mesh
   runs, the emulated ``ragged_all_to_all`` and an abstract GPU mesh.
 * `hf_fixtures`: the Hugging Face fixtures in ``tests/fixtures/hf``.
