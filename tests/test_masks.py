@@ -16,7 +16,7 @@ from jax.sharding import PartitionSpec as P
 
 from experiments.pipeline import prediction_mask
 from helpers import numpy_reference as ref
-from helpers.expert_parallel import LOGIC_IMPL
+from helpers.expert_parallel import LOGIC_IMPL, layer_config
 from helpers.host_devices import host_cpus
 from jmoe import CapacityMoE, DroplessMoE, MoEConfig
 from jmoe.parallel import make_mesh
@@ -33,20 +33,8 @@ MASK = np.array(
 
 
 def _config(**kw):
-    base = dict(
-        d_model=D,
-        d_ff=16,
-        num_experts=4,
-        top_k=2,
-        expert_type="glu",
-        block_size=32,
-        impl=LOGIC_IMPL,
-        num_shared_experts=1,
-        shared_expert_gate=True,
-        load_balancing_loss_weight=0.1,
-        router_z_loss_weight=0.01,
-    )
-    return MoEConfig(**{**base, **kw})
+    base = dict(d_ff=16, num_experts=4, shared_expert_gate=True, load_balancing_loss_weight=0.1)
+    return layer_config(D, **{**base, **kw})
 
 
 def _layer(layer, config, seed=0):

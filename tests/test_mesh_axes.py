@@ -19,14 +19,15 @@ from jax.sharding import PartitionSpec as P
 
 from experiments.plan import abstract_mesh
 from helpers.expert_parallel import (
-    LOGIC_IMPL,
     ffn_config,
     ffn_problem,
+    layer_config,
+    layer_outputs,
     single_device_outputs,
     value_and_grads,
 )
 from helpers.host_devices import held_bytes, host_cpus
-from jmoe import DroplessMoE, MoEConfig
+from jmoe import DroplessMoE
 from jmoe.parallel import expert_parallel_ffn, make_named_mesh, param_spec, state_shardings
 from jmoe.parallel.mesh import bytes_per_device
 from jmoe.transformer import MoETransformer, TransformerConfig
@@ -37,31 +38,7 @@ AXES = {"data": 2, "fsdp": 2, "expert": 2}
 
 
 def _config():
-    return MoEConfig(
-        d_model=D,
-        d_ff=32,
-        num_experts=8,
-        top_k=2,
-        expert_type="glu",
-        block_size=32,
-        impl=LOGIC_IMPL,
-        num_shared_experts=1,
-        router_z_loss_weight=0.01,
-    )
-
-
-def _layer_outputs(model, x):
-    """Jitted ``(y, aux)`` and the gradients (parameters, x) of
-    ``sum(y * cos) + load_balancing_loss + router_z_loss``."""
-
-    def loss(model, x):
-        y, aux = model(x)
-        weights = jnp.cos(jnp.arange(y.size, dtype=jnp.float32)).reshape(y.shape)
-        return jnp.sum(y * weights) + aux["load_balancing_loss"] + aux["router_z_loss"], (y, aux)
-
-    grad = nnx.jit(nnx.value_and_grad(loss, argnums=(0, 1), has_aux=True))
-    (_, (y, aux)), (param_grads, dx) = grad(model, x)
-    return y, aux, {"params": nnx.to_pure_dict(nnx.state(param_grads)), "x": dx}
+    return layer_config(D)
 
 
 @pytest.mark.parametrize(
@@ -73,14 +50,14 @@ def test_layer_on_data_fsdp_expert_mesh_matches_single_device(fsdp):
     config = _config()
     x = jnp.asarray(np.random.default_rng(0).standard_normal((8, 4, D)), jnp.float32)
     with jax.default_device(host_cpus()[0]):
-        want = _layer_outputs(DroplessMoE(config, rngs=nnx.Rngs(0)), x)
+        want = layer_outputs(DroplessMoE(config, rngs=nnx.Rngs(0)), x)
     mesh = make_named_mesh(AXES, devices=host_cpus())
     model = DroplessMoE(config, rngs=nnx.Rngs(0))
     with jax.set_mesh(mesh):
         state = nnx.state(model)
         nnx.update(model, jax.device_put(state, state_shardings(state, mesh, fsdp=fsdp)))
         tokens = NamedSharding(mesh, P(("data", "fsdp", "expert")))
-        got = _layer_outputs(model, jax.device_put(x, tokens))
+        got = layer_outputs(model, jax.device_put(x, tokens))
     chex.assert_trees_all_equal(got[1]["tokens_per_expert"], want[1]["tokens_per_expert"])
     assert int(got[1]["dropped_tokens"]) == 0
     chex.assert_trees_all_close(got, want, **TOL)

@@ -21,10 +21,16 @@ from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from experiments.presets import preset
-from helpers.expert_parallel import LOGIC_IMPL, abstract_gpu_mesh, layer_grad_fn
+from helpers.expert_parallel import (
+    LOGIC_IMPL,
+    abstract_gpu_mesh,
+    layer_config,
+    layer_grad_fn,
+    layer_outputs,
+)
 from helpers.host_devices import host_cpus
 from helpers.jaxpr_tools import all_eqns
-from jmoe import DroplessMoE, MoEConfig
+from jmoe import DroplessMoE
 from jmoe.parallel import context_mesh, make_mesh, param_spec, state_shardings
 from jmoe.transformer import MoETransformer
 
@@ -33,33 +39,7 @@ TOL = dict(rtol=1e-5, atol=1e-5)
 
 
 def _config(**kw):
-    base = dict(
-        d_model=D,
-        d_ff=32,
-        num_experts=8,
-        top_k=2,
-        expert_type="glu",
-        block_size=32,
-        impl=LOGIC_IMPL,
-        num_shared_experts=1,
-        shared_expert_gate=True,
-        router_z_loss_weight=0.01,
-    )
-    return MoEConfig(**{**base, **kw})
-
-
-def _layer_outputs(model, x):
-    """Jitted ``(y, aux)`` and the gradients (parameters, x) of
-    ``sum(y * cos) + load_balancing_loss + router_z_loss``."""
-
-    def loss(model, x):
-        y, aux = model(x)
-        weights = jnp.cos(jnp.arange(y.size, dtype=jnp.float32)).reshape(y.shape)
-        return jnp.sum(y * weights) + aux["load_balancing_loss"] + aux["router_z_loss"], (y, aux)
-
-    grad = nnx.jit(nnx.value_and_grad(loss, argnums=(0, 1), has_aux=True))
-    (_, (y, aux)), (param_grads, dx) = grad(model, x)
-    return y, aux, {"params": nnx.to_pure_dict(nnx.state(param_grads)), "x": dx}
+    return layer_config(D, shared_expert_gate=True, **kw)
 
 
 def _input(batch=4, seq=8, seed=0):
@@ -71,14 +51,14 @@ def test_layer_under_mesh_matches_single_device(axis_type):
     """2 x 4 mesh, parameters placed by `state_shardings` (FSDP on Auto axes)."""
     config, x = _config(), _input()
     with jax.default_device(host_cpus()[0]):
-        want = _layer_outputs(DroplessMoE(config, rngs=nnx.Rngs(0)), x)
+        want = layer_outputs(DroplessMoE(config, rngs=nnx.Rngs(0)), x)
     mesh = make_mesh(2, 4, axis_type=axis_type, devices=host_cpus())
     model = DroplessMoE(config, rngs=nnx.Rngs(0))
     with jax.set_mesh(mesh):
         state = nnx.state(model)
         fsdp = axis_type == AxisType.Auto
         nnx.update(model, jax.device_put(state, state_shardings(state, mesh, fsdp=fsdp)))
-        got = _layer_outputs(model, jax.device_put(x, NamedSharding(mesh, P("data"))))
+        got = layer_outputs(model, jax.device_put(x, NamedSharding(mesh, P("data"))))
     chex.assert_trees_all_equal(got[1]["tokens_per_expert"], want[1]["tokens_per_expert"])
     assert int(got[1]["dropped_tokens"]) == 0
     chex.assert_trees_all_close(got, want, **TOL)

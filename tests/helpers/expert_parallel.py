@@ -9,6 +9,9 @@ test_exchange_grad.py, test_parallel_layer.py).
   (XLA:CPU cannot run it).
 * `abstract_gpu_mesh`, `layer_grad_fn`: lowering a layer's gradient for CUDA on an
   abstract ``data x expert`` GPU mesh.
+* `layer_config`, `layer_outputs`: the `DroplessMoE` layer tests' config (GLU experts, a
+  shared expert, a z-loss) and its jitted outputs and gradients (test_parallel_layer.py,
+  test_mesh_axes.py, test_masks.py).
 """
 
 import math
@@ -46,6 +49,37 @@ def ffn_config(num_experts, top_k, expert_type="mlp", d_ff=F, impl=LOGIC_IMPL) -
         block_size=32,
         impl=impl,
     )
+
+
+def layer_config(d_model: int, **changes) -> MoEConfig:
+    """A float32 `DroplessMoE` config of width ``d_model``: 8 GLU experts of d_ff 32,
+    top-2, one shared expert, router z-loss 0.01 (``changes`` override)."""
+    base = dict(
+        d_model=d_model,
+        d_ff=32,
+        num_experts=8,
+        top_k=2,
+        expert_type="glu",
+        block_size=32,
+        impl=LOGIC_IMPL,
+        num_shared_experts=1,
+        router_z_loss_weight=0.01,
+    )
+    return MoEConfig(**{**base, **changes})
+
+
+def layer_outputs(model, x):
+    """Jitted ``(y, aux)`` and the gradients (parameters, x) of
+    ``sum(y * cos) + load_balancing_loss + router_z_loss``."""
+
+    def loss(model, x):
+        y, aux = model(x)
+        weights = jnp.cos(jnp.arange(y.size, dtype=jnp.float32)).reshape(y.shape)
+        return jnp.sum(y * weights) + aux["load_balancing_loss"] + aux["router_z_loss"], (y, aux)
+
+    grad = nnx.jit(nnx.value_and_grad(loss, argnums=(0, 1), has_aux=True))
+    (_, (y, aux)), (param_grads, dx) = grad(model, x)
+    return y, aux, {"params": nnx.to_pure_dict(nnx.state(param_grads)), "x": dx}
 
 
 def routed_experts(kind: str, tokens: int, num_experts: int, top_k: int, rng) -> np.ndarray:
