@@ -105,6 +105,13 @@ class _ExchangeSettings(NamedTuple):
     batch_axes: tuple[str, ...]
 
 
+def _mlp(settings: _ExchangeSettings):
+    """``(x, rows, topology, weights) -> out``: `expert_mlp` with the layer's
+    config; in rounds, whose backward recomputes each round's forward, it
+    keeps no hidden activations for its own backward."""
+    return functools.partial(expert_mlp, settings.config, recompute_hidden=settings.in_rounds)
+
+
 def _exchange_round(
     settings: _ExchangeSettings,
     plan: ExchangePlan,
@@ -115,7 +122,7 @@ def _exchange_round(
 ) -> jax.Array:
     """One exchange: tokens ``x [T_local, d]`` -> ``[T_local, d]``, each token's
     gate-weighted sum of the expert outputs of its assignments in the plan."""
-    mlp = functools.partial(expert_mlp, settings.config)
+    mlp = _mlp(settings)
     if settings.method == "padded":
         return exchange_lib.padded_round(mlp, plan, x, assignments, gates, weights)
     rows = exchange_lib.dispatch(x, assignments, plan, settings.method)
@@ -149,9 +156,10 @@ def _padded_step_of_rounds(
     ends = jnp.cumsum(steps)
     round_index = jnp.searchsorted(ends, index, side="right").astype(jnp.int32)
     step = index - ends[round_index] + steps[round_index]
-    mlp = functools.partial(expert_mlp, settings.config)
     plan = _plan(settings, counts, round_index)
-    return exchange_lib.padded_step(mlp, slots, step, plan, x, assignments, gates, weights)
+    return exchange_lib.padded_step(
+        _mlp(settings), slots, step, plan, x, assignments, gates, weights
+    )
 
 
 def _padded_rounds(settings: _ExchangeSettings, rounds, counts, top_k: int, operands):
