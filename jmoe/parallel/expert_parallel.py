@@ -15,6 +15,9 @@ every mesh axis (``"data" x "expert"``, or e.g. ``"data" x "fsdp" x
    of ``config.impl`` on the plan's `Topology`, rows already in its layout);
 5. send the results back, un-permuted and weighted (`exchange.combine`).
 
+The padded exchange (XLA:CPU) does 3-5 in steps of one bucket per rank pair,
+the MLP reading the received bucket itself (`exchange.padded_round`).
+
 Static shapes: a rank can receive up to ``ep * T_local * min(k, L)`` rows
 (every token of every rank choosing its experts), so by default the receive
 buffer and the local layout are sized for that worst case and no token is
