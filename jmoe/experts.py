@@ -52,7 +52,12 @@ class MLPWeights(nnx.Module):
 
 
 def expert_mlp(
-    config: MoEConfig, x: jax.Array, rows: RowMap | None, topo: Topology, weights: ExpertWeights
+    config: MoEConfig,
+    x: jax.Array,
+    rows: RowMap | None,
+    topo: Topology,
+    weights: ExpertWeights,
+    recompute_hidden: bool = False,
 ) -> jax.Array:
     """The routed experts' MLP with ``config``'s activation and ``impl``.
 
@@ -60,10 +65,17 @@ def expert_mlp(
     expert-parallel (``_local_ffn``) layers: `pallas_kernels.expert_mlp.routed_mlp`.
     ``x [tokens, d_model]`` with a `RowMap` -> ``[tokens, d_model]``, weighted
     and summed over each token's rows; ``x [P, d_model]`` already in ``topo``'s
-    layout with ``rows=None`` -> ``[P, d_model]``.
+    layout with ``rows=None`` -> ``[P, d_model]``. ``recompute_hidden``: keep
+    no ``[P, d_ff]`` activations for the backward pass (it recomputes them).
     """
     return routed_mlp(
-        x, rows, topo, weights, activation=EXPERT_ACTIVATIONS[config.expert_type], impl=config.impl
+        x,
+        rows,
+        topo,
+        weights,
+        activation=EXPERT_ACTIVATIONS[config.expert_type],
+        impl=config.impl,
+        recompute_hidden=recompute_hidden,
     )
 
 

@@ -50,9 +50,9 @@ class ExpertWeights(NamedTuple):
     w2: jax.Array
 
 
-# (x, rows: RowMap or None, topo, weights, activation name) -> y; see
+# (x, rows: RowMap or None, topo, weights, activation name, recompute_hidden) -> y; see
 # `pallas_kernels.expert_mlp.routed_mlp` for the shapes.
-ExpertMLP = Callable[[jax.Array, RowMap | None, Topology, ExpertWeights, str], jax.Array]
+ExpertMLP = Callable[[jax.Array, RowMap | None, Topology, ExpertWeights, str, bool], jax.Array]
 
 
 class Backend(NamedTuple):

@@ -62,6 +62,7 @@ def routed_mlp(
     *,
     activation: str,
     impl: str = "auto",
+    recompute_hidden: bool = False,
 ) -> jax.Array:
     """Routed experts' weighted outputs, summed per token (differentiable).
 
@@ -77,6 +78,10 @@ def routed_mlp(
       activation: a name in `pallas_kernels.activations.ACTIVATIONS`
         (``"gelu"``, or ``"swiglu"`` with ``w3``).
       impl: as in `products`; ``"auto"`` is resolved for ``x.dtype``.
+      recompute_hidden: keep no ``[P, d_ff]`` activations for the backward
+        pass, which recomputes them (`jax.checkpoint` of the composed MLP; the
+        fused one recomputes them chunk by chunk): for callers that recompute
+        the forward pass anyway.
 
     Returns:
       ``[tokens, d_model]`` (``[P, d_model]`` with ``rows=None``; zero in rows
@@ -86,5 +91,8 @@ def routed_mlp(
     impl = products.resolve_impl(impl, x.dtype)
     fused = products.backend(impl).expert_mlp
     if fused is None:
-        return composed_expert_mlp(impl, x, rows, topo, weights, activation)
-    return fused(x, rows, topo, weights, activation)
+        composed = composed_expert_mlp
+        if recompute_hidden:
+            composed = jax.checkpoint(composed, static_argnums=(0, 5))
+        return composed(impl, x, rows, topo, weights, activation)
+    return fused(x, rows, topo, weights, activation, recompute_hidden)

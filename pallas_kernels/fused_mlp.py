@@ -17,7 +17,9 @@ combine's gather, and their gradients) never exists. On CPU that matters as
 much as the FLOPs: XLA allocates every buffer afresh on each call and the
 kernel page-faults it in, which costs about as much as a pass over it. The
 residuals for the backward pass are the two ``[P, d_ff]`` pre-activations
-(``gate`` and ``up``), as in a dense MLP.
+(``gate`` and ``up``), as in a dense MLP; with ``recompute_hidden`` there are
+none, and the backward recomputes each chunk's ``gate`` and ``up`` (two more
+GEMMs per chunk) from the rows it gathers anyway.
 
 Backward (`custom_vjp`), per chunk, with ``g = dy[tokens] @ w2[e]ᵀ``:
 
@@ -62,6 +64,7 @@ def fused_expert_mlp(
     topo: Topology,
     weights: ExpertWeights,
     activation: str | Activation,
+    recompute_hidden: bool = False,
 ) -> jax.Array:
     """Routed experts' weighted outputs, summed per token (the xla `Backend.expert_mlp`).
 
@@ -77,6 +80,9 @@ def fused_expert_mlp(
         input to ``activation``), ``w2 [E, d_ff, d_model]``, all in ``x.dtype``.
       activation: a name in `pallas_kernels.activations.ACTIVATIONS`
         (``"swiglu"``, ``"gelu"``) or a static ``(gate, up) -> hidden``.
+      recompute_hidden: save no ``[P, d_ff]`` pre-activations for the
+        backward pass; it recomputes them, chunk by chunk (for callers that
+        recompute the forward pass anyway, e.g. the expert-parallel rounds).
 
     Returns:
       ``[tokens, d_model]`` (``[P, d_model]`` with ``rows=None``) in ``x.dtype``;
@@ -109,7 +115,7 @@ def fused_expert_mlp(
             )
     if isinstance(activation, str):
         activation = get_activation(activation)
-    return _fused(activation, x, row_tokens, row_weights, topo, weights)
+    return _fused(activation, recompute_hidden, x, row_tokens, row_weights, topo, weights)
 
 
 def _chunk_inputs(x, row_tokens, row_weights, row, owned):
@@ -131,9 +137,16 @@ def _scatter_add(acc, tokens, values):
     return acc.at[tokens].add(values, mode="drop")
 
 
-def _forward(activation, x, row_tokens, row_weights, topo, weights: ExpertWeights):
-    """``-> (y [T, d] x.dtype, gate [P, f], up [P, f] or None)``."""
-    glu = weights.w3 is not None
+def _chunk_hidden(x, rows, w1e, w3e):
+    """A chunk's pre-activations ``(gate, up or None)`` ``[size, d_ff]`` in ``x.dtype``."""
+    gate = _dot(rows, w1e, _NN).astype(x.dtype)
+    return gate, None if w3e is None else _dot(rows, w3e, _NN).astype(x.dtype)
+
+
+def _forward(activation, x, row_tokens, row_weights, topo, weights: ExpertWeights, save=True):
+    """``-> (y [T, d] x.dtype, gate [P, f], up [P, f] or None)``; without
+    ``save``, ``gate`` and ``up`` are None."""
+    save_up = save and weights.w3 is not None
 
     def per_expert(expert, carry):
         w1e, w3e, w2e = _expert_weights(expert, weights)
@@ -141,33 +154,34 @@ def _forward(activation, x, row_tokens, row_weights, topo, weights: ExpertWeight
         def chunk(carry, row, owned):
             y, gate_buf, up_buf = carry
             tokens, rows, weights = _chunk_inputs(x, row_tokens, row_weights, row, owned)
-            gate = _dot(rows, w1e, _NN).astype(x.dtype)
-            up = _dot(rows, w3e, _NN).astype(x.dtype) if glu else None
+            gate, up = _chunk_hidden(x, rows, w1e, w3e)
             out = _dot(activation(gate, up), w2e, _NN).astype(x.dtype)
             y = _scatter_add(y, tokens, out.astype(jnp.float32) * weights[:, None])
-            gate_buf = masked_update(gate_buf, gate, row, owned)
-            up_buf = masked_update(up_buf, up, row, owned) if glu else None
+            gate_buf = masked_update(gate_buf, gate, row, owned) if save else None
+            up_buf = masked_update(up_buf, up, row, owned) if save_up else None
             return y, gate_buf, up_buf
 
         return over_chunks(topo, expert, chunk, carry)
 
-    residual = jnp.zeros((topo.padded_rows, weights.w1.shape[2]), x.dtype)
-    init = (jnp.zeros(x.shape, jnp.float32), residual, residual if glu else None)
+    residual = jnp.zeros((topo.padded_rows, weights.w1.shape[2]), x.dtype) if save else None
+    init = (jnp.zeros(x.shape, jnp.float32), residual, residual if save_up else None)
     y, gate, up = lax.fori_loop(0, topo.num_experts, per_expert, init)
     return y.astype(x.dtype), gate, up
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _fused(activation, x, row_tokens, row_weights, topo, weights):
-    return _forward(activation, x, row_tokens, row_weights, topo, weights)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _fused(activation, recompute_hidden, x, row_tokens, row_weights, topo, weights):
+    return _forward(activation, x, row_tokens, row_weights, topo, weights, save=False)[0]
 
 
-def _fused_fwd(activation, x, row_tokens, row_weights, topo, weights):
-    y, gate, up = _forward(activation, x, row_tokens, row_weights, topo, weights)
+def _fused_fwd(activation, recompute_hidden, x, row_tokens, row_weights, topo, weights):
+    y, gate, up = _forward(
+        activation, x, row_tokens, row_weights, topo, weights, save=not recompute_hidden
+    )
     return y, (x, row_tokens, row_weights, topo, weights, gate, up)
 
 
-def _fused_bwd(activation, residuals, dy):
+def _fused_bwd(activation, recompute_hidden, residuals, dy):
     x, row_tokens, row_weights, topo, weights, gate_buf, up_buf = residuals
     w1, w3, w2 = weights
     glu = w3 is not None
@@ -180,8 +194,11 @@ def _fused_bwd(activation, residuals, dy):
             dx, d_row_weights, dw1e, dw3e, dw2e = carry
             tokens, rows, weights = _chunk_inputs(x, row_tokens, row_weights, row, owned)
             dys = jnp.take(dy, tokens, axis=0, mode="fill", fill_value=0)
-            gate = lax.dynamic_slice_in_dim(gate_buf, row, owned.shape[0])
-            up = lax.dynamic_slice_in_dim(up_buf, row, owned.shape[0]) if glu else None
+            if recompute_hidden:
+                gate, up = _chunk_hidden(x, rows, w1e, w3e)
+            else:
+                gate = lax.dynamic_slice_in_dim(gate_buf, row, owned.shape[0])
+                up = lax.dynamic_slice_in_dim(up_buf, row, owned.shape[0]) if glu else None
             hidden, activation_vjp = jax.vjp(activation, gate, up)
             hidden = jnp.where(owned[:, None], hidden, 0)
             g = _dot(dys, w2e, _NT)  # [size, d_ff] f32

@@ -154,7 +154,7 @@ def test_identity_rows_match_in_both_paths():
 def test_routed_mlp_dispatches_to_the_backends_expert_mlp(monkeypatch):
     calls = []
 
-    def fake_expert_mlp(x, rows, topo, weights, activation):
+    def fake_expert_mlp(x, rows, topo, weights, activation, recompute_hidden):
         calls.append(activation)
         return jnp.zeros_like(x)
 

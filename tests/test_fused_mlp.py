@@ -91,9 +91,11 @@ def _value_and_vjp(fn, activation, topo, row_tokens, operands, dy):
     return y, vjp(dy)[0]
 
 
-def _compare(topo, row_tokens, operands, dy, activation, *, tol=F32_TOL, grad_tol=None):
+def _compare(
+    topo, row_tokens, operands, dy, activation, *, tol=F32_TOL, grad_tol=None, fn=fused_expert_mlp
+):
     valid = np.asarray(topo.row_is_valid())
-    got = _value_and_vjp(fused_expert_mlp, activation, topo, row_tokens, operands, dy)
+    got = _value_and_vjp(fn, activation, topo, row_tokens, operands, dy)
     # The reference is differentiated through its masks: give it finite
     # weights in the rows it ignores (its gradient there is exactly zero).
     finite = {**operands, "row_weights": jnp.where(valid, operands["row_weights"], 0.0)}
@@ -127,6 +129,20 @@ def test_random_routing_matches_reference(block_size, expert_type):
         _random_indices(37, 4, 2), 4, block_size, glu=expert_type == "glu"
     )
     _compare(topo, row_tokens, operands, dy, _activation(expert_type))
+
+
+@pytest.mark.parametrize("expert_type", ["glu", pytest.param("mlp", marks=pytest.mark.slow)])
+def test_recompute_hidden_matches_reference(expert_type):
+    """``recompute_hidden``: no pre-activations saved, the backward recomputes
+    them; against the reference, and equal to the saved path."""
+    topo, row_tokens, operands, dy = _case(
+        _random_indices(37, 4, 2, seed=5), 4, 32, glu=expert_type == "glu", seed=5
+    )
+    activation = _activation(expert_type)
+    recomputing = functools.partial(fused_expert_mlp, recompute_hidden=True)
+    got = _compare(topo, row_tokens, operands, dy, activation, fn=recomputing)
+    saved = _value_and_vjp(fused_expert_mlp, activation, topo, row_tokens, operands, dy)
+    chex.assert_trees_all_close(got, saved, rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.slow

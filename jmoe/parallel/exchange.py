@@ -6,6 +6,10 @@
 * `combine`: the reverse, fused with the weighted un-permutation: layout rows
   ``[padded_rows, d]`` -> ``y [T, d]``, each token's gate-weighted sum of the
   expert outputs of its assignments in the plan (zero for the others).
+* `padded_round`: dispatch, expert MLP and combine of the padded method in one
+  pass per step, with no ``[padded_rows, d]`` layout: the expert MLP reads the
+  received bucket ``[ep * slots, d]`` through a `RowMap` and writes its
+  gate-weighted outputs back into it (the expert-parallel layer's CPU path).
 
 This rank's ``n = T * k`` assignments are sorted by expert (a
 `permutation.Dispatch` of block size 1: ``row_tokens [n]``, the token of each
@@ -38,6 +42,8 @@ from jmoe import permutation
 from jmoe.parallel.mesh import EXPERT
 from jmoe.parallel.plan import ExchangePlan
 from jmoe.parallel.rounds import sum_over_rounds
+from pallas_kernels.backend import ExpertWeights, RowMap
+from pallas_kernels.topology import Topology, make_topology
 
 METHODS = ("ragged", "padded")
 
@@ -56,7 +62,7 @@ def _invert(index: jax.Array, size: int, fill: int) -> jax.Array:
     return jnp.full((size,), fill, jnp.int32).at[index].set(positions, mode="drop")
 
 
-def _slots(plan: ExchangePlan, num_tokens: int, num_rows: int) -> tuple[int, int]:
+def step_slots(plan: ExchangePlan, num_tokens: int, num_rows: int) -> tuple[int, int]:
     """``(slots, most steps)`` of the padded exchange: bucket rows per (sender,
     receiver) pair, and the most steps one round can need.
 
@@ -71,7 +77,7 @@ def _slots(plan: ExchangePlan, num_tokens: int, num_rows: int) -> tuple[int, int
     return slots, math.ceil(pair / slots)
 
 
-def _num_steps(plan: ExchangePlan, slots: int) -> jax.Array:
+def num_steps(plan: ExchangePlan, slots: int) -> jax.Array:
     """``[] int32`` steps this round needs: the most rows any rank sends another,
     over ``slots`` (at least 1; the same on every rank of the group)."""
     pairs = jnp.sum(plan.kept.reshape(plan.num_ranks, plan.num_ranks, -1), axis=2)
@@ -81,11 +87,11 @@ def _num_steps(plan: ExchangePlan, slots: int) -> jax.Array:
 def _in_steps(step_fn, plan: ExchangePlan, num_tokens: int, num_rows: int, *operands):
     """``sum_{j < steps} step_fn(slots, j, plan, *operands)`` over the steps of
     the padded exchange; a single call, no loop, when one step always suffices."""
-    slots, most = _slots(plan, num_tokens, num_rows)
+    slots, most = step_slots(plan, num_tokens, num_rows)
     step = functools.partial(step_fn, slots)
     if most == 1:
         return step(0, plan, *operands)
-    return sum_over_rounds(step, _num_steps(plan, slots), (plan, *operands))
+    return sum_over_rounds(step, num_steps(plan, slots), (plan, *operands))
 
 
 def _bucket_of_sent_rows(plan: ExchangePlan, num_rows: int, slots: int, step) -> jax.Array:
@@ -183,3 +189,69 @@ def combine(
         )
         return permutation.unpermute(returned, assignments, gates)
     return _in_steps(_combine_step, plan, gates.shape[0], num_rows, rows, assignments, gates)
+
+
+def _step_layout(plan: ExchangePlan, slots: int, step) -> tuple[Topology, jax.Array]:
+    """The local experts' layout of the rows received in step ``step`` alone:
+    its `Topology` (``ep * slots`` rows) and the layout row of each bucket
+    slot ``[ep * slots]`` (out of range if empty)."""
+    num_local = plan.num_local_experts
+    kept = plan.local(plan.kept)  # [ep, L]: each source's chunks, in its stream's order
+    ends = jnp.cumsum(kept, axis=1)
+    first = jnp.maximum(ends - kept, step * slots)  # a chunk's first position in the step
+    in_step = jnp.clip(jnp.minimum(ends, (step + 1) * slots) - first, 0)
+    topology = make_topology(
+        jnp.sum(in_step, axis=0), plan.num_ranks * slots, plan.topology.block_size
+    )
+    offsets = topology.bin_starts + jnp.cumsum(in_step, axis=0) - in_step - first
+    position = jnp.arange(slots, dtype=jnp.int32) + step * slots
+    expert = jax.vmap(lambda e: jnp.searchsorted(e, position, side="right"))(ends)
+    row = jnp.take_along_axis(offsets, jnp.minimum(expert, num_local - 1), axis=1) + position
+    return topology, jnp.where(expert < num_local, row, topology.padded_rows).reshape(-1)
+
+
+def padded_step(
+    mlp, slots: int, step, plan: ExchangePlan, x, assignments, gates, weights
+) -> jax.Array:
+    """Step ``step`` of `padded_round` (``slots`` from `step_slots`): ``[T, d]``,
+    the gate-weighted expert outputs of the rows it sends."""
+    num_tokens, num_rows = x.shape[0], assignments.row_tokens.shape[0]
+    slot = _bucket_of_sent_rows(plan, num_rows, slots, step)
+    sorted_rows = _invert(slot, plan.num_ranks * slots, num_rows)
+    tokens = _take(assignments.row_tokens, sorted_rows, fill=num_tokens)  # [ep * slots]
+    sent_gates = _take(permutation.row_weights(gates, assignments), sorted_rows)
+    received = lax.all_to_all(_take(x, tokens), EXPERT, 0, 0, tiled=True)
+    received_gates = lax.all_to_all(sent_gates, EXPERT, 0, 0, tiled=True)
+    topology, layout = _step_layout(plan, slots, step)
+    row_slots = _invert(layout, topology.padded_rows, received.shape[0])
+    rows = RowMap(row_slots, _take(received_gates, row_slots), layout[:, None])
+    returned = lax.all_to_all(mlp(received, rows, topology, weights), EXPERT, 0, 0, tiled=True)
+    y = jnp.zeros(x.shape, jnp.float32).at[tokens].add(returned.astype(jnp.float32), mode="drop")
+    return y.astype(x.dtype)
+
+
+def padded_round(
+    mlp,
+    plan: ExchangePlan,
+    x: jax.Array,
+    assignments: permutation.Dispatch,
+    gates: jax.Array,
+    weights: ExpertWeights,
+) -> jax.Array:
+    """``combine(mlp(dispatch(x)))`` of the padded method, step by step, without
+    the ``[padded_rows, d]`` layout.
+
+    Each step sends its ``[ep, slots, d]`` bucket and the rows' gates; the
+    owner runs ``mlp(received [ep * slots, d], RowMap, topology, weights)``
+    (`jmoe.experts.expert_mlp` with the config bound) on the step's rows, in
+    a layout of the local experts built for the step, and gets the
+    gate-weighted outputs back in bucket order; they return and are added into
+    their tokens.
+
+    Returns:
+      ``y [T, d]``: every token's sum of ``gates [T, k]`` times the expert
+      outputs of its assignments in the plan.
+    """
+    num_rows = assignments.row_tokens.shape[0]
+    step = functools.partial(padded_step, mlp)
+    return _in_steps(step, plan, x.shape[0], num_rows, x, assignments, gates, weights)

@@ -15,6 +15,9 @@ every mesh axis (``"data" x "expert"``, or e.g. ``"data" x "fsdp" x
    of ``config.impl`` on the plan's `Topology`, rows already in its layout);
 5. send the results back, un-permuted and weighted (`exchange.combine`).
 
+The padded exchange (XLA:CPU) does 3-5 in steps of one bucket per rank pair,
+the MLP reading the received bucket itself (`exchange.padded_round`).
+
 Static shapes: a rank can receive up to ``ep * T_local * min(k, L)`` rows
 (every token of every rank choosing its experts), so by default the receive
 buffer and the local layout are sized for that worst case and no token is
@@ -105,6 +108,13 @@ class _ExchangeSettings(NamedTuple):
     batch_axes: tuple[str, ...]
 
 
+def _mlp(settings: _ExchangeSettings):
+    """``(x, rows, topology, weights) -> out``: `expert_mlp` with the layer's
+    config; in rounds, whose backward recomputes each round's forward, it
+    keeps no hidden activations for its own backward."""
+    return functools.partial(expert_mlp, settings.config, recompute_hidden=settings.in_rounds)
+
+
 def _exchange_round(
     settings: _ExchangeSettings,
     plan: ExchangePlan,
@@ -115,8 +125,11 @@ def _exchange_round(
 ) -> jax.Array:
     """One exchange: tokens ``x [T_local, d]`` -> ``[T_local, d]``, each token's
     gate-weighted sum of the expert outputs of its assignments in the plan."""
+    mlp = _mlp(settings)
+    if settings.method == "padded":
+        return exchange_lib.padded_round(mlp, plan, x, assignments, gates, weights)
     rows = exchange_lib.dispatch(x, assignments, plan, settings.method)
-    out = expert_mlp(settings.config, rows, None, plan.topology, weights)
+    out = mlp(rows, None, plan.topology, weights)
     return exchange_lib.combine(out, plan, settings.method, assignments, gates)
 
 
@@ -136,6 +149,37 @@ def _plan(settings: _ExchangeSettings, counts: jax.Array, round_index=0) -> Exch
 def _planned_round(settings: _ExchangeSettings, round_index, counts, *operands):
     """Round ``round_index`` of the multi-round exchange (`rounds.sum_over_rounds`)."""
     return _exchange_round(settings, _plan(settings, counts, round_index), *operands)
+
+
+def _padded_step_of_rounds(
+    settings: _ExchangeSettings, slots: int, index, steps, counts, assignments, x, gates, weights
+) -> jax.Array:
+    """Step ``index`` of all the rounds' padded-exchange steps, in order
+    (``steps [max_rounds]``: each round's, 0 past the last round)."""
+    ends = jnp.cumsum(steps)
+    round_index = jnp.searchsorted(ends, index, side="right").astype(jnp.int32)
+    step = index - ends[round_index] + steps[round_index]
+    plan = _plan(settings, counts, round_index)
+    return exchange_lib.padded_step(
+        _mlp(settings), slots, step, plan, x, assignments, gates, weights
+    )
+
+
+def _padded_rounds(settings: _ExchangeSettings, rounds, counts, top_k: int, operands):
+    """`sum_over_rounds` of the rounds of the padded exchange, as one loop over
+    all their steps: the backward holds one set of weight-gradient
+    accumulators, not one per nested loop."""
+    assignments, x = operands[:2]
+    num_tokens, num_rows = x.shape[0], assignments.row_tokens.shape[0]
+    slots, _ = exchange_lib.step_slots(_plan(settings, counts), num_tokens, num_rows)
+    worst = settings.sharding.capacity(num_tokens, top_k, None)
+    round_indices = jnp.arange(-(-worst // settings.capacity), dtype=jnp.int32)
+    steps = jax.vmap(lambda r: exchange_lib.num_steps(_plan(settings, counts, r), slots))(
+        round_indices
+    )
+    steps = jnp.where(round_indices < rounds, steps, 0)
+    step_fn = functools.partial(_padded_step_of_rounds, settings, slots)
+    return sum_over_rounds(step_fn, jnp.sum(steps), (steps, counts, *operands))
 
 
 def _local_ffn(
@@ -160,8 +204,12 @@ def _local_ffn(
     operands = (assignments, x, v_gates, weights)
     if settings.in_rounds:
         rounds = num_rounds(counts, sharding.num_local, settings.capacity)
-        round_fn = functools.partial(_planned_round, settings)
-        y = sum_over_rounds(round_fn, rounds, (counts, *operands))
+        if settings.method == "padded":
+            y = _padded_rounds(settings, rounds, counts, expert_ids.shape[1], operands)
+        else:
+            y = sum_over_rounds(
+                functools.partial(_planned_round, settings), rounds, (counts, *operands)
+            )
         dropped = jnp.zeros((), jnp.int32)
         if settings.batch_axes:  # the replicas may differ; each "expert" group agrees
             rounds = lax.pmax(rounds, settings.batch_axes)
