@@ -129,16 +129,16 @@ def plot_lines(
     fig.savefig(path, dpi=90)
 
 
-def plot_dropped_per_layer(
-    runs: dict[str, list[list[dict]]], path: str | Path, title: str, tokens_per_step: int
-) -> bool:
-    """One panel per run: the fraction of each MoE layer's routed assignments dropped per
-    logging interval vs training tokens, one line per layer, the mean over the run's seeds.
+def dropped_per_layer_curves(
+    runs: dict[str, list[list[dict]]], tokens_per_step: int
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Run name -> ``(tokens [intervals], fractions [intervals, layers])``: the fraction of each
+    MoE layer's routed assignments dropped per logging interval, the mean over the run's seeds
+    at the steps every seed logged.
 
     ``runs``: run name -> one metrics list per seed (``kind`` ``"train"`` records with
     ``step`` and ``dropped_fraction_per_layer [layers]``; records without it, from runs
     logged before it existed, are left out, and so is a run none of whose records has it).
-    Returns whether there was anything to plot (nothing is written otherwise).
     """
     curves = {}
     for name, seeds in runs.items():
@@ -153,7 +153,17 @@ def plot_dropped_per_layer(
         steps = sorted(set.intersection(*(set(seed) for seed in per_seed)))
         if steps:
             fractions = np.mean([[seed[s] for s in steps] for seed in per_seed], axis=0)
-            curves[name] = (np.array(steps) * tokens_per_step, fractions)  # [steps, layers]
+            curves[name] = (np.array(steps) * tokens_per_step, fractions)
+    return curves
+
+
+def plot_dropped_per_layer(
+    runs: dict[str, list[list[dict]]], path: str | Path, title: str, tokens_per_step: int
+) -> bool:
+    """One panel per run of `dropped_per_layer_curves` (same arguments), one line per
+    layer vs training tokens. Returns whether there was anything to plot (nothing is
+    written otherwise)."""
+    curves = dropped_per_layer_curves(runs, tokens_per_step)
     if not curves:
         return False
     fig = Figure(figsize=(4 * len(curves), 3.5), layout="constrained")

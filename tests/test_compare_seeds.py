@@ -1,9 +1,14 @@
 """`experiments.compare` over seeds: the target (the best token-dropping
-configuration's mean final loss), mean ± sd, time and tokens to reach it."""
+configuration's mean final loss), mean ± sd, time and tokens to reach it, paired
+differences to the dMoE, measured step times, drops per layer."""
 
+import argparse
+import json
+
+import numpy as np
 import pytest
 
-from experiments import compare
+from experiments import compare, plotting
 
 
 def _run(final: float, losses: list[float], dropped: float = 0.0):
@@ -87,3 +92,90 @@ def test_seeds_table_without_token_dropping_runs():
     assert (target_name, target) == ("dense", 2.0)
     # dmoe: 2.5 -> 1.9 between steps 10 and 20 reaches 2.0 at step 10 + 10 * 5/6.
     assert rows[1]["tokens_to_target"] == pytest.approx(100 * (10 + 50 / 6))
+
+
+def _tables(runs: dict, seconds_per_token=None):
+    return compare.seeds_table(
+        {n: [s for s, _ in r] for n, r in runs.items()},
+        {n: [m for _, m in r] for n, r in runs.items()},
+        seconds_per_token,
+    )
+
+
+def test_seeds_table_measured_time_and_paired_differences():
+    """Time = each reaching seed's tokens x the measured seconds per token; the paired
+    differences pair by seed (sorting both would give another sd); a configuration no
+    seed of which reaches the target reads "never"."""
+    curve = lambda final: [5.0, 3.0, final]
+    runs = {
+        "dense": [_run(f, curve(f)) for f in (2.0, 2.4, 2.2)],
+        "moe-cf1.0": [_run(f, curve(f), d) for f, d in ((2.5, 0.1), (2.6, 0.2), (2.7, 0.3))],
+        "moe-cf2.0": [_run(f, curve(f)) for f in (2.0, 2.5, 2.4)],
+        "dmoe": [_run(f, curve(f)) for f in (2.1, 2.2, 2.25)],
+    }
+    rows, target_name, target = _tables(
+        runs, {"dense": 0.1, "moe-cf1.0": 0.2, "moe-cf2.0": 0.3, "dmoe": 0.05}
+    )
+    assert target_name == "moe-cf2.0" and target == pytest.approx(2.3)
+    by_run = {r["run"]: r for r in rows}
+    # dense: seed 0 reaches 2.3 at step 10 + 10 * 0.7 / 1.0 = 17, seed 2 at 10 + 10 * 0.7 / 0.8
+    # = 18.75, seed 1 (2.4) never: 2/3, mean 1787.5 tokens x 0.1 s/token = 178.75 s.
+    assert by_run["dense"]["reached"] == 2
+    assert by_run["dense"]["tokens_to_target"] == pytest.approx(1787.5)
+    assert by_run["dense"]["time_to_target_s"] == pytest.approx(178.75)
+    # dmoe: steps 10 + 7/0.9, 10 + 7/0.8, 10 + 7/0.75 (mean 18.6204) x 100 tokens x 0.05 s
+    assert by_run["dmoe"]["time_to_target_s"] == pytest.approx(93.1019, rel=1e-5)
+    # dense - dmoe per seed: -0.1, +0.2, -0.05 -> mean 0.016667, sample sd 0.160728
+    assert by_run["dense"]["minus_dmoe_mean"] == pytest.approx(0.0166667, rel=1e-5)
+    assert by_run["dense"]["minus_dmoe_sd"] == pytest.approx(0.160728, rel=1e-5)
+    # cf 1.0 - dmoe: +0.4, +0.4, +0.45 -> 0.416667 ± 0.028868
+    assert by_run["moe-cf1.0"]["minus_dmoe_mean"] == pytest.approx(0.416667, rel=1e-5)
+    assert by_run["moe-cf1.0"]["minus_dmoe_sd"] == pytest.approx(0.0288675, rel=1e-5)
+    assert by_run["moe-cf1.0"]["reached"] == 0
+    assert by_run["moe-cf1.0"]["time_to_target_s"] is None
+    table = compare.seeds_markdown(rows, target_name, target)
+    assert "| time (s) = tokens x measured s/token | tokens |" in table
+    assert "| dense | 3 | 2.2000 ± 0.2000 | 2/3 | 179 | 1,788 | 0.0% | +0.0167 ± 0.1607 |" in table
+    assert (
+        "| moe-cf1.0 | 3 | 2.6000 ± 0.1000 | 0/3 | never | never | 20.0% | +0.4167 ± 0.0289 |"
+        in table
+    )
+    assert "| dmoe | 3 | 2.1833 ± 0.0764 | 3/3 | 93 | 1,862 | 0.0% | - |" in table
+    logged = compare.seeds_markdown(*_tables(runs))
+    assert "| logged wall time (s) | tokens |" in logged
+    # logged: 1 s per step, so dense's 17.875 steps are 17.875 s
+    assert "| dense | 3 | 2.2000 ± 0.2000 | 2/3 | 18 | 1,788 |" in logged
+
+
+def test_step_times_file_is_reused_only_for_the_same_configurations(tmp_path):
+    args = argparse.Namespace(step_time=0, set=["moe.num_experts=64"])
+    assert compare.step_times(args, ["dense", "dmoe"], tmp_path) is None
+    measured = {"steps": 5, "set": ["moe.num_experts=64"], "configs": {"dense": {}, "dmoe": {}}}
+    (tmp_path / "step_times.json").write_text(json.dumps(measured))
+    assert compare.step_times(args, ["dense", "dmoe"], tmp_path) == measured
+    assert compare.step_times(args, ["dense", "dmoe", "moe-cf1.0"], tmp_path) is None
+    other = argparse.Namespace(step_time=0, set=[])
+    assert compare.step_times(other, ["dense", "dmoe"], tmp_path) is None
+
+
+def test_dropped_per_layer_plot(tmp_path):
+    """Seeds are averaged on the steps all of them logged; records logged before the
+    per-layer fraction existed are left out."""
+    train = lambda step, fractions: {
+        "kind": "train",
+        "step": step,
+        **({} if fractions is None else {"dropped_fraction_per_layer": fractions}),
+    }
+    seeds = [
+        [train(5, [0.2, 0.1]), train(10, [0.1, 0.0])],
+        [train(5, [0.4, 0.3]), train(10, [0.1, 0.2]), train(15, [0.0, 0.0])],
+    ]
+    tokens, fractions = plotting.dropped_per_layer_curves({"moe-cf1.0": seeds}, 100)["moe-cf1.0"]
+    np.testing.assert_array_equal(tokens, [500, 1000])  # step 15: one seed only
+    np.testing.assert_allclose(fractions, [[0.3, 0.2], [0.1, 0.1]])
+    path = tmp_path / "dropped.png"
+    assert plotting.plot_dropped_per_layer({"moe-cf1.0": seeds}, path, "drops", 100)
+    assert path.stat().st_size > 5_000
+    old = {"moe-cf1.0": [[train(5, None)]]}
+    assert not plotting.plot_dropped_per_layer(old, tmp_path / "old.png", "drops", 100)
+    assert not (tmp_path / "old.png").exists()
