@@ -4,6 +4,7 @@ differences to the dMoE, measured step times, drops per layer."""
 
 import argparse
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -179,3 +180,29 @@ def test_dropped_per_layer_plot(tmp_path):
     old = {"moe-cf1.0": [[train(5, None)]]}
     assert not plotting.plot_dropped_per_layer(old, tmp_path / "old.png", "drops", 100)
     assert not (tmp_path / "old.png").exists()
+
+
+def test_set_reaches_every_run_and_a_finished_run_is_reused_only_with_the_same_set(
+    tmp_path, monkeypatch
+):
+    calls = []
+
+    def fake_train(argv):  # the trainer makes the run directory
+        calls.append(argv)
+        (tmp_path / Path(argv[argv.index("--out") + 1]).name).mkdir(exist_ok=True)
+        return {"steps": 10, "seed": 0}
+
+    monkeypatch.setattr(compare.train, "main", fake_train)
+    args = compare.parse_args(
+        ["--out", str(tmp_path), "--steps", "10", "--set", "moe.num_experts=64", "--set", "a=1"]
+    )
+    for ffn in ("dense", "dmoe"):
+        compare._run(args, ffn, ffn, 1.0, seed=0)
+    assert [argv[argv.index("--set") :] for argv in calls] == [
+        ["--set", "moe.num_experts=64", "--set", "a=1"]
+    ] * 2
+    compare._run(args, "dmoe", "dmoe", 1.0, seed=0)  # finished with the same --set: reused
+    assert len(calls) == 2
+    other = compare.parse_args(["--out", str(tmp_path), "--steps", "10"])
+    compare._run(other, "dmoe", "dmoe", 1.0, seed=0)  # another --set: trained again
+    assert len(calls) == 3 and "--set" not in calls[-1]
