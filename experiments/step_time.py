@@ -1,7 +1,7 @@
 """Seconds per training step of several configurations, measured side by side in one process.
 
     python -m experiments.step_time --steps 50 --set moe.num_experts=64 --json step_times.json
-    python -m experiments.step_time --steps 50 --runs-dir runs/e64   # the trained states
+    python -m experiments.step_time --steps 50 --set moe.num_experts=64 --runs-dir runs/e64
 
 Builds each configuration's jitted train step exactly as `experiments.train` does (its
 `train_step`, optimizer and batch shape, the state donated), feeds all of them the same real
@@ -219,7 +219,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         metavar="KEY=VALUE",
         help="model field for every configuration, as the trainer's --set; repeatable",
     )
-    parser.add_argument("--cache-dir", default="runs/cache", help="tokenized corpora")
+    parser.add_argument(
+        "--cache-dir", help="tokenized corpora (None: <runs-dir>/cache, else runs/cache)"
+    )
     parser.add_argument("--runs-dir", help="restore <runs-dir>/<name>'s latest checkpoint")
     parser.add_argument("--json", help="also write the result to this JSON file")
     return parser.parse_args(argv)
@@ -227,7 +229,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    configs = run_configs(args.preset, args.runs, args.set, args.cache_dir)
+    cache_dir = args.cache_dir or str(Path(args.runs_dir or "runs") / "cache")
+    configs = run_configs(args.preset, args.runs, args.set, cache_dir)
     measured = {"steps": args.steps, "set": args.set, **measure(configs, args.steps, args.runs_dir)}
     print(markdown(measured))
     if args.json:

@@ -25,6 +25,13 @@ def test_run_configs_pass_set_to_every_configuration(tmp_path):
         assert model.moe.load_balancing_loss_weight == 0.1
         assert config.tokens_per_step == 16 * 128
     assert configs["dense"].model.moe_layers == ()
+    shapes = {
+        name: nnx.eval_shape(lambda c=c: MoETransformer(c.model, rngs=nnx.Rngs(0))).blocks[0].ffn
+        for name, c in configs.items()
+    }
+    assert shapes["dense"].mlp.w1.shape == (128, 512)  # the dense FFN: one expert's width
+    assert shapes["dmoe"].experts.w1.shape == shapes["moe-cf1.5"].experts.w1.shape
+    assert shapes["dmoe"].experts.w1.shape == (64, 128, 512)
     assert configs["moe-cf1.5"].model.moe.capacity_factor == 1.5
     assert configs["dmoe"].model.ffn == "dmoe"
     with pytest.raises(ValueError, match="unknown"):
