@@ -206,3 +206,72 @@ def test_set_reaches_every_run_and_a_finished_run_is_reused_only_with_the_same_s
     other = compare.parse_args(["--out", str(tmp_path), "--steps", "10"])
     compare._run(other, "dmoe", "dmoe", 1.0, seed=0)  # another --set: trained again
     assert len(calls) == 3 and "--set" not in calls[-1]
+
+
+def test_main_writes_the_tables_plots_and_step_times(tmp_path, monkeypatch):
+    """`compare.main` end to end on synthetic runs (no training, no timing): the files it
+    writes and the columns of its tables, the time column from the measured step times."""
+    names = [name for name, _, _ in compare.RUNS]
+    final = {"dense": 2.0, "moe-cf1.0": 2.3, "moe-cf1.5": 2.2, "moe-cf2.0": 2.15, "dmoe": 2.1}
+
+    def fake_run(args, name, ffn, capacity_factor, seed):
+        loss = final[name] + 0.01 * seed
+        records = [
+            {"kind": "val", "step": 0, "val_loss": 5.0, "train_time_s": 0.0},
+            {"kind": "train", "step": 5, "dropped_fraction_per_layer": [0.1, 0.2]},
+            {"kind": "val", "step": 5, "val_loss": 3.0, "train_time_s": 5.0},
+            {"kind": "train", "step": 10, "dropped_fraction_per_layer": [0.05, 0.1]},
+            {"kind": "val", "step": 10, "val_loss": loss, "train_time_s": 10.0},
+        ]
+        out = compare.run_dir(args.out, name, seed, args.seed)
+        out.mkdir(parents=True)
+        (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+        return dict(
+            steps=10,
+            seed=seed,
+            final_val_loss=loss,
+            train_time_s=10.0,
+            tokens_per_s=100.0,
+            median_step_s=1.0,
+            dropped_fraction=0.1 if name.startswith("moe") else 0.0,
+            tokens_per_step=100,
+        )
+
+    def fake_measure(configs, steps, runs_dir):
+        assert (steps, runs_dir) == (3, str(tmp_path / "runs"))
+        assert all(c.model.moe.num_experts == 64 for c in configs.values())
+        machine = dict(load_average=[0.1] * 3, cpu_count=2, jax="x", backend="cpu", utc="t")
+        stats = dict(compare.step_time.summarize([0.5, 1.0, 1.5], 100), restored=True)
+        return {
+            "configs": dict.fromkeys(configs, stats),
+            "machine_before": machine,
+            "machine_after": machine,
+        }
+
+    monkeypatch.setattr(compare, "_run", fake_run)
+    monkeypatch.setattr(compare.step_time, "measure", fake_measure)
+    results = tmp_path / "results"
+    argv = ["--out", str(tmp_path / "runs"), "--results-dir", str(results), "--seeds", "2"]
+    compare.main([*argv, "--set", "moe.num_experts=64", "--step-time", "3"])
+    assert sorted(p.name for p in results.iterdir()) == [
+        "dropped_per_layer.png",
+        "results.json",
+        "results.md",
+        "step_times.json",
+        "val_loss_vs_time.png",
+        "val_loss_vs_tokens.png",
+    ]
+    table = (results / "results.md").read_text()
+    assert table.startswith("`python -m experiments.compare --out ")
+    assert "`--set moe.num_experts=64`" in table and "load averages" in table
+    assert (
+        "| run | seeds | final val loss (mean ± sd) | moe-cf2.0's mean final loss 2.1550: "
+        "seeds reaching it | time (s) = tokens x measured s/token | tokens | assignments "
+        "dropped | minus dmoe, same seed (mean ± sd) |" in table
+    )
+    # dense reaches 2.155 from 3.0 (step 5) to 2.0 / 2.01 (step 10) at steps 5 + 5 * 0.845
+    # and 5 + 5 * 0.845 / 0.99: 922.5 and 926.8 tokens, mean 924.6, x 0.01 s/token = 9.2 s
+    assert "| dense | 2 | 2.0050 ± 0.0071 | 2/2 | 9 | 925 | 0.0% | -0.1000 ± 0.0000 |" in table
+    assert "| moe-cf1.0 | 2 | 2.3050 ± 0.0071 | 0/2 | never | never | 10.0% |" in table
+    assert set(json.loads((results / "step_times.json").read_text())["configs"]) == set(names)
+    assert json.loads((results / "results.json").read_text())["machine_at_start"]["cpu_count"]
