@@ -24,8 +24,8 @@ def median_seconds(fn, *args, repeats: int) -> float:
     return statistics.median(_seconds(fn, *args) for _ in range(repeats))
 
 
-def interleaved_median_seconds(calls: dict, repeats: int, calls_per_sample: int = 1) -> dict:
-    """``{name: (fn, args)}`` -> ``{name: median seconds}``, timed side by side.
+def interleaved_samples(calls: dict, repeats: int, calls_per_sample: int = 1) -> dict:
+    """``{name: (fn, args)}`` -> ``{name: [seconds per call, one per round]}``, timed side by side.
 
     Every round runs each function in turn, so a slow spell of a shared
     machine hits all of them alike instead of whichever happened to be
@@ -40,4 +40,10 @@ def interleaved_median_seconds(calls: dict, repeats: int, calls_per_sample: int 
         for name, (fn, args) in calls.items():
             jax.block_until_ready(fn(*args))
             samples[name].append(_seconds(fn, *args, calls=calls_per_sample))
+    return samples
+
+
+def interleaved_median_seconds(calls: dict, repeats: int, calls_per_sample: int = 1) -> dict:
+    """``{name: (fn, args)}`` -> ``{name: median seconds}`` of `interleaved_samples`."""
+    samples = interleaved_samples(calls, repeats, calls_per_sample)
     return {name: statistics.median(times) for name, times in samples.items()}

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 from matplotlib.figure import Figure
+from matplotlib.ticker import PercentFormatter
 
 
 def _records(records: list[dict], kind: str) -> list[dict]:
@@ -126,3 +127,56 @@ def plot_lines(
     ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
     ax.legend()
     fig.savefig(path, dpi=90)
+
+
+def dropped_per_layer_curves(
+    runs: dict[str, list[list[dict]]], tokens_per_step: int
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Run name -> ``(tokens [intervals], fractions [intervals, layers])``: the fraction of each
+    MoE layer's routed assignments dropped per logging interval, the mean over the run's seeds
+    at the steps every seed logged.
+
+    ``runs``: run name -> one metrics list per seed (``kind`` ``"train"`` records with
+    ``step`` and ``dropped_fraction_per_layer [layers]``; records without it, from runs
+    logged before it existed, are left out, and so is a run none of whose records has it).
+    """
+    curves = {}
+    for name, seeds in runs.items():
+        per_seed = [
+            {
+                r["step"]: r["dropped_fraction_per_layer"]
+                for r in _records(records, "train")
+                if "dropped_fraction_per_layer" in r
+            }
+            for records in seeds
+        ]
+        steps = sorted(set.intersection(*(set(seed) for seed in per_seed)))
+        if steps:
+            fractions = np.mean([[seed[s] for s in steps] for seed in per_seed], axis=0)
+            curves[name] = (np.array(steps) * tokens_per_step, fractions)
+    return curves
+
+
+def plot_dropped_per_layer(
+    runs: dict[str, list[list[dict]]], path: str | Path, title: str, tokens_per_step: int
+) -> bool:
+    """One panel per run of `dropped_per_layer_curves` (same arguments), one line per
+    layer vs training tokens. Returns whether there was anything to plot (nothing is
+    written otherwise)."""
+    curves = dropped_per_layer_curves(runs, tokens_per_step)
+    if not curves:
+        return False
+    fig = Figure(figsize=(4 * len(curves), 3.5), layout="constrained")
+    fig.suptitle(title)
+    first = None
+    for i, (name, (tokens, fractions)) in enumerate(curves.items()):
+        ax = fig.add_subplot(1, len(curves), i + 1, sharey=first)
+        first = first or ax
+        layers = [f"layer {j}" for j in range(fractions.shape[1])]
+        ax.plot(tokens, fractions, "o-", markersize=2, linewidth=1, label=layers)
+        ax.set(xlabel="training tokens", ylabel="fraction dropped" if i == 0 else None, title=name)
+        ax.set_ylim(bottom=0)
+        ax.yaxis.set_major_formatter(PercentFormatter(1.0))
+        ax.legend()
+    fig.savefig(path, dpi=90)
+    return True

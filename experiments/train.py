@@ -107,7 +107,8 @@ def accumulated_loss_and_grads(model: MoETransformer, batch, micro_batches: int)
     Micro-batch ``j`` holds rows ``j, j + n, j + 2n, ...`` (so each device of a
     batch-sharded mesh keeps an even share). Losses and gradients are the micro-batch
     means' mean (equal to the full batch's for the cross-entropy); integer aux counts
-    (``tokens_per_expert``, ``dropped_tokens``) are summed over the micro-batches.
+    (``tokens_per_expert``, ``dropped_tokens``, ``dropped_per_layer``) are summed over the
+    micro-batches.
     Non-parameter state the forward changes (e.g. router-jitter rng counts) is carried.
     """
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
@@ -176,6 +177,7 @@ def train_step(
         "nonfinite": (~finite).astype(jnp.int32),
         "tokens_per_expert": aux["tokens_per_expert"],
         "dropped_tokens": aux["dropped_tokens"],
+        "dropped_per_layer": aux["dropped_per_layer"],
     }
     if (biases := expert_biases(model)) is not None:
         metrics["expert_bias"] = biases  # [moe layers, E], after this step's update
@@ -225,6 +227,11 @@ def _interval_record(
         "skipped_steps": int(sum(int(m.get("nonfinite", 0)) for m in host)),
         "dropped_tokens": int(sum(int(m["dropped_tokens"]) for m in host)),
         "assignments": assignments,
+        # [moe layers]: dropped / routed assignments of each MoE layer in the interval
+        "dropped_fraction_per_layer": (
+            np.sum([m["dropped_per_layer"] for m in host], axis=0, dtype=np.float64).reshape(-1)
+            / (len(host) * config.tokens_per_step * moe.top_k)
+        ).tolist(),
         "expert_load": (load / np.maximum(load.sum(-1, keepdims=True), 1)).tolist(),
         "load_imbalance": imbalance.mean(axis=0).tolist(),
         **(

@@ -324,8 +324,9 @@ def aggregate_aux(
     MoE layers, or ``"global"``, transformers' pooled balancing loss weighted
     by ``balance_weight``, over the real tokens of ``mask [batch, seq]`` when
     given), ``tokens_per_expert [len(moe_layers), E] int32`` (routed blocks
-    only) and ``dropped_tokens`` (int32 sum); ``ep_rounds`` (the most of any
-    block) when the blocks report it.
+    only), ``dropped_tokens`` (int32 sum) and ``dropped_per_layer
+    [len(moe_layers)] int32`` (each routed block's); ``ep_rounds`` (the most of
+    any block) when the blocks report it.
     """
     losses = combine_losses(layer_aux, moe_layers, scope, balance_weight, mask)
     routed = [layer_aux[i]["tokens_per_expert"] for i in moe_layers]
@@ -338,6 +339,11 @@ def aggregate_aux(
             jnp.stack(routed) if routed else jnp.zeros((0, num_experts), jnp.int32)
         ),
         "dropped_tokens": sum(aux["dropped_tokens"] for aux in layer_aux),
+        "dropped_per_layer": (
+            jnp.stack([layer_aux[i]["dropped_tokens"] for i in moe_layers])
+            if moe_layers
+            else jnp.zeros((0,), jnp.int32)
+        ),
     }
 
 

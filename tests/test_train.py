@@ -244,6 +244,11 @@ def test_cli_end_to_end(tmp_path):
     # assignments per MoE layer (4 layers), each counted once, before any drop.
     assert all(r["assignments"] == 512 * 4 for r in train_records)
     np.testing.assert_allclose(load * 512, np.round(load * 512), atol=1e-6)
+    # Per-layer drops (the layers' own counts) add up to the interval's total (their sum).
+    dropped = np.array([r["dropped_fraction_per_layer"] for r in train_records]) * 512
+    chex.assert_shape(dropped, (2, 4))
+    np.testing.assert_allclose(dropped, np.round(dropped), atol=1e-6)
+    np.testing.assert_allclose(dropped.sum(-1), [r["dropped_tokens"] for r in train_records])
     assert (out / "training.png").stat().st_size > 10_000
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["2", "4"]
     assert list((tmp_path / "cache").glob("kjv-chapters-*/metadata.json"))

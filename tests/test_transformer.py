@@ -108,6 +108,7 @@ def test_layer_structure(ffn, moe_every, routed, expected_layer):
             assert block.ffn.mlp.w1.shape == (D, 2 * 32)  # top_k * d_ff: same active FLOPs
     _, aux = jax.eval_shape(lambda m, t: m(t), model, _tokens())
     chex.assert_shape(aux["tokens_per_expert"], (len(routed), 4))
+    chex.assert_shape(aux["dropped_per_layer"], (len(routed),))
 
 
 @pytest.mark.parametrize("ffn,moe_every", [("moe", 2), ("dmoe", 1)])
@@ -142,6 +143,9 @@ def test_aux_aggregation(ffn, moe_every):
     # Every routed layer sees all batch * seq tokens top_k times.
     np.testing.assert_array_equal(np.asarray(aux["tokens_per_expert"]).sum(-1), 3 * SEQ * 2)
     assert int(aux["dropped_tokens"]) == sum(int(a["dropped_tokens"]) for a in routed)
+    np.testing.assert_array_equal(
+        aux["dropped_per_layer"], [int(a["dropped_tokens"]) for a in routed]
+    )
     if ffn == "moe":  # capacity int(0.5 * 2 * 24 / 4) = 6 of 48 per expert: must drop
         assert int(aux["dropped_tokens"]) > 0
     else:
