@@ -42,11 +42,11 @@ def test_comm_table_bytes(ep):
     assert got["allgather"] == pytest.approx(
         (gathered * (ep - 1) + scattered * (ep - 1) / ep) / mib
     )
-    # All-gather the [E] counts; two all_to_alls of [ep, slots, d] buckets,
-    # slots = min(T k, worst-case capacity).
+    # All-gather the [E] counts; two all_to_alls of [ep, slots, d] buckets and one
+    # of the rows' gates [ep, slots], slots = min(T k, worst-case capacity).
     slots = min(tokens * k, ep * tokens * min(k, experts // ep))
     counts = experts * 4 * (ep - 1)
-    buckets = 2 * ep * slots * d * f32 * (ep - 1) / ep
+    buckets = (2 * d + 1) * ep * slots * f32 * (ep - 1) / ep
     assert got["padded"] == pytest.approx((counts + buckets) / mib)
 
 

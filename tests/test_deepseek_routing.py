@@ -23,6 +23,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from experiments.checkpoint import Checkpoints
+from experiments.config import TRAINING_EP_BUFFER_FACTOR
 from experiments.presets import preset
 from experiments.train import (
     TrainConfig,
@@ -419,6 +420,7 @@ def test_train_flags_set_the_routing_fields():
     ]
     moe = config_from_args(parse_args(flags))[0].model.moe
     want = preset("xs").moe.replace(
+        ep_buffer_factor=TRAINING_EP_BUFFER_FACTOR,
         score_function="sigmoid",
         expert_bias=True,
         load_balancing_loss_weight=0.0,
@@ -430,7 +432,9 @@ def test_train_flags_set_the_routing_fields():
         sequence_aux_loss_weight=1e-4,
     )
     assert moe == want
-    assert config_from_args(parse_args([]))[0].model.moe == preset("xs").moe
+    assert config_from_args(parse_args([]))[0].model.moe == preset("xs").moe.replace(
+        ep_buffer_factor=TRAINING_EP_BUFFER_FACTOR
+    )
     with pytest.raises(ValueError, match="top_k_groups"):
         config_from_args(parse_args(["--num-expert-groups", "4", "--top-k-groups", "5"]))
 
