@@ -91,7 +91,13 @@ def main(argv=None):
     parser = argparse.ArgumentParser(
         prog="python -m benchmarks.data_bench", description=__doc__.split("\n\n")[0]
     )
-    parser.add_argument("--presets", nargs="+", choices=PRESETS, default=list(PRESETS))
+    parser.add_argument(
+        "--presets",
+        nargs="+",
+        choices=PRESETS,
+        default=["xs", "s"],
+        help="presets whose train step is timed (default: the CPU ones, %(default)s)",
+    )
     parser.add_argument("--batches", type=int, default=200, help="timed pipeline batches")
     parser.add_argument("--steps", type=int, default=5, help="timed training steps (median)")
     parser.add_argument("--prepare-mb", type=int, default=20, help="0: skip the preparation")
