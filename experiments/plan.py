@@ -48,6 +48,9 @@ class Device:
       per_node: devices per node (an axis whose group fits in a node uses the link).
       fused_attention: attention keeps no ``[seq, seq]`` scores (cuDNN flash
         attention); XLA:CPU materialises them.
+      fused_expert_mlp: the expert MLP gathers its rows and scatter-adds its
+        outputs chunk by chunk (XLA:CPU's `pallas_kernels.fused_mlp`), so no
+        ``[rows, d_model]`` layouts exist; the GPU kernels build them.
     """
 
     name: str
@@ -57,6 +60,7 @@ class Device:
     network_bytes_per_s: float
     per_node: int
     fused_attention: bool
+    fused_expert_mlp: bool
 
 
 def _host_memory() -> float:
@@ -66,9 +70,11 @@ def _host_memory() -> float:
 DEVICES = {
     # H100/H200 SXM: 989 TFLOP/s dense bf16, NVLink 4 (450 GB/s per direction), 8 per node,
     # 400 Gb/s InfiniBand per GPU between nodes.
-    "h100": Device("NVIDIA H100 80GB", 80e9, 989e12, 450e9, 50e9, 8, True),
-    "h200": Device("NVIDIA H200 141GB", 141e9, 989e12, 450e9, 50e9, 8, True),
-    "cpu": Device("host CPU", _host_memory(), 5e10 * (os.cpu_count() or 1), 10e9, 10e9, 64, False),
+    "h100": Device("NVIDIA H100 80GB", 80e9, 989e12, 450e9, 50e9, 8, True, False),
+    "h200": Device("NVIDIA H200 141GB", 141e9, 989e12, 450e9, 50e9, 8, True, False),
+    "cpu": Device(
+        "host CPU", _host_memory(), 5e10 * (os.cpu_count() or 1), 10e9, 10e9, 64, False, True
+    ),
 }
 
 
@@ -137,7 +143,8 @@ def activation_bytes(
       fused attention) two ``[b, heads, seq, seq]`` float32 tensors (scores, probabilities);
     * per MoE block: the normalised input, router logits and probabilities
       ``[T, E]`` (float32), the layout rows ``R`` (`layout_rows`) at width
-      ``d`` in and out and ``d_ff`` hidden (two or three tensors for glu), the
+      ``d`` in and out (not with a `Device.fused_expert_mlp`) and ``d_ff``
+      hidden (two or three tensors for glu), the
       un-permuted ``[T, k, d]`` rows; dense blocks ``[T, k * d_ff]``;
     * remat ``"ffn"`` keeps only the FFN's input, ``"block"`` only the block's
       input; the recomputed part's activations are then live once, for the
@@ -157,7 +164,7 @@ def activation_bytes(
     routed = (
         c * tokens * d
         + 4 * tokens * moe.num_experts * 2
-        + c * rows * (2 * d + hidden * moe.d_ff)
+        + c * rows * ((0 if device.fused_expert_mlp else 2 * d) + hidden * moe.d_ff)
         + c * tokens * moe.top_k * d
     )
     dense = c * tokens * (d + hidden * model.dense_d_ff)
