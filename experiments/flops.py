@@ -48,6 +48,17 @@ def ffn_params_active(config: TransformerConfig) -> int:
     return sum(_ffn(config, i in routed)[1] for i in range(config.num_layers))
 
 
+def block_params(config: TransformerConfig, routed: bool, expert_shards: int = 1) -> float:
+    """Weights of one block's matmuls (attention, router, experts, shared and dense
+    MLPs) held by one device when the routed experts are split over ``expert_shards``."""
+    moe = config.moe
+    total = _attention(config)[0] + _ffn(config, routed)[0]
+    if not routed:
+        return total
+    experts = moe.num_experts * (3 if moe.expert_type == "glu" else 2) * config.d_model * moe.d_ff
+    return total - experts + experts / expert_shards
+
+
 def attention_params(config: TransformerConfig) -> int:
     """Attention projection weights over all blocks."""
     return config.num_layers * _attention(config)[0]

@@ -51,6 +51,13 @@ class Device:
       fused_expert_mlp: the expert MLP gathers its rows and scatter-adds its
         outputs chunk by chunk (XLA:CPU's `pallas_kernels.fused_mlp`), so no
         ``[rows, d_model]`` layouts exist; the GPU kernels build them.
+      padded_exchange: the expert-parallel exchange is the padded one (XLA:CPU
+        has no ragged all-to-all), whose steps recompute their forward in the
+        backward, so the expert layout is never kept between the passes.
+      reduces_gradients_at_end: the gradients' cross-device sums wait until the
+        backward ends (XLA:CPU combines them all into a few all-reduces), so
+        every unreduced gradient is live then; else (XLA:GPU: combined up to a
+        threshold, asynchronous) only the last block's is in flight.
     """
 
     name: str
@@ -61,6 +68,8 @@ class Device:
     per_node: int
     fused_attention: bool
     fused_expert_mlp: bool
+    padded_exchange: bool
+    reduces_gradients_at_end: bool
 
 
 def _host_memory() -> float:
@@ -70,10 +79,19 @@ def _host_memory() -> float:
 DEVICES = {
     # H100/H200 SXM: 989 TFLOP/s dense bf16, NVLink 4 (450 GB/s per direction), 8 per node,
     # 400 Gb/s InfiniBand per GPU between nodes.
-    "h100": Device("NVIDIA H100 80GB", 80e9, 989e12, 450e9, 50e9, 8, True, False),
-    "h200": Device("NVIDIA H200 141GB", 141e9, 989e12, 450e9, 50e9, 8, True, False),
+    "h100": Device("NVIDIA H100 80GB", 80e9, 989e12, 450e9, 50e9, 8, True, False, False, False),
+    "h200": Device("NVIDIA H200 141GB", 141e9, 989e12, 450e9, 50e9, 8, True, False, False, False),
     "cpu": Device(
-        "host CPU", _host_memory(), 5e10 * (os.cpu_count() or 1), 10e9, 10e9, 64, False, True
+        "host CPU",
+        _host_memory(),
+        5e10 * (os.cpu_count() or 1),
+        10e9,
+        10e9,
+        64,
+        False,
+        True,
+        True,
+        True,
     ),
 }
 
@@ -132,26 +150,34 @@ def layout_rows(model: TransformerConfig, tokens: int, axes: dict[str, int], fac
 def activation_bytes(
     model: TransformerConfig, tokens: int, axes: dict[str, int], device: Device
 ) -> dict[str, int]:
-    """Per-device activation bytes of one training step, ``tokens`` local tokens.
+    """Per-device activation bytes of one training step, ``tokens`` local tokens, at the
+    backward pass's peak.
 
-    What the backward keeps (``kept``) plus the working set of the block being
-    differentiated at the peak (``working``: the cotangents of one block's
-    activations, and under remat the recomputed activations too):
+    The backward walks the blocks from the last to the first. While it differentiates
+    block ``i`` the device holds what the forward kept of blocks ``0..i`` (``kept``),
+    block ``i``'s working set (``working``: the cotangents of its activations, and
+    under remat its recomputed activations), and the gradients of the blocks after
+    ``i`` and of the output projection not yet summed over the devices
+    (``pending_gradients``: XLA combines the gradients' all-reduces into a few after
+    the backward, so until then each is a temporary beside its output buffer; none on
+    one device). The peak is the largest such sum, or the backward's start:
 
     * per block, attention: its input and normalised input, q/k/v, the
       attention output ``[T, d]``-sized tensors in the compute dtype, and (without
       fused attention) two ``[b, heads, seq, seq]`` float32 tensors (scores, probabilities);
     * per MoE block: the normalised input, router logits and probabilities
-      ``[T, E]`` (float32), the layout rows ``R`` (`layout_rows`) at width
-      ``d`` in and out (not with a `Device.fused_expert_mlp`) and ``d_ff``
-      hidden (two or three tensors for glu), the
-      un-permuted ``[T, k, d]`` rows; dense blocks ``[T, k * d_ff]``;
+      ``[T, E]`` (float32), the un-permuted ``[T, k, d]`` rows, and the layout rows
+      ``R`` (`layout_rows`) at width ``d`` in and out (not with a
+      `Device.fused_expert_mlp`) and ``d_ff`` hidden (two or three tensors for glu).
+      Exchange steps that recompute their forward (the padded exchange, or rounds)
+      keep no layout: it lives only while its block is differentiated. Dense blocks
+      keep ``[T, k * d_ff]``;
     * remat ``"ffn"`` keeps only the FFN's input, ``"block"`` only the block's
       input; the recomputed part's activations are then live once, for the
       block being differentiated;
-
-    Calibrated against XLA:CPU's compiled temporaries (docs/scale_out.md).
     * the logits ``[T, vocab]`` float32 (logits, log-softmax and their gradient).
+
+    Checked against XLA:CPU's compiled temporaries (docs/scale_out.md).
     """
     moe = model.moe
     c = jnp.dtype(moe.dtype).itemsize
@@ -160,25 +186,42 @@ def activation_bytes(
     scores = 0 if device.fused_attention else 2 * 4 * (tokens // seq) * heads * seq * seq
     attention = c * tokens * (2 * d + (heads + 2 * kv) * hd + heads * hd) + scores
     hidden = 3 if moe.expert_type == "glu" else 2
-    rows = layout_rows(model, tokens, axes, ep_bound(model))
-    routed = (
-        c * tokens * d
-        + 4 * tokens * moe.num_experts * 2
-        + c * rows * ((0 if device.fused_expert_mlp else 2 * d) + hidden * moe.d_ff)
-        + c * tokens * moe.top_k * d
-    )
+    bound = ep_bound(model)
+    rows = layout_rows(model, tokens, axes, bound)
+    layout = c * rows * ((0 if device.fused_expert_mlp else 2 * d) + hidden * moe.d_ff)
+    recomputed = EXPERT in axes and (device.padded_exchange or bound is not None)
+    routed = c * tokens * d + 4 * tokens * moe.num_experts * 2 + c * tokens * moe.top_k * d
+    routed += 0 if recomputed else layout
     dense = c * tokens * (d + hidden * model.dense_d_ff)
-    ffn = [routed if i in model.moe_layers else dense for i in range(model.num_layers)]
+    param = jnp.dtype(moe.param_dtype).itemsize
+    reduced = math.prod(axes.values()) > 1  # the gradients are summed over devices
+    at_end = device.reduces_gradients_at_end
+    shards = axes.get(EXPERT, 1)
     block_input = c * tokens * d
-    largest = attention + max(ffn)  # the cotangents of one block's activations
-    if model.remat == "none":
-        kept, working = model.num_layers * attention + sum(ffn), largest
-    elif model.remat == "ffn":
-        kept, working = model.num_layers * (attention + block_input), largest + max(ffn)
-    else:
-        kept, working = model.num_layers * block_input, 2 * largest
+    blocks = []  # (kept, working, gradient bytes) of each block
+    for i in range(model.num_layers):
+        is_routed = i in model.moe_layers
+        ffn = routed if is_routed else dense
+        keep = attention + ffn  # what the block's forward keeps without remat
+        cotangents = keep + (layout if is_routed and recomputed else 0)
+        kept, working = {
+            "none": (keep, cotangents),
+            "ffn": (attention + block_input, cotangents + ffn),
+            "block": (block_input, keep + cotangents),
+        }[model.remat]
+        grads = param * flops.block_params(model, is_routed, shards) if reduced else 0
+        blocks.append((kept, working, grads))
+    # Gradients unreduced while block i is differentiated: the later blocks' and the
+    # output projection's (all of them, or the one just computed).
+    grads = [g for _, _, g in blocks] + [param * model.vocab_size * d if reduced else 0]
+    pending = lambda i: sum(grads[i + 1 :]) if at_end else grads[i + 1]
+    at_block = [
+        (sum(kept for kept, _, _ in blocks[: i + 1]), blocks[i][1], pending(i))
+        for i in range(len(blocks))
+    ]
+    kept, working, pending = max(at_block, key=sum)
     logits = 3 * 4 * tokens * model.vocab_size
-    return {"kept": kept, "working": working, "logits": logits}
+    return {"kept": kept, "working": working, "pending_gradients": pending, "logits": logits}
 
 
 def flops_per_token(model: TransformerConfig) -> dict[str, float]:
@@ -383,6 +426,8 @@ def _add_plan_arguments(parser: argparse.ArgumentParser):
 def main(argv=None) -> dict:
     """Command-line entry: prints the plan, returns it."""
     args = train.parse_args(argv, extend=_add_plan_arguments)
+    if args.dtype == "auto":  # the planned device's, not this machine's
+        args.dtype = "float32" if args.device == "cpu" else "bfloat16"
     config, name = train.config_from_args(args)
     plan = make_plan(config, args.device)
     print(format_plan(plan, config, name))

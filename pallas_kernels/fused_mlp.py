@@ -46,7 +46,12 @@ from pallas_kernels import xla_impl
 from pallas_kernels.activations import Activation, get_activation
 from pallas_kernels.backend import ExpertWeights, RowMap
 from pallas_kernels.topology import Topology
-from pallas_kernels.xla_impl import masked_update, over_chunks, transposed_lhs_dot
+from pallas_kernels.xla_impl import (
+    masked_update,
+    over_chunks,
+    scheduled_after,
+    transposed_lhs_dot,
+)
 
 __all__ = ["BACKEND", "fused_expert_mlp"]
 
@@ -164,7 +169,9 @@ def _forward(activation, x, row_tokens, row_weights, topo, weights: ExpertWeight
         return over_chunks(topo, expert, chunk, carry)
 
     residual = jnp.zeros((topo.padded_rows, weights.w1.shape[2]), x.dtype) if save else None
-    init = (jnp.zeros(x.shape, jnp.float32), residual, residual if save_up else None)
+    init = scheduled_after(
+        x, (jnp.zeros(x.shape, jnp.float32), residual, residual if save_up else None)
+    )
     y, gate, up = lax.fori_loop(0, topo.num_experts, per_expert, init)
     return y.astype(x.dtype), gate, up
 
@@ -228,12 +235,15 @@ def _fused_bwd(activation, recompute_hidden, residuals, dy):
         dw2 = dw2.at[expert].set(dw2e.astype(dw2.dtype))
         return dx, d_row_weights, dw1, dw3, dw2
 
-    init = (
-        jnp.zeros(x.shape, jnp.float32),
-        jnp.zeros(row_weights.shape, jnp.float32),
-        jnp.zeros_like(w1),
-        jnp.zeros_like(w3) if glu else None,
-        jnp.zeros_like(w2),
+    init = scheduled_after(
+        dy,
+        (
+            jnp.zeros(x.shape, jnp.float32),
+            jnp.zeros(row_weights.shape, jnp.float32),
+            jnp.zeros_like(w1),
+            jnp.zeros_like(w3) if glu else None,
+            jnp.zeros_like(w2),
+        ),
     )
     dx, d_row_weights, dw1, dw3, dw2 = lax.fori_loop(0, topo.num_experts, per_expert, init)
     d_weights = ExpertWeights(dw1, dw3, dw2)

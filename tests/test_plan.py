@@ -46,6 +46,7 @@ def test_olmoe_plan_on_abstract_mesh(capsys):
     assert got["flops_per_token"]["active_params"] == pytest.approx(1.3e9, rel=0.1)
     out = capsys.readouterr().out
     assert "16 x NVIDIA H100 80GB (fsdp=2 x expert=8)" in out and "Estimated step time" in out
+    assert "compute bfloat16" in out  # --dtype auto is the planned GPU's, on any machine
 
 
 def test_plan_errors():

@@ -23,6 +23,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from pallas_kernels.xla_impl import scheduled_after
+
 
 def _is_float(x) -> bool:
     return jnp.issubdtype(jnp.result_type(x), jnp.inexact)
@@ -70,7 +72,8 @@ def _round_of_leaves(round_fn, treedef, r, *leaves):
 def _sum_over_rounds(round_fn, num_rounds: jax.Array, operands: tuple):
     """`sum_over_rounds` on a flat tuple of array operands."""
     out = jax.eval_shape(round_fn, 0, *operands)
-    return _loop(num_rounds, lambda r, acc: acc + round_fn(r, *operands), _zeros_like_shape(out))
+    init = scheduled_after(operands, _zeros_like_shape(out))
+    return _loop(num_rounds, lambda r, acc: acc + round_fn(r, *operands), init)
 
 
 def _forward(round_fn, num_rounds, operands):
@@ -91,7 +94,8 @@ def _backward(round_fn, residuals, cotangent):
         _, pullback = jax.vjp(functools.partial(round_of_diff, r), *diff)
         return [g + c for g, c in zip(grads, pullback(cotangent))]
 
-    grads = iter(_loop(num_rounds, body, [jnp.zeros_like(x) for x in diff]))
+    init = scheduled_after(cotangent, [jnp.zeros_like(x) for x in diff])
+    grads = iter(_loop(num_rounds, body, init))
     return None, tuple(next(grads) if d else None for d in is_diff)
 
 
