@@ -41,6 +41,32 @@ def same_segment(segment_ids: jax.Array) -> jax.Array:
     return (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None]
 
 
+def _cudnn_applies(q: jax.Array) -> bool:
+    """cuDNN's fused attention takes ``q``: an NVIDIA GPU, 16-bit, ``head_dim`` a
+    multiple of 8 up to 128."""
+    head_dim = q.shape[-1]
+    return (
+        jax.default_backend() == "gpu"
+        and "NVIDIA" in jax.devices()[0].device_kind.upper()
+        and q.dtype in (jnp.bfloat16, jnp.float16)
+        and head_dim % 8 == 0
+        and head_dim <= 128
+    )
+
+
+def attention(
+    q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None = None, *, is_causal=False
+) -> jax.Array:
+    """`jax.nn.dot_product_attention` of ``q [batch, seq, heads, head_dim]`` over ``k, v
+    [batch, keys, kv_heads, head_dim]``, on cuDNN's fused kernel where it applies (an
+    NVIDIA GPU, bfloat16/float16) and XLA's elsewhere. ``mask [batch, 1, seq, keys]``
+    bool (`same_segment` for packed documents) reaches both; cuDNN adds it as a bias."""
+    implementation = "cudnn" if _cudnn_applies(q) else None
+    return jax.nn.dot_product_attention(
+        q, k, v, mask=mask, is_causal=is_causal, implementation=implementation
+    )
+
+
 class KVCache(NamedTuple):
     """One layer's keys and values, ``[batch, max_len, kv_heads, head_dim]`` each;
     position ``p`` of every sequence lives at index ``p``."""
@@ -137,7 +163,7 @@ class CausalSelfAttention(nnx.Module):
         the RoPE positions (default ``0..seq-1``)."""
         q, k, v = self.project(x, positions)
         mask = None if segment_ids is None else same_segment(segment_ids)
-        return self.out(jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True))
+        return self.out(attention(q, k, v, mask, is_causal=True))
 
     def cached(self, x: jax.Array, cache: KVCache, position: jax.Array):
         """Attention of ``x [batch, seq, d_model]`` at positions
