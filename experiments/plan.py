@@ -158,9 +158,10 @@ def activation_bytes(
     block ``i``'s working set (``working``: the cotangents of its activations, and
     under remat its recomputed activations), and the gradients of the blocks after
     ``i`` and of the output projection not yet summed over the devices
-    (``pending_gradients``: XLA combines the gradients' all-reduces into a few after
-    the backward, so until then each is a temporary beside its output buffer; none on
-    one device). The peak is the largest such sum, or the backward's start:
+    (``pending_gradients``: with `Device.reduces_gradients_at_end` XLA combines the
+    gradients' all-reduces into a few after the backward, so until then each is a
+    temporary beside its output buffer; otherwise only the last block's is in flight;
+    none on one device). The peak is the largest such sum. What each part holds:
 
     * per block, attention: its input and normalised input, q/k/v, the
       attention output ``[T, d]``-sized tensors in the compute dtype, and (without
