@@ -10,6 +10,8 @@ one token (forward + backward): ``6 * matmul_params_active + 6 * layers * heads 
 
 from __future__ import annotations
 
+import functools
+
 from jmoe.transformer import TransformerConfig
 
 # Dense bfloat16 tensor-core peaks in FLOP/s (NVIDIA datasheets; "with sparsity" halved),
@@ -30,10 +32,15 @@ def _attention(config: TransformerConfig) -> tuple[int, int]:
     return config.d_model * (2 * q + 2 * kv), norms
 
 
+def _mlp(config: TransformerConfig, d_ff: int) -> int:
+    """Weights of one MLP (an expert, shared or dense) of hidden width ``d_ff``."""
+    return (3 if config.moe.expert_type == "glu" else 2) * config.d_model * d_ff
+
+
 def _ffn(config: TransformerConfig, routed: bool) -> tuple[int, int]:
     """``(total, active per token)`` weights of one block's FFN (all matmuls)."""
     moe = config.moe
-    mlp = lambda d_ff: (3 if moe.expert_type == "glu" else 2) * config.d_model * d_ff
+    mlp = functools.partial(_mlp, config)
     if not routed:
         return mlp(config.dense_d_ff), mlp(config.dense_d_ff)
     gate = config.d_model if moe.shared_expert_gate and moe.num_shared_experts else 0
@@ -55,7 +62,7 @@ def block_params(config: TransformerConfig, routed: bool, expert_shards: int = 1
     total = _attention(config)[0] + _ffn(config, routed)[0]
     if not routed:
         return total
-    experts = moe.num_experts * (3 if moe.expert_type == "glu" else 2) * config.d_model * moe.d_ff
+    experts = moe.num_experts * _mlp(config, moe.d_ff)
     return total - experts + experts / expert_shards
 
 

@@ -79,8 +79,30 @@ def _host_memory() -> float:
 DEVICES = {
     # H100/H200 SXM: 989 TFLOP/s dense bf16, NVLink 4 (450 GB/s per direction), 8 per node,
     # 400 Gb/s InfiniBand per GPU between nodes.
-    "h100": Device("NVIDIA H100 80GB", 80e9, 989e12, 450e9, 50e9, 8, True, False, False, False),
-    "h200": Device("NVIDIA H200 141GB", 141e9, 989e12, 450e9, 50e9, 8, True, False, False, False),
+    "h100": Device(
+        "NVIDIA H100 80GB",
+        80e9,
+        989e12,
+        450e9,
+        50e9,
+        8,
+        fused_attention=True,
+        fused_expert_mlp=False,
+        padded_exchange=False,
+        reduces_gradients_at_end=False,
+    ),
+    "h200": Device(
+        "NVIDIA H200 141GB",
+        141e9,
+        989e12,
+        450e9,
+        50e9,
+        8,
+        fused_attention=True,
+        fused_expert_mlp=False,
+        padded_exchange=False,
+        reduces_gradients_at_end=False,
+    ),
     "cpu": Device(
         "host CPU",
         _host_memory(),
@@ -88,10 +110,10 @@ DEVICES = {
         10e9,
         10e9,
         64,
-        False,
-        True,
-        True,
-        True,
+        fused_attention=False,
+        fused_expert_mlp=True,
+        padded_exchange=True,
+        reduces_gradients_at_end=True,
     ),
 }
 
@@ -214,8 +236,8 @@ def activation_bytes(
         blocks.append((kept, working, grads))
     # Gradients unreduced while block i is differentiated: the later blocks' and the
     # output projection's (all of them, or the one just computed).
-    grads = [g for _, _, g in blocks] + [param * model.vocab_size * d if reduced else 0]
-    pending = lambda i: sum(grads[i + 1 :]) if at_end else grads[i + 1]
+    unreduced = [g for _, _, g in blocks] + [param * model.vocab_size * d if reduced else 0]
+    pending = lambda i: sum(unreduced[i + 1 :]) if at_end else unreduced[i + 1]
     at_block = [
         (sum(kept for kept, _, _ in blocks[: i + 1]), blocks[i][1], pending(i))
         for i in range(len(blocks))
