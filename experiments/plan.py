@@ -91,18 +91,6 @@ DEVICES = {
         padded_exchange=False,
         reduces_gradients_at_end=False,
     ),
-    "h200": Device(
-        "NVIDIA H200 141GB",
-        141e9,
-        989e12,
-        450e9,
-        50e9,
-        8,
-        fused_attention=True,
-        fused_expert_mlp=False,
-        padded_exchange=False,
-        reduces_gradients_at_end=False,
-    ),
     "cpu": Device(
         "host CPU",
         _host_memory(),
@@ -116,6 +104,7 @@ DEVICES = {
         reduces_gradients_at_end=True,
     ),
 }
+DEVICES["h200"] = dataclasses.replace(DEVICES["h100"], name="NVIDIA H200 141GB", memory_bytes=141e9)
 
 
 def abstract_mesh(axes: dict[str, int]) -> AbstractMesh:
