@@ -13,10 +13,22 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax import lax
 from jax.typing import ArrayLike
 
 from jmoe.config import require
 from jmoe.transformer import MoETransformer
+
+
+def greedy_tokens(logits: jax.Array) -> jax.Array:
+    """``jnp.argmax(logits, axis=-1)`` (the first maximum, or the first NaN) as
+    ``[batch] int32``, from a max and a min: XLA:CPU runs argmax's variadic
+    reduce 5x slower than the two vectorised ones (0.56 vs 0.12 ms at
+    ``[8, 32000]``, 5% of a decode step)."""
+    vocab = logits.shape[-1]
+    best = jnp.max(logits, axis=-1, keepdims=True)  # NaN if the row has one
+    hit = (logits == best) | jnp.isnan(logits)
+    return jnp.min(jnp.where(hit, lax.iota(jnp.int32, vocab), vocab), axis=-1)
 
 
 def sample_logits(
@@ -35,7 +47,7 @@ def sample_logits(
     """
     logits = jnp.asarray(logits)
     if temperature == 0.0:
-        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        return greedy_tokens(logits)
     logits = logits / temperature
     if top_k is not None:
         kth = jax.lax.top_k(logits, top_k)[0][:, -1:]

@@ -16,7 +16,8 @@ the array), and every chunk carries the mask of the rows it owns; writes keep
 the other rows as they were. A layout of at most ``TILE_ROWS`` rows (a decode
 step: ``batch x top_k`` rows) uses chunks of the group's size rounded up to a
 power of two instead, so each expert's GEMM has about as many rows as the
-expert has assignments (4x faster decode MoE at batch 8, top-2 of 8).
+expert has assignments. (The dMoE layer's fused MLP runs such layouts as
+batched GEMMs instead: `fused_mlp`.)
 """
 
 from __future__ import annotations

@@ -28,8 +28,8 @@ from jmoe.config import MoEConfig
 from jmoe.experts import activate
 from pallas_kernels import reference
 from pallas_kernels.backend import ExpertWeights, RowMap
-from pallas_kernels.fused_mlp import fused_expert_mlp
-from pallas_kernels.xla_impl import chunk_rows
+from pallas_kernels.fused_mlp import fused_expert_mlp, slot_counts
+from pallas_kernels.xla_impl import TILE_ROWS, chunk_rows
 
 F32_TOL = dict(rtol=1e-5, atol=1e-5)
 D, F = 8, 16
@@ -200,6 +200,32 @@ def test_finite_differences():
     check_grads(f, args, order=1, modes=["rev"], eps=1e-2, atol=1e-2, rtol=2e-3)
 
 
+@pytest.mark.parametrize(
+    "expert_ids,num_experts,block_size",
+    [
+        (_random_indices(8, 8, 2, seed=6), 8, 1),  # a decode step: batch 8, top-2 of 8
+        (np.array([[3]] * 5 + [[1]] * 2), 4, 1),  # largest group 5: 6 slots
+        (np.array([[0, 2]] * 16), 4, 1),  # 32 rows, groups of 16: no slot left over
+        (np.array([[1, 3]]), 4, 16),  # a padded layout: two 16-row bins, one row each
+    ],
+)
+def test_few_rows_match_reference(expert_ids, num_experts, block_size):
+    """Layouts of at most TILE_ROWS rows take the batched path (`_few_rows`):
+    forward and gradients against the reference, also with ``recompute_hidden``."""
+    topo, row_tokens, operands, dy = _case(expert_ids, num_experts, block_size, seed=6)
+    assert topo.padded_rows <= TILE_ROWS
+    activation = _activation("glu")
+    _compare(topo, row_tokens, operands, dy, activation)
+    recomputing = functools.partial(fused_expert_mlp, recompute_hidden=True)
+    _compare(topo, row_tokens, operands, dy, activation, fn=recomputing)
+
+
+def test_slot_counts():
+    assert slot_counts(1) == [1]
+    assert slot_counts(16) == [1, 2, 3, 4, 6, 8, 12, 16]
+    assert slot_counts(20) == [1, 2, 3, 4, 6, 8, 12, 16, 20]
+
+
 def test_checks_operands():
     topo, row_tokens, ops, _ = _case(_random_indices(5, 4, 2), 4, 1)
     act = _activation("glu")
@@ -223,10 +249,10 @@ def test_checks_operands():
 
 def test_gradient_accumulators_start_with_their_layer():
     """Six fused-MLP layers under `jax.checkpoint`: XLA:CPU would start their weight-gradient
-    accumulators (zeros) early and keep them live (608 KiB of temporaries here without
+    accumulators (zeros) early and keep them live (672 KiB of temporaries here without
     `xla_impl.scheduled_after`); tied to their loop's input, the whole gradient's
-    temporaries stay below one layer's weights (512 KiB; 408 KiB measured)."""
-    layers, experts, d_model, d_ff, tokens = 6, 4, 64, 256, 32
+    temporaries stay below one layer's weights (512 KiB; 441 KiB measured)."""
+    layers, experts, d_model, d_ff, tokens = 6, 4, 64, 256, 40  # > TILE_ROWS: the loop
     expert_ids = jnp.asarray(np.random.default_rng(0).integers(0, experts, (tokens, 1)))
     dispatch, topo = permutation.dropless_dispatch(expert_ids.astype(jnp.int32), experts, 1)
     rows = RowMap(dispatch.row_tokens, jnp.ones(topo.padded_rows), None)

@@ -184,8 +184,9 @@ def test_cached_forward_equals_full_forward(kw):
 
 
 def test_decode_expert_gemms_scale_with_assignments():
-    """The decode step's expert GEMMs (``x @ w[e]``) have at most ``batch * k``
-    rows: the dropless layout of a few tokens is not padded to blocks."""
+    """The decode step's expert GEMMs (``x @ w[e]``, batched over experts) have
+    at most ``batch * k`` rows each: the dropless layout of a few tokens is not
+    padded to blocks."""
     config = _config(
         moe=MoEConfig(
             d_model=32,
@@ -205,10 +206,11 @@ def test_decode_expert_gemms_scale_with_assignments():
         token, caches, jnp.int32(4)
     )
     jaxpr = jax.make_jaxpr(step)(state, jnp.zeros((batch, 1), jnp.int32), caches)
-    expert_rows = [
-        eqn.invars[0].aval.shape[0]
+    expert_weights = {(8, 32, 16), (8, 16, 32)}  # [E, d_model, d_ff], [E, d_ff, d_model]
+    expert_rows = [  # the batched GEMMs' lhs: [E, slots, d] (`fused_mlp._few_rows`)
+        eqn.invars[0].aval.shape[-2]
         for eqn in all_eqns(jaxpr)
-        if eqn.primitive.name == "dot_general" and eqn.invars[1].aval.shape in ((32, 16), (16, 32))
+        if eqn.primitive.name == "dot_general" and eqn.invars[1].aval.shape in expert_weights
     ]
     assert expert_rows and max(expert_rows) <= batch * 2, expert_rows
 
