@@ -94,7 +94,7 @@ def main(argv=None):
     parser.add_argument("--d-ff", type=int, default=1024)
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--vocab", type=int, default=32000)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument(
         "--torch-python",
         default=sys.executable,
