@@ -15,7 +15,7 @@ import jmoe.hf
 from helpers.hf_fixtures import FIXTURES, expected, random_model
 from helpers.jaxpr_tools import all_eqns
 from jmoe import MoEConfig
-from jmoe.decoding import sample_logits
+from jmoe.decoding import greedy_tokens, sample_logits
 from jmoe.mla import MLAConfig
 from jmoe.transformer import MoETransformer, TransformerConfig
 from jmoe.yarn import YarnScaling
@@ -213,6 +213,30 @@ def test_decode_expert_gemms_scale_with_assignments():
         if eqn.primitive.name == "dot_general" and eqn.invars[1].aval.shape in expert_weights
     ]
     assert expert_rows and max(expert_rows) <= batch * 2, expert_rows
+
+
+def test_greedy_tokens_equal_argmax():
+    """The first maximum, as ``jnp.argmax``: ties, a NaN (counts as the maximum, the
+    first one wins), +inf, an all -inf row, an all-equal row, random rows."""
+    logits = jax.random.normal(jax.random.key(0), (9, 300))
+    logits = (
+        logits.at[0, [7, 100]]
+        .set(9.0)  # a tie: the first
+        .at[1, [5, 9]]
+        .set(jnp.nan)
+        .at[2, 250]
+        .set(jnp.inf)
+        .at[3]
+        .set(-jnp.inf)
+        .at[4]
+        .set(0.0)
+        .at[5, [3, 200]]
+        .set(jnp.inf)
+    )
+    got = jax.jit(greedy_tokens)(logits)
+    assert got.dtype == jnp.int32
+    np.testing.assert_array_equal(got, jnp.argmax(logits, axis=-1))
+    np.testing.assert_array_equal(got[:6], [7, 5, 250, 0, 0, 3])
 
 
 def test_sample_logits_respects_top_k_and_top_p():
