@@ -219,20 +219,12 @@ def test_greedy_tokens_equal_argmax():
     """The first maximum, as ``jnp.argmax``: ties, a NaN (counts as the maximum, the
     first one wins), +inf, an all -inf row, an all-equal row, random rows."""
     logits = jax.random.normal(jax.random.key(0), (9, 300))
-    logits = (
-        logits.at[0, [7, 100]]
-        .set(9.0)  # a tie: the first
-        .at[1, [5, 9]]
-        .set(jnp.nan)
-        .at[2, 250]
-        .set(jnp.inf)
-        .at[3]
-        .set(-jnp.inf)
-        .at[4]
-        .set(0.0)
-        .at[5, [3, 200]]
-        .set(jnp.inf)
-    )
+    logits = logits.at[0, [7, 100]].set(9.0)  # a tie: the first wins
+    logits = logits.at[1, [5, 9]].set(jnp.nan)
+    logits = logits.at[2, 250].set(jnp.inf)
+    logits = logits.at[3].set(-jnp.inf)
+    logits = logits.at[4].set(0.0)
+    logits = logits.at[5, [3, 200]].set(jnp.inf)
     got = jax.jit(greedy_tokens)(logits)
     assert got.dtype == jnp.int32
     np.testing.assert_array_equal(got, jnp.argmax(logits, axis=-1))
